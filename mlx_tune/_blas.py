@@ -1,0 +1,93 @@
+"""Fast BLAS on Linux: run MLX's CPU backend with Debian's OpenBLAS preloaded.
+
+MLX's Linux CPU wheel links a reference BLAS (~6 GFLOP/s for fp32 matmul). Preloading
+OpenBLAS makes the dynamic linker resolve ``cblas_sgemm`` to it (~340 GFLOP/s, same
+results). A preload only works from process start, so Python entry points re-exec
+themselves once with ``LD_PRELOAD`` set; shell entry points export it directly.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+OPENBLAS_CANDIDATES = (
+    "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",
+    "/usr/lib/aarch64-linux-gnu/openblas-pthread/libopenblas.so.0",
+    "/usr/lib64/libopenblasp.so.0",
+    "/usr/lib64/libopenblas.so.0",
+)
+# Set by the re-exec so a failed preload can never loop.
+_GUARD = "MLX_TUNE_BLAS_REEXEC"
+# Users can opt out (for example to compare against the reference BLAS).
+_OPT_OUT = "MLX_TUNE_NO_OPENBLAS"
+
+
+def find_openblas() -> str | None:
+    """Path of a pthread OpenBLAS shared library, or None (always None off Linux)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    override = os.environ.get("MLX_TUNE_OPENBLAS")
+    if override and Path(override).is_file():
+        return override
+    return next((p for p in OPENBLAS_CANDIDATES if Path(p).is_file()), None)
+
+
+def openblas_loaded() -> bool:
+    """True when an OpenBLAS library is mapped into this process."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return False
+    return "libopenblas" in maps
+
+
+def sgemm_provider() -> str | None:
+    """The shared object that ``cblas_sgemm`` resolves to in this process (Linux only)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        addr = ctypes.cast(ctypes.CDLL(None).cblas_sgemm, ctypes.c_void_p).value
+    except (AttributeError, OSError):
+        return None
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        parts = line.split()
+        lo, hi = (int(x, 16) for x in parts[0].split("-"))
+        if lo <= addr < hi and len(parts) >= 6:
+            return parts[5]
+    return None
+
+
+def preload_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """A copy of ``env`` with OpenBLAS added to LD_PRELOAD where it applies."""
+    env = dict(os.environ if env is None else env)
+    lib = find_openblas()
+    if lib and env.get(_OPT_OUT) != "1" and lib not in env.get("LD_PRELOAD", ""):
+        env["LD_PRELOAD"] = ":".join(filter(None, [lib, env.get("LD_PRELOAD")]))
+    return env
+
+
+def ensure_fast_blas(argv: list[str] | None = None) -> None:
+    """Re-exec the current Python command with OpenBLAS preloaded, once, if needed.
+
+    Call it first thing in an entry point, before anything imports mlx. It returns
+    without doing anything on macOS, when OpenBLAS is absent or already loaded, when
+    the user opted out, or after one re-exec.
+    """
+    if find_openblas() is None or os.environ.get(_OPT_OUT) == "1":
+        return
+    if os.environ.get(_GUARD) == "1" or openblas_loaded():
+        return
+    env = preload_env()
+    env[_GUARD] = "1"
+    args = list(sys.argv if argv is None else argv)
+    if getattr(sys, "orig_argv", None) and argv is None:
+        # Keeps "-m package" and interpreter flags exactly as the user ran them.
+        args = list(sys.orig_argv)[1:]
+    try:
+        os.execve(sys.executable, [sys.executable, *args], env)
+    except OSError:
+        return  # Slow BLAS is still correct; `mlx-tune doctor` will say so.

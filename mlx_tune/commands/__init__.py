@@ -1,0 +1,1 @@
+"""One module per ``mlx-tune`` subcommand: argument parsing and printing only."""

@@ -1,0 +1,424 @@
+"""Typed configuration: the single source of truth for YAML keys, defaults and overrides.
+
+Each concern has one dataclass. ``load_config(path, overrides)`` reads YAML, applies
+dotted ``KEY=VALUE`` overrides, checks every key and value against the dataclasses'
+type hints and ``check()`` methods, and raises one ``ConfigError`` listing every
+problem (unknown keys get the nearest valid key as a hint) before any model loads.
+The README's config reference is generated from these classes (``config_reference``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from .errors import ConfigError
+
+# ---------------------------------------------------------------------------
+# Concerns
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class QuantizeConfig:
+    """How the frozen base is stored: 4-bit (or 2..8-bit) affine, or NF4."""
+
+    bits: int = field(default=4, metadata={"doc": "bits per weight (affine: 2, 3, 4, 5, 6, 8; nf4: 4)"})
+    group_size: int = field(default=64, metadata={"doc": "weights per scale (affine: 32, 64, 128; nf4 block: 64)"})
+    mode: Literal["affine", "nf4"] = field(default="affine", metadata={"doc": "affine (MLX) or nf4 (QLoRA NormalFloat)"})
+    double_quant: bool = field(default=False, metadata={"doc": "nf4 only: quantize the absmax values to 8 bits"})
+
+    def check(self) -> list[str]:
+        errs = []
+        if self.mode == "affine":
+            if self.bits not in (2, 3, 4, 5, 6, 8):
+                errs.append(f"quantize.bits: {self.bits} is not supported; use 2, 3, 4, 5, 6 or 8")
+            if self.group_size not in (32, 64, 128):
+                errs.append(f"quantize.group_size: {self.group_size} is not supported by MLX; use 32, 64 or 128")
+        else:
+            if self.bits != 4:
+                errs.append(f"quantize.bits: nf4 is 4-bit only, got {self.bits}")
+            if self.group_size not in (32, 64, 128, 256):
+                errs.append(f"quantize.group_size: nf4 block size {self.group_size} is not supported; use 64")
+        if self.double_quant and self.mode != "nf4":
+            errs.append("quantize.double_quant: only applies to mode: nf4")
+        return errs
+
+
+@dataclass
+class LoraConfig:
+    """The trainable low-rank adapter: y = W0 x + s * B A x, s = alpha / rank."""
+
+    rank: int = field(default=16, metadata={"doc": "rank r of A (r x in) and B (out x r)"})
+    alpha: float = field(default=32.0, metadata={"doc": "scale numerator: s = alpha / r (alpha / sqrt(r) with use_rslora)"})
+    dropout: float = field(default=0.0, metadata={"doc": "dropout on the adapter's input, in [0, 1)"})
+    target_modules: Union[str, list[str]] = field(
+        default="all-linear",
+        metadata={"doc": "module names (q_proj, v_proj, ...), 'all-linear', or a regex string starting with 're:'"},
+    )
+    layers: Union[int, Literal["all"]] = field(default="all", metadata={"doc": "'all' or the number of top blocks to adapt"})
+    use_rslora: bool = field(default=False, metadata={"doc": "rank-stabilised scale alpha / sqrt(r)"})
+    use_dora: bool = field(default=False, metadata={"doc": "DoRA: learn a magnitude vector over the weight-normalised direction"})
+    include_lm_head: bool = field(default=False, metadata={"doc": "with all-linear, also adapt the LM head"})
+
+    def check(self) -> list[str]:
+        errs = []
+        if self.rank <= 0:
+            errs.append(f"lora.rank: {self.rank} must be a positive integer (8, 16, 32 are common)")
+        if self.alpha <= 0:
+            errs.append(f"lora.alpha: {self.alpha} must be > 0 (often 2 x rank)")
+        if not 0.0 <= self.dropout < 1.0:
+            errs.append(f"lora.dropout: {self.dropout} must be in [0, 1)")
+        if isinstance(self.layers, int) and self.layers <= 0:
+            errs.append(f"lora.layers: {self.layers} must be 'all' or a positive count of top blocks")
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            errs.append("lora.target_modules: the list is empty; name modules or use 'all-linear'")
+        return errs
+
+
+@dataclass
+class TrainConfig:
+    """The training loop, its data handling, checkpoints and memory limits."""
+
+    iters: Optional[int] = field(default=None, metadata={"doc": "optimizer steps (or give epochs)"})
+    epochs: Optional[float] = field(default=None, metadata={"doc": "passes over the training set (or give iters)"})
+    batch_size: int = field(default=4, metadata={"doc": "rows per step"})
+    max_seq_length: int = field(default=512, metadata={"doc": "tokens per row; longer examples are truncated (or dropped)"})
+    learning_rate: float = field(default=1e-4, metadata={"doc": "peak learning rate"})
+    seed: int = field(default=0, metadata={"doc": "seed for data order, dropout and adapter init"})
+    resume: bool = field(default=False, metadata={"doc": "continue from the newest complete checkpoint"})
+    optimizer: Literal["adamw", "adam", "sgd", "adafactor"] = field(default="adamw", metadata={"doc": "optimizer"})
+    weight_decay: float = field(default=0.0, metadata={"doc": "AdamW weight decay"})
+    lr_schedule: Literal["constant", "linear", "cosine"] = field(default="cosine", metadata={"doc": "decay after warmup"})
+    warmup_steps: int = field(default=0, metadata={"doc": "linear warmup steps"})
+    grad_accumulation: int = field(default=1, metadata={"doc": "micro-batches per optimizer step"})
+    grad_clip: Optional[float] = field(default=1.0, metadata={"doc": "clip gradients to this global norm (null: off)"})
+    grad_checkpoint: bool = field(default=False, metadata={"doc": "recompute each block's activations in the backward pass"})
+    packing: bool = field(default=True, metadata={"doc": "pack examples into full rows with a block-diagonal mask"})
+    mask_prompt: bool = field(default=True, metadata={"doc": "train on completions / assistant turns only"})
+    truncation: Literal["truncate", "drop"] = field(default="truncate", metadata={"doc": "what to do with over-long examples"})
+    steps_per_report: int = field(default=10, metadata={"doc": "steps between metrics rows"})
+    steps_per_eval: int = field(default=50, metadata={"doc": "steps between validation losses"})
+    val_batches: int = field(default=25, metadata={"doc": "validation batches per evaluation (0: whole set)"})
+    save_every: int = field(default=100, metadata={"doc": "steps between checkpoints"})
+    keep_checkpoints: int = field(default=3, metadata={"doc": "checkpoints kept (oldest deleted)"})
+    max_bad_steps: int = field(default=5, metadata={"doc": "stop after this many non-finite steps in a row"})
+    memory_limit_gb: Optional[float] = field(default=None, metadata={"doc": "MLX memory limit; fail clearly instead of swapping"})
+    test: bool = field(default=False, metadata={"doc": "report test-set loss and perplexity at the end"})
+
+    def check(self) -> list[str]:
+        errs = []
+        if self.iters is None and self.epochs is None:
+            errs.append("train.iters / train.epochs: give one of them (for example train.iters: 200)")
+        if self.iters is not None and self.iters <= 0:
+            errs.append(f"train.iters: {self.iters} must be > 0")
+        if self.epochs is not None and self.epochs <= 0:
+            errs.append(f"train.epochs: {self.epochs} must be > 0")
+        for name in ("batch_size", "max_seq_length", "grad_accumulation", "steps_per_report",
+                     "steps_per_eval", "save_every", "keep_checkpoints", "max_bad_steps"):
+            if getattr(self, name) <= 0:
+                errs.append(f"train.{name}: {getattr(self, name)} must be > 0")
+        for name in ("warmup_steps", "val_batches", "weight_decay"):
+            if getattr(self, name) < 0:
+                errs.append(f"train.{name}: {getattr(self, name)} must be >= 0")
+        if self.learning_rate <= 0:
+            errs.append(f"train.learning_rate: {self.learning_rate} must be > 0 (1e-4 is a common start)")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            errs.append(f"train.grad_clip: {self.grad_clip} must be > 0 or null")
+        if self.memory_limit_gb is not None and self.memory_limit_gb <= 0:
+            errs.append(f"train.memory_limit_gb: {self.memory_limit_gb} must be > 0 or null")
+        return errs
+
+
+@dataclass
+class ServeConfig:
+    """The OpenAI-compatible server."""
+
+    host: str = field(default="127.0.0.1", metadata={"doc": "bind address (non-local needs an api_key, or warns)"})
+    port: int = field(default=8080, metadata={"doc": "TCP port"})
+    api_key: Optional[str] = field(default=None, metadata={"doc": "require 'Authorization: Bearer KEY'"})
+    adapters: dict[str, str] = field(default_factory=dict, metadata={"doc": "NAME: PATH adapters served beside the base"})
+    adapters_root: Optional[str] = field(default=None, metadata={"doc": "folder POST /v1/adapters may load from"})
+    adapter_name: str = field(default="adapter", metadata={"doc": "model name of output_dir's adapter when served"})
+    max_loras: int = field(default=8, metadata={"doc": "adapters resident at once (LRU eviction)"})
+    max_lora_rank: int = field(default=256, metadata={"doc": "refuse adapters of a larger rank"})
+    max_queue: int = field(default=64, metadata={"doc": "queued requests before 429"})
+    max_batch: int = field(default=16, metadata={"doc": "requests decoded together"})
+    max_body_bytes: int = field(default=4_000_000, metadata={"doc": "request body limit (413 above)"})
+    cors_origins: list[str] = field(default_factory=list, metadata={"doc": "allowed CORS origins (off when empty)"})
+
+    def check(self) -> list[str]:
+        errs = []
+        if not 0 <= self.port <= 65535:
+            errs.append(f"serve.port: {self.port} must be in 0..65535")
+        for name in ("max_loras", "max_lora_rank", "max_queue", "max_batch", "max_body_bytes"):
+            if getattr(self, name) <= 0:
+                errs.append(f"serve.{name}: {getattr(self, name)} must be > 0")
+        return errs
+
+
+@dataclass
+class FuseConfig:
+    """How `mlx-tune fuse` writes the merged model."""
+
+    format: Literal["mlx", "hf", "gguf"] = field(default="mlx", metadata={"doc": "output format"})
+    dequantize: bool = field(default=False, metadata={"doc": "write dense weights instead of re-quantizing"})
+    dtype: Literal["float16", "bfloat16", "float32"] = field(default="float16", metadata={"doc": "dense dtype"})
+    gguf_type: Literal["f16", "q8_0", "q4_0"] = field(default="q8_0", metadata={"doc": "GGUF tensor type"})
+    min_top1_agreement: float = field(default=0.9, metadata={"doc": "fidelity threshold vs base + adapter"})
+    keep_adapted: Literal["auto", "8bit", "dense", "off"] = field(
+        default="auto", metadata={"doc": "when re-quantizing erases the adapter: keep adapted layers at 8 bits or dense"}
+    )
+    force: bool = field(default=False, metadata={"doc": "overwrite an existing fused_dir"})
+
+    def check(self) -> list[str]:
+        if not 0.0 <= self.min_top1_agreement <= 1.0:
+            return [f"fuse.min_top1_agreement: {self.min_top1_agreement} must be in [0, 1]"]
+        return []
+
+
+@dataclass
+class Config:
+    """A whole run: model, quantization, adapter, data, training, outputs, serving."""
+
+    model: str = field(metadata={"doc": "hub repo id, local HF/MLX folder, or .gguf file"})
+    quantize: Optional[QuantizeConfig] = field(
+        default_factory=QuantizeConfig, metadata={"doc": "base storage; null keeps the source as it is"}
+    )
+    lora: LoraConfig = field(default_factory=LoraConfig, metadata={"doc": "adapter shape"})
+    data: Optional[str] = field(default=None, metadata={"doc": "folder with train.jsonl / valid.jsonl / test.jsonl"})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"doc": "training loop"})
+    output_dir: str = field(default="outputs/run", metadata={"doc": "adapter, metrics, checkpoints, loss.png"})
+    fused_dir: Optional[str] = field(default=None, metadata={"doc": "fused model folder (default: OUTPUT_DIR/fused)"})
+    serve: ServeConfig = field(default_factory=ServeConfig, metadata={"doc": "server"})
+    fuse: FuseConfig = field(default_factory=FuseConfig, metadata={"doc": "fusing and export"})
+    trust_remote_code: bool = field(default=False, metadata={"doc": "allow a hub model's own tokenizer code"})
+    source_path: Optional[str] = field(default=None, metadata={"doc": "(set by the loader) the YAML file read"})
+
+    def check(self) -> list[str]:
+        errs = []
+        if not str(self.model).strip():
+            errs.append("model: is empty; give a hub repo id, a model folder or a .gguf file")
+        return errs
+
+    @property
+    def fused_path(self) -> Path:
+        return Path(self.fused_dir) if self.fused_dir else Path(self.output_dir) / "fused"
+
+
+# ---------------------------------------------------------------------------
+# Generic parsing and validation from type hints
+# ---------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "mapping of names to paths"
+    if dataclasses.is_dataclass(tp):
+        return "mapping"
+    return {int: "integer", float: "number", str: "string", bool: "true/false"}.get(tp, str(tp))
+
+
+class _Bad(Exception):
+    pass
+
+
+def _coerce(value: Any, tp: Any, key: str, errs: list[str]) -> Any:
+    """Convert a YAML value to ``tp`` or raise _Bad; nested dataclasses collect into errs."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise _Bad
+        return _build(tp, value, key, errs)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise _Bad
+        # Literal and exact types first, so "all" is not read as something else.
+        for arg in sorted((a for a in args if a is not type(None)), key=lambda a: typing.get_origin(a) is not Literal):
+            try:
+                return _coerce(value, arg, key, errs)
+            except _Bad:
+                continue
+        raise _Bad
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise _Bad
+    if origin is list:
+        if isinstance(value, str) or not isinstance(value, list):
+            raise _Bad
+        return [_coerce(v, typing.get_args(tp)[0], key, errs) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _Bad
+        return {str(k): _coerce(v, typing.get_args(tp)[1], key, errs) for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _Bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise _Bad
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:  # YAML reads "1e-4" (no dot) as a string.
+                return float(value)
+            except ValueError:
+                raise _Bad from None
+        raise _Bad
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise _Bad
+    raise _Bad
+
+
+def _build(cls: type, raw: dict, prefix: str, errs: list[str]) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            near = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.6)
+            hint = f"; did you mean '{prefix}{near[0]}'?" if near else f"; valid keys: {', '.join(fields)}"
+            errs.append(f"{dotted}: unknown key{hint}")
+            continue
+        try:
+            kwargs[key] = _coerce(value, hints[key], f"{dotted}.", errs)
+        except _Bad:
+            errs.append(f"{dotted}: {value!r} is not valid; expected {_type_name(hints[key])}")
+    missing = [
+        n for n, f in fields.items()
+        if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    for n in missing:
+        if f"{prefix}{n}" not in " ".join(errs):
+            errs.append(f"{prefix}{n}: required key is missing")
+    if missing:
+        return None
+    obj = cls(**kwargs)
+    if hasattr(obj, "check"):
+        errs.extend(obj.check())
+    return obj
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"train.iters=50"`` -> (["train", "iters"], 50); the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected KEY=VALUE, for example train.iters=50")
+    key, raw = text.split("=", 1)
+    if not key.strip():
+        raise ConfigError(f"override {text!r}: the key is empty")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[path[-1]] = value
+    return raw
+
+
+def config_from_dict(raw: dict, source: str = "config") -> Config:
+    """Validate a raw mapping; raise ConfigError listing every problem at once."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of keys (model:, lora:, train:, ...)")
+    errs: list[str] = []
+    cfg = _build(Config, raw, "", errs)
+    if errs:
+        lines = "\n  ".join(errs)
+        raise ConfigError(f"{source}: {len(errs)} problem(s):\n  {lines}")
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config, apply ``KEY=VALUE`` overrides and validate everything.
+
+    Relative paths in the file (model, data, output_dir, fused_dir, adapters) stay as
+    written: they are resolved against the current directory, like mlx-lm's configs.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys (model:, lora:, train:, ...)")
+    raw = apply_overrides(raw, overrides or [])
+    cfg = config_from_dict(raw, str(path))
+    cfg.source_path = str(path)
+    return cfg
+
+
+def config_to_dict(cfg: Any) -> Any:
+    """Plain data (for YAML/JSON dumps, checkpoints and adapter_config.json)."""
+    return dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else cfg
+
+
+def config_reference() -> str:
+    """A markdown table of every key, its type, default and meaning (for the README)."""
+    rows = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+
+    def walk(cls: type, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name == "source_path":
+                continue
+            tp = hints[f.name]
+            inner = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
+            sub = tp if dataclasses.is_dataclass(tp) else (inner[0] if inner else None)
+            if f.default is not dataclasses.MISSING:
+                default = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                default = f.default_factory()
+            else:
+                default = "(required)"
+            if sub is not None:
+                rows.append(f"| `{prefix}{f.name}` | mapping{' or null' if inner else ''} | | {f.metadata.get('doc', '')} |")
+                walk(sub, f"{prefix}{f.name}.")
+                continue
+            shown = "null" if default is None else (str(default).lower() if isinstance(default, bool) else default)
+            rows.append(f"| `{prefix}{f.name}` | {_type_name(tp)} | `{shown}` | {f.metadata.get('doc', '')} |")
+
+    walk(Config, "")
+    return "\n".join(rows)
