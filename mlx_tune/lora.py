@@ -87,6 +87,7 @@ class LoRAAdapter(nn.Module):
     """One named low-rank update: ``s * (dropout(x) @ lora_a) @ lora_b``."""
 
     kind = "lora"
+    param_keys = ("lora_a", "lora_b")
 
     def __init__(self, in_dims: int, out_dims: int, rank: int = 8, alpha: float = 16.0,
                  dropout: float = 0.0, use_rslora: bool = False):
@@ -99,6 +100,20 @@ class LoRAAdapter(nn.Module):
         bound = 1.0 / math.sqrt(in_dims)
         self.lora_a = mx.random.uniform(low=-bound, high=bound, shape=(in_dims, rank))
         self.lora_b = mx.zeros((rank, out_dims))
+
+    def set_trainable(self, flag: bool) -> None:
+        """Freeze or unfreeze this adapter's own arrays (it has no parametrised children).
+
+        Module.freeze() walks the whole subtree (~10 us); the server switches adapters
+        on hundreds of layers per request, so the frozen-key set is edited directly.
+        """
+        no_grad = getattr(self, "_no_grad", None)
+        if no_grad is None:  # an MLX without the private set: the slow, public way
+            self.unfreeze() if flag else self.freeze()
+        elif flag:
+            no_grad.clear()
+        else:
+            no_grad.update(self.param_keys)
 
     def delta(self) -> mx.array:
         """The dense update s * B A as an (out, in) float32 matrix."""
@@ -116,6 +131,7 @@ class DoRAAdapter(LoRAAdapter):
     """LoRA plus a learned magnitude ``m`` (out,) over the row-normalised direction."""
 
     kind = "dora"
+    param_keys = ("lora_a", "lora_b", "m")
 
     def __init__(self, in_dims: int, out_dims: int, rank: int = 8, alpha: float = 16.0,
                  dropout: float = 0.0, use_rslora: bool = False, w0: mx.array | None = None):
@@ -182,7 +198,7 @@ class LoRALinear(nn.Module):
         else:
             adapter = LoRAAdapter(in_dims, out_dims, rank, alpha, dropout, use_rslora)
         adapter.train(self.training)  # follow the model's train/eval mode (dropout)
-        adapter.freeze()
+        adapter.set_trainable(False)
         self.adapters[name] = adapter
         return adapter
 
@@ -195,10 +211,7 @@ class LoRALinear(nn.Module):
         """Select the adapter used by ``__call__`` (None: base only); only it is trainable."""
         self.active = name
         for key, adapter in self.adapters.items():
-            if key == name:
-                adapter.unfreeze()
-            else:
-                adapter.freeze()
+            adapter.set_trainable(key == name)
 
     @property
     def adapter(self) -> LoRAAdapter | None:
