@@ -421,9 +421,27 @@ def read_adapter(path: str | Path) -> tuple[dict, dict[str, mx.array], Path]:
         raise UserError(f"{path}: no {ADAPTER_WEIGHTS} (mlx_tune) or {PEFT_WEIGHTS} (PEFT) in this folder")
     if not (path / ADAPTER_CONFIG).exists():
         raise UserError(f"{path / ADAPTER_CONFIG}: file not found (the adapter folder is incomplete)")
-    config = _read_json(path / ADAPTER_CONFIG)
+    config = _from_mlx_lm(_read_json(path / ADAPTER_CONFIG))
     weights, _ = read_safetensors(path / ADAPTER_WEIGHTS)
     return config, weights, path / ADAPTER_WEIGHTS
+
+
+def _from_mlx_lm(config: dict) -> dict:
+    """Read an adapter written by ``mlx_lm.lora`` (rank / scale under ``lora_parameters``) too."""
+    params = config.get("lora_parameters")
+    if "rank" in config or not isinstance(params, dict) or "rank" not in params:
+        return config
+    rank, scale = params["rank"], params.get("scale", 20.0)
+    if config.get("fine_tune_type", "lora") not in ("lora", "dora"):
+        raise UserError(f"fine_tune_type {config.get('fine_tune_type')!r}: only lora / dora adapters can be loaded")
+    return {
+        **config,
+        "rank": rank,
+        "alpha": float(scale) * rank if isinstance(scale, (int, float)) and isinstance(rank, int) else None,
+        "dropout": params.get("dropout", 0.0),
+        "use_dora": config.get("fine_tune_type") == "dora",
+        "use_rslora": False,
+    }
 
 
 def _check_adapter_config(config: dict, where: Path) -> list[str]:

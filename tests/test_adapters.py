@@ -480,3 +480,23 @@ def test_compiled_training_step_updates_only_the_adapter():
     assert losses[-1] < losses[0] - 0.1, losses
     after = base_arrays(model)
     assert all(np.array_equal(np.array(after[k]), np.array(before[k])) for k in before)
+
+
+def test_loads_an_mlx_lm_adapter_folder(tmp_path):
+    """A folder written by mlx_lm.lora (rank and scale under lora_parameters) loads as is."""
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    ref = tiny_model("llama")
+    ref.freeze()
+    linear_to_lora_layers(ref, 1, {"rank": 4, "scale": 10.0, "dropout": 0.0, "keys": ["self_attn.q_proj"]})
+    mx.random.seed(5)
+    weights = {k: mx.random.normal(v.shape) * 0.05 for k, v in tree_flatten(ref.trainable_parameters())}
+    ref.load_weights(list(weights.items()), strict=False)
+    mx.save_safetensors(str(tmp_path / "adapters.safetensors"), weights)
+    (tmp_path / "adapter_config.json").write_text(json.dumps(
+        {"fine_tune_type": "lora", "num_layers": 1,
+         "lora_parameters": {"rank": 4, "scale": 10.0, "dropout": 0.0, "keys": ["self_attn.q_proj"]}}))
+    model = tiny_model("llama")
+    load_adapter(model, tmp_path)
+    assert adapters.wrappers(model)[0][1].adapters["default"].scale == 10.0
+    np.testing.assert_allclose(logits(model), logits(ref), atol=1e-5)
