@@ -106,6 +106,9 @@ def test_read_prompts_both_shapes_and_blank_lines(tmp_path):
     ('{"prompt": "x", "expected": "y", "match": "contain"}', "did you mean 'contains'"),
     ('{"prompt": "x", "match": "regex"}', "needs an 'expected' value"),
     ('{"prompt": "x", "expected": "(", "match": "regex"}', "not a valid regular expression"),
+    ('{"prompt": "x", "completion": "y", "expected": "y"}', "'expected' or 'completion', not both"),
+    ('{"messages": [{"role": "user", "content": "x"}], "completion": "y"}', "beside a 'prompt'"),
+    ('{"messages": [{"role": "assistant", "content": "x"}]}', "nothing to ask"),
 ])
 def test_malformed_rows_name_file_and_line(tmp_path, line, reason):
     path = write_lines(tmp_path / "p.jsonl", [{"prompt": "fine"}, line])
@@ -113,6 +116,20 @@ def test_malformed_rows_name_file_and_line(tmp_path, line, reason):
         read_prompts(path)
     assert str(err.value).startswith(f"{path}:2: ")
     assert reason in str(err.value)
+
+
+def test_held_out_split_rows_carry_their_answer(tmp_path):
+    """data_transform.py's test.jsonl: the completion / final assistant turn is the expected answer."""
+    path = write_lines(tmp_path / "test.jsonl", [
+        {"prompt": "2+2=", "completion": " 4"},
+        {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello!"}]},
+        {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hey"}],
+         "expected": "Hello", "match": "contains"},
+    ])
+    a, b, c = read_prompts(path)
+    assert (a.prompt, a.expected, a.match) == ("2+2=", " 4", "exact")
+    assert b.messages == [{"role": "user", "content": "Hi?"}] and b.expected == "Hello!"
+    assert len(c.messages) == 2 and c.expected == "Hello"  # an explicit expected wins; nothing dropped
 
 
 def test_every_bad_row_is_listed(tmp_path):
@@ -201,7 +218,7 @@ def test_report_fields_and_table(server, prompts, tmp_path, capsys):
     assert lines[0].split() == ["#", "prompt", "expected", "answer", "correct", "latency"]
     assert len([ln for ln in lines if ln[:3].strip().isdigit()]) == 6
     assert "The capital is Paris." in out and "\\n" in out  # the fenced JSON answer stays on one line
-    assert "model tuned: accuracy 100.0% (5/5 scored, 6 rows)" in out
+    assert "model tuned: accuracy 100.0% (5/5 scored, 6 rows)" in out and "0 failed" in out
     assert f"report written to {report_path}" in out
     assert not list(report_path.parent.glob("*.tmp"))
 

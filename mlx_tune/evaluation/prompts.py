@@ -9,7 +9,11 @@ A row is either a completion prompt or a chat::
 Keys: ``prompt`` | ``messages`` (exactly one), optional ``expected`` (rows without it
 are sent and timed but not scored), optional ``match`` (see ``scoring.MATCHERS``;
 default ``exact``) and optional ``id`` (any label, copied to the report). Blank lines
-are skipped. Any other problem stops the run before a request is sent, with one line
+are skipped.
+
+A held-out split written by ``data_transform.py`` can be used as it is: a row's
+``completion`` (prompt/completion format) is its expected answer, and so is a chat's
+final ``assistant`` turn, which is then not sent (the model is asked to write it). Any other problem stops the run before a request is sent, with one line
 per bad row: ``file:line: reason``.
 """
 
@@ -24,7 +28,7 @@ from typing import Any
 from ..errors import UserError
 from .scoring import DEFAULT_MATCH, MATCHERS, check_expected
 
-ALLOWED_KEYS = ("prompt", "messages", "expected", "match", "id")
+ALLOWED_KEYS = ("prompt", "messages", "expected", "match", "id", "completion")
 ROLES = ("system", "user", "assistant", "tool", "developer")
 
 
@@ -98,12 +102,23 @@ def parse_row(obj: Any, line: int) -> PromptRow:
         raise ValueError("'prompt' must be a non-empty string")
     if has_messages:
         _check_messages(obj["messages"])
+    messages, expected = obj.get("messages"), obj.get("expected")
+    if "completion" in obj:
+        if not has_prompt or not isinstance(obj["completion"], str):
+            raise ValueError("'completion' (the expected answer) must be a string beside a 'prompt'")
+        if expected is not None:
+            raise ValueError("give the expected answer once: 'expected' or 'completion', not both")
+        expected = obj["completion"]
+    if has_messages and messages[-1]["role"] == "assistant" and expected is None:
+        if len(messages) == 1:
+            raise ValueError("'messages' has only an assistant turn: nothing to ask")
+        expected = content_text(messages[-1]["content"])
+        messages = messages[:-1]
     match = obj.get("match", DEFAULT_MATCH)
     if match not in MATCHERS:
         raise ValueError(
             f"'match' is {match!r}{_nearest(str(match), tuple(MATCHERS))}; allowed: {', '.join(MATCHERS)}"
         )
-    expected = obj.get("expected")
     if "match" in obj and expected is None:
         raise ValueError(f"'match': {match!r} needs an 'expected' value")
     if expected is not None:
@@ -111,7 +126,7 @@ def parse_row(obj: Any, line: int) -> PromptRow:
     return PromptRow(
         line=line,
         prompt=obj.get("prompt"),
-        messages=obj.get("messages"),
+        messages=messages,
         expected=expected,
         match=match,
         id=obj.get("id"),

@@ -223,7 +223,7 @@ def format_summary(report: dict[str, Any]) -> str:
         f"model {report['model']}: accuracy {_pct(report['accuracy'])} "
         f"({report['correct']}/{report['scored']} scored, {report['n']} rows), "
         f"p50 latency {_num(report['latency_s_p50'], '.3f')} s, "
-        f"{_num(report['tokens_per_sec'], '.1f')} tokens/s, {report['errors']} errors{note}"
+        f"{_num(report['tokens_per_sec'], '.1f')} tokens/s, {report['errors']} failed{note}"
     )
 
 
