@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -314,7 +315,7 @@ def test_unknown_model_lists_known_ones(server, prompts, capsys):
     before = stats["requests"]
     code, _, err = run_cli(capsys, "--base-url", url, "--prompts", prompts, "--compare", "base", "tunde")
     assert code == 2
-    assert err.strip() == f"error: model 'tunde' is not served at {url}; known models: base, tuned, nousage"
+    assert err.strip().startswith(f"error: model 'tunde' is not served at {url}; known models: base, tuned, nousage ")
     assert stats["requests"] == before  # checked before any prompt was sent
 
 
@@ -393,3 +394,53 @@ def test_test_mlx_script_runs_as_a_subprocess_without_mlx(server, prompts, tmp_p
                          text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.slow
+def test_against_mlx_lm_server_on_a_tiny_model(tmp_path, capsys):
+    """Another real OpenAI-compatible server (mlx_lm.server) serving a tiny random model:
+    its /v1/models answers an empty 200 without a Hugging Face cache, so --model is used
+    unchecked; greedy plain and streamed answers must agree and carry real usage counts."""
+    pytest.importorskip("mlx_lm")
+    import httpx
+
+    from mlx_tune.tiny import save_tiny_folder
+
+    folder = save_tiny_folder(tmp_path / "tiny")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_HUB_CACHE"] = str(tmp_path / "no-cache")
+    server = subprocess.Popen([sys.executable, "-m", "mlx_lm", "server", "--model", str(folder),
+                               "--port", str(port)], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60  # importing mlx_lm takes a few seconds on 2 cores
+        while True:
+            assert server.poll() is None, "mlx_lm.server exited"
+            assert time.monotonic() < deadline, "mlx_lm.server did not start"
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        prompts = write_lines(tmp_path / "p.jsonl", [
+            {"prompt": "hello world", "expected": "hello"},
+            {"messages": [{"role": "user", "content": "hi"}]},
+        ])
+        reports = []
+        for extra in ([], ["--stream", "--concurrency", "2"]):
+            report_path = tmp_path / f"r{len(reports)}.json"
+            code, _, err = run_cli(capsys, "--base-url", url, "--prompts", prompts, "--model", "default_model",
+                                   "--max-tokens", "6", "--report", report_path, *extra)
+            assert code == 0, err
+            assert "gave no model list" in err and "using --model default_model unchecked" in err
+            reports.append(json.loads(report_path.read_text()))
+        plain, streamed = reports
+        assert [r["output"] for r in plain["results"]] == [r["output"] for r in streamed["results"]]
+        assert plain["token_count"] == streamed["token_count"] == "usage"
+        assert all(0 < r["completion_tokens"] <= 6 for r in plain["results"] + streamed["results"])
+        assert plain["n"] == 2 and plain["accuracy"] in (0.0, 1.0)
+    finally:
+        server.terminate()
+        server.wait(timeout=10)

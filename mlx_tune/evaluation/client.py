@@ -14,6 +14,7 @@ so the run can go on.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -92,8 +93,13 @@ class OpenAIClient:
         self.close()
 
     # -- models ---------------------------------------------------------------------------
-    def list_models(self) -> list[str] | None:
-        """Model ids from ``GET /v1/models``; None when the server has no such route."""
+    def list_models(self) -> tuple[list[str] | None, str]:
+        """``(ids, "")`` from ``GET /v1/models``, or ``(None, why)`` when the server gives no list.
+
+        Some servers have no such route or a broken one (mlx_lm.server answers an empty
+        200 when the Hugging Face cache is absent); that is not fatal when ``--model``
+        names the model. Unreachable servers and refused keys are.
+        """
         url = f"{self.root}/v1/models"
         try:
             response = self._http.get("/v1/models")
@@ -106,36 +112,39 @@ class OpenAIClient:
                 f"the server at {url} refused the request ({_error_text(response)}); "
                 "pass --api-key KEY or set MLX_TUNE_API_KEY"
             )
-        if response.status_code in (404, 405):
-            return None
         if response.status_code >= 400:
-            raise UserError(f"GET {url} failed: {_error_text(response)}")
+            return None, _error_text(response)
         try:
-            data = response.json().get("data", [])
-            return [m["id"] for m in data if isinstance(m, dict) and "id" in m]
-        except (ValueError, AttributeError):
-            raise UserError(f"GET {url} did not return an OpenAI model list") from None
+            data = response.json()["data"]
+            return [m["id"] for m in data if isinstance(m, dict) and "id" in m], ""
+        except (ValueError, KeyError, TypeError):
+            return None, f"not an OpenAI model list: {response.text[:100]!r}"
 
     def resolve_model(self, name: str | None, *, check: bool = True) -> str:
         """The model to ask for: ``name`` checked against ``/v1/models``, or the first listed."""
         if name is not None and not check:
             return name
-        models = self.list_models()
+        models, why = self.list_models()
         url = f"{self.root}/v1/models"
         if models is None:
             if name is None:
-                raise UserError(f"{url} is not available on this server; pass --model NAME")
+                raise UserError(f"GET {url} gave no model list ({why}); pass --model NAME")
+            print(f"warning: GET {url} gave no model list ({why}); using --model {name} unchecked",
+                  file=sys.stderr)
             return name
         if name is None:
             if not models:
-                raise UnknownModel(f"the server at {self.root} lists no models at {url}")
+                raise UnknownModel(f"the server at {self.root} lists no models at {url}; pass --model NAME")
             return models[0]
         if name in models:
             return name
         if f"{name}:latest" in models:  # Ollama tags
             return f"{name}:latest"
         listed = ", ".join(models) if models else "(none)"
-        raise UnknownModel(f"model '{name}' is not served at {self.root}; known models: {listed}")
+        raise UnknownModel(
+            f"model '{name}' is not served at {self.root}; known models: {listed} "
+            "(--skip-model-check for servers that load models on demand)"
+        )
 
     # -- one request ----------------------------------------------------------------------
     def ask(self, row: PromptRow, model: str, *, max_tokens: int, temperature: float,
