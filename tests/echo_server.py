@@ -6,7 +6,8 @@ upper case. It speaks the same wire format as ``mlx-tune serve``: ``GET /v1/mode
 ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /health``, streaming as
 server-sent events ending in ``data: [DONE]``, ``usage`` (one token per character, so a
 test can tell it from word counting), OpenAI error bodies (404 unknown model, 401 bad
-key) and a 500 for any prompt containing ``FAIL`` (a server fault on one row).
+key) a 500 for any prompt containing ``FAIL`` (a server fault on one row), and a
+3 s pause for any prompt containing ``SLOW`` (a request that times out).
 
 ``serve_in_thread(app)`` runs it with uvicorn on a free 127.0.0.1 port.
 """
@@ -112,6 +113,8 @@ def make_app(models: dict[str, FakeModel], *, api_key: str | None = None, delay_
         stats["bodies"].append(req.model_dump())
         if delay_s:
             await asyncio.sleep(delay_s)  # lets concurrent requests overlap
+        if "SLOW" in text:
+            await asyncio.sleep(3.0)  # longer than the client's --timeout in the tests
         answer = answer_for(req.model, text)
         if isinstance(answer, JSONResponse):
             return answer

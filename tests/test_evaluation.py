@@ -353,6 +353,19 @@ def test_server_error_on_one_row_marks_it_and_goes_on(server, tmp_path, capsys):
         assert "2 of 4 rows failed for model tuned (first, line 2: HTTP 500" in err
 
 
+def test_timeout_marks_the_row(server, tmp_path, capsys):
+    url, _ = server
+    path = write_lines(tmp_path / "p.jsonl", [{"prompt": "SLOW one", "expected": "x"}, {"prompt": "ok", "expected": "OK"}])
+    report_path = tmp_path / "r.json"
+    code, _, err = run_cli(capsys, "--base-url", url, "--prompts", path, "--model", "base", "--timeout", "0.5",
+                           "--report", report_path)
+    assert code == 1
+    res = json.loads(report_path.read_text())["results"]
+    assert res[0]["error"] == "timed out after 0.5 s" and res[0]["correct"] is False
+    assert res[1]["correct"] is True
+    assert "line 1: timed out after 0.5 s" in err
+
+
 def test_min_accuracy_sets_exit_code(server, prompts, capsys):
     url, _ = server
     args = ["--base-url", url, "--prompts", prompts, "--compare", "tuned", "base"]

@@ -78,9 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _progress(model: str):
+def _progress(model: str, total: int, concurrency: int):
+    print(f"asking {model}: {total} prompts, {concurrency} at a time", file=sys.stderr, flush=True)
     if not sys.stderr.isatty():
-        return None
+        return None  # a log file gets the line above, not a carriage-return counter
 
     def show(done: int, total: int) -> None:
         end = "\n" if done == total else ""
@@ -104,7 +105,7 @@ def evaluate(args: argparse.Namespace) -> int:
                  else [client.resolve_model(args.model, check=check)])
         reports = []
         for name in names:
-            report = run_model(client, rows, name, opts, progress=_progress(name))
+            report = run_model(client, rows, name, opts, progress=_progress(name, len(rows), args.concurrency))
             reports.append(report)
             if not args.compare:
                 print(format_results(report))

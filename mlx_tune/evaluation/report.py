@@ -60,10 +60,16 @@ def run_model(client: OpenAIClient, rows: list[PromptRow], model: str, opts: Run
                                 temperature=opts.temperature, stream=opts.stream)
 
     start = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=max(1, opts.concurrency)) as pool:
+    pool = ThreadPoolExecutor(max_workers=max(1, opts.concurrency))
+    try:
         for done, _ in enumerate(pool.map(one, range(len(rows))), start=1):
             if progress:
                 progress(done, len(rows))
+    except BaseException:
+        # Ctrl-C: drop the queued rows instead of sending them all before exiting.
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
     wall_s = time.perf_counter() - start
     return build_report(model, rows, answers, opts, wall_s)  # type: ignore[arg-type]
 
