@@ -68,6 +68,12 @@ def test_api_root_accepts_v1_and_bare_host():
     assert api_root("127.0.0.1:8080") == "http://127.0.0.1:8080"
 
 
+@pytest.mark.parametrize("url", ["ftp://x", "http://[::1", ":::", "http://"])
+def test_bad_base_url_is_a_user_error(url, prompts, capsys):
+    code, _, err = run_cli(capsys, "--base-url", url, "--prompts", prompts)
+    assert code == 2 and err.startswith("error: --base-url") and len(err.strip().splitlines()) == 1
+
+
 def test_cell_truncates_and_flattens():
     assert cell("line one\nline two", 100) == "line one\\nline two"
     assert cell("x" * 50, 10) == "x" * 9 + "…"

@@ -41,6 +41,13 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if value <= 0:
@@ -67,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests in flight at once (default 1)")
     p.add_argument("--stream", action="store_true", help="ask for server-sent events (stream: true)")
     p.add_argument("--max-tokens", type=_positive_int, default=256, help="max tokens per answer (default 256)")
-    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
+    p.add_argument("--temperature", type=_non_negative, default=0.0, help="sampling temperature (default 0: greedy)")
     p.add_argument("--api-key", default=None,
                    help="bearer token (default: $MLX_TUNE_API_KEY, then $OPENAI_API_KEY)")
     p.add_argument("--timeout", type=_positive_float, default=120.0, help="seconds per request (default 120)")

@@ -48,9 +48,16 @@ class Answer:
 
 def api_root(base_url: str) -> str:
     """``http://host:port`` from a URL given with or without ``/v1`` and trailing slashes."""
-    url = base_url.strip().rstrip("/")
+    url = base_url.strip()
     if "://" not in url:
         url = "http://" + url
+    url = url.rstrip("/")
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, ValueError) as exc:
+        raise UserError(f"--base-url {base_url!r} is not a valid URL ({exc}); e.g. http://127.0.0.1:8080") from None
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise UserError(f"--base-url {base_url!r} must be an http:// or https:// URL, e.g. http://127.0.0.1:8080")
     return url[: -len("/v1")] if url.endswith("/v1") else url
 
 
