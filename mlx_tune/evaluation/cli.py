@@ -6,6 +6,8 @@
         [--min-accuracy X]
 
 Works against any OpenAI-compatible server (mlx-tune serve, mlx_lm.server, Ollama, ...).
+The report JSON (one model, or ``{"compare": [report_A, report_B], ...}`` with
+``--compare``) is described field by field in ``mlx_tune/evaluation/report.py``.
 Exit codes: 0 every row got an answer (whatever the accuracy); 1 some row failed on the
 server, or accuracy is below ``--min-accuracy`` (with ``--compare``: MODEL_B's, the
 candidate's); 2 a mistake to fix before anything can run (prompts file, server down,

@@ -29,7 +29,6 @@ import json
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -136,6 +135,11 @@ def build_report(model: str, rows: list[PromptRow], answers: list[Answer], opts:
     }
 
 
+def shown_answer(result: dict[str, Any]) -> str:
+    """The answer as printed: the output, or ``[error] why`` for a row that failed."""
+    return f"[error] {result['error']}" if "error" in result else result["output"]
+
+
 def differ(a: dict[str, Any], b: dict[str, Any]) -> bool:
     """Rows differ in correctness; unscored rows differ in their (trimmed) output."""
     if a["correct"] is None and b["correct"] is None:
@@ -153,8 +157,7 @@ def compare_report(report_a: dict[str, Any], report_b: dict[str, Any]) -> dict[s
                 "line": ra["line"],
                 "prompt": ra["prompt"],
                 "expected": ra["expected"],
-                "outputs": {a_name: ra.get("error") and f"[error] {ra['error']}" or ra["output"],
-                            b_name: rb.get("error") and f"[error] {rb['error']}" or rb["output"]},
+                "outputs": {a_name: shown_answer(ra), b_name: shown_answer(rb)},
                 "correct": {a_name: ra["correct"], b_name: rb["correct"]},
             })
     per_model = lambda key: {r["model"]: r[key] for r in (report_a, report_b)}  # noqa: E731
@@ -208,8 +211,7 @@ def format_results(report: dict[str, Any]) -> str:
     w = _text_widths(fixed=4 + 6 + 9 + 10, parts=4)
     rows = []
     for i, r in enumerate(report["results"], start=1):
-        answer = f"[error] {r['error']}" if "error" in r else r["output"]
-        rows.append([str(i), r["prompt"], r["expected"], answer, _mark(r), f"{r['latency_s']:.3f}s"])
+        rows.append([str(i), r["prompt"], r["expected"], shown_answer(r), _mark(r), f"{r['latency_s']:.3f}s"])
     return _table(["#", "prompt", "expected", "answer", "correct", "latency"],
                   [3, w, w, 2 * w, 7, 8], rows)
 
