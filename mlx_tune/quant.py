@@ -510,6 +510,7 @@ def quantize_model(model: nn.Module, qcfg, *, fast_cpu: bool = True) -> QuantSum
         if new is None:
             summary.kept += 1
             continue
+        new.freeze()  # the base is frozen (nn.QuantizedLinear.from_linear leaves a bias trainable)
         mx.eval(new.parameters())
         model.update_modules(tree_unflatten([(path, new)]))
         summary.quantized += 1
