@@ -174,10 +174,12 @@ def mlx_arrays(unit: Unit, dense: bool, dtype: mx.Dtype, keep: str | None) -> tu
 
     ``dense``: everything dense in ``dtype``. Otherwise quantized layers keep their storage,
     adapted ones are fused and re-quantized like their base (``keep="8bit"``: at 8 bits,
-    ``keep="dense"``: dense), other floating arrays are cast to ``dtype``.
+    ``keep="dense"``: dense in ``dtype``), and every other array is written as stored.
     """
     layer = unit.layer
     params = None if dense else _affine_params(layer)
+    if not dense and params is None and not unit.adapted:  # norms, dense embeddings: stored as they are
+        return {unit.name(k): layer[k] for k in unit.keys()}, None
     if params is None or (unit.adapted and keep == "dense"):
         out = {}
         for key in unit.keys():
@@ -196,7 +198,7 @@ def mlx_arrays(unit: Unit, dense: bool, dtype: mx.Dtype, keep: str | None) -> tu
     else:
         arrays = {k: layer[k] for k in ("weight", "scales", "biases") if k in layer}
     if bias is not None:
-        arrays["bias"] = bias.astype(dtype)
+        arrays["bias"] = bias
     return {unit.name(k): v for k, v in arrays.items()}, params
 
 
