@@ -24,7 +24,7 @@ import mlx.nn as nn
 MAX_PROMPTS = 8
 MAX_TOKENS_PER_PROMPT = 64
 GREEDY_PROMPTS = 3
-GREEDY_TOKENS = 12
+GREEDY_TOKENS = 8
 
 BUILTIN_PROMPTS = (
     "What is the capital of France?",

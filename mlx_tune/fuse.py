@@ -169,11 +169,17 @@ def _scales_dtype(layer: nn.Module, fallback: mx.Dtype) -> mx.Dtype:
     return scales.dtype if isinstance(scales, mx.array) else fallback
 
 
+# Why afresh (scales from the fused group's min / max) and not on the base's own grid: the
+# base weights sit exactly on their grid, so rounding W0 + dW back onto it returns W0 for
+# every |dW| < step / 2, a deterministic erasure (SmolLM2, r=8 trained adapter: top-1
+# agreement with base + adapter 0.44). A new grid rounds each weight from a different
+# offset, which acts like dithering: the rounding errors average out across a row and
+# the update survives (0.90 on the same adapter).
 def mlx_arrays(unit: Unit, dense: bool, dtype: mx.Dtype, keep: str | None) -> tuple[dict[str, mx.array], dict | None]:
     """Arrays to save for ``unit`` and its quantization entry (None: dense).
 
     ``dense``: everything dense in ``dtype``. Otherwise quantized layers keep their storage,
-    adapted ones are fused and re-quantized like their base (``keep="8bit"``: at 8 bits,
+    adapted ones are fused and quantized afresh like their base (``keep="8bit"``: at 8 bits,
     ``keep="dense"``: dense in ``dtype``), and every other array is written as stored.
     """
     layer = unit.layer
@@ -379,7 +385,10 @@ def check_target(target: Path, force: bool, adapter_dir: Path | None = None) -> 
 
 
 def _temp_dir(target: Path) -> Path:
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{target.parent}: cannot create the output's parent folder ({exc.strerror})") from None
     return target.parent / f".{target.name}.tmp-{os.getpid()}"
 
 
