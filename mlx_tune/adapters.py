@@ -33,7 +33,7 @@ from mlx.utils import tree_flatten
 
 from . import __version__
 from .errors import UserError
-from .lora import LoRAAdapter, LoRALinear, is_linear_like, linear_dims, set_active
+from .lora import LoRALinear, check_hyperparameters, is_linear_like, linear_dims, set_active
 
 ADAPTER_WEIGHTS = "adapters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -155,17 +155,17 @@ def inject(model: nn.Module, lora_cfg, name: str = "default") -> "TrainableSumma
 
     Calling it again with another name adds a second adapter next to the first.
     """
+    try:  # bad rank / alpha / dropout: refuse before touching the model
+        check_hyperparameters(lora_cfg.rank, lora_cfg.alpha, lora_cfg.dropout)
+    except ValueError as exc:
+        raise UserError(f"lora: {exc}") from None
     paths = select_modules(model, lora_cfg)
     if any(name in w.adapters for _, w in wrappers(model)):
         raise UserError(f"adapter {name!r} is already in the model; pick another name")
-    try:
-        model.freeze()
-        for path in paths:
-            wrapper = _wrap(model, path, _get_module(model, path))
-            wrapper.add_adapter(name, lora_cfg.rank, lora_cfg.alpha, lora_cfg.dropout,
-                                lora_cfg.use_rslora, lora_cfg.use_dora)
-    except ValueError as exc:  # bad rank / alpha / dropout
-        raise UserError(f"lora: {exc}") from None
+    model.freeze()
+    for path in paths:
+        wrapper = _wrap(model, path, _get_module(model, path))
+        wrapper.add_adapter(name, lora_cfg.rank, lora_cfg.alpha, lora_cfg.dropout, lora_cfg.use_rslora, lora_cfg.use_dora)
     set_active(model, name)
     return trainable_summary(model)
 
