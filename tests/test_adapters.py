@@ -502,3 +502,16 @@ def test_loads_an_mlx_lm_adapter_folder(tmp_path):
     load_adapter(model, tmp_path)
     assert adapters.wrappers(model)[0][1].adapters["default"].scale == 10.0
     np.testing.assert_allclose(logits(model), logits(ref), atol=1e-5)
+
+
+def test_fingerprint_ignores_wrappers_and_storage():
+    plain = tiny_model("llama")
+    fp = adapters.fingerprint(plain)
+    inject(plain, LoraConfig(rank=2, alpha=4, target_modules="all-linear"))
+    assert adapters.fingerprint(plain) == fp  # wrapping changes nothing
+    q = tiny_model("llama")
+    nn.quantize(q, group_size=64, bits=4, class_predicate=lambda p, m: isinstance(m, nn.Linear))
+    fq = adapters.fingerprint(q)
+    assert fq["base_fingerprint"] == fp["base_fingerprint"]  # same model, other storage
+    assert fq["base_storage_fingerprint"] != fp["base_storage_fingerprint"]
+    assert adapters.fingerprint(tiny_model("llama", intermediate_size=96))["base_fingerprint"] != fp["base_fingerprint"]
