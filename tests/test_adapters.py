@@ -421,7 +421,7 @@ def test_second_inject_adds_named_adapter():
 def test_smollm2_adapter_switching_ms(smollm2, tmp_path, capsys):
     """Two all-linear adapters on the 4-bit SmolLM2: switching is attribute setting (ms)."""
     model, _, info = smollm2  # shared by the session: leave it as found
-    tokens = mx.array([[1, 2, 3, 4, 5, 6, 7, 8]])
+    tokens = mx.array([[1, 2]])  # short: 4-bit matmuls are slow on the CPU backend
     base = np.array(model(tokens)[0, -1])
     cfg = LoraConfig(rank=8, alpha=16, target_modules="all-linear")
     try:
@@ -446,7 +446,7 @@ def test_smollm2_adapter_switching_ms(smollm2, tmp_path, capsys):
             timings.append(time.perf_counter() - t0)
         manager.activate("x")
         np.testing.assert_allclose(np.array(model(tokens)[0, -1]), outs["x"], atol=1e-4)
-        np.testing.assert_allclose(outs[None], base, atol=1e-5)
+        np.testing.assert_array_equal(outs[None], base)
         assert not np.allclose(outs["x"], base, atol=1e-3) and not np.allclose(outs["x"], outs["y"], atol=1e-3)
         with capsys.disabled():
             print(f"\n[SmolLM2, {len(manager._wrappers)} wrapped layers, 2 adapters] switch: "
