@@ -185,18 +185,24 @@ def dequant_matmul(kind: str, *static) -> Callable:
 
     The vjp recomputes ``W`` for ``dx = g @ W`` (so the fp32 weight never outlives a
     matmul) and returns zero cotangents for the frozen storage arrays.
+
+    Each dequantization is tied with ``mx.depends`` to the array its matmul consumes
+    (``x`` forward, the cotangent backward). The storage arrays are graph inputs, so
+    otherwise the scheduler may dequantize many layers ahead of their matmuls, and
+    ``mx.compile`` can merge the forward and backward dequantizations into one node that
+    stays alive across the whole step: both would hold every layer's fp32 weight at once.
     """
     dequant = DEQUANT[kind]
 
     @mx.custom_function
     def f(x, *storage):
-        w = dequant(*storage, *static)
+        w = dequant(*mx.depends(list(storage), [x]), *static)
         return (x.astype(mx.float32) @ w.T).astype(x.dtype)
 
     @f.vjp
     def f_vjp(primals, cotangent, output):
         x, *storage = primals
-        w = dequant(*storage, *static)
+        w = dequant(*mx.depends(storage, [cotangent]), *static)
         dx = (cotangent.astype(mx.float32) @ w).astype(x.dtype)
         return (dx, *(mx.zeros_like(a) for a in storage))
 
