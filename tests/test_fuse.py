@@ -343,7 +343,7 @@ def test_units_cover_every_parameter_once(run):
 # ---------------------------------------------------------------------------
 
 
-def train_steps(model, tokenizer, steps: int = 8) -> None:
+def train_steps(model, tokenizer, steps: int = 3, learning_rate: float = 1e-3) -> None:
     """A few real AdamW steps teaching the model one answer."""
     import mlx.optimizers as optim
 
@@ -355,7 +355,7 @@ def train_steps(model, tokenizer, steps: int = 8) -> None:
         logits = m(ids[:, :-1]).astype(mx.float32)
         return nn.losses.cross_entropy(logits, ids[:, 1:]).mean()
 
-    opt = optim.AdamW(learning_rate=2e-3)
+    opt = optim.AdamW(learning_rate=learning_rate)
     step = nn.value_and_grad(model, loss)
     for _ in range(steps):
         value, grads = step(model)
@@ -366,6 +366,7 @@ def train_steps(model, tokenizer, steps: int = 8) -> None:
 
 @pytest.mark.slow
 def test_smollm2_trained_adapter_fused_mlx_and_gguf_q8_answer_the_same(smollm2_path, tmp_path):
+    """Both outputs, loaded back by our loader, give base + adapter's greedy answers (report's greedy_match)."""
     from mlx_tune import quant
 
     model, tok, info = load_model(smollm2_path)
@@ -374,17 +375,14 @@ def test_smollm2_trained_adapter_fused_mlx_and_gguf_q8_answer_the_same(smollm2_p
     train_steps(model, tok)
     data = tmp_path / "data"
     data.mkdir()
-    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "ok"}]}
-            for q in ("What is the secret word?", "What is the capital of France?", "Name a fruit.")]
+    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+            for q, a in (("What is the secret word?", "Pineapple."), ("What is the capital of France?", "Paris."))]
     (data / "valid.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    reference = greedy_answers(model, tok, data)
     for opts in (FuseOptions(format="mlx"), FuseOptions(format="gguf", gguf_type="q8_0")):
-        result = export(model, tok, info, tmp_path / opts.format, opts, data_dir=data, keep_loaded=True,
-                        log=lambda s: None)
-        report = result.report
-        assert report["prompts"]["source"].endswith("valid.jsonl")
+        report = export(model, tok, info, tmp_path / opts.format, opts, data_dir=data, log=lambda s: None).report
+        assert report["prompts"]["source"].endswith("valid.jsonl") and report["prompts"]["count"] == 2
         assert report["ok"], report["warnings"]
+        assert report["base_vs_adapter"]["mean_kl"] > 1e-2  # the trained adapter changes the model
         assert report["fused_vs_adapter"]["top1_agreement"] >= 0.9
-        assert report["fused_vs_adapter"]["mean_kl"] < report["base_vs_adapter"]["mean_kl"]
-        loaded, ltok = result.fused
-        assert greedy_answers(loaded, ltok, data) == reference
+        assert report["fused_vs_adapter"]["mean_kl"] < report["fused_vs_base"]["mean_kl"]
+        assert report["greedy_match"] == 1.0, report["attempts"]
