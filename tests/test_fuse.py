@@ -172,6 +172,29 @@ def test_gguf_reads_back_with_tokenizer_and_answers(run, gguf_type):
         assert mx.allclose(model(ids), run["model"](ids), atol=2e-2)
 
 
+def test_dora_and_qwen2_biases_untied_head_round_trip(tmp_path):
+    """DoRA's magnitude and qwen2's q/k/v biases and separate lm_head survive HF and GGUF export."""
+    model = tiny_model("qwen2")
+    assert "lm_head" in dict(model.named_modules())
+    inject(model, LoraConfig(rank=4, alpha=8.0, use_dora=True))
+    randomize_adapter(model)
+    for _, w in wrappers(model):
+        w.adapter.m = w.adapter.m * 1.1
+    info = ModelInfo(source="tiny-qwen2", kind="folder", path="", config=tiny_config("qwen2"))
+    tok = tiny_tokenizer()
+    reference = greedy_answers(model, tok)
+    ids = mx.array([[1, 40, 50, 60, 2]])
+    for name, opts in (("hf", FuseOptions(format="hf", dtype="float32")),
+                       ("gguf", FuseOptions(format="gguf", gguf_type="f16"))):
+        result = export(model, tok, info, tmp_path / name, opts, keep_loaded=True, log=lambda s: None)
+        assert result.report["ok"] and result.report["base_vs_adapter"]["mean_kl"] > 1e-3
+        loaded, ltok = result.fused
+        assert greedy_answers(loaded, ltok) == reference
+        assert mx.allclose(loaded(ids), model(ids), atol=1e-4 if name == "hf" else 2e-2)
+    names = {t.name for t in gguf.GGUFReader(str(tmp_path / "gguf" / "model-f16.gguf")).tensors}
+    assert {"output.weight", "blk.0.attn_q.bias", "blk.0.attn_k.bias", "blk.0.attn_v.bias"} <= names
+
+
 # ---------------------------------------------------------------------------
 # Re-quantization that erases the adapter must be caught and fixed
 # ---------------------------------------------------------------------------
