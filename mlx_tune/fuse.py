@@ -30,7 +30,7 @@ import shutil
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -446,7 +446,6 @@ class FuseResult:
     report: dict
     output: Path
     fused: tuple | None = None  # (model, tokenizer) of the output as loaded back, when asked for
-    notes: list[str] = field(default_factory=list)
 
 
 def export(model: nn.Module, tokenizer, info, target: str | Path, opts: FuseOptions, *,
@@ -454,7 +453,8 @@ def export(model: nn.Module, tokenizer, info, target: str | Path, opts: FuseOpti
            log: Callable[[str], None] = print) -> FuseResult:
     """Fuse ``model``'s active adapter into a new output at ``target`` and check it.
 
-    ``model`` (base + loaded adapter) is not changed. The output is loaded back with
+    ``model`` (base + loaded adapter) keeps its weights and adapters (on the CPU backend its
+    quantized layers switch to the fast-path classes, same arrays). The output is loaded back with
     ``load_model`` and compared with base + adapter; if re-quantization erased the adapter
     the adapted layers are written again at 8 bits / dense as ``opts.keep_adapted`` says.
     """
@@ -479,7 +479,9 @@ def export(model: nn.Module, tokenizer, info, target: str | Path, opts: FuseOpti
     base_vs_adapter = fidelity.compare(ref, base)
 
     ladder = (None,) + (KEEP_LADDER[opts.keep_adapted] if quantized_output(model, opts) else ())
-    if opts.format == "gguf" and opts.gguf_type == "q8_0":
+    already_8bit = (opts.gguf_type == "q8_0" if opts.format == "gguf"
+                    else all((_affine_params(u.layer) or {}).get("bits") == 8 for u in units(model) if u.adapted))
+    if already_8bit:  # an 8-bit retry would write the same thing again
         ladder = tuple(k for k in ladder if k != "8bit")
     tmp = _temp_dir(target)
     peak = 0

@@ -9,7 +9,6 @@ from pathlib import Path
 import gguf
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 import pytest
 import yaml
 from mlx.utils import tree_flatten
