@@ -42,6 +42,7 @@ from .errors import UserError
 from .lora import LoRALinear
 
 SHARD_BYTES = 2 << 30  # flush a safetensors shard at 2 GiB: bounds the memory of dense outputs
+CHUNK_ROWS = 8192  # rows dequantized at once from an unadapted quantized layer (embeddings)
 REPORT_FILE = "fuse_report.json"
 NOISE_KL = 1e-5  # below this mean KL an adapter makes no measurable difference
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
@@ -121,17 +122,42 @@ class Unit:
             return tuple(linear_dims(self.layer))
         return tuple(self.layer[key].shape)
 
-    def dense(self, key: str) -> mx.array:
-        """The logical tensor in float32; an adapted weight has its adapter merged."""
+    def dense_chunks(self, key: str, dtype: mx.Dtype = mx.float32) -> Iterator[mx.array]:
+        """The logical tensor in ``dtype``, in evaluated blocks of rows; an adapted weight has its adapter merged.
+
+        A quantized layer without an adapter (an embedding of 150k rows, say) is dequantized
+        ``CHUNK_ROWS`` rows at a time, so its float32 copy never exists whole; an adapted
+        layer is fused whole (one layer).
+        """
         layer = self.layer
         if key != "weight" or not (self.packed or self.adapted):
-            return layer[key].astype(mx.float32)
-        if isinstance(layer, nn.QuantizedEmbedding):
-            w = mx.dequantize(layer["weight"], layer["scales"], layer.get("biases"), group_size=layer.group_size,
-                              bits=layer.bits, mode=layer.mode).astype(mx.float32)
-        else:
-            w = quant.dense_weight(layer)
-        return self.module.adapter.fused_weight(w) if self.adapted else w
+            yield layer[key].astype(dtype)
+            return
+        if self.adapted:
+            w = self.module.adapter.fused_weight(quant.dense_weight(layer)).astype(dtype)
+            mx.eval(w)
+            yield w
+            return
+        rows = self.shape("weight")[0]
+        for start in range(0, rows, CHUNK_ROWS):
+            block = _dequantize_rows(layer, start, min(start + CHUNK_ROWS, rows)).astype(dtype)
+            mx.eval(block)
+            yield block
+
+    def dense(self, key: str, dtype: mx.Dtype = mx.float32) -> mx.array:
+        parts = list(self.dense_chunks(key, dtype))
+        return parts[0] if len(parts) == 1 else mx.concatenate(parts)
+
+
+def _dequantize_rows(layer: nn.Module, start: int, stop: int) -> mx.array:
+    """Rows ``start:stop`` of a packed layer's weight as float32."""
+    if isinstance(layer, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+        w, s, b = layer["weight"][start:stop], layer["scales"][start:stop], layer.get("biases")
+        if layer.mode == "affine":
+            return quant.affine_dequantize(w, s, b[start:stop], layer.group_size, layer.bits)
+        return mx.dequantize(w, s, None if b is None else b[start:stop], group_size=layer.group_size,
+                             bits=layer.bits, mode=layer.mode).astype(mx.float32)
+    return quant.dense_weight(layer)[start:stop]  # NF4 and other protocol layers
 
 
 def units(model: nn.Module) -> list[Unit]:
@@ -189,8 +215,9 @@ def mlx_arrays(unit: Unit, dense: bool, dtype: mx.Dtype, keep: str | None) -> tu
     if params is None or (unit.adapted and keep == "dense"):
         out = {}
         for key in unit.keys():
-            v = unit.dense(key) if key == "weight" else layer[key]
-            out[unit.name(key)] = v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v
+            v = layer[key]
+            floating = mx.issubdtype(v.dtype, mx.floating) or key == "weight"  # a packed weight is uint32
+            out[unit.name(key)] = unit.dense(key, dtype) if floating else v
         return out, None
     bias = layer.get("bias")
     if unit.adapted or not isinstance(layer, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
@@ -313,15 +340,15 @@ def gguf_tensors(model: nn.Module, gguf_type: str, keep: str | None):
         for key in unit.keys():
             shape = unit.shape(key)
             qtype = "f32" if len(shape) == 1 else (keep_type if unit.adapted and keep_type else gguf_type)
-            out.append(GGUFTensor(unit.name(key), shape, qtype, lambda u=unit, k=key: _numpy(u.dense(k))))
+            out.append(GGUFTensor(unit.name(key), shape, qtype,
+                                  lambda u=unit, k=key: (_numpy(c) for c in u.dense_chunks(k))))
     return out
 
 
 def _numpy(a: mx.array):
     import numpy as np
 
-    mx.eval(a)
-    return np.array(a, dtype=np.float32)
+    return np.array(a.astype(mx.float32), copy=True)
 
 
 def _gguf_source(info) -> Path | None:
