@@ -66,6 +66,20 @@ def train(model, tokenizer, steps: int, learning_rate: float = 1e-3) -> float:
     return float(value.item())
 
 
+def mlx_lm_check(folder: Path) -> dict:
+    """mlx_lm.load reads the fused MLX folder and computes the logits our loader does."""
+    import mlx.core as mx
+    import mlx_lm
+
+    from mlx_tune.loading import load_model
+
+    theirs, tok = mlx_lm.load(str(folder))
+    ours, _, _ = load_model(folder)
+    ids = mx.array([tok.encode("The capital of France is")])
+    diff = mx.abs(theirs(ids).astype(mx.float32) - ours(ids).astype(mx.float32)).max().item()
+    return target("fuse_mlx_folder_mlx_lm_load_max_abs_logit_diff", diff, 1e-3, "logits", None, diff <= 1e-3)
+
+
 def target(name, measured, goal, unit, rival, ok):
     return {"name": name, "measured": measured, "target": goal, "unit": unit, "rival": rival, "pass": bool(ok)}
 
@@ -144,6 +158,8 @@ def main() -> int:
                        "GB (whole fuse incl. the read-back check)", None, True),
                 target(f"fuse_{label}_seconds", final["fuse_seconds"], None, "s (write + read back + check)", None, True),
             ]
+            if label == "mlx":  # the folder is an ordinary mlx-lm model too
+                targets.append(mlx_lm_check(Path(tmp) / label))
     print(json.dumps({"adapter": trained, "results": summary}, indent=2))
     print(json.dumps(targets, indent=2))
     return 0

@@ -138,6 +138,9 @@ class Unit:
             mx.eval(w)
             yield w
             return
+        if not isinstance(layer, (nn.QuantizedLinear, nn.QuantizedEmbedding)):  # NF4 and other protocol layers
+            yield quant.dense_weight(layer).astype(dtype)
+            return
         rows = self.shape("weight")[0]
         for start in range(0, rows, CHUNK_ROWS):
             block = _dequantize_rows(layer, start, min(start + CHUNK_ROWS, rows)).astype(dtype)
@@ -150,14 +153,12 @@ class Unit:
 
 
 def _dequantize_rows(layer: nn.Module, start: int, stop: int) -> mx.array:
-    """Rows ``start:stop`` of a packed layer's weight as float32."""
-    if isinstance(layer, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
-        w, s, b = layer["weight"][start:stop], layer["scales"][start:stop], layer.get("biases")
-        if layer.mode == "affine":
-            return quant.affine_dequantize(w, s, b[start:stop], layer.group_size, layer.bits)
-        return mx.dequantize(w, s, None if b is None else b[start:stop], group_size=layer.group_size,
-                             bits=layer.bits, mode=layer.mode).astype(mx.float32)
-    return quant.dense_weight(layer)[start:stop]  # NF4 and other protocol layers
+    """Rows ``start:stop`` of an affine-quantized (``nn.Quantized*``) layer's weight as float32."""
+    w, s, b = layer["weight"][start:stop], layer["scales"][start:stop], layer.get("biases")
+    if layer.mode == "affine":
+        return quant.affine_dequantize(w, s, b[start:stop], layer.group_size, layer.bits)
+    return mx.dequantize(w, s, None if b is None else b[start:stop], group_size=layer.group_size,
+                         bits=layer.bits, mode=layer.mode).astype(mx.float32)
 
 
 def units(model: nn.Module) -> list[Unit]:

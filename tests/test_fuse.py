@@ -194,6 +194,25 @@ def test_dora_and_qwen2_biases_untied_head_round_trip(tmp_path):
     assert {"output.weight", "blk.0.attn_q.bias", "blk.0.attn_k.bias", "blk.0.attn_v.bias"} <= names
 
 
+def test_nf4_base_is_written_as_affine_4bit_for_mlx(tmp_path):
+    """MLX folders cannot hold NF4: an NF4 base comes out affine 4-bit (block size as group size)."""
+    from mlx_tune import quant
+
+    model = tiny_model("llama")
+    quant.quantize_model(model, QuantizeConfig(mode="nf4", group_size=64))
+    inject(model, LORA)
+    randomize_adapter(model)
+    info = ModelInfo(source="tiny-nf4", kind="folder", path="", config=tiny_config("llama"),
+                     quantization={"mode": "nf4", "bits": 4, "group_size": 64})
+    result = export(model, tiny_tokenizer(), info, tmp_path / "nf4", FuseOptions(min_top1_agreement=0.5),
+                    keep_loaded=True, log=lambda s: None)
+    config = json.loads((result.output / "config.json").read_text())
+    assert config["quantization"] == {"group_size": 64, "bits": 4, "mode": "affine"}
+    loaded, _ = result.fused
+    assert isinstance(loaded.model.layers[0].mlp.up_proj, nn.QuantizedLinear)
+    assert result.report["fused_vs_adapter"]["mean_kl"] < result.report["fused_vs_base"]["mean_kl"]
+
+
 # ---------------------------------------------------------------------------
 # Re-quantization that erases the adapter must be caught and fixed
 # ---------------------------------------------------------------------------
