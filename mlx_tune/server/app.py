@@ -12,6 +12,7 @@ import asyncio
 import hmac
 import json
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -38,6 +39,7 @@ from .schemas import (
 
 log = logging.getLogger(__name__)
 
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429)}
 _STREAMABLE = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}}
 
@@ -47,9 +49,10 @@ def error_response(exc: ApiError) -> JSONResponse:
 
 
 def _field(loc) -> str | None:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
-    # pydantic names union members (str / list[int] / ...): they are not fields.
-    parts = [p for p in parts if not any(c in p for c in "[]()") and p not in ("str", "int", "float", "bool")]
+    # pydantic puts union members (str, list[int], constrained-str, ...) in the location
+    # too: they are not fields.
+    skip = {"body", "query", "path", "header", "str", "int", "float", "bool", "list", "dict"}
+    parts = [str(p) for p in loc if isinstance(p, int) or (_IDENT.match(str(p)) and p not in skip)]
     return ".".join(parts) or None
 
 
