@@ -13,8 +13,8 @@ parameter names, so adapters and their base fingerprint are unaffected), which c
 where the dense ``W`` is a cached fp32 copy when the whole model's copy fits in
 ``dense_budget_bytes`` (kept outside the parameters: private attribute), or is
 dequantized per call otherwise (``mlx_tune.quant``'s path). ``qmm_rows`` is measured at
-start-up on the model's largest layer (1 when the quantized kernel wins a single row,
-0 when the dense path wins everything).
+start-up on whole single-token decode steps (1 when the quantized kernel wins a single
+row, 0 when the dense path wins everything).
 """
 
 from __future__ import annotations
@@ -92,30 +92,32 @@ def _dense_bytes(layers) -> int:
     return total
 
 
-def _time(fn, reps: int = 5) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+def measure_qmm_rows(model: nn.Module, trials: int = 3) -> int:
+    """1 when single-token decoding of ``model`` is faster with the quantized kernel, else 0.
+
+    Times whole decode steps (every layer, the output head, a KV cache) both ways,
+    interleaved so that a busy machine slows both alike, and keeps each way's best.
+    """
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    mx.eval(model(mx.array([[1] * 8]), cache=cache))
+    token = mx.array([[1]])
+    best = {0: float("inf"), 1: float("inf")}
+    for _ in range(trials):
+        for rows in (1, 0):
+            ServingQuantizedLinear.qmm_rows = ServingQuantizedEmbedding.qmm_rows = rows
+            start = time.perf_counter()
+            mx.eval(model(token, cache=cache))
+            best[rows] = min(best[rows], time.perf_counter() - start)
+            for c in cache:  # keep the cache length fixed: drop the token just added
+                if c.is_trimmable():
+                    c.trim(1)
+    return 1 if best[1] <= best[0] else 0
 
 
-def measure_qmm_rows(layer: ServingQuantizedLinear) -> int:
-    """1 when the quantized kernel beats the dense path on a single row of this layer, else 0."""
-    x = mx.random.normal((1, layer["weight"].shape[1] * 32 // layer.bits)).astype(layer["scales"].dtype)
-    mx.eval(x)
-    dense = getattr(layer, "_dense", None)
-    fused = _time(lambda: mx.eval(nn.QuantizedLinear.__call__(layer, x)))
-    if dense is not None:
-        other = _time(lambda: mx.eval(x.astype(mx.float32) @ dense.T))
-    else:
-        other = _time(lambda: mx.eval(quant.CPUQuantizedLinear.__call__(layer, x)))
-    return 1 if fused <= other else 0
-
-
-def prepare_for_serving(model: nn.Module, dense_budget_bytes: int = DEFAULT_DENSE_BUDGET) -> str | None:
+def prepare_for_serving(model: nn.Module, dense_budget_bytes: int = DEFAULT_DENSE_BUDGET,
+                        measure: bool = True) -> str | None:
     """Swap quantized layers for the serving ones on the CPU backend; returns a note or None."""
     if not quant.on_cpu():
         return None
@@ -129,8 +131,7 @@ def prepare_for_serving(model: nn.Module, dense_budget_bytes: int = DEFAULT_DENS
     caches = [m._dense for _, m in new if m._dense is not None]
     if caches:
         mx.eval(caches)
-    linears = [m for _, m in new if isinstance(m, ServingQuantizedLinear)]
-    rows = measure_qmm_rows(max(linears, key=lambda m: m["weight"].size)) if linears else 1
+    rows = measure_qmm_rows(model) if measure else 1
     ServingQuantizedLinear.qmm_rows = ServingQuantizedEmbedding.qmm_rows = rows
     how = f"fp32 copies cached ({dense_bytes / 2**30:.2f} GiB)" if dense else "dequantized per call"
     single = "quantized kernel" if rows else "dense path"
