@@ -113,3 +113,57 @@ def test_concurrent_requests_on_different_adapters(setup):
         together = list(pool.map(lambda j: ask(client, j[0], tok, j[1]), jobs))
     assert together == alone
     assert not registry.busy  # every request released its adapter
+
+
+def test_concurrent_different_adapters_share_forward_passes(setup):
+    client, registry, tok, _ = setup
+    from mlx_tune.server import mixing
+
+    assert mixing.install_row_shim()
+    jobs = [(m, f"shared {i}") for i, m in enumerate(["a1", "a2", "base", "a1", "a2", "base"])]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        list(pool.map(lambda j: ask(client, j[0], tok, j[1], n=24), jobs))
+    assert setup_route(registry).most_mixed >= 2
+
+
+def setup_route(registry):
+    """The engine's row route, found through the pseudo adapter on any wrapper."""
+    from mlx_tune.server.mixing import ROUTE
+
+    for w in registry._wrappers:
+        if ROUTE in w.adapters:
+            return w.adapters[ROUTE]._route.value
+    raise AssertionError("no layer ever mixed rows")
+
+
+def test_row_mixing_equals_each_adapter_alone(tmp_path):
+    """Rows on base / a / b in one pass give each row's own model output."""
+    import mlx.core as mx
+
+    from mlx_tune.adapters import AdapterManager
+    from mlx_tune.loading import load_model
+    from mlx_tune.server.mixing import RowRoute, RowRouter, install
+    from mlx_tune.tiny import save_tiny_folder
+
+    base = save_tiny_folder(tmp_path / "base")
+    make_adapter(base, tmp_path / "a", rank=4, seed=1)
+    make_adapter(base, tmp_path / "b", rank=8, seed=2, targets=["q_proj", "down_proj"])
+    model, _, _ = load_model(str(base))
+    manager = AdapterManager(model)
+    manager.add("a", tmp_path / "a")
+    manager.add("b", tmp_path / "b")
+    x = mx.array([[5, 6, 7, 8], [9, 10, 11, 12], [13, 14, 15, 16], [5, 6, 7, 8]])
+    choice = [None, "a", "b", "b"]
+    alone = []
+    for i, name in enumerate(choice):
+        manager.activate(name)
+        alone.append(model(x[i:i + 1]))
+    route = RowRoute()
+    install([w for w in manager._wrappers], route)
+    router = RowRouter(model, route, lambda uid: choice[uid])
+    router.rows = [0, 1, 2, 3]
+    mixed = router(x)
+    assert route.most_mixed == 3
+    for i in range(len(choice)):
+        assert mx.allclose(mixed[i:i + 1], alone[i], atol=1e-4).item(), i
+    assert not mx.allclose(alone[0], alone[1], atol=1e-3).item()  # the adapters matter

@@ -30,6 +30,7 @@ from typing import Callable
 import mlx.core as mx
 
 from .errors import ApiError
+from .mixing import RowRoute, RowRouter, install_row_shim
 
 log = logging.getLogger(__name__)
 
@@ -204,12 +205,16 @@ def make_request_processors(req: GenRequest) -> list:
 # ---------------------------------------------------------------------------
 
 
+MIXED = ("mixed",)  # the group key of the batch whose rows each pick their adapter
+
+
 @dataclass
 class _Group:
-    """Running requests on one adapter: one continuous batch."""
+    """Running requests on one adapter, or on any mixable adapters: one continuous batch."""
 
     adapter: str | None
-    generator: object
+    mixed: bool = False
+    generator: object = None
     jobs: dict[int, Job] = field(default_factory=dict)
 
 
@@ -217,7 +222,7 @@ class Engine:
     """Owns the model on one worker thread; ``submit`` is safe from any thread."""
 
     def __init__(self, registry, *, max_queue: int = 64, max_batch: int = 16, prefill_step_size: int = 512,
-                 retry_after_s: int = 1):
+                 retry_after_s: int = 1, mix_adapters: bool = True):
         self.registry = registry
         self.tokenizer = registry.tokenizer
         self.max_queue = max_queue
@@ -232,6 +237,10 @@ class Engine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.completed = 0
+        # One forward pass for rows on different LoRA adapters when mlx-lm allows it;
+        # otherwise one batch per adapter, taking turns step by step.
+        self.mixing = mix_adapters and install_row_shim()
+        self.route = RowRoute()
 
     # -- lifecycle --------------------------------------------------------------------
     def start(self) -> "Engine":
@@ -334,9 +343,12 @@ class Engine:
                     return
                 self._finish(job, Failed(exc))
                 continue
-            group = self._groups.get(req.adapter)
+            mixed = self.mixing and self.registry.mixable(req.adapter)
+            key = MIXED if mixed else req.adapter
+            group = self._groups.get(key)
             if group is None:
-                group = self._groups[req.adapter] = _Group(req.adapter, self._new_generator())
+                group = self._groups[key] = _Group(req.adapter, mixed)
+                group.generator = self._new_generator(group)
             try:
                 (uid,) = group.generator.insert(
                     [req.prompt], max_tokens=[req.max_tokens], samplers=[make_request_sampler(req)],
@@ -349,11 +361,14 @@ class Engine:
             job.text = TextStream(self.tokenizer, req.stop)
             group.jobs[uid] = job
 
-    def _new_generator(self):
+    def _new_generator(self, group: _Group):
         from mlx_lm.generate import BatchGenerator
 
+        model = self.registry.model
+        if group.mixed:
+            model = RowRouter(model, self.route, lambda uid: group.jobs[uid].request.adapter)
         return BatchGenerator(
-            self.registry.model,
+            model,
             stop_tokens=[[t] for t in sorted(self.eos_ids)],
             completion_batch_size=self.max_batch,
             prefill_batch_size=min(8, self.max_batch),
@@ -372,7 +387,10 @@ class Engine:
                 with self.registry.lock:
                     # The graph is built inside next() with this adapter's layers; what is
                     # evaluated later is arrays only, so the next group may switch freely.
-                    self.registry.activate(group.adapter)
+                    if group.mixed:
+                        self.registry.activate_rows(self.route)
+                    else:
+                        self.registry.activate(group.adapter)
                     _, responses = group.generator.next()
                 for r in responses:
                     job = group.jobs.get(r.uid)
@@ -408,7 +426,7 @@ class Engine:
 
     def _close(self, group: _Group, uid: int) -> None:
         job = group.jobs.pop(uid)
-        self.registry.release(group.adapter)
+        self.registry.release(job.request.adapter)
         if job.cancelled and not job.finished:
             job.finished = True
 

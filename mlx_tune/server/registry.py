@@ -20,9 +20,10 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..adapters import AdapterManager, read_adapter
+from ..adapters import AdapterManager, read_adapter, wrappers
 from ..errors import UserError
 from .errors import ApiError, not_found
+from .mixing import ROUTE, install, mixable
 
 BASE_NAME = "base"
 
@@ -52,6 +53,7 @@ class ModelRegistry:
         self.entries: dict[str, AdapterEntry] = {}
         self.resident: OrderedDict[str, None] = OrderedDict()  # least recently used first
         self.busy: Counter[str] = Counter()  # adapter -> requests being computed with it
+        self._wrappers = [w for _, w in wrappers(model)]
 
     # -- names ------------------------------------------------------------------------
     def resolve(self, model_name: str) -> str | None:
@@ -123,10 +125,14 @@ class ModelRegistry:
                 raise ApiError(409, f"adapter '{name}' is answering {self.busy[name]} request(s); try again when "
                                "they finish", param="name", code="adapter_busy")
             if name in self.resident:
-                self.manager.remove(name)
-                del self.resident[name]
+                self._unload(name)
             del self.entries[name]
             return entry
+
+    def _unload(self, name: str) -> None:
+        self.manager.remove(name)
+        del self.resident[name]
+        self._wrappers = [w for _, w in wrappers(self.model)]
 
     def _make_resident(self, name: str) -> None:
         """Load ``name`` if it is not in the model, evicting the LRU idle adapter when full."""
@@ -138,13 +144,13 @@ class ModelRegistry:
             if idle is None:
                 raise ApiError(429, f"all {self.max_loras} resident adapters are serving requests (max_loras); "
                                "retry shortly", code="adapters_busy", headers={"Retry-After": "1"})
-            self.manager.remove(idle)
-            del self.resident[idle]
+            self._unload(idle)
         try:
             self.manager.add(name, self.entries[name].path)
         except UserError as exc:
             raise ApiError(400, str(exc), param="path", code="adapter_does_not_fit") from None
         self.resident[name] = None
+        self._wrappers = [w for _, w in wrappers(self.model)]
 
     # -- used by the engine (holding ``lock``) -------------------------------------------
     def acquire(self, name: str | None) -> None:
@@ -166,5 +172,14 @@ class ModelRegistry:
                 del self.busy[name]
 
     def activate(self, name: str | None) -> None:
+        """Every adapted layer uses adapter ``name`` (None: the base alone)."""
         if self.manager.active != name:
             self.manager.activate(name)
+
+    def activate_rows(self, route) -> None:
+        """Every adapted layer uses the adapter each row asks for (``mixing``)."""
+        install(self._wrappers, route)
+        self.manager.active = ROUTE
+
+    def mixable(self, name: str | None) -> bool:
+        return mixable(self._wrappers, name)
