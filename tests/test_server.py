@@ -434,3 +434,27 @@ def test_smollm2_chat(smollm2_path):
         assert r.status_code == 200, r.text
         text = r.json()["choices"][0]["message"]["content"]
         assert text.strip() and "\ufffd" not in text
+
+
+def test_serve_settings_from_config_and_flags(tiny, tmp_path):
+    import argparse
+
+    from mlx_tune.commands.serve import add_arguments, settings
+    from server_util import make_adapter
+
+    folder = tiny[0]
+    out = make_adapter(folder, tmp_path / "out", rank=2)
+    extra = make_adapter(folder, tmp_path / "extra", rank=2, seed=3)
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"model: {folder}\nquantize: null\noutput_dir: {out}\ntrain:\n  iters: 10\n"
+                   f"serve:\n  adapter_name: tuned\n  adapters:\n    extra: {extra}\n")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args([str(cfg), "serve.port=9123", "--max-loras", "3", "--adapter", f"cli={extra}"])
+    source, quantize, adapters, serve = settings(args)
+    assert source == str(folder) and quantize is None
+    assert adapters == {"tuned": str(out), "extra": str(extra), "cli": str(extra)}
+    assert serve.port == 9123 and serve.max_loras == 3 and serve.host == "127.0.0.1"
+    # No adapter trained yet: only the base is served.
+    args = parser.parse_args([str(cfg), f"output_dir={tmp_path / 'empty'}"])
+    assert "tuned" not in settings(args)[2]

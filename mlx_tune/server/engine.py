@@ -1,12 +1,12 @@
 """The generation queue: one worker thread owns the model and answers every request.
 
 Requests wait in a bounded FIFO (full: 429 with Retry-After). The worker admits them in
-order while fewer than ``max_batch`` are running, and groups running requests by
-adapter: each group is an ``mlx_lm.generate.BatchGenerator`` (continuous batching:
-rows join and leave between decode steps), and every turn of the loop activates one
-group's adapter and advances that group by one step, then the next group. Requests on
-the same adapter therefore share forward passes, requests on different adapters take
-turns step by step, and none waits for another to finish.
+order while fewer than ``max_batch`` are running. Running requests form continuous
+batches (``mlx_lm.generate.BatchGenerator``: rows join and leave between decode steps):
+one batch for the base and every plain-LoRA adapter together, whose layers pick each
+row's adapter (``mixing``: a per-row adapter index, one forward pass for all), and one
+batch per adapter that cannot be mixed (DoRA). Each turn of the loop advances every
+batch by one step, so no request waits for another to finish.
 
 Sampling is mlx-lm's (``make_sampler``'s filters, ``make_logits_processors``); only the
 final categorical draw takes a per-request key when the request has a ``seed``, so
