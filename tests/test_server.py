@@ -458,3 +458,20 @@ def test_serve_settings_from_config_and_flags(tiny, tmp_path):
     # No adapter trained yet: only the base is served.
     args = parser.parse_args([str(cfg), f"output_dir={tmp_path / 'empty'}"])
     assert "tuned" not in settings(args)[2]
+
+
+def test_non_streaming_client_that_leaves_stops_its_generation(tmp_path):
+    from mlx_tune.loading import load_model
+    from mlx_tune.server import build_app
+    from mlx_tune.tiny import save_tiny_folder
+
+    model, tokenizer, info = load_model(str(save_tiny_folder(tmp_path / "long", max_position_embeddings=8192)))
+    app, _, engine = build_app(model, tokenizer, info)
+    with serve_in_thread(app) as url:
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(f"{url}/v1/completions", json={"model": "base", "prompt": "go", "max_tokens": 8000,
+                                                      "temperature": 0}, timeout=1.0)
+        deadline = time.monotonic() + 10
+        while engine.stats()["running"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert engine.stats()["running"] == 0 and engine.completed == 0  # dropped, not finished

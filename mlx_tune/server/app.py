@@ -39,6 +39,7 @@ from .schemas import (
 
 log = logging.getLogger(__name__)
 
+DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429)}
 _STREAMABLE = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}}
@@ -191,7 +192,7 @@ def create_app(registry: ModelRegistry, engine: Engine, *, api_key: str | None =
                       running=s["running"])
 
     # -- generation ------------------------------------------------------------------------
-    async def generate(kind: str, req, gen) -> object:
+    async def generate(kind: str, req, gen, request: Request) -> object:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         job = engine.submit(gen, lambda event: loop.call_soon_threadsafe(queue.put_nowait, event))
@@ -201,8 +202,17 @@ def create_app(registry: ModelRegistry, engine: Engine, *, api_key: str | None =
             return StreamingResponse(_stream(builder, queue, job), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
+            checked = loop.time()
             while True:
-                event = await queue.get()
+                try:
+                    event = await asyncio.wait_for(queue.get(), timeout=DISCONNECT_POLL_S)
+                except asyncio.TimeoutError:
+                    event = None
+                if loop.time() - checked >= DISCONNECT_POLL_S:
+                    checked = loop.time()
+                    if await request.is_disconnected():  # nobody is waiting for the answer
+                        job.cancel()
+                        return JSONResponse({"error": "client disconnected"}, status_code=499)
                 if isinstance(event, Delta):
                     builder.add(event)
                 elif isinstance(event, Done):
@@ -236,12 +246,12 @@ def create_app(registry: ModelRegistry, engine: Engine, *, api_key: str | None =
             engine.wake()
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion, responses={**_ERRORS, **_STREAMABLE})
-    async def chat_completions(req: ChatCompletionRequest):
-        return await generate("chat", req, preparer.chat(req))
+    async def chat_completions(req: ChatCompletionRequest, request: Request):
+        return await generate("chat", req, preparer.chat(req), request)
 
     @app.post("/v1/completions", response_model=Completion, responses={**_ERRORS, **_STREAMABLE})
-    async def completions(req: CompletionRequest):
-        return await generate("completion", req, preparer.completion(req))
+    async def completions(req: CompletionRequest, request: Request):
+        return await generate("completion", req, preparer.completion(req), request)
 
     # -- adapters --------------------------------------------------------------------------
     def card(entry) -> AdapterCard:

@@ -343,6 +343,11 @@ class Engine:
                     return
                 self._finish(job, Failed(exc))
                 continue
+            except Exception as exc:  # e.g. the adapter's files vanished since it was evicted
+                log.exception("could not load adapter %r", req.adapter)
+                self._finish(job, Failed(ApiError(500, f"could not load adapter '{req.adapter}': {exc}",
+                                                  code="adapter_load_failed")))
+                continue
             mixed = self.mixing and self.registry.mixable(req.adapter)
             key = MIXED if mixed else req.adapter
             group = self._groups.get(key)
