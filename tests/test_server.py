@@ -194,6 +194,8 @@ def test_sampling_parameters_accepted(http):
     r = chat(http, temperature=0.7, top_p=0.9, top_k=20, min_p=0.05, presence_penalty=0.5,
              frequency_penalty=0.2, repetition_penalty=1.1, seed=1)
     assert r.status_code == 200, r.text
+    r = chat(http, temperature=1.0, top_k=10**9, seed=3)  # more than the vocabulary: no cut
+    assert r.status_code == 200, r.text
 
 
 def test_logprobs_chat_and_completion(http):

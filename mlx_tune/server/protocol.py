@@ -112,7 +112,9 @@ class Preparer:
         temperature = 1.0 if req.temperature is None else req.temperature
         return GenRequest(
             prompt=prompt, adapter=adapter, max_tokens=max(1, limit), temperature=temperature,
-            top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0, min_p=req.min_p or 0.0,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=0 if not req.top_k or req.top_k >= self.vocab_size else req.top_k,  # k >= vocabulary: no cut
+            min_p=req.min_p or 0.0,
             stop=stops, seed=req.seed, logprobs=logprobs, logit_bias=bias,
             repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
             frequency_penalty=req.frequency_penalty,
