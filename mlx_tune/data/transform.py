@@ -217,25 +217,25 @@ def assign_splits(group_hashes, n_valid: int, n_test: int, seed: int):
     return assign
 
 
-def _norm(text: str) -> str:
-    return " ".join(text.split()).lower()
-
-
 def example_keys(ex: formats.Example, tools_text: Callable[[Any], str]) -> tuple[str, str]:
-    """``(record_key, prompt_key)``: normalised text identifying the record and its prompt."""
+    """``(record_key, prompt_key)``: normalised text identifying the record and its prompt.
+
+    NUL separates fields (it is not whitespace, so normalising cannot merge two fields).
+    """
     if ex.text is not None:
-        key = _norm(ex.text)
+        key = " ".join(ex.text.split()).lower()
         return key, key
-    parts = []
-    for m in ex.messages:
-        part = m["role"] + "\x1f" + _norm(m["content"])
-        if "tool_calls" in m:
-            part += "\x1f" + tools_text(m["tool_calls"])
-        parts.append(part)
-    prompt = "\x1e".join(parts[:-1])
+    messages = ex.messages
+    if len(messages) == 2 and not ex.calls and not ex.tools:  # the hot path: one user turn, one answer
+        prompt = messages[0]["role"] + "\0" + " ".join(messages[0]["content"].split()).lower()
+        return prompt + "\0\0assistant\0" + " ".join(messages[1]["content"].split()).lower(), prompt
+    parts = [m["role"] + "\0" + " ".join(m["content"].split()).lower() for m in ex.messages]
+    if ex.calls:
+        parts = [p + "\0" + tools_text(m["tool_calls"]) if "tool_calls" in m else p for p, m in zip(parts, ex.messages)]
+    prompt = "\0\0".join(parts[:-1])
     if ex.tools:
-        prompt += "\x1d" + tools_text(ex.tools)
-    return prompt + "\x1e" + parts[-1], prompt
+        prompt += "\0\0\0" + tools_text(ex.tools)
+    return prompt + "\0\0" + parts[-1], prompt
 
 
 def transform(
@@ -308,10 +308,10 @@ def transform(
 
 def _convert(inputs, out, tmp, to, valid_ratio, test_ratio, seed, mapping, system, strict,
              input_format, text_mode, max_record_bytes, tokenizer, max_seq_length, echo, np) -> dict:
-    encode = json.JSONEncoder(ensure_ascii=False).encode
+    dumps = formats.dumps_example
     tools_text = json.JSONEncoder(ensure_ascii=False, sort_keys=True).encode
     blake2b = hashlib.blake2b
-    to_example, render_fn = formats.to_example, formats.RENDERERS[to]
+    to_example = formats.to_example
     apply_map = formats.apply_map
     forced_shape = _mapped_shape(mapping)
     map_hits = [0] * len(mapping)
@@ -335,8 +335,8 @@ def _convert(inputs, out, tmp, to, valid_ratio, test_ratio, seed, mapping, syste
                     try:
                         if mapping:
                             value = apply_map(value, mapping, map_hits)
-                        ex = to_example(value, forced_shape if isinstance(value, dict) else None)
-                        data = (encode(render_fn(ex, system)) + "\n").encode("utf-8")
+                        ex = to_example(value, forced_shape)
+                        data = (dumps(ex, to, system) + "\n").encode("utf-8")
                         rkey, pkey = example_keys(ex, tools_text)
                     except RecordError as exc:
                         error = _explain_map(str(exc), mapping)
