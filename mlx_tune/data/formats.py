@@ -229,16 +229,18 @@ def _read_jsonl(stream, path, max_bytes: int, first_line: int = 1) -> Iterator[I
             continue  # blank lines are layout, not records
         try:
             value = loads(text)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             yield line_no, None, f"not valid JSON: {_json_reason(exc)}"
             continue
         yield line_no, value, None
 
 
-def _json_reason(exc: ValueError) -> str:
+def _json_reason(exc: Exception) -> str:
     if isinstance(exc, json.JSONDecodeError):
         return f"{exc.msg} at column {exc.colno}"
-    return str(exc)
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    return str(exc).split("\n")[0]
 
 
 class _TextBuffer:
@@ -282,8 +284,90 @@ class _TextBuffer:
                 return ""
 
 
-def _iter_json_array(tb: _TextBuffer, max_bytes: int) -> Iterator[Item]:
-    """Elements of the array whose '[' is at ``tb.pos``, decoded one at a time."""
+def _read_jsonl(stream, path, max_bytes: int, first_line: int = 1) -> Iterator[Item]:
+    loads = json.loads
+    line_no = first_line - 1
+    readline = stream.readline
+    while True:
+        raw = readline(max_bytes + 1)
+        if not raw:
+            return
+        line_no += 1
+        if len(raw) > max_bytes and not raw.endswith(b"\n"):
+            size = len(raw)
+            while raw and not raw.endswith(b"\n"):  # skip the rest of the line in bounded pieces
+                raw = readline(max_bytes)
+                size += len(raw)
+            yield line_no, None, f"line is {size} bytes, over the {max_bytes}-byte limit (--max-record-bytes)"
+            continue
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise _encoding_error(path, line_no, exc) from None
+        if not text.strip():
+            continue  # blank lines are layout, not records
+        try:
+            value = loads(text)
+        except (ValueError, RecursionError) as exc:
+            yield line_no, None, f"not valid JSON: {_json_reason(exc)}"
+            continue
+        yield line_no, value, None
+
+
+def _json_reason(exc: Exception) -> str:
+    if isinstance(exc, json.JSONDecodeError):
+        return f"{exc.msg} at column {exc.colno}"
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    return str(exc).split("\n")[0]
+
+
+class _TextBuffer:
+    """Decoded text read in chunks, with the line number of any position."""
+
+    CHUNK = 1 << 20
+
+    def __init__(self, read: Callable[[int], str] | None, text: str = "", path: Any = ""):
+        self.read, self.buf, self.path = read, text, path
+        self.pos, self.line, self.eof = 0, 1, read is None
+
+    def more(self) -> bool:
+        """Append a chunk (dropping what was consumed); False at end of file."""
+        if self.eof:
+            return False
+        try:
+            chunk = self.read(self.CHUNK)
+        except UnicodeDecodeError as exc:
+            raise _encoding_error(self.path, self.line + self.buf.count("\n", self.pos), exc) from None
+        if not chunk:
+            self.eof = True
+            return False
+        self.buf = self.buf[self.pos :] + chunk
+        self.pos = 0
+        return True
+
+    def advance(self, end: int) -> None:
+        self.line += self.buf.count("\n", self.pos, end)
+        self.pos = end
+
+    def skip_ws(self) -> str:
+        """The next non-whitespace character ('' at end of file), not consumed."""
+        while True:
+            buf, pos, n = self.buf, self.pos, len(self.buf)
+            while pos < n and buf[pos] in " \t\r\n":
+                pos += 1
+            self.advance(pos)
+            if pos < n:
+                return buf[pos]
+            if not self.more():
+                return ""
+
+
+def _iter_json_array(tb: _TextBuffer, max_bytes: int):
+    """Elements of the array whose '[' is at ``tb.pos``, decoded one at a time.
+
+    The generator returns True when the array closed cleanly, False after an error.
+    """
     decode = json.JSONDecoder().raw_decode
     tb.advance(tb.pos + 1)
     expect_value = True
@@ -292,14 +376,14 @@ def _iter_json_array(tb: _TextBuffer, max_bytes: int) -> Iterator[Item]:
         ch = tb.skip_ws()
         if ch == "":
             yield tb.line, None, "file ends before the closing ']' of the JSON array (truncated file?)"
-            return
+            return False
         if ch == "]" and (first or not expect_value):
             tb.advance(tb.pos + 1)
-            return
+            return True
         if not expect_value:
             if ch != ",":
                 yield tb.line, None, f"invalid JSON: expected ',' or ']' but found {ch!r}; the rest of the file was not read"
-                return
+                return False
             tb.advance(tb.pos + 1)
             expect_value = True
             continue
@@ -307,6 +391,9 @@ def _iter_json_array(tb: _TextBuffer, max_bytes: int) -> Iterator[Item]:
         while True:
             try:
                 value, end = decode(tb.buf, tb.pos)
+            except RecursionError:
+                yield start_line, None, "invalid JSON: nested too deeply; the rest of the file was not read"
+                return False
             except json.JSONDecodeError as exc:
                 # Maybe the element is cut by the chunk boundary: read on, within the limit.
                 if len(tb.buf) - tb.pos <= max_bytes and tb.more():
@@ -316,7 +403,7 @@ def _iter_json_array(tb: _TextBuffer, max_bytes: int) -> Iterator[Item]:
                 else:
                     reason = f"record over the {max_bytes}-byte limit or invalid JSON; the rest of the file was not read"
                 yield start_line, None, reason
-                return
+                return False
             if end == len(tb.buf) and tb.more():
                 continue  # a number or literal could go on in the next chunk
             break
@@ -338,7 +425,7 @@ def _read_json(stream, path, max_bytes: int) -> Iterator[Item]:
             if isinstance(json.loads(first_line.decode("utf-8")), dict):
                 yield from _read_jsonl(stream, path, max_bytes)
                 return
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             pass
     text = io.TextIOWrapper(stream, encoding="utf-8", newline="")
     tb = _TextBuffer(text.read, path=path)
@@ -346,8 +433,8 @@ def _read_json(stream, path, max_bytes: int) -> Iterator[Item]:
     if ch == "":
         return
     if ch == "[":
-        yield from _iter_json_array(tb, max_bytes)
-        yield from _trailing(tb)
+        if (yield from _iter_json_array(tb, max_bytes)):
+            yield from _trailing(tb)
         return
     # An object (or a bare value): small by nature, read whole.
     try:
@@ -359,10 +446,14 @@ def _read_json(stream, path, max_bytes: int) -> Iterator[Item]:
     except json.JSONDecodeError as exc:
         yield tb.line, None, f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
         return
+    except RecursionError:
+        yield tb.line, None, "not valid JSON: nested too deeply"
+        return
     if not isinstance(value, dict):
         yield tb.line, None, f"top-level JSON must be an array of records or an object, got {_type(value)}"
         return
-    lists = [k for k, v in value.items() if isinstance(v, list) and k not in _RECORD_FIELDS]
+    lists = [k for k, v in value.items()
+             if isinstance(v, list) and k not in _RECORD_FIELDS and any(isinstance(x, dict) for x in v)]
     if _guess_shape(value) is not None or not lists:
         start = tb.line
         tb.advance(end)
@@ -384,7 +475,8 @@ def _read_json(stream, path, max_bytes: int) -> Iterator[Item]:
         tb.skip_ws()
         tb.advance(tb.pos + 1)  # the ':'
         if tb.skip_ws() == "[" and key in lists:
-            yield from _iter_json_array(tb, max_bytes)
+            if not (yield from _iter_json_array(tb, max_bytes)):
+                return
         else:
             _, vend = decode(tb.buf, tb.pos)
             tb.advance(vend)
@@ -724,7 +816,7 @@ def _json_text(r: dict, key: str) -> Any:
     if isinstance(value, str):
         try:
             return json.loads(value)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise RecordError(f"field {key!r} holds text that is not valid JSON: {_json_reason(exc)}") from None
     return value
 
@@ -745,7 +837,7 @@ def detect_shape(record: Any) -> str:
         raise RecordError(f"record must be a JSON object, got {_type(record)}")
     shape = _guess_shape(record)
     if shape is None:
-        keys = ", ".join(sorted(map(str, record))[:8]) or "none"
+        keys = ", ".join(repr(k[:40]) for k in sorted(record)[:8]) or "none"
         raise RecordError(
             f"unknown record shape (fields: {keys}); expected messages, conversations, instruction/output, "
             "prompt/completion, question/answer or text (map other names with --map FIELD=SOURCE_FIELD)"
