@@ -418,3 +418,11 @@ def test_random_bytes_give_items_or_a_user_error(tmp_path, suffix, data):
     for line, value, error in got:
         assert isinstance(line, int) and line >= 1
         assert (value is None) != (error is None) or value is None and error
+
+
+def test_text_file_mode_limit_and_crlf(tmp_path):
+    p = tmp_path / "d.txt"
+    p.write_bytes("é" .encode() * 60 + b"\r\nend\r\n")
+    assert values(p, text_mode="file") == [{"text": "é" * 60 + "\nend"}]
+    assert "over the 100-byte limit" in items(p, text_mode="file", max_record_bytes=100)[0][2]
+    assert values(p) == [{"text": "é" * 60 + "\nend"}]

@@ -55,7 +55,6 @@ from __future__ import annotations
 import codecs
 import csv
 import gzip
-import io
 import json
 import zlib
 from pathlib import Path
@@ -243,83 +242,31 @@ def _json_reason(exc: Exception) -> str:
     return str(exc).split("\n")[0]
 
 
-class _TextBuffer:
-    """Decoded text read in chunks, with the line number of any position."""
+def _utf8_reader(stream, path) -> Callable[[int], str]:
+    """``read(n)``: the next ``n`` bytes of ``stream`` decoded, naming the line of bad UTF-8."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    newlines = 0  # in the bytes decoded so far
 
-    CHUNK = 1 << 20
-
-    def __init__(self, read: Callable[[int], str] | None, text: str = "", path: Any = ""):
-        self.read, self.buf, self.path = read, text, path
-        self.pos, self.line, self.eof = 0, 1, read is None
-
-    def more(self) -> bool:
-        """Append a chunk (dropping what was consumed); False at end of file."""
-        if self.eof:
-            return False
+    def read(n: int) -> str:
+        nonlocal newlines
+        raw = stream.read(n)
         try:
-            chunk = self.read(self.CHUNK)
-        except UnicodeDecodeError as exc:
-            raise _encoding_error(self.path, self.line + self.buf.count("\n", self.pos), exc) from None
-        if not chunk:
-            self.eof = True
-            return False
-        self.buf = self.buf[self.pos :] + chunk
-        self.pos = 0
-        return True
+            text = decoder.decode(raw, final=not raw)
+        except UnicodeDecodeError as exc:  # exc.object: undecoded bytes left over + raw
+            raise _encoding_error(path, newlines + exc.object[: exc.start].count(b"\n") + 1, exc) from None
+        newlines += raw.count(b"\n")
+        return text
 
-    def advance(self, end: int) -> None:
-        self.line += self.buf.count("\n", self.pos, end)
-        self.pos = end
-
-    def skip_ws(self) -> str:
-        """The next non-whitespace character ('' at end of file), not consumed."""
-        while True:
-            buf, pos, n = self.buf, self.pos, len(self.buf)
-            while pos < n and buf[pos] in " \t\r\n":
-                pos += 1
-            self.advance(pos)
-            if pos < n:
-                return buf[pos]
-            if not self.more():
-                return ""
+    return read
 
 
-def _read_jsonl(stream, path, max_bytes: int, first_line: int = 1) -> Iterator[Item]:
-    loads = json.loads
-    line_no = first_line - 1
-    readline = stream.readline
-    while True:
-        raw = readline(max_bytes + 1)
-        if not raw:
-            return
-        line_no += 1
-        if len(raw) > max_bytes and not raw.endswith(b"\n"):
-            size = len(raw)
-            while raw and not raw.endswith(b"\n"):  # skip the rest of the line in bounded pieces
-                raw = readline(max_bytes)
-                size += len(raw)
-            yield line_no, None, f"line is {size} bytes, over the {max_bytes}-byte limit (--max-record-bytes)"
-            continue
+def _utf8_lines(stream, path) -> Iterator[str]:
+    """Decoded lines of ``stream`` (line ends kept), naming the line of bad UTF-8."""
+    for line_no, raw in enumerate(stream, 1):
         try:
-            text = raw.decode("utf-8")
+            yield raw.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise _encoding_error(path, line_no, exc) from None
-        if not text.strip():
-            continue  # blank lines are layout, not records
-        try:
-            value = loads(text)
-        except (ValueError, RecursionError) as exc:
-            yield line_no, None, f"not valid JSON: {_json_reason(exc)}"
-            continue
-        yield line_no, value, None
-
-
-def _json_reason(exc: Exception) -> str:
-    if isinstance(exc, json.JSONDecodeError):
-        return f"{exc.msg} at column {exc.colno}"
-    if isinstance(exc, RecursionError):
-        return "nested too deeply"
-    return str(exc).split("\n")[0]
 
 
 class _TextBuffer:
@@ -335,10 +282,7 @@ class _TextBuffer:
         """Append a chunk (dropping what was consumed); False at end of file."""
         if self.eof:
             return False
-        try:
-            chunk = self.read(self.CHUNK)
-        except UnicodeDecodeError as exc:
-            raise _encoding_error(self.path, self.line + self.buf.count("\n", self.pos), exc) from None
+        chunk = self.read(self.CHUNK)
         if not chunk:
             self.eof = True
             return False
@@ -427,8 +371,8 @@ def _read_json(stream, path, max_bytes: int) -> Iterator[Item]:
                 return
         except (ValueError, UnicodeDecodeError, RecursionError):
             pass
-    text = io.TextIOWrapper(stream, encoding="utf-8", newline="")
-    tb = _TextBuffer(text.read, path=path)
+    read = _utf8_reader(stream, path)
+    tb = _TextBuffer(read, path=path)
     ch = tb.skip_ws()
     if ch == "":
         return
@@ -437,10 +381,7 @@ def _read_json(stream, path, max_bytes: int) -> Iterator[Item]:
             yield from _trailing(tb)
         return
     # An object (or a bare value): small by nature, read whole.
-    try:
-        tb.buf, tb.pos, tb.eof = tb.buf[tb.pos :] + text.read(), 0, True
-    except UnicodeDecodeError as exc:
-        raise _encoding_error(path, tb.line, exc) from None
+    tb.buf, tb.pos, tb.eof = tb.buf[tb.pos :] + "".join(iter(lambda: read(tb.CHUNK), "")), 0, True
     try:
         value, end = json.JSONDecoder().raw_decode(tb.buf, tb.pos)
     except json.JSONDecodeError as exc:
@@ -488,10 +429,9 @@ def _trailing(tb: _TextBuffer) -> Iterator[Item]:
 
 
 def _read_delimited(stream, path, max_bytes: int, delimiter: str) -> Iterator[Item]:
-    text = io.TextIOWrapper(stream, encoding="utf-8", newline="")
     if csv.field_size_limit() != max_bytes:
         csv.field_size_limit(max_bytes)
-    reader = csv.reader(text, delimiter=delimiter)
+    reader = csv.reader(_utf8_lines(stream, path), delimiter=delimiter)
 
     def next_row():
         try:
@@ -500,8 +440,6 @@ def _read_delimited(stream, path, max_bytes: int, delimiter: str) -> Iterator[It
             return None, None
         except csv.Error as exc:
             return [], f"unreadable row: {exc}"
-        except UnicodeDecodeError as exc:
-            raise _encoding_error(path, reader.line_num + 1, exc) from None
 
     header, error = next_row()
     if error:
@@ -537,33 +475,33 @@ def _read_delimited(stream, path, max_bytes: int, delimiter: str) -> Iterator[It
 
 
 def _read_text(stream, path, mode: str, max_bytes: int) -> Iterator[Item]:
-    text = io.TextIOWrapper(stream, encoding="utf-8", newline=None)
-    line_no = 0
-    try:
-        if mode == "file":
-            body = text.read(max_bytes + 1)
-            if len(body) > max_bytes:
+    if mode == "file":
+        read = _utf8_reader(stream, path)
+        parts, size = [], 0
+        while chunk := read(1 << 20):
+            parts.append(chunk)
+            size += len(chunk.encode("utf-8", "surrogatepass"))
+            if size > max_bytes:
                 yield 1, None, f"file is over the {max_bytes}-byte limit for one record (--max-record-bytes)"
-            elif body.strip():
-                yield 1, {"text": body.strip("\n")}, None
-            return
-        block: list[str] = []
-        size, start = 0, 0
-        for line in text:
-            line_no += 1
-            if line.strip():
-                if not block:
-                    start = line_no
-                block.append(line)
-                size += len(line)
-                continue
-            if block:
-                yield _text_block(block, size, start, max_bytes)
-                block, size = [], 0
+                return
+        body = "".join(parts).replace("\r\n", "\n")
+        if body.strip():
+            yield 1, {"text": body.strip("\n")}, None
+        return
+    block: list[str] = []
+    size, start = 0, 0
+    for line_no, line in enumerate(_utf8_lines(stream, path), 1):
+        if line.strip():
+            if not block:
+                start = line_no
+            block.append(line[:-2] + "\n" if line.endswith("\r\n") else line)
+            size += len(line)
+            continue
         if block:
             yield _text_block(block, size, start, max_bytes)
-    except UnicodeDecodeError as exc:
-        raise _encoding_error(path, line_no + 1, exc) from None
+            block, size = [], 0
+    if block:
+        yield _text_block(block, size, start, max_bytes)
 
 
 def _text_block(block: list[str], size: int, start: int, max_bytes: int) -> Item:
