@@ -30,6 +30,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -238,63 +239,90 @@ def example_keys(ex: formats.Example, tools_text: Callable[[Any], str]) -> tuple
     return prompt + "\0\0" + parts[-1], prompt
 
 
+@dataclass(frozen=True)
+class Options:
+    """Every setting of a conversion (the CLI flags, one field each)."""
+
+    to: str = "chat"
+    valid_ratio: float = 0.1
+    test_ratio: float = 0.1
+    seed: int = 0
+    mapping: tuple = ()  # ((FIELD, [SOURCE, path, parts]), ...) from parse_map
+    system: str | None = None
+    strict: bool = False
+    force: bool = False
+    input_format: str | None = None  # None: from each file's suffix
+    text_mode: str = "blocks"
+    max_record_bytes: int = formats.MAX_RECORD_BYTES
+    max_seq_length: int | None = None
+
+    def check(self) -> None:
+        if self.to not in formats.RENDERERS:
+            raise UserError(f"--to {self.to!r}: use one of {', '.join(formats.TRAINER_FORMATS)}")
+        _check_ratios(self.valid_ratio, self.test_ratio)
+        if self.system is not None and self.to != "chat":
+            raise UserError("--system adds a system message to chats; it needs --to chat")
+        if self.system is not None and not self.system.strip():
+            raise UserError("--system is empty; give the system message text")
+        if self.max_record_bytes <= 0:
+            raise UserError(f"--max-record-bytes {self.max_record_bytes}: must be positive")
+
+
+@dataclass
+class _Pass1:
+    """What reading and converting every input left behind (the spool holds the lines)."""
+
+    read: int = 0
+    skipped: list = field(default_factory=list)
+    shapes: dict = field(default_factory=dict)
+    files: list = field(default_factory=list)
+    record_hashes: bytearray = field(default_factory=bytearray)  # 8 bytes per converted record
+    prompt_hashes: bytearray = field(default_factory=bytearray)
+    map_hits: list = field(default_factory=list)
+
+
 def transform(
     inputs: list[str | os.PathLike],
     out_dir: str | os.PathLike,
     *,
-    to: str = "chat",
-    valid_ratio: float = 0.1,
-    test_ratio: float = 0.1,
-    seed: int = 0,
-    mapping: list[tuple[str, list[str]]] = (),
-    system: str | None = None,
-    strict: bool = False,
-    force: bool = False,
-    input_format: str | None = None,
-    text_mode: str = "blocks",
-    max_record_bytes: int = formats.MAX_RECORD_BYTES,
     tokenizer: Any = None,
-    max_seq_length: int | None = None,
     echo: Callable[[str], None] | None = None,
+    **options: Any,
 ) -> dict:
     """Convert ``inputs`` into ``out_dir``; return the report (also written as report.json).
 
-    Raises ``UserError`` (exit 2) when nothing is usable, with ``strict`` and any bad
-    record, or for an unreadable input or an occupied ``out_dir`` without ``force``.
-    Bad records are echoed as ``file:line: reason`` through ``echo`` (stderr by default).
+    ``options`` are the fields of ``Options``. Raises ``UserError`` (exit 2) when nothing
+    is usable, with ``strict`` and any bad record, or for an unreadable input or an
+    occupied ``out_dir`` without ``force``; then nothing in ``out_dir`` changes. Bad
+    records are echoed as ``file:line: reason`` through ``echo`` (stderr by default).
     """
-    import numpy as np
-
+    opts = Options(**{**options, "mapping": tuple(options.get("mapping", ()))})
+    opts.check()
     echo = echo or (lambda line: print(line, file=sys.stderr))
-    if to not in formats.RENDERERS:
-        raise UserError(f"--to {to!r}: use one of {', '.join(formats.TRAINER_FORMATS)}")
-    _check_ratios(valid_ratio, test_ratio)
-    if system is not None and to != "chat":
-        raise UserError("--system adds a system message to chats; it needs --to chat")
-    if system is not None and not system.strip():
-        raise UserError("--system is empty; give the system message text")
-    if max_record_bytes <= 0:
-        raise UserError(f"--max-record-bytes {max_record_bytes}: must be positive")
     if not inputs:
         raise UserError("no input files given")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: is a file; give a folder")
     existing = [name for name in OUTPUTS if (out / name).exists()]
-    if existing and not force:
+    if existing and not opts.force:
         raise UserError(f"--out {out}: already holds {', '.join(existing)}; pass --force to overwrite")
     for path in inputs:  # fail on a missing file before reading gigabytes of the others
         if not Path(path).exists():
             raise UserError(f"{path}: no such file")
-        if input_format is None:
+        if opts.input_format is None:
             formats.file_type(path)
 
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    # Everything is written next to its final place, then moved in with os.replace.
     tmp = Path(tempfile.mkdtemp(prefix=".data_transform-", dir=out))
     try:
-        report = _convert(inputs, out, tmp, to, valid_ratio, test_ratio, seed, list(mapping), system, strict,
-                          input_format, text_mode, max_record_bytes, tokenizer, max_seq_length, echo, np)
+        spool = tmp / "spool.jsonl"
+        with open(spool, "wb") as f:
+            p1 = _read_and_convert(inputs, opts, f.write)
+        _check_usable(p1, inputs, opts, out, echo)
+        report = _dedup_split_write(p1, spool, tmp, opts, tokenizer)
         for name in OUTPUTS:
             os.replace(tmp / name, out / name)
         return report
@@ -306,88 +334,89 @@ def transform(
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _convert(inputs, out, tmp, to, valid_ratio, test_ratio, seed, mapping, system, strict,
-             input_format, text_mode, max_record_bytes, tokenizer, max_seq_length, echo, np) -> dict:
-    dumps = formats.dumps_example
+def _read_and_convert(inputs, opts: Options, write: Callable[[bytes], Any]) -> _Pass1:
+    """Pass 1: every record read, mapped, validated, converted and spooled (or skipped)."""
+    p1 = _Pass1(map_hits=[0] * len(opts.mapping))
+    # Hot loop: bind everything it calls to locals.
+    dumps, to_example, apply_map = formats.dumps_example, formats.to_example, formats.apply_map
     tools_text = json.JSONEncoder(ensure_ascii=False, sort_keys=True).encode
     blake2b = hashlib.blake2b
-    to_example = formats.to_example
-    apply_map = formats.apply_map
+    to, system, mapping, map_hits = opts.to, opts.system, list(opts.mapping), p1.map_hits
     forced_shape = _mapped_shape(mapping)
-    map_hits = [0] * len(mapping)
+    shapes, skipped = p1.shapes, p1.skipped
+    record_hashes, prompt_hashes = p1.record_hashes, p1.prompt_hashes
+    for path in inputs:
+        file_read = 0
+        fmt = opts.input_format or formats.file_type(path)
+        for line, value, error in formats.read_records(
+            path, fmt, text_mode=opts.text_mode, max_record_bytes=opts.max_record_bytes
+        ):
+            file_read += 1
+            if error is None:
+                try:
+                    if mapping:
+                        value = apply_map(value, mapping, map_hits)
+                    ex = to_example(value, forced_shape)
+                    data = (dumps(ex, to, system) + "\n").encode("utf-8")
+                    rkey, pkey = example_keys(ex, tools_text)
+                except RecordError as exc:
+                    error = _explain_map(str(exc), mapping)
+                except UnicodeEncodeError:
+                    error = "text holds an unpaired surrogate (invalid Unicode escape)"
+                except RecursionError:
+                    error = "JSON nested too deeply"
+                else:
+                    write(data)
+                    record_hashes += blake2b(rkey.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+                    prompt_hashes += blake2b(pkey.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+                    shapes[ex.shape] = shapes.get(ex.shape, 0) + 1
+                    continue
+            skipped.append({"file": str(path), "line": line, "reason": error})
+        p1.read += file_read
+        p1.files.append({"file": str(path), "format": fmt, "read": file_read})
+    return p1
 
-    read = 0
-    skipped: list[dict] = []
-    shapes: dict[str, int] = {}
-    files = []
-    record_hashes, prompt_hashes = bytearray(), bytearray()
-    spool_path = tmp / "spool.jsonl"
-    with open(spool_path, "wb") as spool:
-        write = spool.write
-        for path in inputs:
-            file_read = 0
-            fmt = input_format or formats.file_type(path)
-            for line, value, error in formats.read_records(
-                path, fmt, text_mode=text_mode, max_record_bytes=max_record_bytes
-            ):
-                file_read += 1
-                if error is None:
-                    try:
-                        if mapping:
-                            value = apply_map(value, mapping, map_hits)
-                        ex = to_example(value, forced_shape)
-                        data = (dumps(ex, to, system) + "\n").encode("utf-8")
-                        rkey, pkey = example_keys(ex, tools_text)
-                    except RecordError as exc:
-                        error = _explain_map(str(exc), mapping)
-                    except UnicodeEncodeError:
-                        error = "text holds an unpaired surrogate (invalid Unicode escape)"
-                    except RecursionError:
-                        error = "JSON nested too deeply"
-                    else:
-                        write(data)
-                        record_hashes += blake2b(rkey.encode("utf-8", "surrogatepass"), digest_size=8).digest()
-                        prompt_hashes += blake2b(pkey.encode("utf-8", "surrogatepass"), digest_size=8).digest()
-                        shapes[ex.shape] = shapes.get(ex.shape, 0) + 1
-                        continue
-                skipped.append({"file": str(path), "line": line, "reason": error})
-            read += file_read
-            files.append({"file": str(path), "format": fmt, "read": file_read})
 
-    names = ", ".join(str(p) for p in inputs)
-    shown = len(skipped) if strict else min(len(skipped), SHOWN_ERRORS)
+def _check_usable(p1: _Pass1, inputs, opts: Options, out: Path, echo) -> None:
+    """Echo the bad records; raise for an empty input, --strict, or nothing usable."""
+    skipped = p1.skipped
+    shown = len(skipped) if opts.strict else min(len(skipped), SHOWN_ERRORS)
     for s in skipped[:shown]:
         echo(f"{s['file']}:{s['line']}: {s['reason']}")
     if shown < len(skipped):
         echo(f"... and {len(skipped) - shown} more bad records (all listed in {out / 'report.json'})")
-    for (target, source), hits in zip(mapping, map_hits):
+    for (target, source), hits in zip(opts.mapping, p1.map_hits):
         if not hits:
             echo(f"warning: --map {target}={'.'.join(source)}: no record has field {'.'.join(source)!r}")
-    if read == 0:
+    names = ", ".join(str(p) for p in inputs)
+    if p1.read == 0:
         raise UserError(f"no records in {names} (empty input)")
-    if strict and skipped:
-        raise UserError(f"--strict: {len(skipped)} of {read} records are bad (listed above); nothing was written")
-    n = len(record_hashes) // 8
-    if n == 0:
-        raise UserError(f"no usable record in {names}: all {read} records were skipped (reasons above)")
+    if opts.strict and skipped:
+        raise UserError(f"--strict: {len(skipped)} of {p1.read} records are bad (listed above); nothing was written")
+    if not p1.record_hashes:
+        raise UserError(f"no usable record in {names}: all {p1.read} records were skipped (reasons above)")
 
-    # Dedup: first occurrence of each record hash survives.
-    rh = np.frombuffer(bytes(record_hashes), dtype=np.uint64)
-    _, first = np.unique(rh, return_index=True)
-    first.sort()
+
+def _dedup_split_write(p1: _Pass1, spool: Path, tmp: Path, opts: Options, tokenizer: Any) -> dict:
+    """Passes 2-4 of the module doc: dedup, split, copy the spool into the split files."""
+    import numpy as np
+
+    n = len(p1.record_hashes) // 8
+    _, first = np.unique(np.frombuffer(bytes(p1.record_hashes), dtype=np.uint64), return_index=True)
+    first.sort()  # the first occurrence of each record survives, in input order
     duplicates = n - len(first)
-    ph = np.frombuffer(bytes(prompt_hashes), dtype=np.uint64)[first]
-    n_valid, n_test = split_sizes(len(first), valid_ratio, test_ratio)
+    prompts = np.frombuffer(bytes(p1.prompt_hashes), dtype=np.uint64)[first]
+    n_valid, n_test = split_sizes(len(first), opts.valid_ratio, opts.test_ratio)
     dest = np.full(n, 3, dtype=np.uint8)  # 3: a duplicate, not written
-    dest[first] = assign_splits(ph, n_valid, n_test, seed)
+    dest[first] = assign_splits(prompts, n_valid, n_test, opts.seed)
 
     counts = [0, 0, 0]
     lengths: list[int] = []
     outs = [open(tmp / f"{s}.jsonl", "wb") for s in SPLITS]
     try:
         writers = [f.write for f in outs]
-        with open(spool_path, "rb") as spool:
-            for data, d in zip(spool, dest.tobytes()):
+        with open(spool, "rb") as f:
+            for data, d in zip(f, dest.tobytes()):
                 if d < 3:
                     writers[d](data)
                     counts[d] += 1
@@ -396,24 +425,24 @@ def _convert(inputs, out, tmp, to, valid_ratio, test_ratio, seed, mapping, syste
     finally:
         for f in outs:
             f.close()
-    os.remove(spool_path)
+    spool.unlink()
 
     report: dict[str, Any] = {
-        "read": read,
+        "read": p1.read,
         "written": dict(zip(SPLITS, counts)),
-        "skipped": skipped,
+        "skipped": p1.skipped,
         "duplicates": duplicates,
-        "to": to,
-        "seed": seed,
-        "valid_ratio": valid_ratio,
-        "test_ratio": test_ratio,
-        "inputs": files,
-        "shapes": dict(sorted(shapes.items())),
+        "to": opts.to,
+        "seed": opts.seed,
+        "valid_ratio": opts.valid_ratio,
+        "test_ratio": opts.test_ratio,
+        "inputs": p1.files,
+        "shapes": dict(sorted(p1.shapes.items())),
     }
     if tokenizer is not None:
-        report["tokens"] = length_stats(lengths, max_seq_length)
-    if counts[0] + counts[1] + counts[2] + len(skipped) + duplicates != read:  # a bug, never the user's
-        raise RuntimeError(f"record accounting is off: {report['written']} + {len(skipped)} + {duplicates} != {read}")
+        report["tokens"] = length_stats(lengths, opts.max_seq_length)
+    if sum(counts) + len(p1.skipped) + duplicates != p1.read:  # a bug, never the user's
+        raise RuntimeError(f"record accounting is off: {counts} + {len(p1.skipped)} + {duplicates} != {p1.read}")
     (tmp / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return report
 
