@@ -233,6 +233,13 @@ def test_json_array_object_single_record_and_jsonl_named_json(tmp_path):
     assert values(tmp_path / "l.json") == recs
     (tmp_path / "e.json").write_text("  \n")
     assert items(tmp_path / "e.json") == []
+    # JSON Lines whose first line is too long to sniff, and concatenated pretty objects.
+    long = [{"text": "x" * 70000}, {"text": "y"}]
+    (tmp_path / "long.json").write_text("\n".join(json.dumps(r) for r in long) + "\n{bad\n")
+    got = items(tmp_path / "long.json")
+    assert [v for _, v, _ in got[:2]] == long and got[2][0] == 3 and "not valid JSON" in got[2][2]
+    (tmp_path / "cat.json").write_text(json.dumps(recs[0], indent=1) + "\n" + json.dumps(recs[1], indent=1))
+    assert items(tmp_path / "cat.json") == [(1, recs[0], None), (4, recs[1], None)]
 
 
 @pytest.mark.parametrize(

@@ -135,7 +135,7 @@ def _open(path: str | Path):
     """
     path = Path(path)
     try:
-        raw = open(path, "rb")
+        raw = open(path, "rb", buffering=1 << 16)  # peek() below sees up to 64 KiB
     except IsADirectoryError:
         raise UserError(f"{path}: is a folder; give the data files inside it") from None
     except OSError as exc:
@@ -204,9 +204,9 @@ def read_jsonl_records(path: str | Path, *, max_record_bytes: int = MAX_RECORD_B
     return read_records(path, "jsonl", max_record_bytes=max_record_bytes)
 
 
-def _read_jsonl(stream, path, max_bytes: int, first_line: int = 1) -> Iterator[Item]:
+def _read_jsonl(stream, path, max_bytes: int) -> Iterator[Item]:
     loads = json.loads
-    line_no = first_line - 1
+    line_no = 0
     readline = stream.readline
     while True:
         raw = readline(max_bytes + 1)
@@ -395,14 +395,20 @@ def _read_json(stream, path, max_bytes: int) -> Iterator[Item]:
         return
     lists = [k for k, v in value.items()
              if isinstance(v, list) and k not in _RECORD_FIELDS and any(isinstance(x, dict) for x in v)]
-    if _guess_shape(value) is not None or not lists:
-        start = tb.line
-        tb.advance(end)
+    start = tb.line
+    tb.advance(end)
+    if tb.skip_ws() != "":
+        # Several top-level values: JSON Lines (or concatenated objects) named .json.
         yield start, value, None
-        yield from _trailing(tb)
+        yield from _concatenated(tb)
         return
+    if _guess_shape(value) is not None or not lists:
+        yield start, value, None
+        return
+    tb.pos, tb.line = 0, 1
     # {"data": [...], ...}: every member array holds records; re-scan for line numbers.
     decode = json.JSONDecoder().raw_decode
+    tb.skip_ws()
     tb.advance(tb.pos + 1)
     while True:
         ch = tb.skip_ws()
@@ -421,6 +427,22 @@ def _read_json(stream, path, max_bytes: int) -> Iterator[Item]:
         else:
             _, vend = decode(tb.buf, tb.pos)
             tb.advance(vend)
+
+
+def _concatenated(tb: _TextBuffer) -> Iterator[Item]:
+    """Top-level values one after another; a bad one is skipped up to the next line."""
+    decode = json.JSONDecoder().raw_decode
+    while tb.skip_ws() != "":
+        start = tb.line
+        try:
+            value, end = decode(tb.buf, tb.pos)
+        except (json.JSONDecodeError, RecursionError) as exc:
+            yield start, None, f"not valid JSON: {_json_reason(exc)}"
+            nl = tb.buf.find("\n", tb.pos)
+            tb.advance(len(tb.buf) if nl < 0 else nl + 1)
+            continue
+        tb.advance(end)
+        yield start, value, None
 
 
 def _trailing(tb: _TextBuffer) -> Iterator[Item]:
