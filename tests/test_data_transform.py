@@ -375,3 +375,43 @@ def test_mlx_tune_data_subcommand(tmp_path):
     assert cli_main(["data", str(src), "--out", str(tmp_path / "out"), "--to", "text"]) == 0
     assert sum(len(read_split(tmp_path / "out", s)) for s in SPLITS) == 3
     assert cli_main(["data", str(src), "--out", str(tmp_path / "out")]) == 2
+
+
+# --------------------------------------------------------------------------- the demo dataset
+
+
+def test_demo_dataset_is_reproducible_clean_and_held_out(tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import make_demo_data
+    finally:
+        sys.path.pop(0)
+    assert make_demo_data.main(["--out", str(tmp_path)]) == 0
+    for rel in ("demo_raw/reviews.jsonl", "demo_prompts.jsonl"):  # the committed files are the script's output
+        assert (tmp_path / rel).read_bytes() == (ROOT / "data" / rel).read_bytes(), rel
+    raw = ROOT / "data" / "demo_raw" / "reviews.jsonl"
+    assert raw.stat().st_size < 300_000
+    report = transform([raw], tmp_path / "demo", strict=True)
+    assert report["skipped"] == [] and report["written"]["train"] >= 300
+    train = read_split(tmp_path / "demo", "train")
+    answers = {r["messages"][-1]["content"] for r in train}
+    assert answers == {'{"sentiment": "positive"}', '{"sentiment": "negative"}'}
+    prompts = [json.loads(line) for line in (ROOT / "data" / "demo_prompts.jsonl").read_text().splitlines()]
+    assert 30 <= len(prompts) <= 50
+    seen = {r["messages"][0]["content"] for s in SPLITS for r in read_split(tmp_path / "demo", s)}
+    for row in prompts:
+        assert row["match"] == "exact" and row["expected"] in answers
+        assert row["messages"][0]["content"] not in seen, "a held-out prompt is in the training data"
+
+
+@pytest.mark.slow
+def test_demo_examples_fit_128_smollm2_tokens(tmp_path):
+    model = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not model.is_file():
+        pytest.skip(f"demo model not present at {model}")
+    pytest.importorskip("mlx_tune.loading", reason="the model loader is not in this checkout")
+    from mlx_tune.data.transform import load_tokenizer
+
+    raw = ROOT / "data" / "demo_raw" / "reviews.jsonl"
+    report = transform([raw], tmp_path / "demo", tokenizer=load_tokenizer(str(model)), max_seq_length=128)
+    assert report["tokens"]["truncated"] == 0 and report["tokens"]["max"] <= 128

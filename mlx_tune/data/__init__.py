@@ -6,21 +6,27 @@ The trainer reads its JSONL through ``formats`` too, so both agree on every reco
 """
 
 from .formats import (
+    TRAINER_FORMATS,
+    Dataset,
     Example,
     RecordError,
-    TRAINER_FORMATS,
+    check_messages,
     detect_format,
     detect_shape,
     read_dataset,
     read_jsonl_records,
     read_records,
+    dumps_example,
     render,
     to_example,
     validate_record,
 )
 
 __all__ = [
+    "Dataset",
     "Example",
+    "check_messages",
+    "dumps_example",
     "RecordError",
     "TRAINER_FORMATS",
     "detect_format",
