@@ -3,12 +3,14 @@
 This module is the one definition of a valid record: ``data_transform.py`` uses it to
 convert raw data and the trainer uses it to read the JSONL it trains on.
 
-Files (``read_records``; every reader streams, memory does not grow with the file):
+Files (``read_records``; the readers stream, so memory does not grow with the file,
+except for a top-level JSON object, which is read whole):
 
-* ``.jsonl`` / ``.ndjson``: one JSON object per line.
+* ``.jsonl`` / ``.ndjson``: one JSON object per line; a line longer than
+  ``max_record_bytes`` is skipped without being held in memory.
 * ``.json``: an array of records (streamed element by element), an object holding
-  arrays of records (``{"data": [...]}``; loaded whole), one record, or JSONL that
-  happens to be named ``.json``.
+  arrays of records (``{"data": [...]}``), one record, or JSON Lines / concatenated
+  objects that happen to be named ``.json``.
 * ``.csv`` / ``.tsv``: a header row, then one record per row (RFC 4180 quoting, so
   fields may hold commas and newlines).
 * ``.txt`` / ``.md``: ``{"text": block}`` per blank-line separated block, or the whole
@@ -45,9 +47,13 @@ comes only first, user and assistant turns alternate (tool results follow an
 assistant tool call and precede an assistant turn), and the last turn is the
 assistant's. Problems raise ``RecordError`` with a one-line reason.
 
-The trainer's entry point is ``read_dataset(path)``: it reads a JSONL file, checks every
-record, converts all of them to one trainer format and raises a ``UserError`` listing
-``file:line: reason`` for the bad ones.
+The trainer's entry point is ``read_dataset(path, to=None)``: it reads a JSONL file,
+checks every record, converts all of them to one trainer format (by default the first
+record's, see ``detect_format``) and raises a ``UserError`` listing ``file:line: reason``
+for the bad ones. Lower level, the same check line by line::
+
+    for line, value, error in read_jsonl_records(path):
+        reason = error or validate_record(value)   # None: a valid record
 """
 
 from __future__ import annotations
