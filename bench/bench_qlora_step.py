@@ -169,6 +169,13 @@ def start(variant: str, batch: int, seq: int, blocks: int | None = None) -> tupl
     return trainer, mx.get_peak_memory() - resident, first
 
 
+def _load() -> str:
+    try:
+        return " ".join(f"{v:.1f}" for v in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="1 timed step each; rival from 1 and 2 blocks")
@@ -184,7 +191,7 @@ def main(argv=None) -> int:
     steps = 1 if args.quick else args.steps
     lora_name, _ = _lora_factory()
     print(f"SmolLM2-135M, LoRA r={RANK} all-linear x 30 blocks, batch {args.batch} x {args.seq}, AdamW; "
-          f"device {mx.default_device()}; LoRA layer: {lora_name}", flush=True)
+          f"device {mx.default_device()}; LoRA layer: {lora_name}; load average {_load()}", flush=True)
 
     # (a) and (b) live side by side and alternate steps, so load from other processes on
     # this shared machine hits both alike; peaks are taken in each one's first step.
@@ -241,6 +248,8 @@ def main(argv=None) -> int:
          "rival": f"fp32 dense base: {b['peak_bytes'] / 2**20:.0f} MiB vs 4-bit {a['peak_bytes'] / 2**20:.0f} MiB",
          "pass": mem_ratio < 1.0},
     ]
+    print(f"load average at the end {_load()} (this machine has {os.cpu_count()} cores, shared: a loaded "
+          "machine slows multi-threaded sgemm more than single-threaded quantized_matmul)")
     text = json.dumps(targets, indent=2)
     print(text)
     if args.json:

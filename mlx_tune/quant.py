@@ -194,16 +194,22 @@ def dequant_matmul(kind: str, *static) -> Callable:
     """
     dequant = DEQUANT[kind]
 
+    def compute_dtype(x):
+        # fp32 sgemm on the CPU (fast there, and exact); the activations' dtype on GPUs.
+        return mx.float32 if on_cpu() else x.dtype
+
     @mx.custom_function
     def f(x, *storage):
-        w = dequant(*mx.depends(list(storage), [x]), *static)
-        return (x.astype(mx.float32) @ w.T).astype(x.dtype)
+        dt = compute_dtype(x)
+        w = dequant(*mx.depends(list(storage), [x]), *static).astype(dt)
+        return (x.astype(dt) @ w.T).astype(x.dtype)
 
     @f.vjp
     def f_vjp(primals, cotangent, output):
         x, *storage = primals
-        w = dequant(*mx.depends(storage, [cotangent]), *static)
-        dx = (cotangent.astype(mx.float32) @ w).astype(x.dtype)
+        dt = compute_dtype(x)
+        w = dequant(*mx.depends(storage, [cotangent]), *static).astype(dt)
+        dx = (cotangent.astype(dt) @ w).astype(x.dtype)
         return (dx, *(mx.zeros_like(a) for a in storage))
 
     return f
