@@ -25,8 +25,8 @@ from mlx.utils import tree_flatten
 from .attention import _cpu_streams, _nullctx, hidden_states, lm_head, on_cpu
 
 # Logit elements per chunk: 2**23 float32 is 32 MB (~170 tokens of a 49k vocabulary).
-# Measured peak of the loss is about 4 such buffers per chunk in flight, with up to
-# two chunks in flight per stream: ~10 x 32 MB, whatever the number of tokens.
+# Measured peak of the loss and its gradient: 11-13 chunk-sized buffers (4 per chunk,
+# two or three chunks in flight), whatever the number of tokens: ~400 MB here.
 CHUNK_ELEMENTS = 1 << 23
 CPU_STREAMS = 2
 
