@@ -37,7 +37,7 @@ ARCHITECTURES = {
 _NEEDED = ("q_proj", "k_proj", "v_proj", "o_proj", "rope", "n_heads", "n_kv_heads", "scale")
 
 # CPU levers (module level so benchmarks and tests can turn them off).
-CPU_BLOCK = 128
+CPU_BLOCK: Optional[int] = None  # query/key block; None: L / 8, at least 64
 CPU_STREAMS = 2
 _streams: list = []
 
@@ -58,15 +58,18 @@ def on_cpu() -> bool:
 
 
 def block_causal_attention(q, k, v, scale: float, mask: Optional[mx.array] = None,
-                           block: int = CPU_BLOCK, streams: int = CPU_STREAMS) -> mx.array:
+                           block: Optional[int] = None, streams: Optional[int] = None) -> mx.array:
     """Exact causal softmax(q k^T * scale + mask) v, skipping key blocks above the diagonal.
 
     q: (B, H, L, D); k, v: (B, Hkv, L, D) with H a multiple of Hkv (grouped queries);
     mask: None (causal only) or a boolean (B or 1, 1, L, L) with the causal part included.
-    Query block i (rows i*bq..) scores keys 0..(i+1)*bq only. Blocks are dealt out to
+    Query block i (rows i*bq..) scores keys 0..(i+1)*bq only: with n blocks,
+    (n + 1) / 2n of the scores and their exps. The blocks' softmaxes are dealt out to
     ``streams`` CPU streams balancing their cost (block i costs i + 1).
     """
     B, H, L, D = q.shape
+    block = block or CPU_BLOCK or max(64, -(-L // 8))
+    streams = streams or CPU_STREAMS
     Hkv = k.shape[1]
     G = H // Hkv
     q = (q * scale).reshape(B, Hkv, G, L, D)
@@ -76,7 +79,7 @@ def block_causal_attention(q, k, v, scale: float, mask: Optional[mx.array] = Non
     bounds = [(i * block, min(L, (i + 1) * block)) for i in range(n)]
 
     # Greedy balance: biggest blocks first, each to the least loaded stream.
-    lanes = _cpu_streams(streams) if streams > 1 else [None]
+    lanes = ([None] + _cpu_streams(streams - 1)) if streams > 1 else [None]
     load = [0] * len(lanes)
     lane_of = {}
     for i in reversed(range(n)):
@@ -87,10 +90,11 @@ def block_causal_attention(q, k, v, scale: float, mask: Optional[mx.array] = Non
     outs = [None] * n
     for i, (s, e) in enumerate(bounds):
         lane = lanes[lane_of[i]]
-        ctx = mx.stream(lane) if lane is not None else _nullctx()
-        with ctx:
-            qi = q[:, :, :, s:e, :].reshape(B, Hkv, G * (e - s), D)
-            scores = (qi @ k[:, :, :e, :].swapaxes(-1, -2)).reshape(B, Hkv, G, e - s, e)
+        qi = q[:, :, :, s:e, :].reshape(B, Hkv, G * (e - s), D)
+        scores = (qi @ k[:, :, :e, :].swapaxes(-1, -2)).reshape(B, Hkv, G, e - s, e)
+        # Only the elementwise softmax goes to the lane: matmuls stay on the default
+        # stream (BLAS is multi-threaded already; two concurrent sgemms fight for cores).
+        with mx.stream(lane) if lane is not None else _nullctx():
             if mask is None:
                 # Only the diagonal block holds masked entries.
                 allowed = mx.arange(s, e)[:, None] >= mx.arange(e)[None, :]
@@ -98,7 +102,7 @@ def block_causal_attention(q, k, v, scale: float, mask: Optional[mx.array] = Non
                 allowed = mask[:, :, s:e, :e][:, :, None]  # (B, 1, 1, bq, e)
             scores = mx.where(allowed, scores, mx.array(-mx.inf, scores.dtype))
             p = mx.softmax(scores, axis=-1, precise=True).reshape(B, Hkv, G * (e - s), e)
-            outs[i] = (p @ v[:, :, :e, :]).reshape(B, Hkv, G, e - s, D)
+        outs[i] = (p @ v[:, :, :e, :]).reshape(B, Hkv, G, e - s, D)
     out = outs[0] if n == 1 else mx.concatenate(outs, axis=3)
     return out.reshape(B, H, L, D)
 

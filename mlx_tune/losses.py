@@ -46,7 +46,7 @@ def head_is_trainable(model) -> bool:
 
 def _lanes(n_chunks: int):
     if on_cpu() and CPU_STREAMS > 1 and n_chunks > 1:
-        return _cpu_streams(CPU_STREAMS)
+        return [None] + _cpu_streams(CPU_STREAMS - 1)
     return [None]
 
 
@@ -62,8 +62,9 @@ def _fused_ce(head, h, targets, mask, chunk: int):
         prev = last.get(lane)
         if prev is not None:  # free the previous chunk on this lane before making this one
             hc = mx.depends(hc, prev)
+        logits = head(hc).astype(mx.float32)
+        # The elementwise work goes to the lane, the matmuls stay on the default stream.
         with mx.stream(lane) if lane is not None else _nullctx():
-            logits = head(hc).astype(mx.float32)
             top = mx.stop_gradient(logits.max(axis=-1, keepdims=True))
             tgt = mx.take_along_axis(logits, tc[:, None], axis=-1)
             ex = mx.exp(logits - top)  # the one exp over the chunk's logits
@@ -73,7 +74,7 @@ def _fused_ce(head, h, targets, mask, chunk: int):
             g = ex * (mc[:, None] / z)
             g = mx.put_along_axis(g, tc[:, None], mx.take_along_axis(g, tc[:, None], axis=-1) - mc[:, None], axis=-1)
             g = g.astype(hc.dtype)
-            _, (dh,) = mx.vjp(head, [hc], [g])
+        _, (dh,) = mx.vjp(head, [hc], [g])
         losses.append(loss)
         grads.append(dh)
         last[lane] = [loss, dh]
