@@ -4,7 +4,7 @@ A checkpoint is a folder ``checkpoints/step_000123/`` holding
 
     adapter.safetensors     the trainable weights (tree_flatten of model.trainable_parameters())
     optimizer.safetensors   the optimizer state (moments, step count = schedule position)
-    state.json              loop state, random key, data-stream state, config
+    state.json              loop state, data-stream state, config
     COMPLETE                a manifest (file names, sizes), written last
 
 It is written into a hidden temporary folder, every file fsynced, then renamed into
@@ -12,8 +12,11 @@ place (rename is atomic on one file system) and the parent fsynced. Only folders
 ``step_<digits>`` that hold ``COMPLETE`` and the files it lists count, so a checkpoint
 cut by SIGKILL or a full disk is never picked up. The last ``keep`` are kept.
 
-Restoring the model, optimizer, random key, data stream and loop state to step k and
-running the same compiled step gives the same per-step losses as never stopping.
+Restoring the model, optimizer, data stream and loop state to step k and running the
+same compiled step gives the same per-step losses as never stopping. The random key
+needs no saving: the loop re-seeds it from (seed, rank, step) before every step
+(``trainer.step_key_seed``), which also makes dropout masks independent of when a run
+was interrupted.
 """
 
 from __future__ import annotations
@@ -109,7 +112,7 @@ def latest_checkpoint(root: str | Path) -> Path | None:
 def save_checkpoint(root: str | Path, step: int, model: nn.Module, optimizer, state: dict, keep: int = 3) -> Path:
     """Write checkpoint ``step`` atomically under ``root`` and prune to the newest ``keep``.
 
-    ``state`` is JSON-able data (loop state, random key, data-stream state, config).
+    ``state`` is JSON-able data (loop state, data-stream state, config).
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -122,7 +125,7 @@ def save_checkpoint(root: str | Path, step: int, model: nn.Module, optimizer, st
     opt_state = dict(tree_flatten(optimizer.state))
     mx.save_safetensors(str(tmp / "adapter.safetensors"), weights)
     mx.save_safetensors(str(tmp / "optimizer.safetensors"), opt_state)
-    payload = {"format": FORMAT, "step": step, "random_key": np.array(mx.random.state[0]).tolist(), **_jsonable(state)}
+    payload = {"format": FORMAT, "step": step, **_jsonable(state)}
     (tmp / "state.json").write_text(json.dumps(payload, indent=1), encoding="utf-8")
     files = {}
     for name in ("adapter.safetensors", "optimizer.safetensors", "state.json"):
@@ -161,7 +164,7 @@ def prune(root: str | Path, keep: int) -> list[Path]:
 
 
 def load_checkpoint(folder: str | Path, model: nn.Module, optimizer) -> dict:
-    """Restore adapter weights, optimizer state and the random key from ``folder``;
+    """Restore adapter weights and optimizer state from ``folder``;
     returns the saved ``state`` dict (loop state, data-stream state, config).
 
     Call it before building the compiled step: ``mx.compile`` captures the optimizer's
@@ -184,8 +187,7 @@ def load_checkpoint(folder: str | Path, model: nn.Module, optimizer) -> dict:
     model.update(tree_unflatten(list(weights.items())))
     optimizer.state = tree_unflatten(list(mx.load(str(folder / "optimizer.safetensors")).items()))
     payload = json.loads((folder / "state.json").read_text(encoding="utf-8"))
-    mx.random.state[0] = mx.array(np.array(payload.pop("random_key"), dtype=np.uint32))
-    mx.eval(model.parameters(), optimizer.state, mx.random.state)
+    mx.eval(model.parameters(), optimizer.state)
     return _from_jsonable(payload)
 
 

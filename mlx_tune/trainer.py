@@ -39,6 +39,7 @@ from typing import Any, Callable, Iterable, Iterator
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
+import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
 from .errors import UserError
@@ -157,8 +158,8 @@ class Step:
 
     ``state = [model.state, optimizer.state, mx.random.state]``: the model (adapter
     weights), the optimizer (moments, step count = schedule position) and the random
-    key (dropout). Build it *after* restoring a checkpoint: ``mx.compile`` captures
-    these exact objects.
+    key (dropout; re-seeded from (seed, rank, step) before every step). Build it
+    *after* restoring a checkpoint: ``mx.compile`` captures these exact objects.
     """
 
     def __init__(self, model: nn.Module, optimizer: optim.Optimizer, loss_fn: Callable,
@@ -256,6 +257,13 @@ class LoopSettings:
     max_bad_steps: int = 5
     memory_limit_gb: float | None = None
     eval_at_start: bool = True
+    seed: int = 0
+
+
+def step_key_seed(seed: int, step: int, rank: int = 0) -> int:
+    """The random seed of optimizer step ``step`` (dropout): a pure function of (seed, rank, step),
+    so a resumed run draws the same masks without saving MLX's global key (which has no setter)."""
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
 
 
 def _emit(callbacks: Iterable, event: str, *args) -> None:
@@ -334,6 +342,7 @@ def train(model: nn.Module, optimizer: optim.Optimizer, batches: Iterable, loss_
                 run_eval()
             while state.step < settings.iters and not interrupted.is_set():
                 tic = time.perf_counter()
+                mx.random.seed(step_key_seed(settings.seed, state.step + 1, group.rank()))
                 acc, n_tokens = None, 0
                 for _ in range(settings.grad_accumulation):
                     try:

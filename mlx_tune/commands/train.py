@@ -148,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
     settings = trainer.LoopSettings(
         iters=iters, grad_accumulation=tc.grad_accumulation, grad_clip=tc.grad_clip,
         steps_per_report=tc.steps_per_report, steps_per_eval=tc.steps_per_eval, val_batches=tc.val_batches,
-        max_bad_steps=tc.max_bad_steps, memory_limit_gb=tc.memory_limit_gb,
+        max_bad_steps=tc.max_bad_steps, memory_limit_gb=tc.memory_limit_gb, seed=tc.seed,
     )
     _say(rank, f"training {iters} steps: {tc.batch_size} x {tc.max_seq_length} tokens per batch, "
                f"{tc.grad_accumulation} micro-batch(es) per step, {world} rank(s), {len(stream)} batches per epoch")
