@@ -104,6 +104,35 @@ def build_optimizer(train_cfg, total_steps: int) -> optim.Optimizer:
 # ---------------------------------------------------------------------------
 
 
+class _BlockKeys(threading.local):
+    """The key a checkpointed block hands its dropouts (None outside one)."""
+
+    key: mx.array | None = None
+
+    def next(self) -> mx.array:
+        self.key, sub = mx.random.split(self.key)
+        return sub
+
+
+_block_keys = _BlockKeys()
+RECOMPUTE = mx.checkpoint  # tests swap in the identity to compare with plain autodiff
+
+
+class KeyedDropout(nn.Dropout):
+    """Dropout that, inside a checkpointed block, draws from the block's explicit key.
+
+    ``mx.checkpoint`` recomputes the block in the backward pass; masks drawn from the
+    global key would differ between the two passes (wrong gradients). An explicit key
+    that is an input of the checkpointed function gives the same masks both times.
+    """
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if _block_keys.key is None or self._p_1 == 1 or not self.training:
+            return super().__call__(x)
+        mask = mx.random.bernoulli(self._p_1, x.shape, key=_block_keys.next())
+        return (mask * x) * (1 / self._p_1)
+
+
 @functools.cache
 def _checkpointed_class(cls: type) -> type:
     """A subclass of ``cls`` whose ``__call__`` recomputes its activations in the backward pass.
@@ -114,11 +143,17 @@ def _checkpointed_class(cls: type) -> type:
     call = cls.__call__
 
     def __call__(self, *args, **kwargs):
-        def inner(params, *args, **kwargs):
+        def inner(params, key, *args, **kwargs):
             self.update(params)
-            return call(self, *args, **kwargs)
+            outer, _block_keys.key = _block_keys.key, mx.stop_gradient(key)  # no vjp through RandomBits
+            try:
+                return call(self, *args, **kwargs)
+            finally:
+                _block_keys.key = outer
 
-        return mx.checkpoint(inner)(self.trainable_parameters(), *args, **kwargs)
+        # A key drawn once, outside: both passes see the same one.
+        key = mx.random.randint(0, 2**31 - 1, (2,)).astype(mx.uint32)
+        return RECOMPUTE(inner)(self.trainable_parameters(), key, *args, **kwargs)
 
     return type(cls.__name__, (cls,), {"__call__": __call__, "_mlx_tune_checkpointed": True})
 
@@ -131,6 +166,9 @@ def grad_checkpoint(model: nn.Module) -> int:
     for block in layers:
         if not getattr(type(block), "_mlx_tune_checkpointed", False):
             block.__class__ = _checkpointed_class(type(block))
+        for _, m in block.named_modules():
+            if type(m) is nn.Dropout:
+                m.__class__ = KeyedDropout
     return len(layers)
 
 

@@ -196,6 +196,26 @@ def test_grad_checkpoint_gives_the_same_training():
     assert type(tiny_model().layers[0]).__call__ is not type(ckpt.layers[0]).__call__  # other models untouched
 
 
+def test_grad_checkpoint_with_dropout_recomputes_the_same_masks(monkeypatch):
+    """Checkpointed gradients with dropout == plain autodiff of the same masked forward pass."""
+    batch = make_batch(rows(2))
+
+    def grads(recompute):
+        monkeypatch.setattr(trainer, "RECOMPUTE", recompute)
+        model = adapted(dropout=0.5)
+        trainer.grad_checkpoint(model)
+        mx.random.seed(5)
+        (loss, _), g = nn.value_and_grad(model, masked_ce)(model, batch)
+        return loss.item(), {k: np.array(v) for k, v in tree_flatten(g)}
+
+    loss_a, ga = grads(mx.checkpoint)
+    loss_b, gb = grads(lambda f: f)
+    assert loss_a == pytest.approx(loss_b, rel=1e-6)
+    for k in ga:
+        np.testing.assert_allclose(ga[k], gb[k], rtol=1e-4, atol=1e-6, err_msg=k)
+    assert any(np.abs(v).max() > 0 for v in ga.values())
+
+
 def test_memory_limit_stops_with_a_clear_message():
     with pytest.raises(trainer.TrainingStopped, match="memory_limit_gb"):
         run(adapted(), [make_batch(rows(2))] * 2, 2, memory_limit_gb=1e-6)

@@ -59,20 +59,11 @@ def _shifted(data_state: dict, rank: int) -> dict:
     return {**data_state, "epoch": epoch, "index": index, "rank": rank}
 
 
-def loss_for(model):
-    """The project's loss (packing-aware attention + chunked cross-entropy)."""
-    try:
-        from ..losses import loss_fn
-    except ImportError:  # STAND-IN until the batching branch's losses.py lands: plain masked CE
-        import mlx.core as mx
-        import mlx.nn as nn
+def batch_loss(model, batch):
+    """``losses.loss_fn`` (packing-aware attention, chunked cross-entropy) over a batch's arrays."""
+    from ..losses import loss_fn
 
-        def loss_fn(model, batch):
-            logits = model(batch.inputs).astype(mx.float32)
-            n = batch.loss_mask.sum()
-            return (nn.losses.cross_entropy(logits, batch.targets) * batch.loss_mask).sum() / n, n
-
-    return loss_fn
+    return loss_fn(model, batch.inputs, batch.targets, batch.loss_mask, batch.segment_ids, batch.positions)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -101,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     mx.random.seed(tc.seed)  # adapter init and dropout start from the seed
     summary = adapters.inject(model, cfg.lora)
     _say(rank, summary)
-    loss_fn = loss_for(model)
+    loss_fn = batch_loss
     if tc.grad_checkpoint:
         trainer.grad_checkpoint(model)
 
