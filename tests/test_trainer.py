@@ -220,3 +220,90 @@ def test_memory_limit_stops_with_a_clear_message():
     with pytest.raises(trainer.TrainingStopped, match="memory_limit_gb"):
         run(adapted(), [make_batch(rows(2))] * 2, 2, memory_limit_gb=1e-6)
     mx.set_memory_limit(1 << 50)  # leave the process unlimited for other tests
+
+
+# ---------------------------------------------------------------------------
+# Real subprocesses: two ranks over mx.distributed, and ./train_by_mlx.sh end to end
+# ---------------------------------------------------------------------------
+
+import os  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from train_workspace import ROOT, env, losses, start_train, workspace  # noqa: E402
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_ranks_equal_one_process_with_the_same_global_batch(tmp_path, tiny_folder):
+    """mlx.launch, ring backend over TCP on 127.0.0.1: 2 ranks x 2 rows == 1 process x (2 micro-batches of 2 rows)."""
+    launcher = Path(sys.executable).parent / "mlx.launch"
+    if not launcher.exists():
+        pytest.skip(f"no mlx.launch next to {sys.executable}")
+    common = {"iters": 4, "lr_schedule": "constant", "learning_rate": 5e-3}
+    two = workspace(tmp_path, tiny_folder, "two", batch_size=4, **common)
+    one = workspace(tmp_path, tiny_folder, "one", batch_size=2, grad_accumulation=2, **common)
+    for cfg in (two, one):  # dropout masks are drawn per rank; the maths is compared without them
+        cfg.write_text(cfg.read_text().replace("dropout: 0.1", "dropout: 0.0"))
+    single = start_train(one)
+    dist = subprocess.run(
+        [str(launcher), "--backend", "ring", "-n", "2", "--hosts", "127.0.0.1", "--starting-port", str(_free_port()),
+         sys.executable, "-m", "mlx_tune", "train", str(two)],
+        env=env(), cwd=ROOT, capture_output=True, text=True, timeout=180,
+    )
+    out, err = single.communicate(timeout=180)
+    assert single.returncode == 0, err[-2000:]
+    assert dist.returncode == 0, (dist.stdout + dist.stderr)[-3000:]
+    assert "2 rank(s)" in dist.stdout
+    a = mx.load(str(tmp_path / "two" / "adapters.safetensors"))
+    b = mx.load(str(tmp_path / "one" / "adapters.safetensors"))
+    assert a.keys() == b.keys()
+    # The adapters moved away from their init (B starts at zero).
+    assert any(float(mx.abs(v).max()) > 0 for k, v in a.items() if k.endswith("lora_b"))
+    for k in a:
+        np.testing.assert_allclose(np.array(a[k]), np.array(b[k]), rtol=1e-5, atol=1e-6, err_msg=k)
+    la, lb = losses(tmp_path / "two" / "metrics.jsonl"), losses(tmp_path / "one" / "metrics.jsonl")
+    assert sorted(la) == sorted(lb) == [1, 2, 3, 4]
+    for s in la:
+        assert la[s] == pytest.approx(lb[s], rel=1e-5)
+
+
+def test_train_by_mlx_sh_end_to_end(tmp_path, tiny_folder):
+    cfg = workspace(tmp_path, tiny_folder, "e2e", iters=12, steps_per_report=4, steps_per_eval=6, save_every=6, test=True)
+    script = ROOT / "train_by_mlx.sh"
+    e = env()
+    py = ROOT / ".venv" / "bin" / "python"
+    if not py.exists():  # scripts/python falls back to python3; point it at this interpreter instead
+        e["PATH"] = str(Path(sys.executable).parent) + os.pathsep + e.get("PATH", "")
+    res = subprocess.run([str(script), str(cfg), "train.iters=12"], env=e, cwd=tmp_path, capture_output=True,
+                         text=True, timeout=180)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    out = tmp_path / "e2e"
+    for name in ("adapters.safetensors", "adapter_config.json", "metrics.jsonl"):
+        assert (out / name).is_file(), name
+    assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step_000006", "step_000012"]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [4, 8, 12]
+    vals = [r["val_loss"] for r in rows if "val_loss" in r]
+    assert len(vals) == 3 and vals[-1] < vals[0]  # steps 0, 6, 12: validation loss falls
+    assert any("test_loss" in r and "test_perplexity" in r for r in rows)
+    conf = json.loads((out / "adapter_config.json").read_text())
+    assert conf["rank"] == 4 and conf["base_model"] == str(tiny_folder)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "loss.png skipped" in res.stdout
+    else:
+        assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # A bad key is reported before any model loads, as one line, exit 2.
+    bad = subprocess.run([str(script), str(cfg), "train.iterz=3"], env=e, cwd=tmp_path, capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 2 and "train.iterz" in bad.stderr and "train.iters" in bad.stderr
+    assert "Traceback" not in bad.stderr and "model:" not in bad.stdout
