@@ -49,11 +49,14 @@ TOLERANCE = 0.15
 
 
 def _random_quantized_model(config: dict, bits: int = 4, group_size: int = 64, seed: int = 0):
-    """An mlx-lm model of ``config`` with random bf16 weights quantized layer by layer.
+    """An mlx-lm model of ``config`` whose every Linear / Embedding holds random 4-bit weights.
 
-    The model class is constructed lazily (MLX arrays are not computed until evaluated),
-    then every Linear / Embedding gets a fresh random bf16 weight that is quantized and
-    evaluated at once, so the dense weights of at most one layer exist at a time.
+    The model class is constructed lazily (MLX arrays are not computed until evaluated,
+    so its fp32 initial weights are never materialised), then each layer in turn gets
+    random packed codes and random bf16 group scales (biases ``-8 * scale``: symmetric
+    codes), evaluated at once. That is what quantizing random weights gives, without
+    drawing 7 billion normal samples (about half an hour on this CPU); memory depends on
+    shapes only.
     """
     import mlx.core as mx
     import mlx.nn as nn
@@ -72,17 +75,30 @@ def _random_quantized_model(config: dict, bits: int = 4, group_size: int = 64, s
             new = nn.QuantizedEmbedding(out_dims, in_dims, group_size=group_size, bits=bits)
         else:
             continue
-        w = (mx.random.normal((out_dims, in_dims)) * 0.02).astype(mx.bfloat16)
-        new.weight, new.scales, new.biases = mx.quantize(w, group_size=group_size, bits=bits)
+        new.weight = mx.random.randint(0, 2**31 - 1, (out_dims, in_dims * bits // 32)).astype(mx.uint32)
+        scales = (0.02 / 8) * (0.5 + mx.random.uniform(shape=(out_dims, in_dims // group_size)))
+        new.scales = scales.astype(mx.bfloat16)
+        new.biases = (-(2 ** (bits - 1)) * scales).astype(mx.bfloat16)
         if "bias" in layer:
             new.bias = mx.zeros((out_dims,), dtype=mx.bfloat16)
         mx.eval(new.parameters())
-        del w
         model.update_modules(tree_unflatten([(path, new)]))
     model.set_dtype(mx.bfloat16)  # norms (the quantized weights stay uint32)
     mx.eval(model.parameters())
     model.freeze()
     return model
+
+
+def _per_block_bytes(model, tokens: int) -> int:
+    """What one more block adds to a checkpointed step, from the real arrays of the top block:
+    its weights and adapter (all arrays), the adapter's gradient and AdamW m, v (3x its
+    trainable arrays), and its kept input (tokens x hidden, bf16)."""
+    from mlx.utils import tree_flatten
+
+    block = model.layers[-1]
+    arrays = sum(v.nbytes for _, v in tree_flatten(block.parameters()))
+    trainable = sum(v.nbytes for _, v in tree_flatten(block.trainable_parameters()))
+    return arrays + 3 * trainable + tokens * model.args.hidden_size * 2
 
 
 def _load_point_model(point: dict):
@@ -161,7 +177,6 @@ def run_point(point: dict) -> dict:
     import mlx.core as mx
 
     from mlx_tune.config import LoraConfig
-    from mlx_tune.memory import Settings, arch_from_config, plan
     from mlx_tune.memprobe import measure_steps, rss_peak_bytes
 
     mx.set_memory_limit(int(point.get("max_gb", 18) * 1e9))
@@ -172,7 +187,8 @@ def run_point(point: dict) -> dict:
     result = {"point": point, "build_seconds": round(build_s, 1), "weights_gb": mx.get_active_memory() / 1e9}
     if point.get("rival"):
         peak, secs, loss = _rival_step(model, seq, int(config["num_hidden_layers"]))
-        result.update(peak_gb=peak / 1e9, seconds=[round(secs, 1)], loss=loss, rss_peak_gb=rss_peak_bytes() / 1e9)
+        result.update(peak_gb=peak / 1e9, seconds=[round(secs, 1)], loss=loss, rss_peak_gb=rss_peak_bytes() / 1e9,
+                      per_block_gb=_per_block_bytes(model, seq * batch) / 1e9, config=config, quant=quant)
         return result
     from mlx_tune.adapters import inject
 
@@ -180,15 +196,10 @@ def run_point(point: dict) -> dict:
     mx.eval(model.parameters())
     m = measure_steps(model, batch, seq, grad_checkpoint=ck, ce_chunk=point.get("chunk", 512),
                       steps=point.get("steps", 2))
-    arch = arch_from_config(config)
-    s = Settings(batch_size=batch, seq_len=seq, grad_checkpoint=ck, bits=quant["bits"] if quant else None,
-                 group_size=quant["group_size"] if quant else 64, lora_rank=16, ce_chunk=point.get("chunk", 512),
-                 backend="cpu")
-    p = plan(arch, s)
     result.update(m.as_dict())
-    result.update(predicted_gb=p.mlx_peak / 1e9, predicted_total_gb=p.total / 1e9,
-                  ratio=(m.peak_bytes / 1e9) / (p.mlx_peak / 1e9), parts_gb=p.as_dict()["parts_gb"],
-                  rss_peak_gb=rss_peak_bytes() / 1e9)
+    result.update(config=config, quant=quant, rss_peak_gb=rss_peak_bytes() / 1e9)
+    if point.get("layers"):
+        result["per_block_gb"] = _per_block_bytes(model, seq * batch) / 1e9
     return result
 
 
@@ -236,6 +247,22 @@ def spawn(point: dict, max_gb: float, timeout_s: float) -> dict:
     return {"point": point, "error": reason}
 
 
+def predict(r: dict) -> dict:
+    """Add the planner's prediction (computed now, from the point's config only) to a result."""
+    from mlx_tune.memory import Settings, arch_from_config, plan
+
+    if "config" not in r or "peak_gb" not in r:
+        return r
+    p, quant = r["point"], r.get("quant")
+    s = Settings(batch_size=p.get("batch", 1), seq_len=p["seq"], grad_checkpoint=p.get("ck", True),
+                 bits=quant["bits"] if quant else None, group_size=quant["group_size"] if quant else 64,
+                 lora_rank=16, ce_chunk=p.get("chunk", 512), backend="cpu")
+    pl = plan(arch_from_config(r["config"]), s)
+    r.update(predicted_gb=pl.mlx_peak / 1e9, predicted_total_gb=pl.total / 1e9,
+             ratio=r["peak_gb"] / (pl.mlx_peak / 1e9), parts_gb=pl.as_dict()["parts_gb"])
+    return r
+
+
 def _fmt(r: dict) -> str:
     p = r["point"]
     name = f"{p['model']}{'/' + str(p['layers']) + 'L' if p.get('layers') else ''}"
@@ -255,13 +282,19 @@ def small_points(quick: bool) -> list[dict]:
 
 
 def seven_b_points(quick: bool) -> list[dict]:
-    if quick:  # one real full-depth 512-token step, and the rival at reduced depth
-        return [{"model": SEVEN_B[1], "seq": 512, "steps": 1},
-                {"model": SEVEN_B[1], "seq": 512, "layers": 1, "rival": True},
-                {"model": SEVEN_B[1], "seq": 512, "layers": 2, "rival": True}]
-    pts = [{"model": m, "seq": 512, "steps": 1} for m in SEVEN_B]
-    pts += [{"model": m, "seq": s, "steps": 1} for s in (2048, 4096) for m in SEVEN_B]
-    pts += [{"model": m, "seq": 512, "layers": n, "rival": True} for m in SEVEN_B for n in (1, 2)]
+    """Real steps at full width and vocabulary on 1 block; the full depth is added per block.
+
+    A full-depth step takes about 45 min at 512 tokens on this shared 2-core CPU (hours at
+    4096), so each point trains a 1-block model of the exact architecture and the report
+    adds ``num_hidden_layers - 1`` times the per-block bytes taken from the real arrays of
+    that block (weights, adapter, its gradient and AdamW moments, the checkpointed input).
+    """
+    mistral, llama, qwen = SEVEN_B
+    if quick:
+        return [{"model": mistral, "seq": 512, "layers": 1, "steps": 1},
+                {"model": mistral, "seq": 512, "layers": 1, "rival": True}]
+    pts = [{"model": m, "seq": s, "layers": 1, "steps": 1} for s in (512, 2048, 4096) for m in SEVEN_B]
+    pts += [{"model": m, "seq": 512, "layers": 1, "rival": True} for m in (mistral, llama)]
     return pts
 
 
@@ -306,19 +339,29 @@ def main() -> int:
     ap.add_argument("--only", choices=["small", "7b"], help="run one part only")
     ap.add_argument("--max-gb", type=float, default=18.0, help="stop a point whose process grows past this")
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per point")
+    ap.add_argument("--rescore", metavar="FILE", help="recompute predictions and targets for a saved report")
     ap.add_argument("--point", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.point:
         print(json.dumps(run_point(json.loads(args.point))), flush=True)
         return 0
+    if args.rescore:
+        results = [predict(r) for r in json.loads(Path(args.rescore).read_text())["results"]]
+        for r in results:
+            print(_fmt(r))
+        return _finish(args, results)
     points = ([] if args.only == "7b" else small_points(args.quick)) + ([] if args.only == "small" else seven_b_points(args.quick))
     results = []
     for point in points:
-        r = spawn(point, args.max_gb, args.timeout)
+        r = predict(spawn(point, args.max_gb, args.timeout))
         results.append(r)
         print(_fmt(r), flush=True)
         if args.out:
             _write(args.out, results)
+    return _finish(args, results)
+
+
+def _finish(args, results: list[dict]) -> int:
     targets, extrapolated = targets_from(results)
     for (model, seq), gb in extrapolated.items():
         print(f"mlx-lm rival {model} at {seq} tokens: {gb:.3f} GB (measured at 1 and 2 blocks, extrapolated per block)")
