@@ -27,7 +27,9 @@ every shape, and the peak of one LoRA training step is the sum of
   softmax and its gradient, instead of ``B x T x vocab``;
 * **the dense head**: on the CPU backend quantized matmuls run as dequantize + fp32
   sgemm, so the largest dequantized weight (the LM head / tied embedding, ``vocab x D``
-  fp32, plus its unpacking buffer) is alive at the peak; Metal/CUDA use fused kernels;
+  fp32, three buffers while it is unpacked) is alive in the loss; Metal/CUDA use fused
+  kernels. The loss and the block-by-block backward are not alive together: the peak is
+  what lives throughout (weights, adapter state, kept activations) plus the larger phase;
 * a fixed **runtime** overhead (Python, MLX, tokenizer, data) for the process total.
 
 Constants marked *calibrated* were fitted to measured steps (``bench/bench_memory.py``).
@@ -49,11 +51,13 @@ GB = 1e9
 # Calibrated against measured steps (see bench/bench_memory.py; CPU backend, MLX 0.32).
 RUNTIME_OVERHEAD_BYTES = 0.45e9  # Python + MLX + numpy/tokenizer: process RSS not counted by MLX
 MLX_FIXED_BYTES = 8e6  # MLX's own small buffers (RoPE tables, masks, scalars)
-ACTIVATION_FACTOR = 1.07  # measured / derived saved elements per block
-LOGITS_COPIES = 3.0  # fp32 logits chunk, its softmax, and the gradient chunk
-DEQUANT_COPIES = 2.0  # dense fp32 weight + the unpacking buffer it is built from
+ACTIVATION_FACTOR = 1.07  # measured / derived per-token elements a block saves
+PROBS_SAVED = 1.3  # softmax probabilities saved per block (plus part of the scores)
+LOGITS_COPIES = 2.5  # fp32 logits chunk, its logsumexp / softmax, the gradient chunk
+DEQUANT_TRANSIENT = 3.0  # dense fp32 head while it is built: shifted codes, masked codes, floats
 LORA_STATE_COPIES = 4.0  # params, grads, AdamW m and v (fp32)
 LORA_UPDATE_COPIES = 3.0  # new params, m, v created by the update before the old ones go
+WORKING_PROBS = 2.0  # gradient of the softmax probabilities and of the scores
 DEFAULT_CE_CHUNK = 512  # tokens per chunk of the chunked cross-entropy
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo2", "granite", "phi3", "gemma", "gemma2")
@@ -337,38 +341,50 @@ def plan(arch: Arch, s: Settings, origin: str = "") -> Plan:
     if a < 4 and targets:  # LoRA's fp32 A promotes its input: one fp32 copy per adapted linear
         per_token += 4 * sum(linears[n][0] for n in targets)
     probs = a * s.batch_size * arch.heads * s.seq_len**2
-    saved_block = ACTIVATION_FACTOR * (n_tok * per_token + probs)
-    working = 2 * probs + n_tok * a * (2 * d + 2 * f)
+    saved_block = ACTIVATION_FACTOR * n_tok * per_token + PROBS_SAVED * probs
+    working = WORKING_PROBS * probs + n_tok * a * (2 * d + 2 * f)
     if s.grad_checkpoint:
-        kept = arch.layers * n_tok * d * a
-        activations = kept + saved_block
-        act_label = f"activations ({arch.layers} block inputs + 1 recomputed block)"
+        kept, kept_label = arch.layers * n_tok * d * a, f"kept block inputs ({arch.layers} x tokens x hidden)"
+        block_phase = saved_block + working
     else:
-        activations = arch.layers * saved_block
-        act_label = f"activations ({arch.layers} blocks saved)"
-    hidden_out = 2 * n_tok * d * a  # final norm input/output handed to the loss
+        kept, kept_label = arch.layers * saved_block, f"saved activations ({arch.layers} blocks)"
+        block_phase = working
 
-    # Loss: chunked logits, and on the CPU path the dense head weight.
+    # Loss phase: chunked logits and, on the CPU path, the dense head weight.
     chunk = min(s.ce_chunk, s.seq_len)
-    logits = LOGITS_COPIES * s.batch_size * chunk * arch.vocab * 4 + n_tok * d * 4
-    dense_head = DEQUANT_COPIES * arch.vocab * d * 4 if (s.backend == "cpu" or s.nf4) and s.bits is not None else 0
-    if s.backend == "cpu" and s.bits is not None:
-        notes.append("CPU backend: quantized matmuls run as dequantize + fp32 sgemm (one dense layer at a time)")
+    logits = LOGITS_COPIES * s.batch_size * chunk * arch.vocab * 4
+    on_cpu_path = (s.backend == "cpu" or s.nf4) and s.bits is not None
+    head_w = arch.vocab * d * 4 if on_cpu_path else 0
+    # The dense head is built once per pass (3 buffers while unpacking), then lives beside
+    # the chunk's logits; the larger of the two moments is the loss phase's peak.
+    dense_head = max(DEQUANT_TRANSIENT * head_w, head_w + logits) - logits if head_w else 0
+    loss_phase = logits + dense_head + 2 * n_tok * d * 4
+    if on_cpu_path:
+        notes.append("CPU backend: quantized matmuls run as dequantize + fp32 sgemm (the head's dense "
+                     f"weight, {arch.vocab} x {d} fp32, is alive while the loss runs)")
 
     parts = {
         "base weights": weights,
-        "LoRA params + grads + AdamW": lora_state + lora_update,
-        act_label: activations + hidden_out,
-        "backward working set (1 block)": working,
-        f"logits (chunk {chunk} x vocab {arch.vocab}, fp32)": logits,
-        "dense dequantized head (CPU path)": dense_head,
-        "MLX fixed buffers": MLX_FIXED_BYTES,
-        "runtime": RUNTIME_OVERHEAD_BYTES,
+        "LoRA params + grads + AdamW": lora_state,
+        kept_label: kept,
     }
-    if not dense_head:
-        del parts["dense dequantized head (CPU path)"]
-    if s.seq_len > 4 * s.ce_chunk and probs > 4 * GB:
-        notes.append("attention probabilities dominate at this length (B x heads x T^2)")
+    # The loss (first in the backward) and the block-by-block backward are not alive together;
+    # the peak is whichever phase is larger, on top of what lives throughout.
+    if loss_phase >= block_phase:
+        parts[f"loss phase: logits (chunk {chunk} x vocab {arch.vocab}, fp32)"] = logits + 2 * n_tok * d * 4
+        if dense_head:
+            parts["loss phase: dense dequantized head (CPU path)"] = dense_head
+        notes.append(f"peak in the loss; the block backward needs {block_phase / GB:.3f} GB at its peak")
+    else:
+        if s.grad_checkpoint:
+            parts["block backward: 1 recomputed block"] = saved_block
+        parts["block backward: working set"] = working
+        notes.append(f"peak in the block backward; the loss needs {loss_phase / GB:.3f} GB at its peak")
+    parts["AdamW update (new params and moments)"] = lora_update
+    parts["MLX fixed buffers"] = MLX_FIXED_BYTES
+    parts["runtime"] = RUNTIME_OVERHEAD_BYTES
+    if probs > 4 * GB:
+        notes.append("attention probabilities dominate at this length (batch x heads x T^2)")
     return Plan(arch, s, parts, notes, origin)
 
 
