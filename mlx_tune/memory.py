@@ -27,7 +27,7 @@ every shape, and the peak of one LoRA training step is the sum of
   softmax and its gradient, instead of ``B x T x vocab``;
 * **the dense head**: on the CPU backend quantized matmuls run as dequantize + fp32
   sgemm, so the largest dequantized weight (the LM head / tied embedding, ``vocab x D``
-  fp32, three buffers while it is unpacked) is alive in the loss; Metal/CUDA use fused
+  fp32) is alive in the loss, and a block's dense weights in its backward; Metal/CUDA use fused
   kernels. The loss and the block-by-block backward are not alive together: the peak is
   what lives throughout (weights, adapter state, kept activations) plus the larger phase;
 * a fixed **runtime** overhead (Python, MLX, tokenizer, data) for the process total.
@@ -54,7 +54,8 @@ MLX_FIXED_BYTES = 8e6  # MLX's own small buffers (RoPE tables, masks, scalars)
 ACTIVATION_FACTOR = 1.07  # measured / derived per-token elements a block saves
 PROBS_SAVED = 1.3  # softmax probabilities saved per block (plus part of the scores)
 LOGITS_COPIES = 2.5  # fp32 logits chunk, its logsumexp / softmax, the gradient chunk
-DEQUANT_TRANSIENT = 3.0  # dense fp32 head while it is built: shifted codes, masked codes, floats
+HEAD_DENSE_COPIES = 1.3  # dense fp32 head in the loss (plus part of its unpacking buffers)
+BLOCK_DENSE_COPIES = 1.8  # a block's dense fp32 weights in its backward: recomputed forward + vjp
 LORA_STATE_COPIES = 4.0  # params, grads, AdamW m and v (fp32)
 LORA_UPDATE_COPIES = 3.0  # new params, m, v created by the update before the old ones go
 WORKING_PROBS = 2.0  # gradient of the softmax probabilities and of the scores
@@ -355,9 +356,11 @@ def plan(arch: Arch, s: Settings, origin: str = "") -> Plan:
     logits = LOGITS_COPIES * s.batch_size * chunk * arch.vocab * 4
     on_cpu_path = (s.backend == "cpu" or s.nf4) and s.bits is not None
     head_w = arch.vocab * d * 4 if on_cpu_path else 0
-    # The dense head is built once per pass (3 buffers while unpacking), then lives beside
-    # the chunk's logits; the larger of the two moments is the loss phase's peak.
-    dense_head = max(DEQUANT_TRANSIENT * head_w, head_w + logits) - logits if head_w else 0
+    # The dense head is built once per pass of the loss; each block's dense weights are
+    # rebuilt by its recomputed forward and again by its backward (both live for a while).
+    dense_head = HEAD_DENSE_COPIES * head_w
+    block_dense = BLOCK_DENSE_COPIES * arch.block_params() * 4 if on_cpu_path else 0
+    block_phase += block_dense
     loss_phase = logits + dense_head + 2 * n_tok * d * 4
     if on_cpu_path:
         notes.append("CPU backend: quantized matmuls run as dequantize + fp32 sgemm (the head's dense "
@@ -379,6 +382,8 @@ def plan(arch: Arch, s: Settings, origin: str = "") -> Plan:
         if s.grad_checkpoint:
             parts["block backward: 1 recomputed block"] = saved_block
         parts["block backward: working set"] = working
+        if block_dense:
+            parts["block backward: dense dequantized block (CPU path)"] = block_dense
         notes.append(f"peak in the block backward; the loss needs {loss_phase / GB:.3f} GB at its peak")
     parts["AdamW update (new params and moments)"] = lora_update
     parts["MLX fixed buffers"] = MLX_FIXED_BYTES
