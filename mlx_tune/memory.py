@@ -32,7 +32,12 @@ every shape, and the peak of one LoRA training step is the sum of
   what lives throughout (weights, adapter state, kept activations) plus the larger phase;
 * a fixed **runtime** overhead (Python, MLX, tokenizer, data) for the process total.
 
-Constants marked *calibrated* were fitted to measured steps (``bench/bench_memory.py``).
+Constants marked *calibrated* were fitted to measured steps (``bench/bench_memory.py``),
+taken with ``mlx_tune.memprobe``'s step (gradients not compiled). Known gap: a step whose
+gradient computation runs under ``mx.compile`` with checkpointing on the CPU path (the
+``trainer.Step`` of this version) keeps every block's dense fp32 weights until the backward
+(measured +12 MB per block of 3 M weights: about 4 bytes per base weight), which this
+planner does not add.
 """
 
 from __future__ import annotations
