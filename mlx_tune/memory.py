@@ -55,14 +55,14 @@ GB = 1e9
 
 # Calibrated against measured steps (see bench/bench_memory.py; CPU backend, MLX 0.32).
 RUNTIME_OVERHEAD_BYTES = 0.45e9  # Python + MLX + numpy/tokenizer: process RSS not counted by MLX
-MLX_FIXED_BYTES = 8e6  # MLX's own small buffers (RoPE tables, masks, scalars)
+MLX_FIXED_BYTES = 3e6  # MLX's own small buffers (RoPE tables, masks, scalars)
 ACTIVATION_FACTOR = 1.07  # measured / derived per-token elements a block saves
 PROBS_SAVED = 1.3  # softmax probabilities saved per block (plus part of the scores)
 LOGITS_COPIES = 2.5  # fp32 logits chunk, its logsumexp / softmax, the gradient chunk
 HEAD_DENSE_COPIES = 1.3  # dense fp32 head in the loss (plus part of its unpacking buffers)
 BLOCK_DENSE_COPIES = 1.8  # a block's dense fp32 weights in its backward: recomputed forward + vjp
 LORA_STATE_COPIES = 4.0  # params, grads, AdamW m and v (fp32)
-LORA_UPDATE_COPIES = 3.0  # new params, m, v created by the update before the old ones go
+LORA_UPDATE_COPIES = 1.0  # the update writes new params and moments, mostly into donated buffers
 WORKING_PROBS = 2.0  # gradient of the softmax probabilities and of the scores
 DEFAULT_CE_CHUNK = 512  # tokens per chunk of the chunked cross-entropy
 
