@@ -33,7 +33,7 @@ from mlx.utils import tree_flatten
 
 from . import __version__
 from .errors import UserError
-from .lora import LoRAAdapter, LoRALinear, is_linear_like, linear_dims, set_active
+from .lora import LoRAAdapter, LoRALinear, check_hyperparameters, is_linear_like, linear_dims, set_active
 
 ADAPTER_WEIGHTS = "adapters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -72,7 +72,8 @@ def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
             continue
         if isinstance(module, LoRALinear) or is_linear_like(module):
             found[path] = module
-    return dict(sorted(found.items()))
+    # A linear-like layer built from linear children (a storage wrapper) is adapted as a whole.
+    return {p: m for p, m in sorted(found.items()) if not any(p.startswith(q + ".") for q in found)}
 
 
 def _get_module(model: nn.Module, path: str) -> Any:
@@ -155,17 +156,17 @@ def inject(model: nn.Module, lora_cfg, name: str = "default") -> "TrainableSumma
 
     Calling it again with another name adds a second adapter next to the first.
     """
+    try:  # bad rank / alpha / dropout: refuse before touching the model
+        check_hyperparameters(lora_cfg.rank, lora_cfg.alpha, lora_cfg.dropout)
+    except ValueError as exc:
+        raise UserError(f"lora: {exc}") from None
     paths = select_modules(model, lora_cfg)
     if any(name in w.adapters for _, w in wrappers(model)):
         raise UserError(f"adapter {name!r} is already in the model; pick another name")
-    try:
-        model.freeze()
-        for path in paths:
-            wrapper = _wrap(model, path, _get_module(model, path))
-            wrapper.add_adapter(name, lora_cfg.rank, lora_cfg.alpha, lora_cfg.dropout,
-                                lora_cfg.use_rslora, lora_cfg.use_dora)
-    except ValueError as exc:  # bad rank / alpha / dropout
-        raise UserError(f"lora: {exc}") from None
+    model.freeze()
+    for path in paths:
+        wrapper = _wrap(model, path, _get_module(model, path))
+        wrapper.add_adapter(name, lora_cfg.rank, lora_cfg.alpha, lora_cfg.dropout, lora_cfg.use_rslora, lora_cfg.use_dora)
     set_active(model, name)
     return trainable_summary(model)
 
@@ -228,11 +229,10 @@ def base_entries(model: nn.Module) -> tuple[dict[str, tuple[tuple[int, ...], str
     adapters: dict[str, mx.array] = {}
     for key, value in tree_flatten(model.parameters()):
         owner, local = _owner(key, modules)
-        parent = owner.rpartition(".")[0] if owner.endswith(".base") or owner == "base" else None
-        if any(key.startswith(w + ".adapters.") for w in wrapped):
+        if isinstance(modules.get(owner), LoRAAdapter):
             adapters[key] = value
             continue
-        name = f"{parent}.{local}" if parent is not None and parent in wrapped else key
+        name = _unwrapped(key, wrapped)
         stored[name] = value
         module = modules.get(owner)
         if module is not None and _is_packed(module):
@@ -243,6 +243,15 @@ def base_entries(model: nn.Module) -> tuple[dict[str, tuple[tuple[int, ...], str
             continue  # scales, biases, codes: storage only
         logical[name] = (tuple(value.shape), str(value.dtype))
     return logical, stored, adapters
+
+
+def _unwrapped(key: str, wrapped: set[str]) -> str:
+    """``a.q_proj.base.weight`` -> ``a.q_proj.weight`` when ``a.q_proj`` is a wrapper."""
+    parts = key.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        if parts[i] == "base" and ".".join(parts[:i]) in wrapped:
+            return ".".join(parts[:i] + parts[i + 1:])
+    return key
 
 
 def fingerprint(model: nn.Module) -> dict[str, str]:

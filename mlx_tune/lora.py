@@ -40,7 +40,7 @@ import mlx.nn as nn
 from . import quant
 
 
-def _check_hyper(rank, alpha, dropout) -> None:
+def check_hyperparameters(rank, alpha, dropout) -> None:
     """Reject bad adapter hyper-parameters with one clear message (ValueError)."""
     problems = []
     if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
@@ -92,7 +92,7 @@ class LoRAAdapter(nn.Module):
     def __init__(self, in_dims: int, out_dims: int, rank: int = 8, alpha: float = 16.0,
                  dropout: float = 0.0, use_rslora: bool = False):
         super().__init__()
-        _check_hyper(rank, alpha, dropout)
+        check_hyperparameters(rank, alpha, dropout)
         self.rank, self.alpha, self.use_rslora = rank, float(alpha), bool(use_rslora)
         self.scale = lora_scale(rank, alpha, use_rslora)
         self.dropout_p = float(dropout)
@@ -193,10 +193,8 @@ class LoRALinear(nn.Module):
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} already exists on this layer")
         out_dims, in_dims = self.dims
-        if use_dora:
-            adapter = DoRAAdapter(in_dims, out_dims, rank, alpha, dropout, use_rslora, w0=quant.dense_weight(self.base))
-        else:
-            adapter = LoRAAdapter(in_dims, out_dims, rank, alpha, dropout, use_rslora)
+        extra = {"w0": quant.dense_weight(self.base)} if use_dora else {}  # lazy: free if overwritten by a load
+        adapter = ADAPTER_KINDS["dora" if use_dora else "lora"](in_dims, out_dims, rank, alpha, dropout, use_rslora, **extra)
         adapter.train(self.training)  # follow the model's train/eval mode (dropout)
         adapter.set_trainable(False)
         self.adapters[name] = adapter

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -22,8 +21,6 @@ from mlx_tune.peft_interop import export_peft, import_peft
 from mlx_tune.tiny import tiny_model
 
 TOKENS = mx.array([[5, 17, 99, 3, 250, 42, 7, 8]])
-ROOT = Path(__file__).resolve().parent.parent
-SMOLLM2 = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def trained(model: nn.Module, name: str = "default", seed: int = 1) -> nn.Module:
@@ -421,34 +418,43 @@ def test_second_inject_adds_named_adapter():
 
 
 @pytest.mark.slow
-def test_smollm2_adapter_switching_ms(tmp_path, capsys):
-    if not SMOLLM2.is_file():
-        pytest.skip(f"demo model not present at {SMOLLM2}")
-    loading = pytest.importorskip("mlx_tune.loading", reason="the model loader is not in this build yet")
-    model, _, info = loading.load_model(str(SMOLLM2))
-    tokens = mx.array([[1, 2, 3, 4, 5, 6, 7, 8]])
+def test_smollm2_adapter_switching_ms(smollm2, tmp_path, capsys):
+    """Two all-linear adapters on the 4-bit SmolLM2: switching is attribute setting (ms)."""
+    model, _, info = smollm2  # shared by the session: leave it as found
+    tokens = mx.array([[1, 2]])  # short: 4-bit matmuls are slow on the CPU backend
+    base = np.array(model(tokens)[0, -1])
     cfg = LoraConfig(rank=8, alpha=16, target_modules="all-linear")
-    for i, name in enumerate(("x", "y")):
-        inject(model, cfg, name=name)
-        trained(model, name=name, seed=i)
-        save_adapter(model, tmp_path / name, cfg, info, name=name)
-    adapters.unload_adapter(model, "x")
-    adapters.unload_adapter(model, "y")
-    manager = AdapterManager(model)
-    manager.add("x", tmp_path / "x")
-    manager.add("y", tmp_path / "y")
-    timings = []
-    outs = {}
-    for name in ["x", "y", None, "x", "y", None]:
-        t0 = time.perf_counter()
-        manager.activate(name)
-        timings.append(time.perf_counter() - t0)
-        outs.setdefault(name, np.array(model(tokens)[0, -1]))
-        np.testing.assert_allclose(np.array(model(tokens)[0, -1]), outs[name], atol=1e-4)
-    assert not np.allclose(outs["x"], outs[None], atol=1e-3)
-    with capsys.disabled():
-        print(f"\n[SmolLM2 {len(manager._wrappers)} wrapped layers] adapter switch: "
-              f"median {1e3 * sorted(timings)[len(timings) // 2]:.3f} ms, max {1e3 * max(timings):.3f} ms")
+    try:
+        for i, name in enumerate(("x", "y")):
+            inject(model, cfg, name=name)
+            trained(model, name=name, seed=i)
+            save_adapter(model, tmp_path / name, cfg, info, name=name)
+        adapters.unload_adapter(model, "x")
+        adapters.unload_adapter(model, "y")
+        assert not adapters.wrappers(model)
+        manager = AdapterManager(model)
+        manager.add("x", tmp_path / "x")
+        manager.add("y", tmp_path / "y")
+        outs = {}
+        for name in ["x", "y", None]:
+            manager.activate(name)
+            outs[name] = np.array(model(tokens)[0, -1])
+        timings = []
+        for name in ["x", "y", None] * 5:  # switching alone: no forward pass in the timing
+            t0 = time.perf_counter()
+            manager.activate(name)
+            timings.append(time.perf_counter() - t0)
+        manager.activate("x")
+        np.testing.assert_allclose(np.array(model(tokens)[0, -1]), outs["x"], atol=1e-4)
+        np.testing.assert_array_equal(outs[None], base)
+        assert not np.allclose(outs["x"], base, atol=1e-3) and not np.allclose(outs["x"], outs["y"], atol=1e-3)
+        with capsys.disabled():
+            print(f"\n[SmolLM2, {len(manager._wrappers)} wrapped layers, 2 adapters] switch: "
+                  f"median {1e3 * sorted(timings)[len(timings) // 2]:.3f} ms, max {1e3 * max(timings):.3f} ms")
+    finally:
+        for name in ("x", "y"):
+            adapters.unload_adapter(model, name)
+    assert not adapters.wrappers(model)
 
 
 def test_compiled_training_step_updates_only_the_adapter():
@@ -500,3 +506,16 @@ def test_loads_an_mlx_lm_adapter_folder(tmp_path):
     load_adapter(model, tmp_path)
     assert adapters.wrappers(model)[0][1].adapters["default"].scale == 10.0
     np.testing.assert_allclose(logits(model), logits(ref), atol=1e-5)
+
+
+def test_fingerprint_ignores_wrappers_and_storage():
+    plain = tiny_model("llama")
+    fp = adapters.fingerprint(plain)
+    inject(plain, LoraConfig(rank=2, alpha=4, target_modules="all-linear"))
+    assert adapters.fingerprint(plain) == fp  # wrapping changes nothing
+    q = tiny_model("llama")
+    nn.quantize(q, group_size=64, bits=4, class_predicate=lambda p, m: isinstance(m, nn.Linear))
+    fq = adapters.fingerprint(q)
+    assert fq["base_fingerprint"] == fp["base_fingerprint"]  # same model, other storage
+    assert fq["base_storage_fingerprint"] != fp["base_storage_fingerprint"]
+    assert adapters.fingerprint(tiny_model("llama", intermediate_size=96))["base_fingerprint"] != fp["base_fingerprint"]
