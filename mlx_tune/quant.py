@@ -71,9 +71,13 @@ def check_affine(group_size: int, bits: int, where: str = "quantize") -> None:
         raise UserError(f"{where}: bits {bits} is not supported by MLX affine quantization; use 2, 3, 4, 5, 6 or 8")
 
 
-@functools.lru_cache(maxsize=None)
-def _shifts(bits: int) -> mx.array:
-    return mx.arange(0, 32, bits, dtype=mx.uint32)
+# Constants built from host lists (already materialised), never inside a traced function:
+# an array first created during mx.compile would be a tracer, unusable once cached.
+_SHIFTS = {bits: mx.array(list(range(0, 32, bits)), dtype=mx.uint32) for bits in (2, 4, 8)}
+_NF4 = mx.array(NF4_CODES, dtype=mx.float32)
+_NF4_MIDS = mx.array([(a + b) / 2 for a, b in zip(NF4_CODES, NF4_CODES[1:])], dtype=mx.float32)
+# byte -> (NF4[low nibble], NF4[high nibble]): one gather per byte decodes both codes.
+_NF4_PAIRS = mx.array([[NF4_CODES[b & 0xF], NF4_CODES[b >> 4]] for b in range(256)], dtype=mx.float32)
 
 
 def affine_dequantize(weight: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int) -> mx.array:
@@ -85,7 +89,7 @@ def affine_dequantize(weight: mx.array, scales: mx.array, biases: mx.array, grou
     if bits not in (2, 4, 8):
         return mx.dequantize(weight, scales, biases, group_size=group_size, bits=bits).astype(mx.float32)
     rows = weight.shape[0]
-    q = (weight[..., None] >> _shifts(bits)) & ((1 << bits) - 1)
+    q = (weight[..., None] >> _SHIFTS[bits]) & ((1 << bits) - 1)
     q = q.reshape(rows, -1, group_size).astype(mx.float32)
     w = q * scales.astype(mx.float32)[..., None] + biases.astype(mx.float32)[..., None]
     return w.reshape(rows, -1)
@@ -108,26 +112,15 @@ def unpack_nibbles(packed: mx.array) -> mx.array:
     return both.reshape(*packed.shape[:-1], -1)
 
 
-@functools.lru_cache(maxsize=None)
-def _nf4_tables() -> tuple[mx.array, mx.array, mx.array]:
-    codes = mx.array(NF4_CODES, dtype=mx.float32)
-    mids = (codes[1:] + codes[:-1]) / 2
-    # byte -> (NF4[low nibble], NF4[high nibble]): one gather per byte decodes both codes.
-    b = mx.arange(256, dtype=mx.uint32)
-    pairs = mx.stack([codes[b & 0xF], codes[b >> 4]], axis=-1)
-    return codes, mids, pairs
-
-
 def nf4_codes(normalized: mx.array) -> mx.array:
     """Index of the nearest NF4 value for each entry of ``normalized`` (in [-1, 1]).
 
     A 4-step vectorised binary search over the 15 midpoints between code values.
     """
-    _, mids, _ = _nf4_tables()
     idx = mx.zeros(normalized.shape, dtype=mx.uint32)
     for step in (8, 4, 2, 1):
         probe = idx + (step - 1)
-        idx = mx.where(normalized > mids[probe], idx + step, idx)
+        idx = mx.where(normalized > _NF4_MIDS[probe], idx + step, idx)
     return idx.astype(mx.uint8)
 
 
@@ -169,9 +162,8 @@ def nf4_quantize(weight: mx.array, block_size: int = 64, double_quant: bool = Fa
 
 def nf4_dequantize(weight: mx.array, absmax: mx.array, block_size: int) -> mx.array:
     """Packed codes (out, in/2) and absmax (out, in/B) -> float32 (out, in)."""
-    _, _, pairs = _nf4_tables()
     rows = weight.shape[0]
-    values = pairs[weight].reshape(rows, -1, block_size)
+    values = _NF4_PAIRS[weight].reshape(rows, -1, block_size)
     return (values * absmax[..., None]).reshape(rows, -1)
 
 
@@ -195,16 +187,22 @@ def dequant_matmul(kind: str, *static) -> Callable:
     """
     dequant = DEQUANT[kind]
 
+    def compute_dtype(x):
+        # fp32 sgemm on the CPU (fast there, and exact); the activations' dtype on GPUs.
+        return mx.float32 if on_cpu() else x.dtype
+
     @mx.custom_function
     def f(x, *storage):
-        w = dequant(*mx.depends(list(storage), [x]), *static)
-        return (x.astype(mx.float32) @ w.T).astype(x.dtype)
+        dt = compute_dtype(x)
+        w = dequant(*mx.depends(list(storage), [x]), *static).astype(dt)
+        return (x.astype(dt) @ w.T).astype(x.dtype)
 
     @f.vjp
     def f_vjp(primals, cotangent, output):
         x, *storage = primals
-        w = dequant(*mx.depends(storage, [cotangent]), *static)
-        dx = (cotangent.astype(mx.float32) @ w).astype(x.dtype)
+        dt = compute_dtype(x)
+        w = dequant(*mx.depends(storage, [cotangent]), *static).astype(dt)
+        dx = (cotangent.astype(dt) @ w).astype(x.dtype)
         return (dx, *(mx.zeros_like(a) for a in storage))
 
     return f
