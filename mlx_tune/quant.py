@@ -45,6 +45,7 @@ AFFINE_GROUP_SIZES = (32, 64, 128)
 AFFINE_BITS = (2, 3, 4, 5, 6, 8)
 NF4_BLOCK_SIZES = (32, 64, 128, 256)
 DQ_BLOCK = 256  # absmax values per double-quantization block (QLoRA)
+DECODE_ROWS = 4  # inputs with at most this many rows use mx.quantized_matmul on the CPU too
 
 # The 16 NF4 code values (QLoRA paper, appendix E; bitsandbytes' table).
 NF4_CODES = (
@@ -250,7 +251,9 @@ class CPUQuantizedLinear(nn.QuantizedLinear):
         return new
 
     def __call__(self, x):
-        if not on_cpu() or self.mode != "affine":
+        # Decoding (a few rows) reads each weight once: there the quantized kernel beats
+        # dequantizing the whole matrix (576x1536, 4-bit: 3.7 ms vs 14 ms for one row).
+        if not on_cpu() or self.mode != "affine" or x.size <= DECODE_ROWS * x.shape[-1]:
             return super().__call__(x)
         y = dequant_matmul("affine", self.group_size, self.bits)(x, self["weight"], self["scales"], self["biases"])
         return y + self["bias"] if "bias" in self else y
@@ -287,7 +290,7 @@ class CPUQuantizedEmbedding(nn.QuantizedEmbedding):
         return new
 
     def as_linear(self, x):
-        if not on_cpu() or self.mode != "affine":
+        if not on_cpu() or self.mode != "affine" or x.size <= DECODE_ROWS * x.shape[-1]:
             return super().as_linear(x)
         return dequant_matmul("affine", self.group_size, self.bits)(x, self["weight"], self["scales"], self["biases"])
 

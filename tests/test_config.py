@@ -55,3 +55,10 @@ def test_reference_lists_every_key():
     ref = config_reference()
     for key in ("`train.iters`", "`lora.rank`", "`quantize.mode`", "`serve.port`", "`output_dir`"):
         assert key in ref
+
+
+def test_readme_config_reference_is_current():
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    assert config_reference() in readme, "run `python scripts/gen_readme.py` after changing mlx_tune/config.py"

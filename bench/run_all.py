@@ -1,0 +1,198 @@
+"""Run every benchmark and write one report: bench/results/latest.json and latest.md.
+
+Each ``bench/bench_*.py`` prints, as its last output, a JSON list of target objects
+``{"name", "measured", "target", "unit", "rival", "pass"}`` (or ``{"targets": [...]}``).
+This runner executes them in separate processes (memory is freed between them), in
+``--quick`` form when asked, and never drops one silently: a benchmark that fails, times
+out or prints no targets appears in the report with ``pass: false`` and the reason.
+The README's performance section is regenerated from the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+
+# (script, extra args for the full run, extra args for --quick, timeout seconds full / quick)
+BENCHMARKS = [
+    ("bench_data.py", [], ["--quick"], 900, 300),
+    ("bench_qlora_step.py", [], ["--quick"], 1800, 400),
+    ("bench_attention_loss.py", [], ["--quick"], 900, 200),
+    ("bench_train.py", [], ["--quick"], 3600, 500),
+    ("bench_server.py", [], ["--quick"], 1800, 400),
+    ("bench_fuse.py", [], ["--quick"], 1200, 300),
+    ("bench_memory.py", [], ["--quick"], 4 * 3600, 400),
+    ("check_peft_interop.py", [], [], 600, 300),
+]
+
+
+def parse_targets(stdout: str) -> list[dict] | None:
+    """The last JSON value in the output that holds target objects."""
+    lines = stdout.splitlines()
+    for i in range(len(lines) - 1, -1, -1):
+        if not lines[i].lstrip().startswith(("[", "{")):
+            continue
+        try:
+            value = json.loads("\n".join(lines[i:]))
+        except json.JSONDecodeError:
+            continue
+        if isinstance(value, dict):
+            value = value.get("targets")
+        if isinstance(value, list) and all(isinstance(t, dict) and "name" in t for t in value):
+            return value
+    return None
+
+
+def run_one(script: str, args: list[str], timeout: int) -> tuple[list[dict], dict]:
+    path = ROOT / "bench" / script
+    entry = {"script": script, "args": args}
+    if not path.is_file():
+        entry["status"] = "missing"
+        return [_failed(script, "benchmark script missing")], entry
+    start = time.perf_counter()
+    print(f"== {script} {' '.join(args)}", flush=True)
+    try:
+        proc = subprocess.run(
+            [sys.executable, str(path), *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+            env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"},
+        )
+    except subprocess.TimeoutExpired as exc:
+        entry.update(status="timeout", seconds=timeout)
+        print((exc.stdout or b"")[-2000:] if isinstance(exc.stdout, str) else "", flush=True)
+        return [_failed(script, f"timed out after {timeout}s")], entry
+    entry["seconds"] = round(time.perf_counter() - start, 1)
+    tail = "\n".join(proc.stdout.splitlines()[-40:])
+    print(tail, flush=True)
+    targets = parse_targets(proc.stdout)
+    if proc.returncode != 0 and not targets:
+        entry["status"] = f"exit {proc.returncode}"
+        err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        print(proc.stderr[-3000:], file=sys.stderr, flush=True)
+        return [_failed(script, f"exit {proc.returncode}: {err}")], entry
+    if not targets:
+        entry["status"] = "no targets printed"
+        return [_failed(script, "printed no target objects")], entry
+    entry["status"] = "ok"
+    for t in targets:
+        t.setdefault("rival", None)
+        t.setdefault("benchmark", script)
+    return targets, entry
+
+
+def _failed(script: str, reason: str) -> dict:
+    return {"name": f"{script}: ran", "measured": None, "target": "runs", "unit": "", "rival": None,
+            "pass": False, "benchmark": script, "note": reason}
+
+
+def machine() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    def v(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    import mlx.core as mx
+
+    from mlx_tune._blas import openblas_loaded
+
+    backend = "metal" if mx.metal.is_available() else "cpu"
+    return {
+        "platform": f"{platform.system()} {platform.machine()}",
+        "cpu_count": os.cpu_count(),
+        "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "backend": backend,
+        "openblas_preloaded": openblas_loaded(),
+        "versions": {n: v(n) for n in ("mlx", "mlx-lm", "mlx-tune", "torch", "peft", "transformers")}
+        | {"python": platform.python_version()},
+    }
+
+
+def to_markdown(report: dict) -> str:
+    m = report["machine"]
+    lines = [
+        f"Benchmarks ({'quick' if report['quick'] else 'full'} run, {report['date']}) on {m['platform']}, "
+        f"{m['cpu_count']} cores, {m['memory_gb']} GB, backend {m['backend']} "
+        f"(OpenBLAS preloaded: {m['openblas_preloaded']}); mlx {m['versions']['mlx']}, mlx-lm {m['versions']['mlx-lm']}.",
+        "",
+        "| target | measured | target | rival (same run) | pass |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for t in report["targets"]:
+        unit = f" {t.get('unit', '')}".rstrip()
+        measured = "—" if t.get("measured") is None else f"{_fmt(t['measured'])}{unit}"
+        rival = "—" if t.get("rival") is None else f"{_fmt(t['rival'])}"
+        note = f" ({t['note']})" if t.get("note") else ""
+        mark = {True: "yes", False: "**no**"}.get(t.get("pass"), "skipped")
+        lines.append(f"| {t['name']}{note} | {measured} | {_fmt(t.get('target'))} | {rival} | {mark} |")
+    passed = sum(1 for t in report["targets"] if t.get("pass") is True)
+    lines += ["", f"{passed} of {len(report['targets'])} targets pass."]
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(x) -> str:
+    if isinstance(x, float):
+        return f"{x:.3g}" if abs(x) < 1000 else f"{x:,.0f}"
+    return str(x)
+
+
+def update_readme(markdown: str) -> None:
+    readme = ROOT / "README.md"
+    start, end = "<!-- perf:start -->", "<!-- perf:end -->"
+    text = readme.read_text()
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        _, tail = rest.split(end, 1)
+        readme.write_text(f"{head}{start}\n{markdown}{end}{tail}")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="the short version (under 20 minutes here)")
+    parser.add_argument("--only", nargs="*", help="run only these scripts")
+    args = parser.parse_args()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    targets, runs = [], []
+    start = time.perf_counter()
+    for script, full, quick, t_full, t_quick in BENCHMARKS:
+        if args.only and script not in args.only:
+            continue
+        found, entry = run_one(script, quick if args.quick else full, t_quick if args.quick else t_full)
+        targets += found
+        runs.append(entry)
+    report = {
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "quick": args.quick,
+        "seconds": round(time.perf_counter() - start, 1),
+        "machine": machine(),
+        "runs": runs,
+        "targets": targets,
+    }
+    write_atomic(RESULTS / "latest.json", json.dumps(report, indent=2) + "\n")
+    md = to_markdown(report)
+    write_atomic(RESULTS / "latest.md", md)
+    update_readme(md)
+    print("\n" + md)
+    print(f"wrote {RESULTS / 'latest.json'} and latest.md in {report['seconds']:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

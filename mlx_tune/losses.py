@@ -1,0 +1,162 @@
+"""Masked next-token cross-entropy that never holds the (tokens x vocab) logits at once.
+
+    loss = sum_t m_t * (logsumexp(W h_t) - (W h_t)[y_t]) / sum_t m_t
+
+over the final hidden states h_t, targets y_t and loss mask m_t. The LM head W (``lm_head``
+or the tied embedding) is applied to ``chunk`` tokens at a time, with the logsumexp in
+float32 per chunk.
+
+With a frozen head (LoRA, QLoRA) the chunk's gradient is taken in the same pass, as
+``dL/dh_t = m_t (softmax(W h_t) - onehot(y_t)) W``: each logit's ``exp`` is computed
+once (autodiff would compute it again in the backward pass; on the CPU ``exp`` is the
+slowest op of the whole loss), and only (tokens x hidden) gradients are kept. Chunks
+are chained with ``mx.depends`` so one (or, on the CPU, two, one per stream) chunk of
+logits is alive at a time. A trainable head takes plain autodiff per chunk under
+``mx.checkpoint`` (the backward pass recomputes a chunk rather than storing them all).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from .attention import _cpu_streams, _nullctx, hidden_states, lm_head, on_cpu
+
+# Logit elements per chunk: 2**23 float32 is 32 MB (~170 tokens of a 49k vocabulary).
+# Measured peak of the loss and its gradient: 11-13 chunk-sized buffers (4 per chunk,
+# two or three chunks in flight), whatever the number of tokens: ~400 MB here.
+CHUNK_ELEMENTS = 1 << 23
+CPU_STREAMS = 2
+
+
+def chunk_size_for(vocab: int, elements: int = CHUNK_ELEMENTS) -> int:
+    return max(16, (elements // max(1, vocab)) // 16 * 16)
+
+
+def _head_module(model):
+    head = getattr(model, "lm_head", None)
+    return head if head is not None else model.model.embed_tokens
+
+
+def head_is_trainable(model) -> bool:
+    return bool(tree_flatten(_head_module(model).trainable_parameters()))
+
+
+def _lanes(n_chunks: int):
+    if on_cpu() and CPU_STREAMS > 1 and n_chunks > 1:
+        return [None] + _cpu_streams(CPU_STREAMS - 1)
+    return [None]
+
+
+def _fused_ce(head, h, targets, mask, chunk: int):
+    """(sum of masked CE, dL/dh) in one pass over the vocabulary, chunk by chunk."""
+    N = h.shape[0]
+    lanes = _lanes(-(-N // chunk))
+    losses, grads, last = [], [], {}
+    for c, s in enumerate(range(0, N, chunk)):
+        e = min(N, s + chunk)
+        lane = lanes[c % len(lanes)]
+        hc, tc, mc = h[s:e], targets[s:e], mask[s:e]
+        prev = last.get(lane)
+        if prev is not None:  # free the previous chunk on this lane before making this one
+            hc = mx.depends(hc, prev)
+        logits = head(hc).astype(mx.float32)
+        # The elementwise work goes to the lane, the matmuls stay on the default stream.
+        with mx.stream(lane) if lane is not None else _nullctx():
+            top = mx.stop_gradient(logits.max(axis=-1, keepdims=True))
+            tgt = mx.take_along_axis(logits, tc[:, None], axis=-1)
+            ex = mx.exp(logits - top)  # the one exp over the chunk's logits
+            z = ex.sum(axis=-1, keepdims=True)
+            loss = ((top + mx.log(z) - tgt)[:, 0] * mc).sum()
+            # softmax - onehot(target), times the mask, without a (chunk x vocab) onehot
+            g = ex * (mc[:, None] / z)
+            g = mx.put_along_axis(g, tc[:, None], mx.take_along_axis(g, tc[:, None], axis=-1) - mc[:, None], axis=-1)
+            g = g.astype(hc.dtype)
+        _, (dh,) = mx.vjp(head, [hc], [g])
+        losses.append(loss)
+        grads.append(dh)
+        last[lane] = [loss, dh]
+    total = losses[0] if len(losses) == 1 else mx.sum(mx.stack(losses))
+    return total, grads[0] if len(grads) == 1 else mx.concatenate(grads, axis=0)
+
+
+def _fused_fn(head, chunk: int):
+    @mx.custom_function
+    def ce(h, targets, mask):
+        return _fused_ce(head, h, targets, mask, chunk)
+
+    @ce.vjp
+    def ce_vjp(primals, cotangents, outputs):
+        h, targets, mask = primals
+        return outputs[1] * cotangents[0].astype(h.dtype), mx.zeros_like(targets), mx.zeros_like(mask)
+
+    return ce
+
+
+def _checkpointed_ce(model, h, targets, mask, chunk: int):
+    """Sum of masked CE by autodiff, each chunk under mx.checkpoint (trainable head)."""
+    module, head = _head_module(model), lm_head(model)
+
+    def chunk_loss(params, hc, tc, mc):
+        module.update(params)
+        tc = mx.stop_gradient(tc)  # integer targets: no gradient to ask for
+        logits = head(hc).astype(mx.float32)
+        ce = mx.logsumexp(logits, axis=-1) - mx.take_along_axis(logits, tc[:, None], axis=-1)[:, 0]
+        return (ce * mc).sum()
+
+    fn = mx.checkpoint(chunk_loss)
+    params = module.trainable_parameters()
+    total = None
+    for s in range(0, h.shape[0], chunk):
+        e = min(h.shape[0], s + chunk)
+        part = fn(params, h[s:e], targets[s:e], mask[s:e])
+        total = part if total is None else total + part
+    return total
+
+
+def masked_ce_sum(model, h: mx.array, targets: mx.array, mask: mx.array, chunk: Optional[int] = None) -> mx.array:
+    """Sum over tokens of mask * CE(lm_head(h), targets); h (..., hidden), targets/mask (...)."""
+    h = h.reshape(-1, h.shape[-1])
+    targets = targets.reshape(-1)
+    mask = mask.reshape(-1).astype(mx.float32)
+    if chunk is None:
+        chunk = chunk_size_for(_vocab_size(model))
+    if head_is_trainable(model):
+        return _checkpointed_ce(model, h, targets, mask, chunk)
+    total, _ = _fused_fn(lm_head(model), chunk)(h, targets, mask)
+    return total
+
+
+def _vocab_size(model) -> int:
+    m = _head_module(model)
+    w = getattr(m, "weight", None)
+    if w is not None and getattr(m, "bits", None) is None and w.ndim == 2:
+        return w.shape[0]
+    args = getattr(model, "args", None)
+    return int(getattr(args, "vocab_size", 32000))
+
+
+def loss_fn(model, inputs: mx.array, targets: mx.array, loss_mask: mx.array,
+            segment_ids: Optional[mx.array] = None, positions: Optional[mx.array] = None,
+            chunk: Optional[int] = None):
+    """(mean CE over trained tokens, number of trained tokens) for one batch.
+
+    Use with ``nn.value_and_grad(model, loss_fn)(model, *batch.arrays())``; packing info
+    (``segment_ids``, ``positions``) goes to the attention as call arguments.
+    """
+    h = hidden_states(model, inputs, segment_ids, positions)
+    n = loss_mask.astype(mx.float32).sum()
+    total = masked_ce_sum(model, h, targets, loss_mask, chunk)
+    return total / mx.maximum(n, 1.0), n
+
+
+def full_loss_reference(model, inputs, targets, loss_mask, segment_ids=None, positions=None):
+    """The plain computation (whole float32 logits, autodiff): what ``loss_fn`` must equal."""
+    from .attention import forward
+
+    logits = forward(model, inputs, segment_ids, positions).astype(mx.float32)
+    ce = mx.logsumexp(logits, axis=-1) - mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    n = loss_mask.sum()
+    return (ce * loss_mask).sum() / mx.maximum(n, 1.0), n

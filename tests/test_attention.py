@@ -1,0 +1,131 @@
+"""Packing-aware attention: exact against MLX's fused attention and against unpacked runs."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from mlx_tune import attention as A
+from mlx_tune.errors import UserError
+from mlx_tune.tiny import tiny_model
+
+
+def _qkv(B=2, H=6, Hkv=2, L=100, D=16, seed=0):
+    mx.random.seed(seed)
+    return mx.random.normal((B, H, L, D)), mx.random.normal((B, Hkv, L, D)), mx.random.normal((B, Hkv, L, D))
+
+
+def _segments(B, L, lengths):
+    seg = np.full((B, L), -1, dtype=np.int32)
+    pos = np.zeros((B, L), dtype=np.int32)
+    for b in range(B):
+        t = 0
+        for s, n in enumerate(lengths):
+            seg[b, t:t + n], pos[b, t:t + n] = s, np.arange(n)
+            t += n
+        pos[b, t:] = np.arange(L - t)
+    return mx.array(seg), mx.array(pos)
+
+
+@pytest.mark.parametrize("block,streams", [(32, 1), (32, 2), (48, 2), (128, 1)])
+def test_block_causal_equals_fused_sdpa(block, streams):
+    q, k, v = _qkv()
+    ref = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask="causal")
+    out = A.block_causal_attention(q, k, v, 0.25, block=block, streams=streams)
+    assert mx.allclose(out, ref, atol=1e-5).item()
+
+    seg, _ = _segments(2, 100, [30, 45, 10])
+    mask = A.packed_mask(seg)
+    ref = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask=mask)
+    out = A.block_causal_attention(q, k, v, 0.25, mask, block=block, streams=streams)
+    assert mx.allclose(out, ref, atol=1e-5).item()
+
+
+def test_block_causal_gradients_equal_fused_sdpa_under_compile():
+    q, k, v = _qkv(L=70)
+    w = mx.random.normal(q.shape)
+    seg, _ = _segments(2, 70, [20, 41])
+    mask = A.packed_mask(seg)
+
+    def ours(q, k, v):
+        return (A.block_causal_attention(q, k, v, 0.25, mask, block=16, streams=2) * w).sum()
+
+    def ref(q, k, v):
+        return (mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask=mask) * w).sum()
+
+    g1 = mx.compile(mx.grad(ours, argnums=(0, 1, 2)))(q, k, v)
+    g2 = mx.grad(ref, argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(g1, g2):
+        assert mx.allclose(a, b, atol=1e-4, rtol=1e-4).item()
+
+
+def test_packed_mask_blocks_other_examples():
+    seg, _ = _segments(1, 8, [3, 4])
+    m = np.array(A.packed_mask(seg))[0, 0]
+    assert m[2, :3].all() and not m[2, 3:].any()  # example 0 sees itself only
+    assert not m[3, :3].any() and m[3, 3] and not m[3, 4:].any()  # example 1 restarts
+    assert m[7, 7] and not m[7, :7].any()  # padding sees padding only
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3"])
+def test_packed_rows_equal_examples_run_alone(model_type):
+    model = tiny_model(model_type, seed=1)
+    rng = np.random.default_rng(0)
+    lengths = [9, 14, 5]
+    examples = [mx.array(rng.integers(3, 250, size=(1, n)).astype(np.int32)) for n in lengths]
+    alone = [model(x) for x in examples]  # the untouched mlx-lm model
+    row = mx.concatenate(examples + [mx.zeros((1, 4), mx.int32)], axis=1)
+    seg, pos = _segments(1, row.shape[1], lengths)
+    packed = A.forward(model, row, seg, pos)
+    t = 0
+    for x, ref in zip(examples, alone):
+        n = x.shape[1]
+        assert mx.allclose(packed[:, t:t + n], ref, atol=1e-4).item()
+        t += n
+    # compiled, the packing info passed as call arguments
+    fn = mx.compile(lambda r, s, p: A.forward(model, r, s, p))
+    assert mx.allclose(fn(row, seg, pos), packed, atol=1e-5).item()
+
+
+def test_without_packing_info_the_module_is_unchanged():
+    model = tiny_model("llama", seed=2)
+    x = mx.array([[5, 9, 11, 40, 41, 42]])
+    before = model(x)
+    cache = model.make_cache()
+    step_before = model(x[:, :4], cache=cache)
+    A.enable_packing(model)
+    assert A.is_enabled(model)
+    assert mx.array_equal(model(x), before).item()  # plain call: the original path
+    assert mx.allclose(A.forward(model, x), before, atol=1e-5).item()  # causal, no packing
+    cache = model.make_cache()
+    assert mx.array_equal(model(x[:, :4], cache=cache), step_before).item()  # generation with a KV cache
+    names = {k for k, _ in tree_flatten(model.parameters())}
+    assert "model.layers.0.self_attn.q_proj.weight" in names  # parameter paths unchanged
+    A.disable_packing(model)
+    assert not A.is_enabled(model)
+
+
+def test_lora_injected_after_enable_packing_is_used():
+    from mlx_tune.adapters import inject
+    from mlx_tune.config import LoraConfig
+
+    model = tiny_model("qwen2", seed=3)
+    A.enable_packing(model)
+    inject(model, LoraConfig(rank=4, target_modules=["q_proj", "v_proj"]))
+    x = mx.array([[5, 9, 11, 40]])
+    base = A.forward(model, x)
+    for layer in model.model.layers:  # a non-zero B changes the output through the adapter
+        ad = layer.self_attn.v_proj.adapters["default"]
+        ad.lora_b = mx.ones_like(ad.lora_b)
+    assert not mx.allclose(A.forward(model, x), base, atol=1e-4).item()
+
+
+def test_unsupported_architecture_fails_clearly():
+    class Fake:
+        model_type = "gpt_bigcode"
+
+    assert "set train.packing: false" in A.unsupported_reason(Fake())
+    with pytest.raises(UserError, match="gpt_bigcode"):
+        A.enable_packing(Fake())

@@ -1,0 +1,180 @@
+"""The memory planner: prediction vs a real measured step, config sources, `mlx-tune plan`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from mlx_tune.errors import UserError
+from mlx_tune.memory import (GB, Settings, arch_from_config, fits, plan, plan_config, read_source_config)
+
+ROOT = Path(__file__).resolve().parent.parent
+# A medium-small llama (about 20 M weights): big enough that activations, not MLX's
+# fixed buffers, make up the peak, small enough that one step takes about a second.
+MEDIUM = dict(hidden_size=512, num_hidden_layers=4, intermediate_size=1408, num_attention_heads=8,
+              num_key_value_heads=4, head_dim=64, vocab_size=8192)
+
+
+@pytest.fixture(scope="module")
+def medium_model():
+    import mlx.core as mx
+
+    from mlx_tune.adapters import inject
+    from mlx_tune.config import LoraConfig, QuantizeConfig
+    from mlx_tune.quant import quantize_model
+    from mlx_tune.tiny import tiny_model
+
+    model = tiny_model("llama", **MEDIUM)
+    quantize_model(model, QuantizeConfig(bits=4, group_size=64))
+    inject(model, LoraConfig(rank=16))
+    mx.eval(model.parameters())
+    return model
+
+
+@pytest.mark.parametrize("grad_checkpoint", [True, False])
+def test_prediction_within_15_percent_of_a_measured_step(medium_model, grad_checkpoint):
+    from mlx_tune.memprobe import measure_steps
+    from mlx_tune.tiny import tiny_config
+
+    m = measure_steps(medium_model, 1, 256, grad_checkpoint=grad_checkpoint, ce_chunk=256, steps=2)
+    p = plan(arch_from_config(tiny_config("llama", **MEDIUM)),
+             Settings(batch_size=1, seq_len=256, grad_checkpoint=grad_checkpoint, ce_chunk=256, backend="cpu"))
+    ratio = m.peak_bytes / p.mlx_peak
+    assert 0.85 <= ratio <= 1.15, (m.peak_bytes, p.mlx_peak, p.parts)
+    assert m.loss == m.loss and m.loss > 0  # a real, finite step
+
+
+def test_checkpointing_saves_memory_and_the_planner_sees_it(medium_model):
+    from mlx_tune.memprobe import measure_steps
+    from mlx_tune.tiny import tiny_config
+
+    arch = arch_from_config(tiny_config("llama", **MEDIUM))
+    s = Settings(batch_size=1, seq_len=512, ce_chunk=512, backend="cpu")
+    on = measure_steps(medium_model, 1, 512, grad_checkpoint=True, steps=1).peak_bytes
+    off = measure_steps(medium_model, 1, 512, grad_checkpoint=False, steps=1).peak_bytes
+    p_on, p_off = plan(arch, s).mlx_peak, plan(arch, replace(s, grad_checkpoint=False)).mlx_peak
+    assert on < off and p_on < p_off
+    assert abs((off - on) - (p_off - p_on)) <= 0.3 * (off - on)  # the saving itself is predicted
+
+
+def test_chunked_cross_entropy_matches_the_plain_loss_and_gradient():
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    from mlx_tune.memprobe import chunked_cross_entropy
+    from mlx_tune.tiny import tiny_model
+
+    model = tiny_model("llama")
+    h = mx.random.normal((2, 10, 64))
+    t = mx.random.randint(0, model.args.vocab_size, (2, 10))
+
+    def plain(h):
+        return nn.losses.cross_entropy(model.model.embed_tokens.as_linear(h), t).mean()
+
+    def chunked(h):
+        return chunked_cross_entropy(model, h, t, chunk=3)
+
+    (a, ga), (b, gb) = mx.value_and_grad(plain)(h), mx.value_and_grad(chunked)(h)
+    assert abs(a.item() - b.item()) < 1e-5
+    assert mx.allclose(ga, gb, atol=1e-6).item()
+
+
+def test_reads_an_hf_folder(tmp_path):
+    from mlx_tune.tiny import save_tiny_folder, tiny_config
+
+    folder = save_tiny_folder(tmp_path / "m")
+    src = read_source_config(str(folder))
+    assert src.origin == "folder" and src.config["hidden_size"] == tiny_config()["hidden_size"]
+    arch = arch_from_config(src.config)
+    assert arch.layers == 2 and arch.tied and arch.head_dim == 16
+
+
+def test_reads_a_gguf_header(smollm2_path):
+    src = read_source_config(str(smollm2_path))
+    arch = arch_from_config(src.config)
+    assert (arch.layers, arch.hidden, arch.heads, arch.kv_heads, arch.vocab) == (30, 576, 9, 3, 49152)
+    assert arch.tied and src.quantization == {"bits": 4, "group_size": 32}
+    assert 0.12e9 < arch.params() < 0.15e9
+
+
+def test_known_7b_configs_plan_offline_under_24_gb(monkeypatch):
+    from mlx_tune.config import config_from_dict
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for repo, params in [("mistralai/Mistral-7B-Instruct-v0.3", 7.25e9), ("meta-llama/Llama-3.1-8B-Instruct", 8.03e9),
+                         ("Qwen/Qwen2.5-7B-Instruct", 7.6e9)]:
+        cfg = config_from_dict({"model": repo, "quantize": {"bits": 4, "group_size": 64},
+                                "train": {"iters": 1, "batch_size": 2, "max_seq_length": 2048, "grad_checkpoint": True}})
+        p = plan_config(cfg, backend="cpu")
+        assert abs(p.arch.params() - params) / params < 0.02, (repo, p.arch.params())
+        assert p.total < 24 * GB, (repo, p.parts)
+        # 4-bit g64 with 16-bit scales and biases: 4.5 bits per weight.
+        assert abs(p.parts["base weights"] / p.arch.params() - 4.5 / 8) < 0.01
+
+
+def test_unknown_hub_id_offline_is_one_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match="cannot read its config.json"):
+        read_source_config("nobody-here/no-such-model-xyz")
+
+
+def test_fits_is_the_largest_that_fits():
+    from mlx_tune.known_configs import KNOWN_CONFIGS
+
+    arch = arch_from_config(KNOWN_CONFIGS["meta-llama/Llama-3.1-8B-Instruct"])
+    s = Settings(batch_size=1, seq_len=2048)
+    budget = 16 * GB
+    f = fits(arch, s, budget)
+    assert plan(arch, replace(s, batch_size=f["max_batch_size"])).total <= budget
+    assert plan(arch, replace(s, batch_size=f["max_batch_size"] + 1)).total > budget
+    assert plan(arch, replace(s, seq_len=f["max_seq_len"])).total <= budget
+    assert plan(arch, replace(s, seq_len=f["max_seq_len"] + 64)).total > budget
+
+
+def _cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "mlx_tune", "plan", *args], capture_output=True, text=True,
+                          cwd=ROOT, env={**os.environ, **(env or {})}, timeout=120)
+
+
+def test_plan_command_prints_a_breakdown(tmp_path):
+    from mlx_tune.tiny import save_tiny_folder
+
+    folder = save_tiny_folder(tmp_path / "m")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: {folder}\nquantize: null\ntrain: {{iters: 5, max_seq_length: 128}}\n")
+    r = _cli(str(cfg), "train.batch_size=2", "--budget-gb", "4")
+    assert r.returncode == 0, r.stderr
+    for word in ("base weights", "LoRA params", "MLX peak", "total", "budget", "largest"):
+        assert word in r.stdout
+    r = _cli(str(cfg), "--json")
+    out = json.loads(r.stdout)
+    assert out["settings"]["batch_size"] == 4 and out["fits"] in (True, False) and out["max_seq_len"] > 0
+
+
+def test_plan_command_bad_config_is_one_line(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("model: /no/such/folder\ntrain: {iters: 5}\n")
+    r = _cli(str(cfg))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "no such model folder" in r.stderr
+    cfg.write_text("model: x/y\ntrain: {iterz: 5}\n")
+    r = _cli(str(cfg))
+    assert r.returncode == 2 and "train.iterz" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_repo_configs_predicted_under_24_gb(monkeypatch):
+    from mlx_tune.config import load_config
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    found = [p for p in sorted((ROOT / "configs").glob("*.yaml")) if p.name != "demo.yaml"]
+    if not found:
+        pytest.skip("no 7B configs in configs/")
+    for path in found:
+        p = plan_config(load_config(path), backend="cpu")
+        assert p.total < 24 * GB, (path.name, p.total / GB)
