@@ -219,7 +219,7 @@ def main(argv=None) -> int:
     # (c) is timed between two more (a) steps; its ratio uses their mean, so a change in
     # the machine's load during the minutes (c) takes is seen by both sides.
     a_trainer = trainers["mlx_tune_4bit"]
-    bracket = [a_trainer.step()]
+    bracket = [] if args.quick else [a_trainer.step()]  # --quick: the median of (a)'s steps
     if args.rival_blocks is None:
         _, rival_peak, rival_s = start("mlx_lm_4bit", args.batch, args.seq)
         how = "one full 30-block step (its first call: tracing is < 1 s of it)"
@@ -235,12 +235,13 @@ def main(argv=None) -> int:
         how = (f"EXTRAPOLATED from {b1} and {b2} blocks ({t[b1]:.1f} s, {t[b2]:.1f} s: {fixed:.1f} s fixed + "
                f"{per_block:.1f} s/block x 30; one step each; noisy on a loaded machine)")
         rival_peak = None
-    bracket.append(a_trainer.step())
-    a_ref = statistics.mean(bracket)
+    if not args.quick:
+        bracket.append(a_trainer.step())
+    a_ref = statistics.mean(bracket) if bracket else res["mlx_tune_4bit"]["s_per_step"]
     del trainers, a_trainer
     res["mlx_lm_4bit"] = {"s_per_step": rival_s, "how": how}
-    print(f"  mlx_lm_4bit    {1 / rival_s:.5f} steps/s ({rival_s:.1f} s/step), {how}; (a) steps around it: "
-          f"{', '.join(f'{t:.2f}' for t in bracket)} s", flush=True)
+    around = f"; (a) steps around it: {', '.join(f'{t:.2f}' for t in bracket)} s" if bracket else ""
+    print(f"  mlx_lm_4bit    {1 / rival_s:.5f} steps/s ({rival_s:.1f} s/step), {how}{around}", flush=True)
 
     a, b = res["mlx_tune_4bit"], res["fp32"]
     speed_vs_fp32 = b["s_per_step"] / a["s_per_step"]
