@@ -69,7 +69,7 @@ def test_packed_mask_blocks_other_examples():
     assert m[7, 7] and not m[7, :7].any()  # padding sees padding only
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3"])
 def test_packed_rows_equal_examples_run_alone(model_type):
     model = tiny_model(model_type, seed=1)
     rng = np.random.default_rng(0)
