@@ -332,6 +332,14 @@ def _sigint_flag():
         signal.signal(signal.SIGINT, previous)
 
 
+def _agreed(flag: bool, group: Any) -> bool:
+    """``flag`` on any rank (a Ctrl-C reaches one rank; all must stop together or the
+    others would wait in ``all_sum`` for ever)."""
+    if group is None or group.size() == 1:
+        return flag
+    return mx.distributed.all_sum(mx.array(int(flag)), group=group).item() > 0
+
+
 def _out_of_memory(exc: Exception, limit_gb: float | None) -> TrainingStopped | None:
     text = str(exc).lower()
     if "memory" not in text and "malloc" not in text:
@@ -378,7 +386,7 @@ def train(model: nn.Module, optimizer: optim.Optimizer, batches: Iterable, loss_
         with _sigint_flag() as interrupted:
             if settings.eval_at_start and state.step == 0:
                 run_eval()
-            while state.step < settings.iters and not interrupted.is_set():
+            while state.step < settings.iters and not _agreed(interrupted.is_set(), group):
                 tic = time.perf_counter()
                 mx.random.seed(step_key_seed(settings.seed, state.step + 1, group.rank()))
                 acc, n_tokens = None, 0
@@ -448,7 +456,7 @@ def train(model: nn.Module, optimizer: optim.Optimizer, batches: Iterable, loss_
                 if state.step % settings.steps_per_eval == 0 or last:
                     run_eval()
                 _emit(callbacks, "on_step_end", state)
-            if interrupted.is_set():
+            if state.step < settings.iters:  # left the loop early: Ctrl-C (on any rank)
                 state.interrupted = True
                 _emit(callbacks, "on_interrupt", state)
     except RuntimeError as exc:
