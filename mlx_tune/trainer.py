@@ -245,16 +245,28 @@ class Step:
 # ---------------------------------------------------------------------------
 
 
+_eval_fns: dict[tuple[int, int], Callable] = {}
+
+
+def _compiled_eval(model: nn.Module, loss_fn: Callable) -> Callable:
+    """``loss_fn`` compiled over the model's state (weights are inputs, not constants)."""
+    key = (id(model), id(loss_fn))
+    if key not in _eval_fns:
+        _eval_fns[key] = mx.compile(lambda arrays: loss_fn(model, _traced_batch(arrays)), inputs=[model.state])
+    return _eval_fns[key]
+
+
 def evaluate(model: nn.Module, batches: Iterable, loss_fn: Callable, max_batches: int = 0, group: Any = None) -> tuple[float, int]:
     """Token-weighted mean loss over ``batches`` (all of them when max_batches is 0), all ranks."""
     was_training = model.training
     model.eval()
+    fn = _compiled_eval(model, loss_fn)
     total, count = mx.array(0.0), mx.array(0.0)
     try:
         for i, batch in enumerate(batches):
             if max_batches and i >= max_batches:
                 break
-            loss, ntoks = loss_fn(model, _traced_batch(batch_arrays(batch)))
+            loss, ntoks = fn(batch_arrays(batch))
             total = total + loss.astype(mx.float32) * ntoks
             count = count + ntoks
             mx.eval(total, count)
@@ -353,12 +365,14 @@ def _out_of_memory(exc: Exception, limit_gb: float | None) -> TrainingStopped | 
 
 def train(model: nn.Module, optimizer: optim.Optimizer, batches: Iterable, loss_fn: Callable,
           settings: LoopSettings, callbacks: Iterable = (), state: LoopState | None = None,
-          val_batches: Callable[[], Iterable] | None = None, group: Any = None) -> LoopState:
+          val_batches: Callable[[], Iterable] | None = None, group: Any = None,
+          eval_loss_fn: Callable | None = None) -> LoopState:
     """Train until ``settings.iters`` optimizer steps; returns the final ``LoopState``.
 
     ``batches`` yields batches (``batch_arrays`` fields plus ``n_tokens``); each step
     draws ``grad_accumulation`` of them. ``val_batches()`` returns a fresh validation
-    iterator. Resume by passing the restored ``state`` (and a model, optimizer, random
+    iterator; ``eval_loss_fn`` (default ``loss_fn``) scores it, e.g. a forward-only loss.
+    Resume by passing the restored ``state`` (and a model, optimizer, random
     key and batch stream restored to the same step).
     """
     state = state or LoopState()
@@ -375,7 +389,7 @@ def train(model: nn.Module, optimizer: optim.Optimizer, batches: Iterable, loss_
         if val_batches is None:
             return
         tic = time.perf_counter()
-        val_loss, n = evaluate(model, val_batches(), loss_fn, settings.val_batches, group)
+        val_loss, n = evaluate(model, val_batches(), eval_loss_fn or loss_fn, settings.val_batches, group)
         state.val_loss = val_loss
         _emit(callbacks, "on_eval", {"step": state.step, "val_loss": val_loss,
                                      "val_perplexity": _ppl(val_loss), "val_tokens": n,

@@ -216,6 +216,27 @@ def test_grad_checkpoint_with_dropout_recomputes_the_same_masks(monkeypatch):
     assert any(np.abs(v).max() > 0 for v in ga.values())
 
 
+def test_eval_loss_equals_the_training_loss_and_follows_the_weights():
+    from mlx_tune.batching import Batch
+    from mlx_tune.commands.train import batch_loss, eval_loss
+
+    model = adapted()
+    t = mx.array(rows(2, 33))
+    seg = mx.array([[0] * 10 + [1] * 22, [0] * 30 + [-1] * 2])
+    pos = mx.array([list(range(10)) + list(range(22)), list(range(32))])
+    mask = mx.array(ragged_mask(2, 32))
+    b = Batch(t[:, :-1], t[:, 1:], mask, seg, pos)
+    want, n = batch_loss(model, b)
+    got, m = eval_loss(model, b)
+    assert got.item() == pytest.approx(want.item(), rel=1e-5) and n.item() == m.item()
+    before, _ = trainer.evaluate(model, [b], eval_loss)
+    assert before == pytest.approx(want.item(), rel=1e-5)
+    for _, w in adapters.wrappers(model):  # the compiled evaluation must see new weights
+        w.adapters["default"].lora_b = w.adapters["default"].lora_b * 3
+    after, _ = trainer.evaluate(model, [b], eval_loss)
+    assert after == pytest.approx(batch_loss(model, b)[0].item(), rel=1e-5) and after != pytest.approx(before)
+
+
 def test_memory_limit_stops_with_a_clear_message():
     with pytest.raises(trainer.TrainingStopped, match="memory_limit_gb"):
         run(adapted(), [make_batch(rows(2))] * 2, 2, memory_limit_gb=1e-6)

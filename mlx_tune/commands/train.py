@@ -66,6 +66,27 @@ def batch_loss(model, batch):
     return loss_fn(model, batch.inputs, batch.targets, batch.loss_mask, batch.segment_ids, batch.positions)
 
 
+def eval_loss(model, batch):
+    """Forward-only loss for validation / test: the same value as ``batch_loss``, without the
+    gradient that ``losses.loss_fn`` computes in its forward pass (frozen head: a second
+    vocabulary-sized matmul per token, wasted when nothing is trained)."""
+    import mlx.core as mx
+
+    from ..attention import hidden_states, lm_head
+    from ..losses import _vocab_size, chunk_size_for
+
+    h = hidden_states(model, batch.inputs, batch.segment_ids, batch.positions)
+    h, targets = h.reshape(-1, h.shape[-1]), batch.targets.reshape(-1)
+    mask = batch.loss_mask.reshape(-1).astype(mx.float32)
+    head, chunk, total = lm_head(model), chunk_size_for(_vocab_size(model)), mx.array(0.0)
+    for s in range(0, h.shape[0], chunk):  # one chunk of float32 logits at a time
+        logits = head(h[s:s + chunk]).astype(mx.float32)
+        ce = mx.logsumexp(logits, axis=-1) - mx.take_along_axis(logits, targets[s:s + chunk, None], axis=-1)[:, 0]
+        total = total + (ce * mask[s:s + chunk]).sum()
+    n = mask.sum()
+    return total / mx.maximum(n, 1.0), n
+
+
 def run(args: argparse.Namespace) -> int:
     from ..config import load_config
 
@@ -145,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
                f"{tc.grad_accumulation} micro-batch(es) per step, {world} rank(s), {len(stream)} batches per epoch")
     start = time.perf_counter()
     state = trainer.train(model, optimizer, stream, loss_fn, settings, callbacks, loop_state,
-                          val_batches=held_out("valid"), group=group)
+                          val_batches=held_out("valid"), group=group, eval_loss_fn=eval_loss)
     elapsed = time.perf_counter() - start
     if state.interrupted:
         _say(rank, f"interrupted at step {state.step}; checkpoint {ckpt.last_saved}; "
@@ -158,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
     if tc.test and test is None:
         _say(rank, f"train.test: no {Path(cfg.data) / 'test.jsonl'}; test loss skipped")
     if test is not None:
-        loss, n = trainer.evaluate(model, test(), loss_fn, 0, group)
+        loss, n = trainer.evaluate(model, test(), eval_loss, 0, group)
         ppl = math.exp(min(loss, 700.0))
         _say(rank, f"test loss {loss:.4f}, perplexity {ppl:.2f} over {n} tokens")
         if metrics is not None:
