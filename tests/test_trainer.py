@@ -163,6 +163,11 @@ def test_nan_steps_in_a_row_stop_the_run():
         run(adapted(), [make_batch(rows(2))] + [empty] * 5, 6, max_bad_steps=3)
 
 
+def test_a_finite_stream_ends_the_run_cleanly():
+    state = run(adapted(), [make_batch(rows(2, seed=s)) for s in range(2)], 5)
+    assert state.step == 2 and not state.interrupted
+
+
 def test_metrics_rows_and_eval(tmp_path):
     log = trainer.MetricsLog(tmp_path / "metrics.jsonl")
     data = [make_batch(rows(2, seed=s)) for s in range(6)]
