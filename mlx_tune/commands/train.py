@@ -4,10 +4,16 @@ Config -> (all checks) -> model -> backend fast path -> LoRA -> data -> loop -> 
 Writes into ``output_dir``: ``adapters.safetensors``, ``adapter_config.json``,
 ``metrics.jsonl``, ``checkpoints/step_*`` and ``loss.png`` (with matplotlib).
 
-Data parallel: run it under ``mlx.launch`` (for example
-``mlx.launch --backend ring --hosts 127.0.0.1 -n 2 -m mlx_tune train CONFIG.yaml``);
-``train.batch_size`` is the global batch, each rank takes ``batch_size / world`` rows of
-its own shard, gradients are summed over ranks, and only rank 0 writes files.
+Data parallel: run it under ``mlx.launch``, one process per rank, for example two on this
+machine, or one on each of two Macs (passwordless ssh, the same paths on both):
+
+    mlx.launch --backend ring --hosts 127.0.0.1 -n 2 .venv/bin/python -m mlx_tune train CONFIG.yaml
+    mlx.launch --backend ring --hosts mac1.local,mac2.local "$PWD/.venv/bin/python" -m mlx_tune train CONFIG.yaml
+
+``train.batch_size`` is the global batch: each rank takes ``batch_size / world`` rows of
+its own shard (global batches rank, rank + world, ...), token-weighted gradients are
+summed over ranks with ``all_sum``, and only rank 0 writes files. The result equals one
+process with ``batch_size / world`` rows and ``grad_accumulation x world`` micro-batches.
 """
 
 from __future__ import annotations
