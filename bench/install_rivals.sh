@@ -10,4 +10,6 @@ py="${PYTHON:-python3}"
 # A pinned CPU build where a wheel of it is at hand; plain "torch" elsewhere.
 .venv-rivals/bin/python -m pip install --quiet "torch==2.13.0" 2>/dev/null || .venv-rivals/bin/python -m pip install --quiet torch
 .venv-rivals/bin/python -m pip install --quiet transformers peft safetensors numpy gguf
+# mlx_tune itself too, so interop checks (bench/check_*.py) can compare both sides in one process.
+.venv-rivals/bin/python -m pip install --quiet -e .
 echo "rivals ready: $(.venv-rivals/bin/python -c 'import torch, peft, transformers; print("torch", torch.__version__, "peft", peft.__version__, "transformers", transformers.__version__)')"

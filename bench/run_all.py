@@ -15,6 +15,7 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -22,6 +23,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
+
+# Interop checks need torch + peft + transformers beside mlx_tune: the rivals' Python.
+RIVALS_PYTHON = [os.environ.get("MLX_TUNE_RIVALS_PYTHON"), str(ROOT / ".venv-rivals" / "bin" / "python")]
+NEEDS_RIVALS = {"check_peft_interop.py"}
 
 # (script, extra args for the full run, extra args for --quick, timeout seconds full / quick)
 BENCHMARKS = [
@@ -61,9 +66,12 @@ def run_one(script: str, args: list[str], timeout: int) -> tuple[list[dict], dic
         return [_failed(script, "benchmark script missing")], entry
     start = time.perf_counter()
     print(f"== {script} {' '.join(args)}", flush=True)
+    python = sys.executable
+    if script in NEEDS_RIVALS:
+        python = next((p for p in RIVALS_PYTHON if p and Path(p).is_file()), sys.executable)
     try:
         proc = subprocess.run(
-            [sys.executable, str(path), *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+            [python, str(path), *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
             env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"},
         )
     except subprocess.TimeoutExpired as exc:
@@ -79,6 +87,18 @@ def run_one(script: str, args: list[str], timeout: int) -> tuple[list[dict], dic
         err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         print(proc.stderr[-3000:], file=sys.stderr, flush=True)
         return [_failed(script, f"exit {proc.returncode}: {err}")], entry
+    skipped = [ln for ln in proc.stdout.splitlines() if ln.startswith("skipped:")]
+    if not targets and skipped and proc.returncode == 0:
+        entry["status"] = "skipped"
+        return [{"name": f"{script}: ran", "measured": None, "target": "runs", "unit": "", "rival": None,
+                 "pass": None, "benchmark": script, "note": skipped[0] + " (make bench-rivals installs them)"}], entry
+    worst = re.search(r"worst ([0-9.eE+-]+) vs tolerance ([0-9.eE+-]+)", proc.stdout)
+    if not targets and worst:
+        entry["status"] = "ok"
+        measured, tol = float(worst.group(1)), float(worst.group(2))
+        return [{"name": "PEFT export: max |logit diff| in peft.PeftModel vs mlx_tune", "measured": measured,
+                 "target": tol, "unit": "", "rival": "Hugging Face PEFT", "pass": measured <= tol,
+                 "benchmark": script}], entry
     if not targets:
         entry["status"] = "no targets printed"
         return [_failed(script, "printed no target objects")], entry
