@@ -7,8 +7,9 @@
       (``mx.quantized_matmul``: ~2-3 GFLOP/s on MLX's CPU backend)
 
 Same step for all: LoRA r=16 (scale alpha/r = 2) on every linear of every block
-(q, k, v, o, gate, up, down), batch 4 x 256 tokens, cross-entropy, AdamW, compiled as
-mlx-lm's trainer compiles it. Reports steps/s, MLX peak memory (``mx.get_peak_memory``
+(q, k, v, o, gate, up, down), batch 4 x 256 tokens, the same forward (mlx_tune's causal
+attention by default, ``--attention mlx_lm`` for mlx-lm's), cross-entropy over the whole
+logits, AdamW, compiled as mlx-lm's trainer compiles it. Reports steps/s, MLX peak memory (``mx.get_peak_memory``
 after ``mx.reset_peak_memory``, model weights included) and the targets:
 
   a >= 0.8x b (speed), a >= 20x c (speed), peak(a) < peak(b).
@@ -125,14 +126,19 @@ def build(variant: str, blocks: int | None = None):
 class Trainer:
     """The compiled LoRA step as mlx-lm's trainer runs it, on one model."""
 
-    def __init__(self, model, batch: int, seq: int):
+    def __init__(self, model, batch: int, seq: int, attention: str = "mlx_tune"):
         mx.random.seed(0)
         tokens = mx.random.randint(0, 49152, (batch, seq + 1))
         self.x, self.y = tokens[:, :-1], tokens[:, 1:]
         self.model, opt = model, optim.AdamW(learning_rate=1e-4)
+        forward = model
+        if attention == "mlx_tune":  # mlx_tune's causal attention (cheaper on the CPU), as its trainer runs
+            from mlx_tune.attention import forward as packed_forward
+
+            forward = partial(packed_forward, model)
 
         def loss_fn(model, x, y):
-            return nn.losses.cross_entropy(model(x), y).mean()
+            return nn.losses.cross_entropy(forward(x), y).mean()
 
         loss_and_grad = nn.value_and_grad(model, loss_fn)
         self.state = state = [model.state, opt.state]
@@ -157,6 +163,9 @@ class Trainer:
         return self.times[-1] if record else time.perf_counter() - t0
 
 
+ATTENTION = "mlx_tune"  # set from --attention
+
+
 def start(variant: str, batch: int, seq: int, blocks: int | None = None) -> tuple[Trainer, int, float]:
     """Build a model and run its first (compiling) step; returns the trainer, its peak
     memory (its own model, optimizer state and step, excluding arrays that already
@@ -164,7 +173,7 @@ def start(variant: str, batch: int, seq: int, blocks: int | None = None) -> tupl
     gc.collect()
     mx.clear_cache()
     resident = mx.get_active_memory()
-    trainer = Trainer(build(variant, blocks), batch, seq)
+    trainer = Trainer(build(variant, blocks), batch, seq, ATTENTION)
     mx.reset_peak_memory()
     first = trainer.step(record=False)
     return trainer, mx.get_peak_memory() - resident, first
@@ -185,8 +194,12 @@ def main(argv=None) -> int:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--rival-blocks", type=lambda v: tuple(int(x) for x in v.split(",")), default=None,
                     metavar="B1,B2", help="extrapolate (c) from steps on B1 and B2 blocks instead of one full step")
+    ap.add_argument("--attention", choices=("mlx_tune", "mlx_lm"), default="mlx_tune",
+                    help="the same attention for all three: mlx_tune's (as `mlx-tune train` runs) or mlx-lm's")
     ap.add_argument("--json", type=Path, help="also write the targets here")
     args = ap.parse_args(argv)
+    global ATTENTION
+    ATTENTION = args.attention
     if not GGUF.is_file():
         print(f"skip: {GGUF} is absent (make setup fetches it)")
         return 0
@@ -195,7 +208,8 @@ def main(argv=None) -> int:
         args.rival_blocks = (1, 2)
     lora_name, _ = _lora_factory()
     print(f"SmolLM2-135M, LoRA r={RANK} all-linear x 30 blocks, batch {args.batch} x {args.seq}, AdamW; "
-          f"device {mx.default_device()}; LoRA layer: {lora_name}; load average {_load()}", flush=True)
+          f"device {mx.default_device()}; LoRA layer: {lora_name}; attention: {args.attention}; cross-entropy "
+          f"over whole logits; load average {_load()}", flush=True)
 
     # (a) and (b) live side by side and alternate steps, so load from other processes on
     # this shared machine hits both alike; peaks are taken in each one's first step.
