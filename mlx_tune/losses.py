@@ -17,7 +17,7 @@ logits is alive at a time. A trainable head takes plain autodiff per chunk under
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, NamedTuple, Optional
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
@@ -50,8 +50,66 @@ def _lanes(n_chunks: int):
     return [None]
 
 
-def _fused_ce(head, h, targets, mask, chunk: int):
-    """(sum of masked CE, dL/dh) in one pass over the vocabulary, chunk by chunk."""
+# Dequantize a quantized frozen head once per step on the CPU when its float32 copy
+# is at most this big (SmolLM2: 113 MB), instead of once per chunk and pass.
+DENSE_HEAD_BYTES = 1 << 30
+
+
+class HeadOps(NamedTuple):
+    """What the one-pass loss needs from a frozen LM head W (vocab x hidden).
+
+    logits(h) = h W^T; back(g) = g W (the vjp, linear and row-wise: scaling g's rows
+    scales the result's rows), None to take it by ``mx.vjp`` of ``logits``; rows(t) = W[t],
+    None where unknown.
+    """
+
+    logits: Callable
+    back: Callable
+    rows: Optional[Callable]
+
+
+def _dequantized(module) -> mx.array:
+    """float32 (out, in) weight, dequantized exactly as mlx_tune.quant's CPU layers do."""
+    from .quant import affine_dequantize
+
+    if hasattr(module, "dense_weight"):
+        return module.dense_weight()
+    mode = getattr(module, "mode", "affine")
+    if mode == "affine":
+        return affine_dequantize(module["weight"], module["scales"], module["biases"], module.group_size, module.bits)
+    return mx.dequantize(module["weight"], module["scales"], module.get("biases"), group_size=module.group_size,
+                         bits=module.bits, mode=mode).astype(mx.float32)
+
+
+def head_ops(model) -> HeadOps:
+    """HeadOps of ``model``'s frozen head: a dense weight where cheap, else the module's own calls."""
+    module, head = _head_module(model), lm_head(model)
+    tied = getattr(model, "lm_head", None) is None
+    w = None
+    if "bias" not in module:
+        quantized = "scales" in module
+        if not quantized and isinstance(module.get("weight"), mx.array) and module["weight"].ndim == 2:
+            w = module["weight"]
+        elif quantized and on_cpu() and module["scales"].size * module.group_size * 4 <= DENSE_HEAD_BYTES:
+            w = _dequantized(module).astype(mx.float32)
+    if w is not None:
+        return HeadOps(lambda x: x @ w.T, lambda g: g @ w, lambda t: w[t])
+
+    rows = (lambda t: module(t)) if tied else None  # an embedding's lookup is W[t]
+    return HeadOps(head, None, rows)
+
+
+def _back(ops: HeadOps, x, g):
+    return ops.back(g) if ops.back is not None else mx.vjp(ops.logits, [x], [g])[1][0]
+
+
+def _fused_ce(ops: HeadOps, h, targets, mask, chunk: int):
+    """(sum of masked CE, dL/dh) in one pass over the vocabulary, chunk by chunk.
+
+    Per chunk: p = exp(z - max) / s, and dL/dh = m (p - onehot(y)) W
+    = (m / s) * (exp(z - max) W) - m W[y]: the row scale goes after the matmul and the
+    one-hot part is a row gather, so the only (chunk x vocab) passes are max, exp, sum.
+    """
     N = h.shape[0]
     lanes = _lanes(-(-N // chunk))
     losses, grads, last = [], [], {}
@@ -62,7 +120,7 @@ def _fused_ce(head, h, targets, mask, chunk: int):
         prev = last.get(lane)
         if prev is not None:  # free the previous chunk on this lane before making this one
             hc = mx.depends(hc, prev)
-        logits = head(hc).astype(mx.float32)
+        logits = ops.logits(hc).astype(mx.float32)
         # The elementwise work goes to the lane, the matmuls stay on the default stream.
         with mx.stream(lane) if lane is not None else _nullctx():
             top = mx.stop_gradient(logits.max(axis=-1, keepdims=True))
@@ -70,11 +128,15 @@ def _fused_ce(head, h, targets, mask, chunk: int):
             ex = mx.exp(logits - top)  # the one exp over the chunk's logits
             z = ex.sum(axis=-1, keepdims=True)
             loss = ((top + mx.log(z) - tgt)[:, 0] * mc).sum()
-            # softmax - onehot(target), times the mask, without a (chunk x vocab) onehot
-            g = ex * (mc[:, None] / z)
-            g = mx.put_along_axis(g, tc[:, None], mx.take_along_axis(g, tc[:, None], axis=-1) - mc[:, None], axis=-1)
-            g = g.astype(hc.dtype)
-        _, (dh,) = mx.vjp(head, [hc], [g])
+            if ops.rows is None:
+                # softmax - onehot(target) built in place (one more pass over the chunk)
+                g = ex * (mc[:, None] / z)
+                g = mx.put_along_axis(g, tc[:, None], mx.take_along_axis(g, tc[:, None], axis=-1) - mc[:, None], axis=-1)
+        if ops.rows is not None:
+            scale = (mc[:, None] / z).astype(hc.dtype)
+            dh = _back(ops, hc, ex.astype(hc.dtype)) * scale - mc[:, None].astype(hc.dtype) * ops.rows(tc).astype(hc.dtype)
+        else:
+            dh = _back(ops, hc, g.astype(hc.dtype))
         losses.append(loss)
         grads.append(dh)
         last[lane] = [loss, dh]
@@ -82,10 +144,10 @@ def _fused_ce(head, h, targets, mask, chunk: int):
     return total, grads[0] if len(grads) == 1 else mx.concatenate(grads, axis=0)
 
 
-def _fused_fn(head, chunk: int):
+def _fused_fn(ops: HeadOps, chunk: int):
     @mx.custom_function
     def ce(h, targets, mask):
-        return _fused_ce(head, h, targets, mask, chunk)
+        return _fused_ce(ops, h, targets, mask, chunk)
 
     @ce.vjp
     def ce_vjp(primals, cotangents, outputs):
@@ -125,7 +187,7 @@ def masked_ce_sum(model, h: mx.array, targets: mx.array, mask: mx.array, chunk: 
         chunk = chunk_size_for(_vocab_size(model))
     if head_is_trainable(model):
         return _checkpointed_ce(model, h, targets, mask, chunk)
-    total, _ = _fused_fn(lm_head(model), chunk)(h, targets, mask)
+    total, _ = _fused_fn(head_ops(model), chunk)(h, targets, mask)
     return total
 
 
