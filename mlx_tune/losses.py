@@ -10,8 +10,8 @@ With a frozen head (LoRA, QLoRA) the chunk's gradient is taken in the same pass,
 ``dL/dh_t = m_t (softmax(W h_t) - onehot(y_t)) W``: each logit's ``exp`` is computed
 once (autodiff would compute it again in the backward pass; on the CPU ``exp`` is the
 slowest op of the whole loss), and only (tokens x hidden) gradients are kept. Chunks
-are chained with ``mx.depends`` so one (or, on the CPU, two, one per stream) chunk of
-logits is alive at a time. A trainable head takes plain autodiff per chunk under
+are chained with ``mx.depends`` so a bounded number of chunks (about three) is alive
+at a time, whatever the number of tokens. A trainable head takes plain autodiff per chunk under
 ``mx.checkpoint`` (the backward pass recomputes a chunk rather than storing them all).
 """
 
@@ -28,7 +28,10 @@ from .attention import _cpu_streams, _nullctx, hidden_states, lm_head, on_cpu
 # Measured peak of the loss and its gradient: 11-13 chunk-sized buffers (4 per chunk,
 # two or three chunks in flight), whatever the number of tokens: ~400 MB here.
 CHUNK_ELEMENTS = 1 << 23
-CPU_STREAMS = 2
+# Chunks dealt over this many CPU streams. 1: with the row scale and one-hot moved out
+# of the (chunk x vocab) work, the loss is matmul-bound and a second stream measured
+# no faster here (bench/bench_attention_loss.py) while holding twice the chunks.
+CPU_STREAMS = 1
 
 
 def chunk_size_for(vocab: int, elements: int = CHUNK_ELEMENTS) -> int:
