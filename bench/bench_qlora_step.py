@@ -13,12 +13,13 @@ after ``mx.reset_peak_memory``, model weights included) and the targets:
 
   a >= 0.8x b (speed), a >= 20x c (speed), peak(a) < peak(b).
 
-(c) is so slow on CPU that by default it is timed on the first 2 and 4 blocks and
-extrapolated linearly to 30 (time = fixed + blocks * per_block; the fixed part is the
-tied LM head); ``--rival-full`` times one full 30-block step instead (several minutes).
+(c) is so slow on CPU that it is timed once, on the full model, between two more steps
+of (a) (its ratio uses their mean); ``--quick`` (or ``--rival-blocks 1,2``) instead
+extrapolates it linearly from steps on 1 and 2 blocks (time = fixed + blocks x per_block;
+the fixed part is mostly the tied LM head), which is noisy on a loaded machine.
 The JSON list of targets is printed last (and written to ``--json``).
 
-    python bench/bench_qlora_step.py [--quick] [--steps N] [--json out.json]
+    python bench/bench_qlora_step.py [--quick] [--steps N] [--rival-blocks B1,B2] [--json out.json]
 """
 
 from __future__ import annotations
@@ -178,17 +179,20 @@ def _load() -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="1 timed step each; rival from 1 and 2 blocks")
+    ap.add_argument("--quick", action="store_true", help="1 timed step each; (c) extrapolated from 1 and 2 blocks")
     ap.add_argument("--steps", type=int, default=3, help="timed steps each for (a) and (b), after a first step")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--rival-full", action="store_true", help="time (c) on all 30 blocks (one step, minutes)")
+    ap.add_argument("--rival-blocks", type=lambda v: tuple(int(x) for x in v.split(",")), default=None,
+                    metavar="B1,B2", help="extrapolate (c) from steps on B1 and B2 blocks instead of one full step")
     ap.add_argument("--json", type=Path, help="also write the targets here")
     args = ap.parse_args(argv)
     if not GGUF.is_file():
         print(f"skip: {GGUF} is absent (make setup fetches it)")
         return 0
     steps = 1 if args.quick else args.steps
+    if args.quick and args.rival_blocks is None:
+        args.rival_blocks = (1, 2)
     lora_name, _ = _lora_factory()
     print(f"SmolLM2-135M, LoRA r={RANK} all-linear x 30 blocks, batch {args.batch} x {args.seq}, AdamW; "
           f"device {mx.default_device()}; LoRA layer: {lora_name}; load average {_load()}", flush=True)
@@ -210,30 +214,38 @@ def main(argv=None) -> int:
         print(f"  {variant:14s} {1 / r['s_per_step']:.4f} steps/s ({r['s_per_step']:.2f} s/step median of "
               f"{', '.join(f'{t:.2f}' for t in r['times'])}), peak {r['peak_bytes'] / 2**20:.0f} MiB, "
               f"loss {r['loss']:.3f}, trainable {r['trainable']:,}", flush=True)
-    del trainers
+    del trainers["fp32"]
 
-    n_total = 30
-    if args.rival_full:
+    # (c) is timed between two more (a) steps; its ratio uses their mean, so a change in
+    # the machine's load during the minutes (c) takes is seen by both sides.
+    a_trainer = trainers["mlx_tune_4bit"]
+    bracket = [] if args.quick else [a_trainer.step()]  # --quick: the median of (a)'s steps
+    if args.rival_blocks is None:
         _, rival_peak, rival_s = start("mlx_lm_4bit", args.batch, args.seq)
-        how = "one full 30-block step (first call, includes tracing)"
+        how = "one full 30-block step (its first call: tracing is < 1 s of it)"
     else:
-        b1, b2 = (1, 2) if args.quick else (2, 4)
+        b1, b2 = args.rival_blocks
         t = {}
-        for b in (b1, b2):
-            _, _, t[b] = start("mlx_lm_4bit", args.batch, args.seq, blocks=b)
-            print(f"  mlx_lm_4bit    {b} block(s): {t[b]:.1f} s/step", flush=True)
+        for nb in (b1, b2):
+            _, _, t[nb] = start("mlx_lm_4bit", args.batch, args.seq, blocks=nb)
+            print(f"  mlx_lm_4bit    {nb} block(s): {t[nb]:.1f} s/step", flush=True)
         per_block = (t[b2] - t[b1]) / (b2 - b1)
         fixed = t[b1] - b1 * per_block
-        rival_s = fixed + n_total * per_block
-        how = (f"extrapolated from {b1} and {b2} blocks ({t[b1]:.1f} s, {t[b2]:.1f} s: {fixed:.1f} s fixed + "
-               f"{per_block:.1f} s/block x 30; one step each, first call)")
+        rival_s = fixed + 30 * per_block
+        how = (f"EXTRAPOLATED from {b1} and {b2} blocks ({t[b1]:.1f} s, {t[b2]:.1f} s: {fixed:.1f} s fixed + "
+               f"{per_block:.1f} s/block x 30; one step each; noisy on a loaded machine)")
         rival_peak = None
+    if not args.quick:
+        bracket.append(a_trainer.step())
+    a_ref = statistics.mean(bracket) if bracket else res["mlx_tune_4bit"]["s_per_step"]
+    del trainers, a_trainer
     res["mlx_lm_4bit"] = {"s_per_step": rival_s, "how": how}
-    print(f"  mlx_lm_4bit    {1 / rival_s:.5f} steps/s ({rival_s:.1f} s/step), {how}", flush=True)
+    around = f"; (a) steps around it: {', '.join(f'{t:.2f}' for t in bracket)} s" if bracket else ""
+    print(f"  mlx_lm_4bit    {1 / rival_s:.5f} steps/s ({rival_s:.1f} s/step), {how}{around}", flush=True)
 
     a, b = res["mlx_tune_4bit"], res["fp32"]
     speed_vs_fp32 = b["s_per_step"] / a["s_per_step"]
-    speed_vs_mlx_lm = rival_s / a["s_per_step"]
+    speed_vs_mlx_lm = rival_s / a_ref
     mem_ratio = a["peak_bytes"] / b["peak_bytes"]
     print(f"ratios: (a)/(b) speed {speed_vs_fp32:.2f}x (target >= 0.8), (a)/(c) speed {speed_vs_mlx_lm:.1f}x "
           f"(target >= 20), peak (a) {a['peak_bytes'] / 2**20:.0f} MiB vs (b) {b['peak_bytes'] / 2**20:.0f} MiB "

@@ -77,7 +77,8 @@ def run(max_examples: int, seed: int, workers: int = 1,
                    "--seed", str(seed), "--workers", str(workers), "--phases", phases,
                    "--request-timeout", "60", "--no-color", "--report", "ndjson", "--report-ndjson-path",
                    str(ndjson), "--suppress-health-check", "all", "--generation-database", "none"]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "NO_COLOR": "1"})
+            # Run it in the temporary folder: schemathesis keeps a cache in its working directory.
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp, env={**os.environ, "NO_COLOR": "1"})
             requests = count_requests(ndjson) if ndjson.exists() else 0
     return proc.returncode, requests, proc.stdout + proc.stderr
 

@@ -113,27 +113,53 @@ def check_prompts(tokenizer, data_dir: str | Path | None = None) -> tuple[list[C
     return prompts, source
 
 
-def logprobs(model: nn.Module, prompts: list[CheckPrompt]) -> list[mx.array]:
+def logprobs_iter(model: nn.Module, prompts: list[CheckPrompt]):
     """Per prompt, float32 log-softmax of the next-token logits at every position, (T, V)."""
-    out = []
     for p in prompts:
         logits = model(mx.array(p.ids)[None])[0].astype(mx.float32)
         lp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         mx.eval(lp)
-        out.append(lp)
-    return out
+        yield lp
+
+
+def logprobs(model: nn.Module, prompts: list[CheckPrompt]) -> list[mx.array]:
+    return list(logprobs_iter(model, prompts))
+
+
+def _position_stats(p: mx.array, q: mx.array) -> tuple[mx.array, mx.array]:
+    """Per position: KL(p || q) and whether the top-1 tokens agree."""
+    kl = mx.maximum(mx.sum(mx.exp(p) * (p - q), axis=-1), 0.0)  # rounding can make a match slightly negative
+    same = mx.argmax(p, axis=-1) == mx.argmax(q, axis=-1)
+    mx.eval(kl, same)
+    return kl, same
+
+
+def _summary(kls: list[mx.array], agree: list[mx.array]) -> Closeness:
+    kl, same = mx.concatenate(kls), mx.concatenate(agree)
+    return Closeness(max_kl=kl.max().item(), mean_kl=kl.mean().item(),
+                     top1_agreement=same.astype(mx.float32).mean().item(), positions=int(kl.size))
 
 
 def compare(reference: list[mx.array], other: list[mx.array]) -> Closeness:
     """KL(reference || other) statistics and top-1 agreement over every position."""
-    kls, agree = [], []
-    for p, q in zip(reference, other):
-        kls.append(mx.sum(mx.exp(p) * (p - q), axis=-1))
-        agree.append(mx.argmax(p, axis=-1) == mx.argmax(q, axis=-1))
-    kl = mx.maximum(mx.concatenate(kls), 0.0)  # rounding can make an exact match slightly negative
-    same = mx.concatenate(agree)
-    return Closeness(max_kl=kl.max().item(), mean_kl=kl.mean().item(), top1_agreement=same.astype(mx.float32).mean().item(),
-                     positions=int(kl.size))
+    stats = [_position_stats(p, q) for p, q in zip(reference, other)]
+    return _summary([k for k, _ in stats], [a for _, a in stats])
+
+
+def compare_model(model: nn.Module, prompts: list[CheckPrompt], references: dict[str, list[mx.array]]) -> dict[str, Closeness]:
+    """``model`` against each reference's stored log-probabilities, one prompt at a time.
+
+    Only one prompt's (T, V) log-probabilities of ``model`` exist at once, so the check
+    holds the references plus one prompt, not a third full set.
+    """
+    stats: dict[str, tuple[list, list]] = {name: ([], []) for name in references}
+    for i, q in enumerate(logprobs_iter(model, prompts)):
+        for name, ref in references.items():
+            kl, same = _position_stats(ref[i], q)
+            stats[name][0].append(kl)
+            stats[name][1].append(same)
+        del q
+    return {name: _summary(*lists) for name, lists in stats.items()}
 
 
 def greedy(model: nn.Module, prompts: list[CheckPrompt], max_tokens: int = GREEDY_TOKENS,

@@ -30,7 +30,7 @@ import shutil
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -42,6 +42,7 @@ from .errors import UserError
 from .lora import LoRALinear
 
 SHARD_BYTES = 2 << 30  # flush a safetensors shard at 2 GiB: bounds the memory of dense outputs
+CHUNK_ROWS = 8192  # rows dequantized at once from an unadapted quantized layer (embeddings)
 REPORT_FILE = "fuse_report.json"
 NOISE_KL = 1e-5  # below this mean KL an adapter makes no measurable difference
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
@@ -121,17 +122,43 @@ class Unit:
             return tuple(linear_dims(self.layer))
         return tuple(self.layer[key].shape)
 
-    def dense(self, key: str) -> mx.array:
-        """The logical tensor in float32; an adapted weight has its adapter merged."""
+    def dense_chunks(self, key: str, dtype: mx.Dtype = mx.float32) -> Iterator[mx.array]:
+        """The logical tensor in ``dtype``, in evaluated blocks of rows; an adapted weight has its adapter merged.
+
+        A quantized layer without an adapter (an embedding of 150k rows, say) is dequantized
+        ``CHUNK_ROWS`` rows at a time, so its float32 copy never exists whole; an adapted
+        layer is fused whole (one layer).
+        """
         layer = self.layer
         if key != "weight" or not (self.packed or self.adapted):
-            return layer[key].astype(mx.float32)
-        if isinstance(layer, nn.QuantizedEmbedding):
-            w = mx.dequantize(layer["weight"], layer["scales"], layer.get("biases"), group_size=layer.group_size,
-                              bits=layer.bits, mode=layer.mode).astype(mx.float32)
-        else:
-            w = quant.dense_weight(layer)
-        return self.module.adapter.fused_weight(w) if self.adapted else w
+            yield layer[key].astype(dtype)
+            return
+        if self.adapted:
+            w = self.module.adapter.fused_weight(quant.dense_weight(layer)).astype(dtype)
+            mx.eval(w)
+            yield w
+            return
+        if not isinstance(layer, (nn.QuantizedLinear, nn.QuantizedEmbedding)):  # NF4 and other protocol layers
+            yield quant.dense_weight(layer).astype(dtype)
+            return
+        rows = self.shape("weight")[0]
+        for start in range(0, rows, CHUNK_ROWS):
+            block = _dequantize_rows(layer, start, min(start + CHUNK_ROWS, rows)).astype(dtype)
+            mx.eval(block)
+            yield block
+
+    def dense(self, key: str, dtype: mx.Dtype = mx.float32) -> mx.array:
+        parts = list(self.dense_chunks(key, dtype))
+        return parts[0] if len(parts) == 1 else mx.concatenate(parts)
+
+
+def _dequantize_rows(layer: nn.Module, start: int, stop: int) -> mx.array:
+    """Rows ``start:stop`` of an affine-quantized (``nn.Quantized*``) layer's weight as float32."""
+    w, s, b = layer["weight"][start:stop], layer["scales"][start:stop], layer.get("biases")
+    if layer.mode == "affine":
+        return quant.affine_dequantize(w, s, b[start:stop], layer.group_size, layer.bits)
+    return mx.dequantize(w, s, None if b is None else b[start:stop], group_size=layer.group_size,
+                         bits=layer.bits, mode=layer.mode).astype(mx.float32)
 
 
 def units(model: nn.Module) -> list[Unit]:
@@ -189,8 +216,9 @@ def mlx_arrays(unit: Unit, dense: bool, dtype: mx.Dtype, keep: str | None) -> tu
     if params is None or (unit.adapted and keep == "dense"):
         out = {}
         for key in unit.keys():
-            v = unit.dense(key) if key == "weight" else layer[key]
-            out[unit.name(key)] = v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v
+            v = layer[key]
+            floating = mx.issubdtype(v.dtype, mx.floating) or key == "weight"  # a packed weight is uint32
+            out[unit.name(key)] = unit.dense(key, dtype) if floating else v
         return out, None
     bias = layer.get("bias")
     if unit.adapted or not isinstance(layer, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
@@ -313,15 +341,15 @@ def gguf_tensors(model: nn.Module, gguf_type: str, keep: str | None):
         for key in unit.keys():
             shape = unit.shape(key)
             qtype = "f32" if len(shape) == 1 else (keep_type if unit.adapted and keep_type else gguf_type)
-            out.append(GGUFTensor(unit.name(key), shape, qtype, lambda u=unit, k=key: _numpy(u.dense(k))))
+            out.append(GGUFTensor(unit.name(key), shape, qtype,
+                                  lambda u=unit, k=key: (_numpy(c) for c in u.dense_chunks(k))))
     return out
 
 
 def _numpy(a: mx.array):
     import numpy as np
 
-    mx.eval(a)
-    return np.array(a, dtype=np.float32)
+    return np.array(a.astype(mx.float32), copy=True)
 
 
 def _gguf_source(info) -> Path | None:
@@ -446,7 +474,6 @@ class FuseResult:
     report: dict
     output: Path
     fused: tuple | None = None  # (model, tokenizer) of the output as loaded back, when asked for
-    notes: list[str] = field(default_factory=list)
 
 
 def export(model: nn.Module, tokenizer, info, target: str | Path, opts: FuseOptions, *,
@@ -454,7 +481,8 @@ def export(model: nn.Module, tokenizer, info, target: str | Path, opts: FuseOpti
            log: Callable[[str], None] = print) -> FuseResult:
     """Fuse ``model``'s active adapter into a new output at ``target`` and check it.
 
-    ``model`` (base + loaded adapter) is not changed. The output is loaded back with
+    ``model`` (base + loaded adapter) keeps its weights and adapters (on the CPU backend its
+    quantized layers switch to the fast-path classes, same arrays). The output is loaded back with
     ``load_model`` and compared with base + adapter; if re-quantization erased the adapter
     the adapted layers are written again at 8 bits / dense as ``opts.keep_adapted`` says.
     """
@@ -479,30 +507,37 @@ def export(model: nn.Module, tokenizer, info, target: str | Path, opts: FuseOpti
     base_vs_adapter = fidelity.compare(ref, base)
 
     ladder = (None,) + (KEEP_LADDER[opts.keep_adapted] if quantized_output(model, opts) else ())
-    if opts.format == "gguf" and opts.gguf_type == "q8_0":
+    already_8bit = (opts.gguf_type == "q8_0" if opts.format == "gguf"
+                    else all((_affine_params(u.layer) or {}).get("bits") == 8 for u in units(model) if u.adapted))
+    if already_8bit:  # an 8-bit retry would write the same thing again
         ladder = tuple(k for k in ladder if k != "8bit")
     tmp = _temp_dir(target)
+    peak = 0
     attempts: list[dict] = []
     fused_pair = None
     try:
         for keep in ladder:
             if tmp.exists():
                 shutil.rmtree(tmp)
+            # The write alone (fuse + quantize one layer at a time) gets its own peak.
+            peak = max(peak, mx.get_peak_memory())
+            mx.reset_peak_memory()
             t0 = time.perf_counter()
             path = write_output(model, tokenizer, info, tmp, opts, keep)
             write_s = time.perf_counter() - t0
+            write_peak = mx.get_peak_memory()
             fused_model, fused_tok, _ = load_model(path)
             quant.prepare_for_backend(fused_model)
-            got = fidelity.logprobs(fused_model, prompts)
+            close = fidelity.compare_model(fused_model, prompts, {"adapter": ref, "base": base})
             answers = fidelity.greedy(fused_model, prompts, eos_ids=eos)
-            vs_adapter, vs_base = fidelity.compare(ref, got), fidelity.compare(base, got)
+            vs_adapter, vs_base = close["adapter"], close["base"]
             reasons = erased_reasons(vs_adapter, vs_base, base_vs_adapter, opts.min_top1_agreement)
-            del got
             attempt = {
                 "storage": _storage_name(opts, keep, model),
                 "keep_adapted": keep,
                 "bytes": _folder_bytes(tmp),
                 "write_seconds": round(write_s, 3),
+                "write_peak_memory_gb": round(write_peak / 2**30, 4),
                 "fused_vs_adapter": vs_adapter.to_dict(),
                 "fused_vs_base": vs_base.to_dict(),
                 "greedy_match": sum(a == b for a, b in zip(answers, ref_answers)) / max(len(ref_answers), 1),
@@ -535,7 +570,7 @@ def export(model: nn.Module, tokenizer, info, target: str | Path, opts: FuseOpti
             "greedy_match": final["greedy_match"],
             "attempts": attempts,
             "fuse_seconds": round(time.perf_counter() - start, 3),
-            "peak_memory_gb": round(mx.get_peak_memory() / 2**30, 4),
+            "peak_memory_gb": round(max(peak, mx.get_peak_memory()) / 2**30, 4),
             "options": {k: getattr(opts, k) for k in FuseOptions.__dataclass_fields__},
         }
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
@@ -565,7 +600,9 @@ def format_report(report: dict) -> str:
         lines.append(f"  kept the adapted layers {report['kept_adapted']}: size cost "
                      f"{report['size_cost_bytes'] / 2**20:+.1f} MiB")
     lines.append(f"storage {report['storage']}, {report['size_bytes'] / 2**20:.1f} MiB -> {report['output']}")
-    lines.append(f"fuse time {report['fuse_seconds']:.1f} s, peak memory {report['peak_memory_gb'] * 1024:.0f} MiB")
+    last = report["attempts"][-1]
+    lines.append(f"fuse time {report['fuse_seconds']:.1f} s (write {last['write_seconds']:.1f} s), peak memory "
+                 f"{report['peak_memory_gb'] * 1024:.0f} MiB (write {last['write_peak_memory_gb'] * 1024:.0f} MiB)")
     lines += [f"WARNING: {w}" for w in report["warnings"]]
     return "\n".join(lines)
 
@@ -622,7 +659,7 @@ def run_fuse(cfg, opts: FuseOptions, out: str | Path | None = None, log: Callabl
     result = export(model, tokenizer, info, target, opts, data_dir=cfg.data, adapter=str(folder), log=log)
     result.report["load_seconds"] = round(info.load_seconds, 3)
     result.report["total_seconds"] = round(time.perf_counter() - start, 3)
-    result.report["peak_memory_gb"] = round(mx.get_peak_memory() / 2**30, 4)
+    result.report["peak_memory_gb"] = max(result.report["peak_memory_gb"], round(mx.get_peak_memory() / 2**30, 4))
     report_path = (target / REPORT_FILE)
     tmp = report_path.with_name(f".{REPORT_FILE}.tmp")
     tmp.write_text(json.dumps(result.report, indent=2) + "\n")

@@ -82,7 +82,7 @@ class GGUFTensor:
     hf_name: str
     shape: tuple[int, ...]
     qtype: str  # "f32" for 1-D tensors, else one of BLOCK_WIDTH
-    dense: Callable[[], np.ndarray]  # float32, HF layout
+    dense: Callable[[], Iterable[np.ndarray]]  # float32 blocks of rows, HF layout
 
 
 def check_exportable(config: dict, tensors: Iterable[tuple[str, tuple[int, ...]]], gguf_type: str) -> Arch:
@@ -234,16 +234,22 @@ def write_gguf(path: Path, config: dict, tensors: list[GGUFTensor], gguf_type: s
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
     for t in tensors:
-        a = np.ascontiguousarray(t.dense(), dtype=np.float32)
-        if arch.permute_qk and t.hf_name.endswith(("q_proj.weight", "q_proj.bias")):
-            a = permute(a, heads)
-        elif arch.permute_qk and t.hf_name.endswith(("k_proj.weight", "k_proj.bias")):
-            a = permute(a, kv_heads)
-        if t.qtype == "f32":
-            data = a
-        elif t.qtype == "f16":
-            data = a.astype(np.float16)
-        else:
-            data = gguf.quants.quantize(a, types[t.qtype])
+        heads_of = {"q_proj": heads, "k_proj": kv_heads}
+        rotary = next((h for k, h in heads_of.items() if t.hf_name.endswith((f"{k}.weight", f"{k}.bias"))), None)
+        blocks = list(t.dense()) if arch.permute_qk and rotary else t.dense()
+        if arch.permute_qk and rotary:  # the permutation mixes rows: Q / K are one (small) block
+            blocks = [permute(np.concatenate(blocks), rotary)]
+        # Quantize block by block (GGUF blocks run along rows), keeping only the packed bytes.
+        data = np.concatenate([_encode(np.ascontiguousarray(b, dtype=np.float32), t.qtype, types) for b in blocks])
         w.write_tensor_data(data)
     w.close()
+
+
+def _encode(a: np.ndarray, qtype: str, types: dict) -> np.ndarray:
+    import gguf
+
+    if qtype == "f32":
+        return a
+    if qtype == "f16":
+        return a.astype(np.float16)
+    return gguf.quants.quantize(a, types[qtype])

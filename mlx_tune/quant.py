@@ -14,10 +14,12 @@ Two storage formats for a frozen (out, in) weight ``W``:
 Compute, ``y = x W^T``: on Metal/CUDA affine layers use ``mx.quantized_matmul``. On the CPU
 backend that kernel runs at ~3 GFLOP/s while OpenBLAS's fp32 sgemm runs at ~340, so
 ``CPUQuantizedLinear`` dequantizes the layer's weight and uses the dense fp32 matmul; NF4 does
-the same everywhere (no fused kernel exists). Both go through a ``mx.custom_function`` whose
-backward ``dx = g W`` dequantizes ``W`` again instead of keeping the fp32 weight alive from the
-forward, so peak memory stays that of the 4-bit model plus a layer's dense weight at a time.
-The base is frozen: its storage arrays get zero cotangents.
+the same everywhere (no fused kernel exists; off the CPU the matmul runs in the activations'
+dtype). Both go through a ``mx.custom_function`` whose backward ``dx = g W`` dequantizes
+``W`` again instead of keeping the fp32 weight alive from the forward, so peak memory stays
+that of the 4-bit model plus a layer's dense weight at a time. The base is frozen: its
+storage arrays get zero cotangents. ``quantize_model`` stores a model; ``prepare_for_backend``
+switches an already quantized model (an MLX folder, a GGUF file) to the fast CPU layers.
 
 Protocol shared by every frozen base layer, so LoRA and fuse never switch on classes:
 ``dense_weight(layer) -> (out, in) float32`` and ``requantize_like(layer, weight, bias)``
@@ -299,7 +301,8 @@ class NF4Linear(nn.Module):
     Stored arrays: ``weight`` (out, in/2) uint8 (two codes per byte, low nibble first) and
     either ``absmax`` (out, in/B) fp32, or with ``double_quant`` ``absmax_q`` int8,
     ``absmax_scale`` fp32 (one per 256 absmax values) and ``absmax_offset`` fp32 (1,).
-    The matmul is dequantize + dense fp32 on every backend, through ``dequant_matmul``.
+    The matmul is dequantize + dense matmul on every backend (fp32 on the CPU), through
+    ``dequant_matmul``.
     """
 
     def __init__(self, input_dims: int, output_dims: int, bias: bool = True, block_size: int = 64,
@@ -317,11 +320,7 @@ class NF4Linear(nn.Module):
     def from_weight(cls, weight: mx.array, bias: mx.array | None = None, block_size: int = 64,
                     double_quant: bool = False, name: str = "NF4Linear") -> "NF4Linear":
         out_dims, in_dims = weight.shape
-        check_nf4_width(in_dims, block_size, name)
-        layer = cls.__new__(cls)
-        nn.Module.__init__(layer)
-        layer.input_dims, layer.output_dims = in_dims, out_dims
-        layer.block_size, layer.double_quant = block_size, double_quant
+        layer = cls(in_dims, out_dims, bias is not None, block_size, double_quant, name)  # lazy zeros, replaced
         _set_arrays(layer, nf4_quantize(weight, block_size, double_quant))
         if bias is not None:
             layer.bias = bias

@@ -245,16 +245,28 @@ class Step:
 # ---------------------------------------------------------------------------
 
 
+_eval_fns: dict[tuple[int, int], Callable] = {}
+
+
+def _compiled_eval(model: nn.Module, loss_fn: Callable) -> Callable:
+    """``loss_fn`` compiled over the model's state (weights are inputs, not constants)."""
+    key = (id(model), id(loss_fn))
+    if key not in _eval_fns:
+        _eval_fns[key] = mx.compile(lambda arrays: loss_fn(model, _traced_batch(arrays)), inputs=[model.state])
+    return _eval_fns[key]
+
+
 def evaluate(model: nn.Module, batches: Iterable, loss_fn: Callable, max_batches: int = 0, group: Any = None) -> tuple[float, int]:
     """Token-weighted mean loss over ``batches`` (all of them when max_batches is 0), all ranks."""
     was_training = model.training
     model.eval()
+    fn = _compiled_eval(model, loss_fn)
     total, count = mx.array(0.0), mx.array(0.0)
     try:
         for i, batch in enumerate(batches):
             if max_batches and i >= max_batches:
                 break
-            loss, ntoks = loss_fn(model, _traced_batch(batch_arrays(batch)))
+            loss, ntoks = fn(batch_arrays(batch))
             total = total + loss.astype(mx.float32) * ntoks
             count = count + ntoks
             mx.eval(total, count)
@@ -332,6 +344,14 @@ def _sigint_flag():
         signal.signal(signal.SIGINT, previous)
 
 
+def _agreed(flag: bool, group: Any) -> bool:
+    """``flag`` on any rank (a Ctrl-C reaches one rank; all must stop together or the
+    others would wait in ``all_sum`` for ever)."""
+    if group is None or group.size() == 1:
+        return flag
+    return mx.distributed.all_sum(mx.array(int(flag)), group=group).item() > 0
+
+
 def _out_of_memory(exc: Exception, limit_gb: float | None) -> TrainingStopped | None:
     text = str(exc).lower()
     if "memory" not in text and "malloc" not in text:
@@ -343,14 +363,78 @@ def _out_of_memory(exc: Exception, limit_gb: float | None) -> TrainingStopped | 
     )
 
 
+@dataclass
+class _Window:
+    """Sums over the steps since the last report (the loss is token-weighted)."""
+
+    loss: float = 0.0
+    loss_tokens: float = 0.0
+    tokens: int = 0
+    seconds: float = 0.0
+
+    def add(self, loss: float, loss_tokens: float, tokens: int, seconds: float) -> None:
+        if math.isfinite(loss):
+            self.loss += loss * loss_tokens
+            self.loss_tokens += loss_tokens
+        self.tokens += tokens
+        self.seconds += seconds
+
+    def row(self, state: LoopState, lr: float, peak_gb: float, grad_norm: float) -> dict:
+        return {
+            "step": state.step,
+            "loss": self.loss / self.loss_tokens if self.loss_tokens else float("nan"),
+            "learning_rate": lr,
+            "tokens_per_sec": self.tokens / max(self.seconds, 1e-9),  # real (non-padding) tokens, all ranks
+            "peak_memory_gb": peak_gb,
+            "trained_tokens": state.trained_tokens,
+            "grad_norm": grad_norm,
+        }
+
+
+def _accumulate(step: Step, stream: Iterator, micro_batches: int) -> tuple[Any, int]:
+    """Sum loss and gradients over ``micro_batches`` batches: (acc or None, real tokens)."""
+    acc, n_tokens = None, 0
+    for _ in range(micro_batches):
+        try:
+            batch = next(stream)
+        except StopIteration:
+            break
+        n_tokens += int(getattr(batch, "n_tokens", 0))
+        acc = step.accumulate(batch_arrays(batch), acc)
+        mx.eval(acc)  # bound memory: one micro-batch graph alive at a time
+    return acc, n_tokens
+
+
+def _apply_or_skip(step: Step, grads, loss: float, norm: float, state: LoopState, settings: LoopSettings,
+                   callbacks: list) -> None:
+    """Apply the update, or skip a non-finite one (and stop after max_bad_steps in a row)."""
+    if math.isfinite(loss) and math.isfinite(norm):
+        step.apply(grads)
+        mx.eval(step.state)
+        state.bad_steps = 0
+        return
+    state.bad_steps += 1
+    log.warning("step %d: non-finite loss %s / gradient norm %s; update skipped (%d in a row)",
+                state.step, loss, norm, state.bad_steps)
+    _emit(callbacks, "on_bad_step", {"step": state.step, "loss": loss, "grad_norm": norm})
+    if state.bad_steps >= settings.max_bad_steps:
+        raise TrainingStopped(
+            f"training stopped at step {state.step}: {state.bad_steps} steps in a row had a non-finite "
+            f"loss or gradient (train.max_bad_steps={settings.max_bad_steps}); lower train.learning_rate, "
+            "keep train.grad_clip on, or check the data for empty or broken rows"
+        )
+
+
 def train(model: nn.Module, optimizer: optim.Optimizer, batches: Iterable, loss_fn: Callable,
           settings: LoopSettings, callbacks: Iterable = (), state: LoopState | None = None,
-          val_batches: Callable[[], Iterable] | None = None, group: Any = None) -> LoopState:
+          val_batches: Callable[[], Iterable] | None = None, group: Any = None,
+          eval_loss_fn: Callable | None = None) -> LoopState:
     """Train until ``settings.iters`` optimizer steps; returns the final ``LoopState``.
 
     ``batches`` yields batches (``batch_arrays`` fields plus ``n_tokens``); each step
     draws ``grad_accumulation`` of them. ``val_batches()`` returns a fresh validation
-    iterator. Resume by passing the restored ``state`` (and a model, optimizer, random
+    iterator; ``eval_loss_fn`` (default ``loss_fn``) scores it, e.g. a forward-only loss.
+    Resume by passing the restored ``state`` (and a model, optimizer, random
     key and batch stream restored to the same step).
     """
     state = state or LoopState()
@@ -367,65 +451,39 @@ def train(model: nn.Module, optimizer: optim.Optimizer, batches: Iterable, loss_
         if val_batches is None:
             return
         tic = time.perf_counter()
-        val_loss, n = evaluate(model, val_batches(), loss_fn, settings.val_batches, group)
+        val_loss, n = evaluate(model, val_batches(), eval_loss_fn or loss_fn, settings.val_batches, group)
         state.val_loss = val_loss
         _emit(callbacks, "on_eval", {"step": state.step, "val_loss": val_loss,
                                      "val_perplexity": _ppl(val_loss), "val_tokens": n,
                                      "val_time_s": round(time.perf_counter() - tic, 3)})
 
-    window = {"loss": 0.0, "tokens_loss": 0.0, "tokens": 0, "time": 0.0}
+    window, exhausted = _Window(), False
     try:
         with _sigint_flag() as interrupted:
             if settings.eval_at_start and state.step == 0:
                 run_eval()
-            while state.step < settings.iters and not interrupted.is_set():
+            while state.step < settings.iters and not _agreed(interrupted.is_set(), group):
                 tic = time.perf_counter()
+                # Dropout keys depend on (seed, rank, step) only: resumable without saving a key.
                 mx.random.seed(step_key_seed(settings.seed, state.step + 1, group.rank()))
-                acc, n_tokens = None, 0
-                for _ in range(settings.grad_accumulation):
-                    try:
-                        batch = next(stream)
-                    except StopIteration:
-                        log.warning("the batch stream ended after %d steps", state.step)
-                        settings.iters = state.step
-                        break
-                    n_tokens += int(getattr(batch, "n_tokens", 0))
-                    acc = step.accumulate(batch_arrays(batch), acc)
-                    mx.eval(acc)  # bound memory: one micro-batch graph at a time
+                acc, n_tokens = _accumulate(step, stream, settings.grad_accumulation)
                 if acc is None:
+                    log.warning("the batch stream ended after %d steps", state.step)
+                    exhausted = True
                     break
                 loss, ntoks, grads, norm = step.finish(*acc)
                 mx.eval(loss, ntoks, grads, norm)
+                # Sync point: skipping needs the values on the host. Every rank sees the same
+                # all-summed numbers, so every rank decides the same.
                 loss_v, norm_v = loss.item(), norm.item()
                 state.step += 1
-                if math.isfinite(loss_v) and math.isfinite(norm_v):
-                    step.apply(grads)
-                    mx.eval(step.state)
-                    state.bad_steps = 0
-                else:
-                    # Sync point: the decision needs the values on the host; every rank sees
-                    # the same all-summed numbers, so every rank skips together.
-                    state.bad_steps += 1
-                    log.warning("step %d: non-finite loss %s / gradient norm %s; update skipped (%d in a row)",
-                                state.step, loss_v, norm_v, state.bad_steps)
-                    _emit(callbacks, "on_bad_step", {"step": state.step, "loss": loss_v, "grad_norm": norm_v})
-                    if state.bad_steps >= settings.max_bad_steps:
-                        raise TrainingStopped(
-                            f"training stopped at step {state.step}: {state.bad_steps} steps in a row had a non-finite "
-                            f"loss or gradient (train.max_bad_steps={settings.max_bad_steps}); lower train.learning_rate, "
-                            "keep train.grad_clip on, or check the data for empty or broken rows"
-                        )
+                _apply_or_skip(step, grads, loss_v, norm_v, state, settings, callbacks)
                 del grads
-                dt = time.perf_counter() - tic
                 if world > 1:
                     n_tokens = int(mx.distributed.all_sum(mx.array(n_tokens), group=group).item())
                 state.trained_tokens += n_tokens
                 state.last_loss = loss_v
-                if math.isfinite(loss_v):
-                    window["loss"] += loss_v * ntoks.item()
-                    window["tokens_loss"] += ntoks.item()
-                window["tokens"] += n_tokens
-                window["time"] += dt
+                window.add(loss_v, ntoks.item(), n_tokens, time.perf_counter() - tic)
                 peak = mx.get_peak_memory() / 2**30
                 if settings.memory_limit_gb and peak > settings.memory_limit_gb:
                     raise TrainingStopped(
@@ -434,21 +492,14 @@ def train(model: nn.Module, optimizer: optim.Optimizer, batches: Iterable, loss_
                     )
                 last = state.step == settings.iters
                 if state.step % settings.steps_per_report == 0 or last:
-                    row = {
-                        "step": state.step,
-                        "loss": window["loss"] / window["tokens_loss"] if window["tokens_loss"] else float("nan"),
-                        "learning_rate": _lr(optimizer),
-                        "tokens_per_sec": window["tokens"] / max(window["time"], 1e-9),
-                        "peak_memory_gb": peak,
-                        "trained_tokens": state.trained_tokens,
-                        "grad_norm": norm_v,
-                    }
-                    _emit(callbacks, "on_report", row)
-                    window = dict.fromkeys(window, 0.0)
+                    _emit(callbacks, "on_report", window.row(state, _lr(optimizer), peak, norm_v))
+                    window = _Window()
                 if state.step % settings.steps_per_eval == 0 or last:
                     run_eval()
                 _emit(callbacks, "on_step_end", state)
-            if interrupted.is_set():
+            if exhausted:
+                run_eval()
+            elif state.step < settings.iters:  # left early: Ctrl-C (on any rank)
                 state.interrupted = True
                 _emit(callbacks, "on_interrupt", state)
     except RuntimeError as exc:

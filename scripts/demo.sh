@@ -43,7 +43,8 @@ sed -n '/fidelity/,/^$/p' "$log" | head -20 || true
 
 step "4/4 test: test_mlx.py --compare base $adapter_name"
 report="$output_dir/eval_report.json"
-$py test_mlx.py --base-url "http://127.0.0.1:$port" --prompts "$prompts" --compare base "$adapter_name" --report "$report"
+$py test_mlx.py --base-url "http://127.0.0.1:$port" --prompts "$prompts" --compare base "$adapter_name" --report "$report" \
+  --concurrency 8 --max-tokens 16
 
 step "done"
 $py - "$report" "$output_dir" "$fused_dir" <<'PY'

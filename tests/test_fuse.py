@@ -9,7 +9,6 @@ from pathlib import Path
 import gguf
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 import pytest
 import yaml
 from mlx.utils import tree_flatten
@@ -170,6 +169,48 @@ def test_gguf_reads_back_with_tokenizer_and_answers(run, gguf_type):
     if gguf_type == "f16":
         ids = mx.array([[1, 40, 50, 60, 2]])
         assert mx.allclose(model(ids), run["model"](ids), atol=2e-2)
+
+
+def test_dora_and_qwen2_biases_untied_head_round_trip(tmp_path):
+    """DoRA's magnitude and qwen2's q/k/v biases and separate lm_head survive HF and GGUF export."""
+    model = tiny_model("qwen2")
+    assert "lm_head" in dict(model.named_modules())
+    inject(model, LoraConfig(rank=4, alpha=8.0, use_dora=True))
+    randomize_adapter(model)
+    for _, w in wrappers(model):
+        w.adapter.m = w.adapter.m * 1.1
+    info = ModelInfo(source="tiny-qwen2", kind="folder", path="", config=tiny_config("qwen2"))
+    tok = tiny_tokenizer()
+    reference = greedy_answers(model, tok)
+    ids = mx.array([[1, 40, 50, 60, 2]])
+    for name, opts in (("hf", FuseOptions(format="hf", dtype="float32")),
+                       ("gguf", FuseOptions(format="gguf", gguf_type="f16"))):
+        result = export(model, tok, info, tmp_path / name, opts, keep_loaded=True, log=lambda s: None)
+        assert result.report["ok"] and result.report["base_vs_adapter"]["mean_kl"] > 1e-3
+        loaded, ltok = result.fused
+        assert greedy_answers(loaded, ltok) == reference
+        assert mx.allclose(loaded(ids), model(ids), atol=1e-4 if name == "hf" else 2e-2)
+    names = {t.name for t in gguf.GGUFReader(str(tmp_path / "gguf" / "model-f16.gguf")).tensors}
+    assert {"output.weight", "blk.0.attn_q.bias", "blk.0.attn_k.bias", "blk.0.attn_v.bias"} <= names
+
+
+def test_nf4_base_is_written_as_affine_4bit_for_mlx(tmp_path):
+    """MLX folders cannot hold NF4: an NF4 base comes out affine 4-bit (block size as group size)."""
+    from mlx_tune import quant
+
+    model = tiny_model("llama")
+    quant.quantize_model(model, QuantizeConfig(mode="nf4", group_size=64))
+    inject(model, LORA)
+    randomize_adapter(model)
+    info = ModelInfo(source="tiny-nf4", kind="folder", path="", config=tiny_config("llama"),
+                     quantization={"mode": "nf4", "bits": 4, "group_size": 64})
+    result = export(model, tiny_tokenizer(), info, tmp_path / "nf4", FuseOptions(min_top1_agreement=0.5),
+                    keep_loaded=True, log=lambda s: None)
+    config = json.loads((result.output / "config.json").read_text())
+    assert config["quantization"] == {"group_size": 64, "bits": 4, "mode": "affine"}
+    loaded, _ = result.fused
+    assert isinstance(loaded.model.layers[0].mlp.up_proj, nn.QuantizedLinear)
+    assert result.report["fused_vs_adapter"]["mean_kl"] < result.report["fused_vs_base"]["mean_kl"]
 
 
 # ---------------------------------------------------------------------------
@@ -371,6 +412,7 @@ def test_smollm2_trained_adapter_fused_mlx_and_gguf_q8_answer_the_same(smollm2_p
 
     model, tok, info = load_model(smollm2_path)
     quant.prepare_for_backend(model)
+    mx.random.seed(0)  # A's initialisation: the same adapter on every run
     inject(model, LoraConfig(rank=8, alpha=16.0))
     train_steps(model, tok)
     data = tmp_path / "data"

@@ -163,6 +163,11 @@ def test_nan_steps_in_a_row_stop_the_run():
         run(adapted(), [make_batch(rows(2))] + [empty] * 5, 6, max_bad_steps=3)
 
 
+def test_a_finite_stream_ends_the_run_cleanly():
+    state = run(adapted(), [make_batch(rows(2, seed=s)) for s in range(2)], 5)
+    assert state.step == 2 and not state.interrupted
+
+
 def test_metrics_rows_and_eval(tmp_path):
     log = trainer.MetricsLog(tmp_path / "metrics.jsonl")
     data = [make_batch(rows(2, seed=s)) for s in range(6)]
@@ -214,6 +219,27 @@ def test_grad_checkpoint_with_dropout_recomputes_the_same_masks(monkeypatch):
     for k in ga:
         np.testing.assert_allclose(ga[k], gb[k], rtol=1e-4, atol=1e-6, err_msg=k)
     assert any(np.abs(v).max() > 0 for v in ga.values())
+
+
+def test_eval_loss_equals_the_training_loss_and_follows_the_weights():
+    from mlx_tune.batching import Batch
+    from mlx_tune.commands.train import batch_loss, eval_loss
+
+    model = adapted()
+    t = mx.array(rows(2, 33))
+    seg = mx.array([[0] * 10 + [1] * 22, [0] * 30 + [-1] * 2])
+    pos = mx.array([list(range(10)) + list(range(22)), list(range(32))])
+    mask = mx.array(ragged_mask(2, 32))
+    b = Batch(t[:, :-1], t[:, 1:], mask, seg, pos)
+    want, n = batch_loss(model, b)
+    got, m = eval_loss(model, b)
+    assert got.item() == pytest.approx(want.item(), rel=1e-5) and n.item() == m.item()
+    before, _ = trainer.evaluate(model, [b], eval_loss)
+    assert before == pytest.approx(want.item(), rel=1e-5)
+    for _, w in adapters.wrappers(model):  # the compiled evaluation must see new weights
+        w.adapters["default"].lora_b = w.adapters["default"].lora_b * 3
+    after, _ = trainer.evaluate(model, [b], eval_loss)
+    assert after == pytest.approx(batch_loss(model, b)[0].item(), rel=1e-5) and after != pytest.approx(before)
 
 
 def test_memory_limit_stops_with_a_clear_message():

@@ -4,10 +4,16 @@ Config -> (all checks) -> model -> backend fast path -> LoRA -> data -> loop -> 
 Writes into ``output_dir``: ``adapters.safetensors``, ``adapter_config.json``,
 ``metrics.jsonl``, ``checkpoints/step_*`` and ``loss.png`` (with matplotlib).
 
-Data parallel: run it under ``mlx.launch`` (for example
-``mlx.launch --backend ring --hosts 127.0.0.1 -n 2 -m mlx_tune train CONFIG.yaml``);
-``train.batch_size`` is the global batch, each rank takes ``batch_size / world`` rows of
-its own shard, gradients are summed over ranks, and only rank 0 writes files.
+Data parallel: run it under ``mlx.launch``, one process per rank, for example two on this
+machine, or one on each of two Macs (passwordless ssh, the same paths on both):
+
+    mlx.launch --backend ring --hosts 127.0.0.1 -n 2 .venv/bin/python -m mlx_tune train CONFIG.yaml
+    mlx.launch --backend ring --hosts mac1.local,mac2.local "$PWD/.venv/bin/python" -m mlx_tune train CONFIG.yaml
+
+``train.batch_size`` is the global batch: each rank takes ``batch_size / world`` rows of
+its own shard (global batches rank, rank + world, ...), token-weighted gradients are
+summed over ranks with ``all_sum``, and only rank 0 writes files. The result equals one
+process with ``batch_size / world`` rows and ``grad_accumulation x world`` micro-batches.
 """
 
 from __future__ import annotations
@@ -64,6 +70,27 @@ def batch_loss(model, batch):
     from ..losses import loss_fn
 
     return loss_fn(model, batch.inputs, batch.targets, batch.loss_mask, batch.segment_ids, batch.positions)
+
+
+def eval_loss(model, batch):
+    """Forward-only loss for validation / test: the same value as ``batch_loss``, without the
+    gradient that ``losses.loss_fn`` computes in its forward pass (frozen head: a second
+    vocabulary-sized matmul per token, wasted when nothing is trained)."""
+    import mlx.core as mx
+
+    from ..attention import hidden_states, lm_head
+    from ..losses import _vocab_size, chunk_size_for
+
+    h = hidden_states(model, batch.inputs, batch.segment_ids, batch.positions)
+    h, targets = h.reshape(-1, h.shape[-1]), batch.targets.reshape(-1)
+    mask = batch.loss_mask.reshape(-1).astype(mx.float32)
+    head, chunk, total = lm_head(model), chunk_size_for(_vocab_size(model)), mx.array(0.0)
+    for s in range(0, h.shape[0], chunk):  # one chunk of float32 logits at a time
+        logits = head(h[s:s + chunk]).astype(mx.float32)
+        ce = mx.logsumexp(logits, axis=-1) - mx.take_along_axis(logits, targets[s:s + chunk, None], axis=-1)[:, 0]
+        total = total + (ce * mask[s:s + chunk]).sum()
+    n = mask.sum()
+    return total / mx.maximum(n, 1.0), n
 
 
 def run(args: argparse.Namespace) -> int:
@@ -145,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
                f"{tc.grad_accumulation} micro-batch(es) per step, {world} rank(s), {len(stream)} batches per epoch")
     start = time.perf_counter()
     state = trainer.train(model, optimizer, stream, loss_fn, settings, callbacks, loop_state,
-                          val_batches=held_out("valid"), group=group)
+                          val_batches=held_out("valid"), group=group, eval_loss_fn=eval_loss)
     elapsed = time.perf_counter() - start
     if state.interrupted:
         _say(rank, f"interrupted at step {state.step}; checkpoint {ckpt.last_saved}; "
@@ -158,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
     if tc.test and test is None:
         _say(rank, f"train.test: no {Path(cfg.data) / 'test.jsonl'}; test loss skipped")
     if test is not None:
-        loss, n = trainer.evaluate(model, test(), loss_fn, 0, group)
+        loss, n = trainer.evaluate(model, test(), eval_loss, 0, group)
         ppl = math.exp(min(loss, 700.0))
         _say(rank, f"test loss {loss:.4f}, perplexity {ppl:.2f} over {n} tokens")
         if metrics is not None:
