@@ -88,13 +88,14 @@ def head_ops(model) -> HeadOps:
     """HeadOps of ``model``'s frozen head: a dense weight where cheap, else the module's own calls."""
     module, head = _head_module(model), lm_head(model)
     tied = getattr(model, "lm_head", None) is None
-    w = None
-    if "bias" not in module:
-        quantized = "scales" in module
-        if not quantized and isinstance(module.get("weight"), mx.array) and module["weight"].ndim == 2:
-            w = module["weight"]
-        elif quantized and on_cpu() and module["scales"].size * module.group_size * 4 <= DENSE_HEAD_BYTES:
-            w = _dequantized(module).astype(mx.float32)
+    w, stored = None, module.get("weight")
+    if "bias" not in module and isinstance(stored, mx.array):
+        if "scales" in module or hasattr(module, "dense_weight"):  # quantized storage (affine, NF4)
+            n = module["scales"].size * module.group_size if "scales" in module else stored.size * 2
+            if on_cpu() and n * 4 <= DENSE_HEAD_BYTES:
+                w = _dequantized(module).astype(mx.float32)
+        elif stored.ndim == 2 and mx.issubdtype(stored.dtype, mx.floating):
+            w = stored
     if w is not None:
         return HeadOps(lambda x: x @ w.T, lambda g: g @ w, lambda t: w[t])
 
