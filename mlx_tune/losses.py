@@ -10,14 +10,14 @@ With a frozen head (LoRA, QLoRA) the chunk's gradient is taken in the same pass,
 ``dL/dh_t = m_t (softmax(W h_t) - onehot(y_t)) W``: each logit's ``exp`` is computed
 once (autodiff would compute it again in the backward pass; on the CPU ``exp`` is the
 slowest op of the whole loss), and only (tokens x hidden) gradients are kept. Chunks
-are chained with ``mx.depends`` so one (or, on the CPU, two, one per stream) chunk of
-logits is alive at a time. A trainable head takes plain autodiff per chunk under
+are chained with ``mx.depends`` so a bounded number of chunks (about three) is alive
+at a time, whatever the number of tokens. A trainable head takes plain autodiff per chunk under
 ``mx.checkpoint`` (the backward pass recomputes a chunk rather than storing them all).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, NamedTuple, Optional
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
@@ -28,7 +28,10 @@ from .attention import _cpu_streams, _nullctx, hidden_states, lm_head, on_cpu
 # Measured peak of the loss and its gradient: 11-13 chunk-sized buffers (4 per chunk,
 # two or three chunks in flight), whatever the number of tokens: ~400 MB here.
 CHUNK_ELEMENTS = 1 << 23
-CPU_STREAMS = 2
+# Chunks dealt over this many CPU streams. 1: with the row scale and one-hot moved out
+# of the (chunk x vocab) work, the loss is matmul-bound and a second stream measured
+# no faster here (bench/bench_attention_loss.py) while holding twice the chunks.
+CPU_STREAMS = 1
 
 
 def chunk_size_for(vocab: int, elements: int = CHUNK_ELEMENTS) -> int:
@@ -50,8 +53,67 @@ def _lanes(n_chunks: int):
     return [None]
 
 
-def _fused_ce(head, h, targets, mask, chunk: int):
-    """(sum of masked CE, dL/dh) in one pass over the vocabulary, chunk by chunk."""
+# Dequantize a quantized frozen head once per step on the CPU when its float32 copy
+# is at most this big (SmolLM2: 113 MB), instead of once per chunk and pass.
+DENSE_HEAD_BYTES = 1 << 30
+
+
+class HeadOps(NamedTuple):
+    """What the one-pass loss needs from a frozen LM head W (vocab x hidden).
+
+    logits(h) = h W^T; back(g) = g W (the vjp, linear and row-wise: scaling g's rows
+    scales the result's rows), None to take it by ``mx.vjp`` of ``logits``; rows(t) = W[t],
+    None where unknown.
+    """
+
+    logits: Callable
+    back: Callable
+    rows: Optional[Callable]
+
+
+def _dequantized(module) -> mx.array:
+    """float32 (out, in) weight, dequantized exactly as mlx_tune.quant's CPU layers do."""
+    from .quant import affine_dequantize
+
+    if hasattr(module, "dense_weight"):
+        return module.dense_weight()
+    mode = getattr(module, "mode", "affine")
+    if mode == "affine":
+        return affine_dequantize(module["weight"], module["scales"], module["biases"], module.group_size, module.bits)
+    return mx.dequantize(module["weight"], module["scales"], module.get("biases"), group_size=module.group_size,
+                         bits=module.bits, mode=mode).astype(mx.float32)
+
+
+def head_ops(model) -> HeadOps:
+    """HeadOps of ``model``'s frozen head: a dense weight where cheap, else the module's own calls."""
+    module, head = _head_module(model), lm_head(model)
+    tied = getattr(model, "lm_head", None) is None
+    w, stored = None, module.get("weight")
+    if "bias" not in module and isinstance(stored, mx.array):
+        if "scales" in module or hasattr(module, "dense_weight"):  # quantized storage (affine, NF4)
+            n = module["scales"].size * module.group_size if "scales" in module else stored.size * 2
+            if on_cpu() and n * 4 <= DENSE_HEAD_BYTES:
+                w = _dequantized(module).astype(mx.float32)
+        elif stored.ndim == 2 and mx.issubdtype(stored.dtype, mx.floating):
+            w = stored
+    if w is not None:
+        return HeadOps(lambda x: x @ w.T, lambda g: g @ w, lambda t: w[t])
+
+    rows = (lambda t: module(t)) if tied else None  # an embedding's lookup is W[t]
+    return HeadOps(head, None, rows)
+
+
+def _back(ops: HeadOps, x, g):
+    return ops.back(g) if ops.back is not None else mx.vjp(ops.logits, [x], [g])[1][0]
+
+
+def _fused_ce(ops: HeadOps, h, targets, mask, chunk: int):
+    """(sum of masked CE, dL/dh) in one pass over the vocabulary, chunk by chunk.
+
+    Per chunk: p = exp(z - max) / s, and dL/dh = m (p - onehot(y)) W
+    = (m / s) * (exp(z - max) W) - m W[y]: the row scale goes after the matmul and the
+    one-hot part is a row gather, so the only (chunk x vocab) passes are max, exp, sum.
+    """
     N = h.shape[0]
     lanes = _lanes(-(-N // chunk))
     losses, grads, last = [], [], {}
@@ -62,7 +124,7 @@ def _fused_ce(head, h, targets, mask, chunk: int):
         prev = last.get(lane)
         if prev is not None:  # free the previous chunk on this lane before making this one
             hc = mx.depends(hc, prev)
-        logits = head(hc).astype(mx.float32)
+        logits = ops.logits(hc).astype(mx.float32)
         # The elementwise work goes to the lane, the matmuls stay on the default stream.
         with mx.stream(lane) if lane is not None else _nullctx():
             top = mx.stop_gradient(logits.max(axis=-1, keepdims=True))
@@ -70,11 +132,15 @@ def _fused_ce(head, h, targets, mask, chunk: int):
             ex = mx.exp(logits - top)  # the one exp over the chunk's logits
             z = ex.sum(axis=-1, keepdims=True)
             loss = ((top + mx.log(z) - tgt)[:, 0] * mc).sum()
-            # softmax - onehot(target), times the mask, without a (chunk x vocab) onehot
-            g = ex * (mc[:, None] / z)
-            g = mx.put_along_axis(g, tc[:, None], mx.take_along_axis(g, tc[:, None], axis=-1) - mc[:, None], axis=-1)
-            g = g.astype(hc.dtype)
-        _, (dh,) = mx.vjp(head, [hc], [g])
+            if ops.rows is None:
+                # softmax - onehot(target) built in place (one more pass over the chunk)
+                g = ex * (mc[:, None] / z)
+                g = mx.put_along_axis(g, tc[:, None], mx.take_along_axis(g, tc[:, None], axis=-1) - mc[:, None], axis=-1)
+        if ops.rows is not None:
+            scale = (mc[:, None] / z).astype(hc.dtype)
+            dh = _back(ops, hc, ex.astype(hc.dtype)) * scale - mc[:, None].astype(hc.dtype) * ops.rows(tc).astype(hc.dtype)
+        else:
+            dh = _back(ops, hc, g.astype(hc.dtype))
         losses.append(loss)
         grads.append(dh)
         last[lane] = [loss, dh]
@@ -82,10 +148,10 @@ def _fused_ce(head, h, targets, mask, chunk: int):
     return total, grads[0] if len(grads) == 1 else mx.concatenate(grads, axis=0)
 
 
-def _fused_fn(head, chunk: int):
+def _fused_fn(ops: HeadOps, chunk: int):
     @mx.custom_function
     def ce(h, targets, mask):
-        return _fused_ce(head, h, targets, mask, chunk)
+        return _fused_ce(ops, h, targets, mask, chunk)
 
     @ce.vjp
     def ce_vjp(primals, cotangents, outputs):
@@ -125,7 +191,7 @@ def masked_ce_sum(model, h: mx.array, targets: mx.array, mask: mx.array, chunk: 
         chunk = chunk_size_for(_vocab_size(model))
     if head_is_trainable(model):
         return _checkpointed_ce(model, h, targets, mask, chunk)
-    total, _ = _fused_fn(lm_head(model), chunk)(h, targets, mask)
+    total, _ = _fused_fn(head_ops(model), chunk)(h, targets, mask)
     return total
 
 
