@@ -38,6 +38,15 @@ def medium_model():
 
 
 def measure_trainer_step(grad_checkpoint: bool, seq_len: int) -> int:
+    """MLX peak of the real training step, in a fresh process (other tests' arrays would count)."""
+    code = f"from tests.test_memory import _measure_here; print(_measure_here({grad_checkpoint}, {seq_len}))"
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr[-2000:]
+    return int(r.stdout.split()[-1])
+
+
+def _measure_here(grad_checkpoint: bool, seq_len: int) -> int:
     """MLX peak of the real training step (trainer.Step, the loss `mlx-tune train` uses)."""
     import mlx.core as mx
     import mlx.optimizers as optim
@@ -68,9 +77,6 @@ def measure_trainer_step(grad_checkpoint: bool, seq_len: int) -> int:
 
 
 @pytest.mark.parametrize("grad_checkpoint", [True, False])
-@pytest.mark.xfail(strict=False, reason=(
-    "the planner is calibrated on mlx_tune.memprobe; the trainer's real step (dequantization tied to its "
-    "matmul with mx.depends, two-lane chunked loss) measures 1.15-1.45x the prediction on this config"))
 def test_prediction_within_15_percent_of_the_real_training_step(grad_checkpoint):
     from mlx_tune.tiny import tiny_config
 
@@ -79,17 +85,6 @@ def test_prediction_within_15_percent_of_the_real_training_step(grad_checkpoint)
              Settings(batch_size=1, seq_len=256, grad_checkpoint=grad_checkpoint, backend="cpu"))
     print(f"grad_checkpoint={grad_checkpoint}: measured {measured / 2**20:.1f} MiB, predicted {p.mlx_peak / 2**20:.1f} MiB")
     assert 0.85 <= measured / p.mlx_peak <= 1.15, (measured, p.mlx_peak, p.parts)
-
-
-@pytest.mark.parametrize("grad_checkpoint", [True, False])
-def test_prediction_is_in_the_right_range_of_the_real_training_step(grad_checkpoint):
-    """Until recalibrated: never over-promises by more than half, never wildly pessimistic."""
-    from mlx_tune.tiny import tiny_config
-
-    measured = measure_trainer_step(grad_checkpoint, 256)
-    p = plan(arch_from_config(tiny_config("llama", **MEDIUM)),
-             Settings(batch_size=1, seq_len=256, grad_checkpoint=grad_checkpoint, backend="cpu"))
-    assert 0.85 <= measured / p.mlx_peak <= 1.6, (measured, p.mlx_peak)
 
 
 def test_checkpointing_saves_memory_and_the_planner_sees_it(medium_model):
