@@ -29,13 +29,12 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-import io
 import json
 import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -51,96 +50,16 @@ PAD_SEGMENT = -1
 # ---------------------------------------------------------------------------
 
 
-def _format_of(record: Any) -> str | None:
-    if not isinstance(record, dict):
-        return None
-    if "messages" in record:
-        return "chat"
-    if "prompt" in record and "completion" in record:
-        return "completions"
-    if "text" in record:
-        return "text"
-    return None
-
-
-def _check_record(record: Any, fmt: str) -> str | None:
-    """The reason ``record`` is not a valid ``fmt`` record, or None."""
-    got = _format_of(record)
-    if got is None:
-        keys = ", ".join(map(str, record)) if isinstance(record, dict) else type(record).__name__
-        return f"fits no format (expected 'messages', 'prompt'+'completion' or 'text'; got {keys})"
-    if got != fmt:
-        return f"is a {got} record but the file's first record is {fmt}; use one format per file"
-    if fmt == "chat":
-        msgs = record["messages"]
-        if not isinstance(msgs, list) or not msgs:
-            return "'messages' must be a non-empty list"
-        for j, m in enumerate(msgs):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-                return f"messages[{j}] needs a 'role' string"
-            if m.get("content") is None and not m.get("tool_calls"):
-                return f"messages[{j}] ({m['role']}) has no 'content'"
-        if "tools" in record and not isinstance(record["tools"], (list, type(None))):
-            return "'tools' must be a list"
-    else:
-        keys = ("prompt", "completion") if fmt == "completions" else ("text",)
-        for k in keys:
-            if not isinstance(record[k], str):
-                return f"'{k}' must be a string"
-        if fmt == "text" and not record["text"]:
-            return "'text' is empty"
-    return None
-
-
-def _read_local(path: Path, fmt: str | None = None, max_errors: int = 20) -> tuple[str, list[dict], list[int]]:
-    """Read a trainer JSONL file: (format, records, line numbers); any bad line is an error."""
-    records, lines, errors = [], [], []
-    try:
-        fh = open(path, "rb")
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read ({exc.strerror})") from None
-    with fh:
-        for no, raw in enumerate(fh, 1):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                errors.append(f"{path}:{no}: not UTF-8 text")
-                continue
-            if not text.strip():
-                continue
-            try:
-                rec = json.loads(text)
-            except ValueError as exc:
-                errors.append(f"{path}:{no}: not valid JSON ({exc})")
-                continue
-            if fmt is None:
-                fmt = _format_of(rec)
-            reason = _check_record(rec, fmt or "chat")
-            if reason:
-                errors.append(f"{path}:{no}: record {reason}")
-                continue
-            records.append(rec)
-            lines.append(no)
-    if errors:
-        more = f"\n... and {len(errors) - max_errors} more" if len(errors) > max_errors else ""
-        raise UserError(f"{path}: {len(errors)} bad record(s):\n" + "\n".join(errors[:max_errors]) + more)
-    if not records:
-        raise UserError(f"{path}: no records (the file is empty); run data_transform.py to build it")
-    return fmt, records, lines
-
-
 def read_records(path: str | Path, fmt: str | None = None) -> tuple[str, list[dict], list[int]]:
     """(format, records, line numbers) of a JSONL file; bad lines raise ``UserError`` as file:line.
 
-    Uses the data package's reader (``mlx_tune.data.read_dataset``) where it is installed,
-    so data_transform.py and the trainer agree on every record.
+    The data package's reader (``mlx_tune.data.read_dataset``) decides, so data_transform.py
+    and the trainer agree on every record.
     """
+    from .data import read_dataset
+
     if fmt is not None and fmt not in FORMATS:
         raise UserError(f"unknown data format {fmt!r}; use one of {', '.join(FORMATS)}")
-    try:
-        from .data import read_dataset
-    except ImportError:
-        return _read_local(Path(path), fmt)
     if not Path(path).is_file():
         raise UserError(f"{path}: file not found")
     ds = read_dataset(path, fmt)

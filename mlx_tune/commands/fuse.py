@@ -41,5 +41,5 @@ def run(args: argparse.Namespace) -> int:
 
     from ..fuse import FuseOptions, run_fuse
 
-    result = run_fuse(cfg, FuseOptions.from_config(cfg.fuse), out=args.out)
+    run_fuse(cfg, FuseOptions.from_config(cfg.fuse), out=args.out)
     return 0  # a fidelity warning is printed; the output is still the best that could be written
