@@ -52,7 +52,7 @@ def parse_targets(stdout: str) -> list[dict] | None:
         except json.JSONDecodeError:
             continue
         if isinstance(value, dict):
-            value = value.get("targets")
+            value = [value] if "name" in value and "measured" in value else value.get("targets")
         if isinstance(value, list) and all(isinstance(t, dict) and "name" in t for t in value):
             return value
     return None
