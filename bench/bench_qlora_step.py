@@ -8,15 +8,17 @@
 
 Same step for all: LoRA r=16 (scale alpha/r = 2) on every linear of every block
 (q, k, v, o, gate, up, down), batch 4 x 256 tokens, the same forward (mlx_tune's causal
-attention by default, ``--attention mlx_lm`` for mlx-lm's), cross-entropy over the whole
-logits, AdamW, compiled as mlx-lm's trainer compiles it. Reports steps/s, MLX peak memory (``mx.get_peak_memory``
-after ``mx.reset_peak_memory``, model weights included) and the targets:
+attention by default, ``--attention mlx_lm`` for mlx-lm's), the same loss (mlx_tune's chunked
+one-pass CE by default, as ``mlx-tune train`` runs; ``--loss full`` for plain CE over the
+whole logits) with each variant's own layer as the tied LM head, AdamW, compiled as
+mlx-lm's trainer compiles it. Reports steps/s, MLX peak memory (``mx.get_peak_memory`` after
+``mx.reset_peak_memory``, model weights included) and the targets:
 
   a >= 0.8x b (speed), a >= 20x c (speed), peak(a) < peak(b).
 
 (c) is so slow on CPU that it is timed once, on the full model, between two more steps
-of (a) (its ratio uses their mean); ``--quick`` (or ``--rival-blocks 1,2``) instead
-extrapolates it linearly from steps on 1 and 2 blocks (time = fixed + blocks x per_block;
+of (a) (its ratio uses their mean); ``--quick`` (or ``--rival-blocks 1,4``) instead
+extrapolates it linearly from steps on 1 and 4 blocks (time = fixed + blocks x per_block;
 the fixed part is mostly the tied LM head), which is noisy on a loaded machine.
 The JSON list of targets is printed last (and written to ``--json``).
 
@@ -137,8 +139,16 @@ class Trainer:
 
             forward = partial(packed_forward, model)
 
-        def loss_fn(model, x, y):
-            return nn.losses.cross_entropy(forward(x), y).mean()
+        if LOSS == "mlx_tune":  # the chunked one-pass CE of `mlx-tune train`
+            from mlx_tune import losses
+
+            ones = mx.ones(self.y.shape)
+
+            def loss_fn(model, x, y):
+                return losses.loss_fn(model, x, y, ones)[0]
+        else:
+            def loss_fn(model, x, y):
+                return nn.losses.cross_entropy(forward(x), y).mean()
 
         loss_and_grad = nn.value_and_grad(model, loss_fn)
         self.state = state = [model.state, opt.state]
@@ -164,6 +174,7 @@ class Trainer:
 
 
 ATTENTION = "mlx_tune"  # set from --attention
+LOSS = "mlx_tune"  # set from --loss
 
 
 def start(variant: str, batch: int, seq: int, blocks: int | None = None) -> tuple[Trainer, int, float]:
@@ -175,7 +186,18 @@ def start(variant: str, batch: int, seq: int, blocks: int | None = None) -> tupl
     resident = mx.get_active_memory()
     trainer = Trainer(build(variant, blocks), batch, seq, ATTENTION)
     mx.reset_peak_memory()
-    first = trainer.step(record=False)
+    from mlx_tune import losses
+
+    dense_head = losses.DENSE_HEAD_BYTES
+    if variant == "mlx_lm_4bit":
+        # Each variant's head is its own layer: mlx-lm's nn.QuantizedEmbedding computes the
+        # tied head with mx.quantized_matmul (the loss's dequantize-once shortcut is
+        # mlx_tune's CPU path). The first call traces the compiled step, so this sticks.
+        losses.DENSE_HEAD_BYTES = 0
+    try:
+        first = trainer.step(record=False)
+    finally:
+        losses.DENSE_HEAD_BYTES = dense_head
     return trainer, mx.get_peak_memory() - resident, first
 
 
@@ -188,7 +210,7 @@ def _load() -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="1 timed step each; (c) extrapolated from 1 and 2 blocks")
+    ap.add_argument("--quick", action="store_true", help="1 timed step each; (c) extrapolated from 1 and 4 blocks")
     ap.add_argument("--steps", type=int, default=3, help="timed steps each for (a) and (b), after a first step")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
@@ -196,20 +218,23 @@ def main(argv=None) -> int:
                     metavar="B1,B2", help="extrapolate (c) from steps on B1 and B2 blocks instead of one full step")
     ap.add_argument("--attention", choices=("mlx_tune", "mlx_lm"), default="mlx_tune",
                     help="the same attention for all three: mlx_tune's (as `mlx-tune train` runs) or mlx-lm's")
+    ap.add_argument("--loss", choices=("mlx_tune", "full"), default="mlx_tune",
+                    help="the same loss for all three: mlx_tune's chunked one-pass CE (as `mlx-tune train` "
+                         "runs) or plain CE over the whole logits")
     ap.add_argument("--json", type=Path, help="also write the targets here")
     args = ap.parse_args(argv)
-    global ATTENTION
-    ATTENTION = args.attention
+    global ATTENTION, LOSS
+    ATTENTION, LOSS = args.attention, args.loss
     if not GGUF.is_file():
         print(f"skip: {GGUF} is absent (make setup fetches it)")
         return 0
     steps = 1 if args.quick else args.steps
     if args.quick and args.rival_blocks is None:
-        args.rival_blocks = (1, 2)
+        args.rival_blocks = (1, 4)
     lora_name, _ = _lora_factory()
     print(f"SmolLM2-135M, LoRA r={RANK} all-linear x 30 blocks, batch {args.batch} x {args.seq}, AdamW; "
-          f"device {mx.default_device()}; LoRA layer: {lora_name}; attention: {args.attention}; cross-entropy "
-          f"over whole logits; load average {_load()}", flush=True)
+          f"device {mx.default_device()}; LoRA layer: {lora_name}; attention: {args.attention}; loss: "
+          f"{args.loss}; load average {_load()}", flush=True)
 
     # (a) and (b) live side by side and alternate steps, so load from other processes on
     # this shared machine hits both alike; peaks are taken in each one's first step.
