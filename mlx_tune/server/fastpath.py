@@ -92,7 +92,7 @@ def _dense_bytes(layers) -> int:
     return total
 
 
-def measure_qmm_rows(model: nn.Module, trials: int = 3) -> int:
+def measure_qmm_rows(model: nn.Module, trials: int = 5) -> int:
     """1 when single-token decoding of ``model`` is faster with the quantized kernel, else 0.
 
     Times whole decode steps (every layer, the output head, a KV cache) both ways,
