@@ -41,6 +41,7 @@ MEDIUM = dict(hidden_size=512, num_hidden_layers=4, intermediate_size=1408, num_
               num_key_value_heads=4, head_dim=64, vocab_size=8192)
 SEVEN_B = ("mistralai/Mistral-7B-Instruct-v0.3", "meta-llama/Llama-3.1-8B-Instruct", "Qwen/Qwen2.5-7B-Instruct")
 TOLERANCE = 0.15
+ABS_TOLERANCE_GB = 0.016
 
 
 # ---------------------------------------------------------------------------
@@ -194,8 +195,7 @@ def run_point(point: dict) -> dict:
 
     inject(model, LoraConfig(rank=16, alpha=32.0))
     mx.eval(model.parameters())
-    m = measure_steps(model, batch, seq, grad_checkpoint=ck, ce_chunk=point.get("chunk", 512),
-                      steps=point.get("steps", 2))
+    m = measure_steps(model, batch, seq, grad_checkpoint=ck, steps=point.get("steps", 2))
     result.update(m.as_dict())
     result.update(config=config, quant=quant, rss_peak_gb=rss_peak_bytes() / 1e9)
     if point.get("layers"):
@@ -256,7 +256,7 @@ def predict(r: dict) -> dict:
     p, quant = r["point"], r.get("quant")
     s = Settings(batch_size=p.get("batch", 1), seq_len=p["seq"], grad_checkpoint=p.get("ck", True),
                  bits=quant["bits"] if quant else None, group_size=quant["group_size"] if quant else 64,
-                 lora_rank=16, ce_chunk=p.get("chunk", 512), backend="cpu")
+                 lora_rank=16, backend="cpu")
     pl = plan(arch_from_config(r["config"]), s)
     r.update(predicted_gb=pl.mlx_peak / 1e9, predicted_total_gb=pl.total / 1e9,
              ratio=r["peak_gb"] / (pl.mlx_peak / 1e9), parts_gb=pl.as_dict()["parts_gb"])
@@ -284,21 +284,20 @@ def small_points(quick: bool) -> list[dict]:
 def seven_b_points(quick: bool) -> list[dict]:
     """Real steps at full width and vocabulary on 1 block; the full depth is added per block.
 
-    A full-depth step takes about 45 min at 512 tokens on this shared 2-core CPU (hours at
-    4096), so each point trains a 1-block model of the exact architecture and the report
-    adds ``num_hidden_layers - 1`` times the per-block bytes taken from the real arrays of
-    that block (weights, adapter, its gradient and AdamW moments, the checkpointed input).
+    A full-depth step of an 8B model takes about 10 min at 512 tokens on this 2-core CPU
+    (and scales with the tokens), so each point trains a 1-block model of the exact
+    architecture and the report adds ``num_hidden_layers - 1`` times the per-block bytes
+    taken from the real arrays of that block (weights, adapter, its gradient and AdamW
+    moments, the checkpointed input). The full run checks that extension once against a
+    full-depth step (Llama-3.1-8B at 512 tokens). ``--quick`` runs the point the 10 GB
+    target is hardest on: Llama-3.1-8B (128k vocabulary) at 2048 tokens.
     """
     mistral, llama, qwen = SEVEN_B
     if quick:
-        return [{"model": mistral, "seq": 512, "layers": 1, "steps": 1},
-                {"model": mistral, "seq": 512, "layers": 1, "rival": True}]
-    # The largest model (Llama-3.1-8B: 128k vocabulary) first at every length, then the rival.
-    pts = [{"model": m, "seq": 512, "layers": 1, "steps": 1} for m in SEVEN_B]
-    pts += [{"model": llama, "seq": s, "layers": 1, "steps": 1} for s in (2048, 4096)]
-    pts += [{"model": mistral, "seq": 512, "layers": 1, "rival": True}]
-    pts += [{"model": m, "seq": s, "layers": 1, "steps": 1} for s in (2048, 4096) for m in (qwen, mistral)]
-    pts += [{"model": llama, "seq": 512, "layers": 1, "rival": True}]
+        return [{"model": llama, "seq": 2048, "layers": 1, "steps": 1}]
+    pts = [{"model": m, "seq": s, "layers": 1, "steps": 1} for s in (512, 2048, 4096) for m in (llama, qwen, mistral)]
+    pts += [{"model": m, "seq": 512, "layers": 1, "rival": True} for m in (mistral, llama)]
+    pts += [{"model": llama, "seq": 512, "steps": 1}]  # full depth: checks the per-block extension
     return pts
 
 
@@ -309,9 +308,14 @@ def targets_from(results: list[dict]) -> list[dict]:
         p = r["point"]
         if "ratio" in r:
             err = abs(r["peak_gb"] / r["predicted_gb"] - 1)
-            targets.append({"name": f"plan accuracy {p['model']} {p['seq']} tok {'ckpt' if p.get('ck', True) else 'no-ckpt'}",
-                            "measured": round(err * 100, 1), "target": TOLERANCE * 100, "unit": "% error vs measured peak",
-                            "rival": None, "pass": err <= TOLERANCE})
+            # Below a few tens of MB MLX's own buffers dominate: there the check is absolute.
+            close = err <= TOLERANCE or abs(r["peak_gb"] - r["predicted_gb"]) <= ABS_TOLERANCE_GB
+            depth = f" {p['layers']}-block" if p.get("layers") else ""
+            targets.append({"name": f"plan accuracy {p['model']}{depth} {p['seq']} tok "
+                                    f"{'ckpt' if p.get('ck', True) else 'no-ckpt'}",
+                            "measured": round(err * 100, 1), "target": TOLERANCE * 100,
+                            "unit": f"% error vs measured peak (or within {ABS_TOLERANCE_GB * 1000:.0f} MB)",
+                            "rival": None, "pass": close})
     from mlx_tune.known_configs import KNOWN_CONFIGS
     from mlx_tune.memory import Settings, arch_from_config, plan
 
@@ -340,6 +344,17 @@ def targets_from(results: list[dict]) -> list[dict]:
         targets.append({"name": f"plan accuracy {name} {p['seq']} tok full depth", "measured": round(err * 100, 1),
                         "target": TOLERANCE * 100, "unit": "% error vs measured peak", "rival": None,
                         "pass": err <= TOLERANCE})
+    # A full-depth step, where one ran, checks the 1-block extension the other points use.
+    extended = {(r["point"]["model"], r["point"]["seq"]): r["full_depth_gb"] for r in results if "full_depth_gb" in r}
+    for r in results:
+        p = r["point"]
+        key = (p["model"], p["seq"])
+        if p["model"] in SEVEN_B and not p.get("rival") and not p.get("layers") and "peak_gb" in r and key in extended:
+            err = abs(extended[key] / r["peak_gb"] - 1)
+            targets.append({"name": f"1-block extension vs a full-depth step {p['model'].split('/')[-1]} {p['seq']} tok",
+                            "measured": round(err * 100, 1), "target": TOLERANCE * 100,
+                            "unit": f"% error (full depth measured {r['peak_gb']:.3f} GB, extension "
+                                    f"{extended[key]:.3f} GB)", "rival": None, "pass": err <= TOLERANCE})
     return targets, rival
 
 

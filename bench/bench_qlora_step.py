@@ -188,16 +188,16 @@ def start(variant: str, batch: int, seq: int, blocks: int | None = None) -> tupl
     mx.reset_peak_memory()
     from mlx_tune import losses
 
-    dense_head = losses.DENSE_HEAD_BYTES
+    dense_head, tiled_head = losses.DENSE_HEAD_BYTES, losses._tiled_head
     if variant == "mlx_lm_4bit":
         # Each variant's head is its own layer: mlx-lm's nn.QuantizedEmbedding computes the
-        # tied head with mx.quantized_matmul (the loss's dequantize-once shortcut is
+        # tied head with mx.quantized_matmul (the loss's dequantizing shortcuts are
         # mlx_tune's CPU path). The first call traces the compiled step, so this sticks.
-        losses.DENSE_HEAD_BYTES = 0
+        losses.DENSE_HEAD_BYTES, losses._tiled_head = 0, lambda model: None
     try:
         first = trainer.step(record=False)
     finally:
-        losses.DENSE_HEAD_BYTES = dense_head
+        losses.DENSE_HEAD_BYTES, losses._tiled_head = dense_head, tiled_head
     return trainer, mx.get_peak_memory() - resident, first
 
 

@@ -22,20 +22,16 @@ from typing import Callable, NamedTuple, Optional
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from . import loss_shapes
 from .attention import _cpu_streams, _nullctx, hidden_states, lm_head, on_cpu
+from .loss_shapes import CHUNK_ELEMENTS, DENSE_HEAD_BYTES, HEAD_TILE_BYTES, TILED_TOKENS, chunk_size_for  # noqa: F401
 
-# Logit elements per chunk: 2**23 float32 is 32 MB (~170 tokens of a 49k vocabulary).
 # Measured peak of the loss and its gradient: 11-13 chunk-sized buffers (4 per chunk,
 # two or three chunks in flight), whatever the number of tokens: ~400 MB here.
-CHUNK_ELEMENTS = 1 << 23
 # Chunks dealt over this many CPU streams. 1: with the row scale and one-hot moved out
 # of the (chunk x vocab) work, the loss is matmul-bound and a second stream measured
 # no faster here (bench/bench_attention_loss.py) while holding twice the chunks.
 CPU_STREAMS = 1
-
-
-def chunk_size_for(vocab: int, elements: int = CHUNK_ELEMENTS) -> int:
-    return max(16, (elements // max(1, vocab)) // 16 * 16)
 
 
 def _head_module(model):
@@ -51,11 +47,6 @@ def _lanes(n_chunks: int):
     if on_cpu() and CPU_STREAMS > 1 and n_chunks > 1:
         return [None] + _cpu_streams(CPU_STREAMS - 1)
     return [None]
-
-
-# Dequantize a quantized frozen head once per step on the CPU when its float32 copy
-# is at most this big (SmolLM2: 113 MB), instead of once per chunk and pass.
-DENSE_HEAD_BYTES = 1 << 30
 
 
 class HeadOps(NamedTuple):
@@ -101,6 +92,88 @@ def head_ops(model) -> HeadOps:
 
     rows = (lambda t: module(t)) if tied else None  # an embedding's lookup is W[t]
     return HeadOps(head, None, rows)
+
+
+def _row_dequantizer(module) -> Optional[Callable]:
+    """``rows(index) -> fp32 W[index]`` for a quantized head whose storage slices by rows
+    (affine, NF4 without double quantization), else None."""
+    from .quant import affine_dequantize, nf4_dequantize
+
+    if "bias" in module:
+        return None
+    if "scales" in module and getattr(module, "mode", "affine") == "affine":
+        g, bits = module.group_size, module.bits
+        return lambda i: affine_dequantize(module["weight"][i], module["scales"][i], module["biases"][i], g, bits)
+    if "absmax" in module:
+        return lambda i: nf4_dequantize(module["weight"][i], module["absmax"][i], module.block_size)
+    return None
+
+
+def _tiled_ce(rows: Callable, vocab: int, h, targets, mask, tile: int, tokens: int):
+    """(sum of masked CE, dL/dh) with the head dequantized ``tile`` vocabulary rows at a time.
+
+    One pass over the tiles per ``tokens`` tokens, an online softmax: with the running max
+    ``m``, ``Z = sum_v exp(z_v - m)`` and ``acc = sum_v exp(z_v - m) W_v`` (rescaled by
+    ``exp(m_old - m_new)`` when ``m`` grows), at the end ``loss = m + log Z - h.W_y`` and
+    ``dL/dh = mask (acc / Z - W_y)``. Each logit's ``exp`` is computed once and each tile
+    of ``W`` is dequantized once per pass (the backward reuses ``dL/dh``). Tiles are
+    chained with ``mx.depends`` so one tile's weight and logits are alive at a time.
+    """
+    N, D = h.shape
+    losses, grads = [], []
+    for s in range(0, N, tokens):
+        e = min(N, s + tokens)
+        hc, tc, mc = h[s:e].astype(mx.float32), targets[s:e], mask[s:e]
+        m = mx.full((e - s, 1), -mx.inf, dtype=mx.float32)
+        z_sum = mx.zeros((e - s, 1), dtype=mx.float32)
+        acc = mx.zeros((e - s, D), dtype=mx.float32)
+        for v0 in range(0, vocab, tile):
+            v1 = min(vocab, v0 + tile)
+            (idx,) = mx.depends([mx.arange(v0, v1)], [acc])  # dequantize after the previous tile
+            w = rows(idx)
+            z = hc @ w.T
+            m_new = mx.maximum(m, mx.stop_gradient(z.max(axis=-1, keepdims=True)))
+            rescale = mx.exp(m - m_new)
+            ex = mx.exp(z - m_new)
+            z_sum = z_sum * rescale + ex.sum(axis=-1, keepdims=True)
+            acc = acc * rescale + ex @ w
+            m = m_new
+        w_y = rows(tc)
+        z_y = (hc * w_y).sum(axis=-1, keepdims=True)
+        losses.append(((m + mx.log(z_sum) - z_y)[:, 0] * mc).sum())
+        grads.append((mc[:, None] * (acc / z_sum - w_y)).astype(h.dtype))
+    total = losses[0] if len(losses) == 1 else mx.sum(mx.stack(losses))
+    return total, grads[0] if len(grads) == 1 else mx.concatenate(grads, axis=0)
+
+
+def _tiled_fn(rows: Callable, vocab: int, tile: int, tokens: int):
+    @mx.custom_function
+    def ce(h, targets, mask):
+        return _tiled_ce(rows, vocab, h, targets, mask, tile, tokens)
+
+    @ce.vjp
+    def ce_vjp(primals, cotangents, outputs):
+        h, targets, mask = primals
+        return outputs[1] * cotangents[0].astype(h.dtype), mx.zeros_like(targets), mx.zeros_like(mask)
+
+    return ce
+
+
+def _tiled_head(model):
+    """(rows, vocab, hidden) when the loss should tile the frozen head, else None."""
+    if not on_cpu():
+        return None
+    module = _head_module(model)
+    if "scales" not in module and "absmax" not in module:
+        return None
+    rows = _row_dequantizer(module)
+    if rows is None:
+        return None
+    vocab = module["weight"].shape[0]
+    hidden = module["scales"].shape[1] * module.group_size if "scales" in module else module["weight"].shape[1] * 2
+    if not loss_shapes.head_is_tiled(vocab, hidden, DENSE_HEAD_BYTES):
+        return None
+    return rows, vocab, hidden
 
 
 def _back(ops: HeadOps, x, g):
@@ -191,6 +264,12 @@ def masked_ce_sum(model, h: mx.array, targets: mx.array, mask: mx.array, chunk: 
         chunk = chunk_size_for(_vocab_size(model))
     if head_is_trainable(model):
         return _checkpointed_ce(model, h, targets, mask, chunk)
+    tiled = _tiled_head(model)
+    if tiled is not None:
+        rows, vocab, hidden = tiled
+        tile = loss_shapes.tile_rows_for(vocab, hidden, h.shape[0], HEAD_TILE_BYTES, TILED_TOKENS)
+        total, _ = _tiled_fn(rows, vocab, tile, TILED_TOKENS)(h, targets, mask)
+        return total
     total, _ = _fused_fn(head_ops(model), chunk)(h, targets, mask)
     return total
 

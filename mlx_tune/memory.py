@@ -23,21 +23,21 @@ every shape, and the peak of one LoRA training step is the sum of
   block's input ``N * D * a`` is kept and one block's set is rebuilt at a time. The
   backward of one block adds a working set: the attention scores' gradient chain
   (``2 * a * B * H * T^2``) and the flowing gradients (``N * a * (2 D + 2 F)``);
-* **logits**: the chunked cross-entropy holds ``B x chunk x vocab`` fp32 logits, their
-  softmax and its gradient, instead of ``B x T x vocab``;
-* **the dense head**: on the CPU backend quantized matmuls run as dequantize + fp32
-  sgemm, so the largest dequantized weight (the LM head / tied embedding, ``vocab x D``
-  fp32) is alive in the loss, and a block's dense weights in its backward; Metal/CUDA use fused
-  kernels. The loss and the block-by-block backward are not alive together: the peak is
-  what lives throughout (weights, adapter state, kept activations) plus the larger phase;
+* **the loss**, as ``mlx_tune.losses`` computes it: chunks of ``2**23 / vocab`` tokens
+  whose fp32 logits, their ``exp`` and the gradient's matmul input live (about three
+  chunks at a time) instead of ``B x T x vocab``. On the CPU backend quantized matmuls run
+  as dequantize + fp32 sgemm: a head whose fp32 copy fits 1 GB (``vocab x D``) is
+  dequantized once and alive while the loss runs; a bigger one (Llama-3's 128k x 4096)
+  is dequantized one vocabulary tile at a time (``loss_shapes``), so only a tile, its
+  logits and the running softmax sums (``tokens x D``) live. A block's dense weights live
+  in its backward; Metal/CUDA use fused kernels. The loss and the block-by-block backward
+  are not alive together: the peak is what lives throughout (weights, adapter state, kept
+  activations) plus the larger phase;
 * a fixed **runtime** overhead (Python, MLX, tokenizer, data) for the process total.
 
-Constants marked *calibrated* were fitted to measured steps (``bench/bench_memory.py``),
-taken with ``mlx_tune.memprobe``'s step (gradients not compiled). Known gap: a step whose
-gradient computation runs under ``mx.compile`` with checkpointing on the CPU path (the
-``trainer.Step`` of this version) keeps every block's dense fp32 weights until the backward
-(measured +12 MB per block of 3 M weights: about 4 bytes per base weight), which this
-planner does not add.
+Constants marked *calibrated* were fitted to measured steps of the real training step
+(``trainer.Step`` over ``losses.loss_fn``, measured by ``mlx_tune.memprobe`` in
+``bench/bench_memory.py``).
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import loss_shapes
 from .errors import UserError
 
 GB = 1e9
@@ -57,13 +58,16 @@ RUNTIME_OVERHEAD_BYTES = 0.45e9  # Python + MLX + numpy/tokenizer: process RSS n
 MLX_FIXED_BYTES = 3e6  # MLX's own small buffers (RoPE tables, masks, scalars)
 ACTIVATION_FACTOR = 1.07  # measured / derived per-token elements a block saves
 PROBS_SAVED = 1.3  # softmax probabilities saved per block (plus part of the scores)
-LOGITS_COPIES = 2.5  # fp32 logits chunk, its logsumexp / softmax, the gradient chunk
+LOGITS_COPIES = 1.3  # calibrated: chunk-sized fp32 buffers alive per chunk in flight (logits, exp, gradient input)
+LOGITS_CHUNKS_ALIVE = 3  # chunks chained with mx.depends: about three in flight
 HEAD_DENSE_COPIES = 1.3  # dense fp32 head in the loss (plus part of its unpacking buffers)
-BLOCK_DENSE_COPIES = 1.8  # a block's dense fp32 weights in its backward: recomputed forward + vjp
+TILE_COPIES = 2.5  # vocabulary-tiled loss: the tile's fp32 weight and logits, exp, next tile
+ACC_COPIES = 3.0  # vocabulary-tiled loss: the running exp-weighted sum of head rows (tokens x hidden)
+BLOCK_DENSE_COPIES = 1.0  # calibrated: a block's dense fp32 weights in its backward (one layer's at a time, in turn)
 LORA_STATE_COPIES = 4.0  # params, grads, AdamW m and v (fp32)
 LORA_UPDATE_COPIES = 1.0  # the update writes new params and moments, mostly into donated buffers
 WORKING_PROBS = 2.0  # gradient of the softmax probabilities and of the scores
-DEFAULT_CE_CHUNK = 512  # tokens per chunk of the chunked cross-entropy
+WORKING_FLOWS = 3.0  # calibrated: gradients flowing through a block (and their fp32 LoRA copies)
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo2", "granite", "phi3", "gemma", "gemma2")
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -268,7 +272,6 @@ class Settings:
     lora_targets: tuple[str, ...] = ALL_LINEAR
     lora_layers: int | None = None  # None: all blocks
     dora: bool = False
-    ce_chunk: int = DEFAULT_CE_CHUNK
     backend: str = "cpu"  # "cpu" dequantizes for matmuls; "metal"/"cuda" use fused kernels
     activation_bytes: int | None = None  # None: the source dtype (fp32 4, fp16/bf16 2)
 
@@ -347,7 +350,7 @@ def plan(arch: Arch, s: Settings, origin: str = "") -> Plan:
         per_token += 4 * sum(linears[n][0] for n in targets)
     probs = a * s.batch_size * arch.heads * s.seq_len**2
     saved_block = ACTIVATION_FACTOR * n_tok * per_token + PROBS_SAVED * probs
-    working = WORKING_PROBS * probs + n_tok * a * (2 * d + 2 * f)
+    working = WORKING_PROBS * probs + WORKING_FLOWS * n_tok * a * (2 * d + 2 * f)
     if s.grad_checkpoint:
         kept, kept_label = arch.layers * n_tok * d * a, f"kept block inputs ({arch.layers} x tokens x hidden)"
         block_phase = saved_block + working
@@ -355,20 +358,36 @@ def plan(arch: Arch, s: Settings, origin: str = "") -> Plan:
         kept, kept_label = arch.layers * saved_block, f"saved activations ({arch.layers} blocks)"
         block_phase = working
 
-    # Loss phase: chunked logits and, on the CPU path, the dense head weight.
-    chunk = min(s.ce_chunk, s.seq_len)
-    logits = LOGITS_COPIES * s.batch_size * chunk * arch.vocab * 4
+    # Loss phase, as ``losses`` runs it: on the CPU path a quantized head whose fp32 copy
+    # fits DENSE_HEAD_BYTES is dequantized once and the logits go chunk by chunk; a bigger
+    # one is dequantized a vocabulary tile at a time (online softmax over the tiles).
     on_cpu_path = (s.backend == "cpu" or s.nf4) and s.bits is not None
-    head_w = arch.vocab * d * 4 if on_cpu_path else 0
-    # The dense head is built once per pass of the loss; each block's dense weights are
-    # rebuilt by its recomputed forward and again by its backward (both live for a while).
-    dense_head = HEAD_DENSE_COPIES * head_w
+    head_w = arch.vocab * d * 4
+    # Each block's dense weights are rebuilt by its recomputed forward and again by its
+    # backward (both live for a while).
     block_dense = BLOCK_DENSE_COPIES * arch.block_params() * 4 if on_cpu_path else 0
     block_phase += block_dense
-    loss_phase = logits + dense_head + 2 * n_tok * d * 4
-    if on_cpu_path:
-        notes.append("CPU backend: quantized matmuls run as dequantize + fp32 sgemm (the head's dense "
-                     f"weight, {arch.vocab} x {d} fp32, is alive while the loss runs)")
+    hidden_copies = 2 * n_tok * d * 4  # fp32 hidden states in and their gradient out
+    if on_cpu_path and loss_shapes.head_is_tiled(arch.vocab, d):
+        tokens = min(n_tok, loss_shapes.TILED_TOKENS)
+        tile = loss_shapes.tile_rows_for(arch.vocab, d, n_tok)
+        loss_parts = {
+            f"loss phase: head tiles ({tile} of {arch.vocab} rows dequantized at a time) and their logits":
+                TILE_COPIES * tile * (d + tokens) * 4,
+            "loss phase: hidden states, running softmax sums and gradient": hidden_copies + ACC_COPIES * tokens * d * 4,
+        }
+        notes.append(f"CPU backend: the {arch.vocab} x {d} head is too big to keep as fp32 "
+                     f"({head_w / GB:.2f} GB); the loss dequantizes {tile} rows at a time")
+    else:
+        chunk = min(loss_shapes.chunk_size_for(arch.vocab), n_tok)
+        alive = min(-(-n_tok // chunk), LOGITS_CHUNKS_ALIVE)
+        loss_parts = {f"loss phase: logits ({alive} chunks of {chunk} tokens x vocab {arch.vocab}, fp32)":
+                      LOGITS_COPIES * alive * chunk * arch.vocab * 4 + hidden_copies}
+        if on_cpu_path:
+            loss_parts["loss phase: dense dequantized head (CPU path)"] = HEAD_DENSE_COPIES * head_w
+            notes.append("CPU backend: quantized matmuls run as dequantize + fp32 sgemm (the head's dense "
+                         f"weight, {arch.vocab} x {d} fp32, is alive while the loss runs)")
+    loss_phase = sum(loss_parts.values())
 
     parts = {
         "base weights": weights,
@@ -378,9 +397,7 @@ def plan(arch: Arch, s: Settings, origin: str = "") -> Plan:
     # The loss (first in the backward) and the block-by-block backward are not alive together;
     # the peak is whichever phase is larger, on top of what lives throughout.
     if loss_phase >= block_phase:
-        parts[f"loss phase: logits (chunk {chunk} x vocab {arch.vocab}, fp32)"] = logits + 2 * n_tok * d * 4
-        if dense_head:
-            parts["loss phase: dense dequantized head (CPU path)"] = dense_head
+        parts.update(loss_parts)
         notes.append(f"peak in the loss; the block backward needs {block_phase / GB:.3f} GB at its peak")
     else:
         if s.grad_checkpoint:
@@ -458,7 +475,6 @@ def settings_from_config(cfg, source: SourceConfig, backend: str | None = None) 
         lora_targets=targets,
         lora_layers=None if lora.layers == "all" else int(lora.layers),
         dora=lora.use_dora,
-        ce_chunk=int(getattr(cfg.train, "loss_chunk_size", None) or DEFAULT_CE_CHUNK),
         backend=backend or current_backend(),
     )
 

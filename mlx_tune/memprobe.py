@@ -3,21 +3,8 @@
 ``measure_steps(model, batch_size, seq_len, ...)`` runs full optimizer steps (forward,
 backward, AdamW update) on random tokens and reports MLX's peak memory
 (``mx.get_peak_memory()`` after ``mx.reset_peak_memory()``), the process's peak RSS
-(``ru_maxrss``) and the time per step. The step is the one ``memory.plan`` models:
-
-* gradient checkpointing per transformer block (``mx.checkpoint`` around each block's
-  ``__call__``: only the block's input is kept, the rest is recomputed in the backward);
-* the loss is a cross-entropy over the vocabulary computed ``ce_chunk`` tokens at a time
-  with a recomputing backward, so at most one (chunk x vocab) fp32 logits block lives;
-* AdamW over the trainable (LoRA) parameters. The gradient computation is not compiled
-  by default: on the CPU backend ``mx.compile`` merges each checkpointed block's
-  recomputed weight dequantization with the forward's (common subexpressions), which
-  keeps every layer's dense fp32 weight alive until the backward (measured: +12 MB per
-  layer on a 3M-parameter block, i.e. about 4 bytes per base weight on a 7B model).
-
-``mlx_tune.losses`` / ``mlx_tune.trainer`` provide the production versions; this module
-uses them when they expose the same pieces and keeps a local, equivalent fallback so the
-benchmark runs on any branch.
+(``ru_maxrss``) and the time per step. The step is the real one (``trainer.Step`` over ``losses.loss_fn``, with
+``trainer.grad_checkpoint`` when asked), the one ``memory.plan`` models.
 """
 
 from __future__ import annotations
@@ -41,84 +28,21 @@ def rss_peak_bytes() -> int:
 
 @contextlib.contextmanager
 def checkpointed_blocks(model: nn.Module, enabled: bool = True):
-    """Recompute each transformer block in the backward pass while the context is open.
-
-    Patches the block class's ``__call__`` (as mlx-lm's ``grad_checkpoint`` does) and
-    restores it on exit, so other models in the same process are unaffected afterwards.
-    """
+    """``trainer.grad_checkpoint`` while the context is open (the block classes are restored
+    on exit, so other measurements in the same process are unaffected)."""
     if not enabled:
         yield
         return
-    cls = type(model.layers[0])
-    original = cls.__call__
+    from . import trainer
 
-    def call(block, *args, **kwargs):
-        def inner(params, *args, **kwargs):
-            block.update(params)
-            return original(block, *args, **kwargs)
-
-        return mx.checkpoint(inner)(block.trainable_parameters(), *args, **kwargs)
-
-    cls.__call__ = call
+    blocks = list(model.layers)
+    classes = [type(b) for b in blocks]
+    trainer.grad_checkpoint(model)
     try:
         yield
     finally:
-        cls.__call__ = original
-
-
-def _head_storage(model: nn.Module):
-    """(dequantize(*arrays) -> dense fp32 (vocab, dims), arrays) of the frozen output projection."""
-    from .quant import affine_dequantize
-
-    head = getattr(model, "lm_head", None)
-    if head is None:
-        head = model.model.embed_tokens
-    if "scales" in head and getattr(head, "mode", "affine") == "affine":
-        g, bits = head.group_size, head.bits
-        return (lambda w, s, b: affine_dequantize(w, s, b, g, bits)), (head["weight"], head["scales"], head["biases"])
-    if "scales" in head or not isinstance(head, (nn.Linear, nn.Embedding)):
-        from .quant import dense_weight
-
-        return (lambda *a: dense_weight(head)), ()
-    return (lambda w: w.astype(mx.float32)), (head["weight"],)
-
-
-def chunked_cross_entropy(model: nn.Module, hidden: mx.array, targets: mx.array, chunk: int) -> mx.array:
-    """Mean over tokens of ``logsumexp(h W^T) - (h W^T)[target]``, ``chunk`` tokens at a time.
-
-    The frozen head weight ``W`` is made dense once per pass (on the CPU backend that
-    beats the quantized matmul) and never kept between the forward and the backward;
-    the backward recomputes each chunk's logits: ``dh = (softmax(h W^T) - onehot) W``.
-    So at most one (B, chunk, vocab) fp32 logits block and one dense ``W`` live at once.
-    """
-    dequant, arrays = _head_storage(model)
-    T = hidden.shape[1]
-    spans = [(s, min(s + chunk, T)) for s in range(0, T, chunk)]
-
-    @mx.custom_function
-    def total_ce(h, *arrays):
-        w = dequant(*arrays)
-        total = mx.array(0.0, dtype=mx.float32)
-        for s, e in spans:
-            logits = h[:, s:e].astype(mx.float32) @ w.T
-            picked = mx.take_along_axis(logits, targets[:, s:e, None], axis=-1)[..., 0]
-            total = total + (mx.logsumexp(logits, axis=-1) - picked).sum()
-        return total
-
-    @total_ce.vjp
-    def total_ce_vjp(primals, cotangent, output):
-        h, *arrays = primals
-        w = dequant(*arrays)
-        vocab = mx.arange(w.shape[0])
-        grads = []
-        for s, e in spans:
-            logits = h[:, s:e].astype(mx.float32) @ w.T
-            probs = mx.softmax(logits, axis=-1) - (vocab == targets[:, s:e, None])
-            grads.append((probs @ w) * cotangent)
-        dh = mx.concatenate(grads, axis=1).astype(h.dtype)
-        return (dh, *(mx.zeros_like(a) for a in arrays))
-
-    return total_ce(hidden, *arrays) / targets.size
+        for b, cls in zip(blocks, classes):
+            b.__class__ = cls
 
 
 @dataclass
@@ -142,45 +66,36 @@ class StepMeasure:
 
 
 def measure_steps(model: nn.Module, batch_size: int, seq_len: int, *, grad_checkpoint: bool = True,
-                  ce_chunk: int = 512, steps: int = 2, compile: bool = False, seed: int = 0,
-                  learning_rate: float = 1e-5) -> StepMeasure:
-    """Run ``steps`` AdamW steps on random tokens; the peak is taken over the last step.
+                  steps: int = 2, seed: int = 0, learning_rate: float = 1e-5) -> StepMeasure:
+    """Run ``steps`` AdamW steps of the real training step on random tokens.
 
-    The first step also builds the optimizer state and (with ``compile``) traces the
-    graph, so with ``steps >= 2`` the last one shows the steady-state peak a long run has.
+    The step is ``trainer.Step`` with the loss ``mlx-tune train`` uses (packing-aware
+    attention, the chunked or vocabulary-tiled cross-entropy), compiled as there. The
+    peak is taken over the last step: the first also builds the optimizer state and
+    traces the graph, so with ``steps >= 2`` the last one shows what a long run holds.
     """
+    from .commands.train import batch_loss
+    from .trainer import Step
+
     vocab = model.args.vocab_size if hasattr(model, "args") else model.model.embed_tokens.weight.shape[0]
     mx.random.seed(seed)
     tokens = mx.random.randint(0, vocab, (batch_size, seq_len + 1))
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    mx.eval(inputs, targets)
-
-    def loss_fn(model, inputs, targets):
-        hidden = model.model(inputs)
-        return chunked_cross_entropy(model, hidden, targets, ce_chunk)
-
-    opt = optim.AdamW(learning_rate=learning_rate)
-    grad_fn = nn.value_and_grad(model, loss_fn)
-    state = [model.state, opt.state]
-
-    def step(inputs, targets):
-        loss, grads = grad_fn(model, inputs, targets)
-        opt.update(model, grads)
-        return loss
-
-    if compile:
-        step = mx.compile(step, inputs=state, outputs=state)
+    arrays = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": mx.ones((batch_size, seq_len))}
+    mx.eval(arrays)
     model.train()
     out = StepMeasure(batch_size, seq_len, grad_checkpoint, 0, 0, 0)
     with checkpointed_blocks(model, grad_checkpoint):
+        step = Step(model, optim.AdamW(learning_rate=learning_rate), batch_loss)
         for _ in range(steps):
-            mx.eval(model.state, opt.state)
+            mx.eval(step.state)
             mx.clear_cache()
             out.active_before = mx.get_active_memory()
             mx.reset_peak_memory()
             start = time.perf_counter()
-            loss = step(inputs, targets)
-            mx.eval(loss, state)
+            loss_sum, ntoks, grads = step.accumulate(arrays, None)
+            loss, _, grads, _ = step.finish(loss_sum, ntoks, grads)
+            step.apply(grads)
+            mx.eval(step.state, loss)
             out.seconds.append(time.perf_counter() - start)
             out.peak_bytes = mx.get_peak_memory()
             out.loss = loss.item()

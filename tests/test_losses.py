@@ -74,6 +74,38 @@ def test_chunked_ce_on_a_quantized_tied_head():
     assert mx.allclose(g1, g2, atol=1e-6, rtol=1e-4).item()
 
 
+@pytest.mark.parametrize("mode", ["tied", "untied", "nf4"])
+def test_vocabulary_tiled_ce_on_a_big_quantized_head(monkeypatch, mode):
+    """A quantized head too big to keep dense is dequantized a vocabulary tile at a time
+    (online softmax): value and gradient equal the plain CE, with a ragged last tile and
+    several token passes."""
+    from mlx_tune.config import QuantizeConfig
+    from mlx_tune.quant import prepare_for_backend, quantize_model
+
+    model = tiny_model("llama", seed=6, tie_word_embeddings=(mode == "tied"))
+    assert (getattr(model, "lm_head", None) is None) == (mode == "tied")
+    if mode == "nf4":
+        quantize_model(model, QuantizeConfig(mode="nf4", group_size=32))
+    else:
+        nn.quantize(model, group_size=32, bits=4)
+        prepare_for_backend(model)
+    model.freeze()
+    monkeypatch.setattr(L, "DENSE_HEAD_BYTES", 0)  # 259 x 64 counts as "big" here
+    monkeypatch.setattr(L, "TILED_TOKENS", 16)
+    monkeypatch.setattr(L, "HEAD_TILE_BYTES", 256 * 64 * 4)  # 256-row tiles: 259 = 256 + 3
+    assert L._tiled_head(model) is not None
+    rng = np.random.default_rng(2)
+    h = mx.array(rng.normal(size=(37, 64)).astype(np.float32) * 3)
+    t = mx.array(rng.integers(0, 259, size=(37,)).astype(np.int32))
+    m = mx.array((rng.random(37) > 0.3).astype(np.float32))
+    v1, g1 = mx.value_and_grad(lambda h: L.masked_ce_sum(model, h, t, m))(h)
+    v2, g2 = mx.value_and_grad(lambda h: _plain_ce_sum(model, h, t, m))(h)
+    assert abs(v1.item() - v2.item()) <= 1e-5 * abs(v2.item())
+    assert mx.allclose(g1, g2, atol=1e-5, rtol=1e-4).item(), mx.abs(g1 - g2).max().item()
+    g3 = mx.compile(mx.grad(lambda h: L.masked_ce_sum(model, h, t, m)))(h)
+    assert mx.allclose(g3, g2, atol=1e-5, rtol=1e-4).item()
+
+
 def test_chunked_ce_keeps_memory_bounded():
     class Head(nn.Module):
         def __init__(self):
