@@ -41,7 +41,7 @@ MEDIUM = dict(hidden_size=512, num_hidden_layers=4, intermediate_size=1408, num_
               num_key_value_heads=4, head_dim=64, vocab_size=8192)
 SEVEN_B = ("mistralai/Mistral-7B-Instruct-v0.3", "meta-llama/Llama-3.1-8B-Instruct", "Qwen/Qwen2.5-7B-Instruct")
 TOLERANCE = 0.15
-ABS_TOLERANCE_GB = 0.016
+ABS_TOLERANCE_GB = 0.02  # MLX's own buffers and allocator rounding at the smallest points
 
 
 # ---------------------------------------------------------------------------
@@ -407,6 +407,7 @@ def _finish(args, results: list[dict]) -> int:
                   f"{r['full_depth_gb']:.3f} GB, planner {r['full_depth_predicted_gb']:.3f} GB")
     for t in targets:
         print(json.dumps(t))
+    print(json.dumps({"targets": targets}))  # the whole list, last (what bench/run_all.py reads)
     if args.out:
         _write(args.out, results, targets)
     return 0

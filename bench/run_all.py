@@ -183,10 +183,33 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _merged(targets: list[dict], runs: list[dict], quick: bool) -> tuple[list[dict], list[dict]]:
+    """The previous report's runs and targets with the scripts just run replaced, in BENCHMARKS order."""
+    path = RESULTS / "latest.json"
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    if old.get("quick") != quick:
+        raise SystemExit(f"--merge: {path} holds a {'quick' if old.get('quick') else 'full'} run; "
+                         "rerun everything, or merge with the same --quick setting")
+    redone = {r["script"] for r in runs}
+    by_script = {r["script"]: r for r in old.get("runs", []) if r["script"] not in redone} | {r["script"]: r for r in runs}
+    kept = [t for t in old.get("targets", []) if t.get("benchmark") not in redone]
+    order = [b[0] for b in BENCHMARKS]
+    all_targets = kept + targets
+    all_targets.sort(key=lambda t: order.index(t["benchmark"]) if t.get("benchmark") in order else len(order))
+    return all_targets, [by_script[s] for s in order if s in by_script]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the short version (under 20 minutes here)")
     parser.add_argument("--only", nargs="*", help="run only these scripts")
+    parser.add_argument("--merge", action="store_true",
+                        help="with --only: replace those scripts' results in the existing report (same "
+                             "--quick setting) and keep the others, each run dated")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     targets, runs = [], []
@@ -195,12 +218,15 @@ def main() -> int:
         if args.only and script not in args.only:
             continue
         found, entry = run_one(script, quick if args.quick else full, t_quick if args.quick else t_full)
+        entry["date"] = _now()
         targets += found
         runs.append(entry)
+    if args.merge and args.only:
+        targets, runs = _merged(targets, runs, args.quick)
     report = {
-        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": _now(),
         "quick": args.quick,
-        "seconds": round(time.perf_counter() - start, 1),
+        "seconds": round(sum(r.get("seconds", 0) for r in runs), 1) if args.merge else round(time.perf_counter() - start, 1),
         "machine": machine(),
         "runs": runs,
         "targets": targets,

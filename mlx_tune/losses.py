@@ -109,7 +109,7 @@ def _row_dequantizer(module) -> Optional[Callable]:
     return None
 
 
-def _tiled_ce(rows: Callable, vocab: int, h, targets, mask, tile: int, tokens: int):
+def _tiled_ce(rows: Callable, vocab: int, h, targets, mask, tile: int, tokens: int, with_grad: bool = True):
     """(sum of masked CE, dL/dh) with the head dequantized ``tile`` vocabulary rows at a time.
 
     One pass over the tiles per ``tokens`` tokens, an online softmax: with the running max
@@ -118,6 +118,7 @@ def _tiled_ce(rows: Callable, vocab: int, h, targets, mask, tile: int, tokens: i
     ``dL/dh = mask (acc / Z - W_y)``. Each logit's ``exp`` is computed once and each tile
     of ``W`` is dequantized once per pass (the backward reuses ``dL/dh``). Tiles are
     chained with ``mx.depends`` so one tile's weight and logits are alive at a time.
+    ``with_grad=False`` (evaluation) skips ``acc`` and returns (loss, None).
     """
     N, D = h.shape
     losses, grads = [], []
@@ -126,23 +127,28 @@ def _tiled_ce(rows: Callable, vocab: int, h, targets, mask, tile: int, tokens: i
         hc, tc, mc = h[s:e].astype(mx.float32), targets[s:e], mask[s:e]
         m = mx.full((e - s, 1), -mx.inf, dtype=mx.float32)
         z_sum = mx.zeros((e - s, 1), dtype=mx.float32)
-        acc = mx.zeros((e - s, D), dtype=mx.float32)
+        acc = mx.zeros((e - s, D), dtype=mx.float32) if with_grad else None
         for v0 in range(0, vocab, tile):
             v1 = min(vocab, v0 + tile)
-            (idx,) = mx.depends([mx.arange(v0, v1)], [acc])  # dequantize after the previous tile
+            # dequantize after the previous tile is consumed
+            (idx,) = mx.depends([mx.arange(v0, v1)], [acc if with_grad else z_sum])
             w = rows(idx)
             z = hc @ w.T
             m_new = mx.maximum(m, mx.stop_gradient(z.max(axis=-1, keepdims=True)))
             rescale = mx.exp(m - m_new)
             ex = mx.exp(z - m_new)
             z_sum = z_sum * rescale + ex.sum(axis=-1, keepdims=True)
-            acc = acc * rescale + ex @ w
+            if with_grad:
+                acc = acc * rescale + ex @ w
             m = m_new
         w_y = rows(tc)
         z_y = (hc * w_y).sum(axis=-1, keepdims=True)
         losses.append(((m + mx.log(z_sum) - z_y)[:, 0] * mc).sum())
-        grads.append((mc[:, None] * (acc / z_sum - w_y)).astype(h.dtype))
+        if with_grad:
+            grads.append((mc[:, None] * (acc / z_sum - w_y)).astype(h.dtype))
     total = losses[0] if len(losses) == 1 else mx.sum(mx.stack(losses))
+    if not with_grad:
+        return total, None
     return total, grads[0] if len(grads) == 1 else mx.concatenate(grads, axis=0)
 
 
@@ -271,6 +277,25 @@ def masked_ce_sum(model, h: mx.array, targets: mx.array, mask: mx.array, chunk: 
         total, _ = _tiled_fn(rows, vocab, tile, TILED_TOKENS)(h, targets, mask)
         return total
     total, _ = _fused_fn(head_ops(model), chunk)(h, targets, mask)
+    return total
+
+
+def masked_ce_value(model, h: mx.array, targets: mx.array, mask: mx.array) -> mx.array:
+    """Forward-only ``masked_ce_sum`` (validation): no gradient by-products, one chunk of
+    fp32 logits (or one vocabulary tile of a big quantized head) at a time."""
+    h = h.reshape(-1, h.shape[-1])
+    targets = targets.reshape(-1)
+    mask = mask.reshape(-1).astype(mx.float32)
+    tiled = _tiled_head(model)
+    if tiled is not None:
+        rows, vocab, hidden = tiled
+        tile = loss_shapes.tile_rows_for(vocab, hidden, h.shape[0], HEAD_TILE_BYTES, TILED_TOKENS)
+        return _tiled_ce(rows, vocab, h, targets, mask, tile, TILED_TOKENS, with_grad=False)[0]
+    head, chunk, total = lm_head(model), chunk_size_for(_vocab_size(model)), mx.array(0.0)
+    for s in range(0, h.shape[0], chunk):
+        logits = head(h[s:s + chunk]).astype(mx.float32)
+        ce = mx.logsumexp(logits, axis=-1) - mx.take_along_axis(logits, targets[s:s + chunk, None], axis=-1)[:, 0]
+        total = total + (ce * mask[s:s + chunk]).sum()
     return total
 
 

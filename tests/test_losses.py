@@ -104,6 +104,11 @@ def test_vocabulary_tiled_ce_on_a_big_quantized_head(monkeypatch, mode):
     assert mx.allclose(g1, g2, atol=1e-5, rtol=1e-4).item(), mx.abs(g1 - g2).max().item()
     g3 = mx.compile(mx.grad(lambda h: L.masked_ce_sum(model, h, t, m)))(h)
     assert mx.allclose(g3, g2, atol=1e-5, rtol=1e-4).item()
+    v4 = L.masked_ce_value(model, h, t, m)  # validation's forward-only form
+    assert abs(v4.item() - v2.item()) <= 1e-5 * abs(v2.item())
+    monkeypatch.setattr(L, "DENSE_HEAD_BYTES", 1 << 30)  # the chunked forward-only form too
+    assert L._tiled_head(model) is None
+    assert abs(L.masked_ce_value(model, h, t, m).item() - v2.item()) <= 1e-5 * abs(v2.item())
 
 
 def test_chunked_ce_keeps_memory_bounded():

@@ -78,17 +78,12 @@ def eval_loss(model, batch):
     vocabulary-sized matmul per token, wasted when nothing is trained)."""
     import mlx.core as mx
 
-    from ..attention import hidden_states, lm_head
-    from ..losses import _vocab_size, chunk_size_for
+    from ..attention import hidden_states
+    from ..losses import masked_ce_value
 
     h = hidden_states(model, batch.inputs, batch.segment_ids, batch.positions)
-    h, targets = h.reshape(-1, h.shape[-1]), batch.targets.reshape(-1)
-    mask = batch.loss_mask.reshape(-1).astype(mx.float32)
-    head, chunk, total = lm_head(model), chunk_size_for(_vocab_size(model)), mx.array(0.0)
-    for s in range(0, h.shape[0], chunk):  # one chunk of float32 logits at a time
-        logits = head(h[s:s + chunk]).astype(mx.float32)
-        ce = mx.logsumexp(logits, axis=-1) - mx.take_along_axis(logits, targets[s:s + chunk, None], axis=-1)[:, 0]
-        total = total + (ce * mask[s:s + chunk]).sum()
+    mask = batch.loss_mask.astype(mx.float32)
+    total = masked_ce_value(model, h, batch.targets, mask)
     n = mask.sum()
     return total / mx.maximum(n, 1.0), n
 
