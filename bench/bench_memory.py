@@ -417,7 +417,9 @@ def _write(path: str, results: list[dict], targets: list[dict] | None = None) ->
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(json.dumps({"bench": "memory", "results": results, "targets": targets or []}, indent=1))
+    date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    tmp.write_text(json.dumps({"bench": "memory", "date": date, "results": results, "targets": targets or []},
+                              indent=1))
     os.replace(tmp, out)
 
 

@@ -158,7 +158,32 @@ def to_markdown(report: dict) -> str:
         lines.append(f"| {t['name']}{note} | {measured} | {_fmt(t.get('target'))} | {rival} | {mark} |")
     passed = sum(1 for t in report["targets"] if t.get("pass") is True)
     lines += ["", f"{passed} of {len(report['targets'])} targets pass."]
+    lines += _seven_b_section()
     return "\n".join(lines) + "\n"
+
+
+SEVEN_B_REPORT = RESULTS / "memory_7b.json"  # written by the full run's bench_memory.py (hours here)
+
+
+def _seven_b_section() -> list[str]:
+    """The 7B points of the last full memory run: the quick run measures only one of them."""
+    if not SEVEN_B_REPORT.is_file():
+        return []
+    data = json.loads(SEVEN_B_REPORT.read_text())
+    targets = data.get("targets") or []
+    if not targets:
+        return []
+    date = data.get("date") or dt.datetime.fromtimestamp(SEVEN_B_REPORT.stat().st_mtime, dt.timezone.utc).strftime(
+        "%Y-%m-%d %H:%M UTC")
+    lines = ["", f"7B memory points of the last full `bench/bench_memory.py --only 7b` run ({date}; "
+             f"`bench/results/{SEVEN_B_REPORT.name}`):", "",
+             "| target | measured | target | rival (mlx-lm, same settings) | pass |", "| --- | --- | --- | --- | --- |"]
+    for t in targets:
+        unit = f" {t.get('unit', '')}".rstrip()
+        mark = {True: "yes", False: "**no**"}.get(t.get("pass"), "skipped")
+        rival = "—" if t.get("rival") is None else _fmt(t["rival"])
+        lines.append(f"| {t['name']} | {_fmt(t['measured'])}{unit} | {_fmt(t.get('target'))} | {rival} | {mark} |")
+    return lines
 
 
 def _fmt(x) -> str:

@@ -221,7 +221,7 @@ def _fused_ce(ops: HeadOps, h, targets, mask, chunk: int):
         else:
             dh = _back(ops, hc, g.astype(hc.dtype))
         losses.append(loss)
-        grads.append(dh)
+        grads.append(dh.astype(h.dtype))  # a float32 head makes float32 products; h may be bf16
         last[lane] = [loss, dh]
     total = losses[0] if len(losses) == 1 else mx.sum(mx.stack(losses))
     return total, grads[0] if len(grads) == 1 else mx.concatenate(grads, axis=0)

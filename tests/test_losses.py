@@ -111,6 +111,31 @@ def test_vocabulary_tiled_ce_on_a_big_quantized_head(monkeypatch, mode):
     assert abs(L.masked_ce_value(model, h, t, m).item() - v2.item()) <= 1e-5 * abs(v2.item())
 
 
+@pytest.mark.parametrize("tiled", [False, True])
+def test_bf16_model_with_a_quantized_head_trains(monkeypatch, tiled):
+    """bf16 hidden states with a float32 dequantized head (MLX-community 4-bit folders):
+    the gradient comes back in the hidden states' dtype, through the compiled step too."""
+    from mlx_tune.quant import prepare_for_backend
+
+    model = tiny_model("llama", seed=7)
+    nn.quantize(model, group_size=32, bits=4)
+    prepare_for_backend(model)
+    model.set_dtype(mx.bfloat16)
+    model.freeze()
+    if tiled:
+        monkeypatch.setattr(L, "DENSE_HEAD_BYTES", 0)
+    rng = np.random.default_rng(3)
+    h = mx.array(rng.normal(size=(2, 19, 64)).astype(np.float32)).astype(mx.bfloat16)
+    t = mx.array(rng.integers(0, 259, size=(2, 19)).astype(np.int32))
+    m = mx.ones((2, 19))
+    g1 = mx.grad(lambda h: L.masked_ce_sum(model, h, t, m))(h)
+    g2 = mx.grad(lambda h: _plain_ce_sum(model, h.astype(mx.float32), t, m))(h)
+    assert g1.dtype == mx.bfloat16
+    assert mx.allclose(g1.astype(mx.float32), g2.astype(mx.float32), atol=2e-2, rtol=2e-2).item()
+    g3 = mx.compile(mx.grad(lambda h: L.masked_ce_sum(model, h, t, m)))(h)
+    assert mx.allclose(g3.astype(mx.float32), g1.astype(mx.float32), atol=1e-2).item()
+
+
 def test_chunked_ce_keeps_memory_bounded():
     class Head(nn.Module):
         def __init__(self):
