@@ -56,7 +56,7 @@ GB = 1e9
 # Calibrated against measured steps (see bench/bench_memory.py; CPU backend, MLX 0.32).
 RUNTIME_OVERHEAD_BYTES = 0.45e9  # Python + MLX + numpy/tokenizer: process RSS not counted by MLX
 MLX_FIXED_BYTES = 3e6  # MLX's own small buffers (RoPE tables, masks, scalars)
-ACTIVATION_FACTOR = 1.07  # measured / derived per-token elements a block saves
+ACTIVATION_FACTOR = 1.2  # measured / derived per-token elements a block saves
 PROBS_SAVED = 1.3  # softmax probabilities saved per block (plus part of the scores)
 LOGITS_COPIES = 1.3  # calibrated: chunk-sized fp32 buffers alive per chunk in flight (logits, exp, gradient input)
 LOGITS_CHUNKS_ALIVE = 3  # chunks chained with mx.depends: about three in flight
@@ -67,7 +67,7 @@ BLOCK_DENSE_COPIES = 1.0  # calibrated: a block's dense fp32 weights in its back
 LORA_STATE_COPIES = 4.0  # params, grads, AdamW m and v (fp32)
 LORA_UPDATE_COPIES = 1.0  # the update writes new params and moments, mostly into donated buffers
 WORKING_PROBS = 2.0  # gradient of the softmax probabilities and of the scores
-WORKING_FLOWS = 3.0  # calibrated: gradients flowing through a block (and their fp32 LoRA copies)
+WORKING_FLOWS = 4.0  # calibrated: gradients flowing through a block (and their fp32 LoRA copies)
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo2", "granite", "phi3", "gemma", "gemma2")
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -318,6 +318,14 @@ def _lora_layers(arch: Arch, s: Settings) -> int:
     return arch.layers if s.lora_layers is None else min(s.lora_layers, arch.layers)
 
 
+def causal_block_fraction(seq_len: int) -> float:
+    """(n + 1) / 2n: the share of the T x T scores that ``attention.block_causal_attention``
+    (the CPU path) computes and keeps, with its default n = T / block query blocks."""
+    block = max(64, -(-seq_len // 8))
+    n = -(-seq_len // block)
+    return (n + 1) / (2 * n)
+
+
 def plan(arch: Arch, s: Settings, origin: str = "") -> Plan:
     """Predicted peak memory of one LoRA training step (see the module docstring)."""
     notes: list[str] = []
@@ -349,6 +357,8 @@ def plan(arch: Arch, s: Settings, origin: str = "") -> Plan:
     if a < 4 and targets:  # LoRA's fp32 A promotes its input: one fp32 copy per adapted linear
         per_token += 4 * sum(linears[n][0] for n in targets)
     probs = a * s.batch_size * arch.heads * s.seq_len**2
+    if s.backend == "cpu":  # block-causal attention computes only the blocks on or below the diagonal
+        probs *= causal_block_fraction(s.seq_len)
     saved_block = ACTIVATION_FACTOR * n_tok * per_token + PROBS_SAVED * probs
     working = WORKING_PROBS * probs + WORKING_FLOWS * n_tok * a * (2 * d + 2 * f)
     if s.grad_checkpoint:
