@@ -235,8 +235,16 @@ def main() -> int:
     parser.add_argument("--merge", action="store_true",
                         help="with --only: replace those scripts' results in the existing report (same "
                              "--quick setting) and keep the others, each run dated")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rebuild latest.md and the README section from latest.json (and the 7B report)")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.report_only:
+        md = to_markdown(json.loads((RESULTS / "latest.json").read_text()))
+        write_atomic(RESULTS / "latest.md", md)
+        update_readme(md)
+        print(md)
+        return 0
     targets, runs = [], []
     start = time.perf_counter()
     for script, full, quick, t_full, t_quick in BENCHMARKS:
