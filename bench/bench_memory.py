@@ -306,7 +306,7 @@ def targets_from(results: list[dict]) -> list[dict]:
     targets = []
     for r in results:
         p = r["point"]
-        if "ratio" in r:
+        if "ratio" in r and not p.get("rival"):  # the planner predicts mlx_tune's step, not mlx-lm's
             err = abs(r["peak_gb"] / r["predicted_gb"] - 1)
             # Below a few tens of MB MLX's own buffers dominate: there the check is absolute.
             close = err <= TOLERANCE or abs(r["peak_gb"] - r["predicted_gb"]) <= ABS_TOLERANCE_GB
