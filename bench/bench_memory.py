@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -414,13 +413,10 @@ def _finish(args, results: list[dict]) -> int:
 
 
 def _write(path: str, results: list[dict], targets: list[dict] | None = None) -> None:
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
+    from mlx_tune.atomic import write_json_atomic
+
     date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    tmp.write_text(json.dumps({"bench": "memory", "date": date, "results": results, "targets": targets or []},
-                              indent=1))
-    os.replace(tmp, out)
+    write_json_atomic(path, {"bench": "memory", "date": date, "results": results, "targets": targets or []}, indent=1)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mlx_tune._blas import ensure_fast_blas  # noqa: E402
+from mlx_tune.atomic import write_text_atomic  # noqa: E402
 
 ensure_fast_blas()
 
@@ -304,9 +305,7 @@ def main(argv=None) -> int:
     text = json.dumps(targets, indent=2)
     print(text)
     if args.json:
-        tmp = args.json.with_suffix(args.json.suffix + ".tmp")
-        tmp.write_text(text + "\n")
-        os.replace(tmp, args.json)
+        write_text_atomic(args.json, text + "\n")
     return 0
 
 

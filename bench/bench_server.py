@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from mlx_tune._blas import ensure_fast_blas  # noqa: E402
+from mlx_tune.atomic import write_text_atomic  # noqa: E402
 
 ensure_fast_blas()
 
@@ -295,9 +296,7 @@ def main(argv: list[str] | None = None) -> int:
                     "pass": overhead < 50.0})
     text = json.dumps(targets, indent=2)
     if args.json:
-        tmp_out = args.json.with_suffix(args.json.suffix + ".tmp")
-        tmp_out.write_text(text + "\n")
-        os.replace(tmp_out, args.json)
+        write_text_atomic(args.json, text + "\n")
     print(text)
     return 0
 

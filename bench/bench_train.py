@@ -263,13 +263,11 @@ def extrapolated_mlx_lm(rows_path: Path, blocks: tuple[int, int]) -> dict:
     """
     b1, b2 = blocks
     parts = {b: run_side(sys.executable, "mlx_lm", rows_path, 0, ["--blocks", str(b)], 1800) for b in (b1, b2)}
-    n = N_BLOCKS
     out = dict(parts[b2])
     for key in ("step_s", "cpu_s", "rss_gb", "mlx_peak_gb", "warmup_s"):
         y1, y2 = parts[b1][key], parts[b2][key]
-        per = (y2 - y1) / (b2 - b1)
-        out[key] = y1 + (n - b1) * per
-    out["how"] = (f" (EXTRAPOLATED to {n} blocks from one step on {b1} and {b2} blocks: "
+        out[key] = y1 + (N_BLOCKS - b1) * (y2 - y1) / (b2 - b1)
+    out["how"] = (f" (EXTRAPOLATED to {N_BLOCKS} blocks from one step on {b1} and {b2} blocks: "
                   f"{parts[b1]['step_s']:.1f} s, {parts[b2]['step_s']:.1f} s)")
     return out
 

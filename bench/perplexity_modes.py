@@ -22,6 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mlx_tune._blas import ensure_fast_blas  # noqa: E402
+from mlx_tune.atomic import write_text_atomic  # noqa: E402
 
 ensure_fast_blas()
 
@@ -29,7 +30,6 @@ import argparse  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
-import os  # noqa: E402
 
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
@@ -108,9 +108,7 @@ def main(argv=None) -> int:
     text_out = json.dumps(results, indent=2)
     print(text_out)
     if args.json:
-        tmp = args.json.with_suffix(args.json.suffix + ".tmp")
-        tmp.write_text(text_out + "\n")
-        os.replace(tmp, args.json)
+        write_text_atomic(args.json, text_out + "\n")
     return 0
 
 

@@ -23,6 +23,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
+sys.path.insert(0, str(ROOT))
+
+from mlx_tune.atomic import write_text_atomic  # noqa: E402
 
 # Interop checks need torch + peft + transformers beside mlx_tune: the rivals' Python.
 RIVALS_PYTHON = [os.environ.get("MLX_TUNE_RIVALS_PYTHON"), str(ROOT / ".venv-rivals" / "bin" / "python")]
@@ -202,12 +205,6 @@ def update_readme(markdown: str) -> None:
         readme.write_text(f"{head}{start}\n{markdown}{end}{tail}")
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
@@ -241,7 +238,7 @@ def main() -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.report_only:
         md = to_markdown(json.loads((RESULTS / "latest.json").read_text()))
-        write_atomic(RESULTS / "latest.md", md)
+        write_text_atomic(RESULTS / "latest.md", md)
         update_readme(md)
         print(md)
         return 0
@@ -264,9 +261,9 @@ def main() -> int:
         "runs": runs,
         "targets": targets,
     }
-    write_atomic(RESULTS / "latest.json", json.dumps(report, indent=2) + "\n")
+    write_text_atomic(RESULTS / "latest.json", json.dumps(report, indent=2) + "\n")
     md = to_markdown(report)
-    write_atomic(RESULTS / "latest.md", md)
+    write_text_atomic(RESULTS / "latest.md", md)
     update_readme(md)
     print("\n" + md)
     print(f"wrote {RESULTS / 'latest.json'} and latest.md in {report['seconds']:.0f}s")

@@ -38,6 +38,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import fidelity, quant
+from .atomic import write_json_atomic
 from .errors import UserError
 from .lora import LoRALinear
 
@@ -661,9 +662,7 @@ def run_fuse(cfg, opts: FuseOptions, out: str | Path | None = None, log: Callabl
     result.report["total_seconds"] = round(time.perf_counter() - start, 3)
     result.report["peak_memory_gb"] = max(result.report["peak_memory_gb"], round(mx.get_peak_memory() / 2**30, 4))
     report_path = (target / REPORT_FILE)
-    tmp = report_path.with_name(f".{REPORT_FILE}.tmp")
-    tmp.write_text(json.dumps(result.report, indent=2) + "\n")
-    os.replace(tmp, report_path)
+    write_json_atomic(report_path, result.report)
     log(format_report(result.report))
     if not result.report["ok"]:
         print("fuse: the fused model does not keep the adapter; see the warnings above", file=sys.stderr)

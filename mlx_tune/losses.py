@@ -24,7 +24,7 @@ from mlx.utils import tree_flatten
 
 from . import loss_shapes
 from .attention import _cpu_streams, _nullctx, hidden_states, lm_head, on_cpu
-from .loss_shapes import CHUNK_ELEMENTS, DENSE_HEAD_BYTES, HEAD_TILE_BYTES, TILED_TOKENS, chunk_size_for  # noqa: F401
+from .loss_shapes import DENSE_HEAD_BYTES, HEAD_TILE_BYTES, TILED_TOKENS, chunk_size_for
 
 # Measured peak of the loss and its gradient: 11-13 chunk-sized buffers (4 per chunk,
 # two or three chunks in flight), whatever the number of tokens: ~400 MB here.
@@ -182,6 +182,11 @@ def _tiled_head(model):
     return rows, vocab, hidden
 
 
+def _tile_rows(vocab: int, hidden: int, tokens: int) -> int:
+    # This module's (patchable) sizes, not loss_shapes' defaults.
+    return loss_shapes.tile_rows_for(vocab, hidden, tokens, HEAD_TILE_BYTES, TILED_TOKENS)
+
+
 def _back(ops: HeadOps, x, g):
     return ops.back(g) if ops.back is not None else mx.vjp(ops.logits, [x], [g])[1][0]
 
@@ -273,7 +278,7 @@ def masked_ce_sum(model, h: mx.array, targets: mx.array, mask: mx.array, chunk: 
     tiled = _tiled_head(model)
     if tiled is not None:
         rows, vocab, hidden = tiled
-        tile = loss_shapes.tile_rows_for(vocab, hidden, h.shape[0], HEAD_TILE_BYTES, TILED_TOKENS)
+        tile = _tile_rows(vocab, hidden, h.shape[0])
         total, _ = _tiled_fn(rows, vocab, tile, TILED_TOKENS)(h, targets, mask)
         return total
     total, _ = _fused_fn(head_ops(model), chunk)(h, targets, mask)
@@ -289,7 +294,7 @@ def masked_ce_value(model, h: mx.array, targets: mx.array, mask: mx.array) -> mx
     tiled = _tiled_head(model)
     if tiled is not None:
         rows, vocab, hidden = tiled
-        tile = loss_shapes.tile_rows_for(vocab, hidden, h.shape[0], HEAD_TILE_BYTES, TILED_TOKENS)
+        tile = _tile_rows(vocab, hidden, h.shape[0])
         return _tiled_ce(rows, vocab, h, targets, mask, tile, TILED_TOKENS, with_grad=False)[0]
     head, chunk, total = lm_head(model), chunk_size_for(_vocab_size(model)), mx.array(0.0)
     for s in range(0, h.shape[0], chunk):

@@ -42,6 +42,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
+from .atomic import write_text_atomic
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -549,9 +550,7 @@ class MetricsLog:
         if not self.path.is_file():
             return
         keep = [line for line in self.rows() if line.get("step", 0) <= step]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep), encoding="utf-8")
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in keep))
 
     def rows(self) -> list[dict]:
         out = []

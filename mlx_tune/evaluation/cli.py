@@ -23,8 +23,9 @@ import sys
 from ..errors import UserError
 from .client import OpenAIClient
 from .prompts import read_prompts
+from ..atomic import write_json_atomic
 from .report import (RunOptions, compare_report, format_compare, format_results,
-                     format_summary, run_model, write_json_atomic)
+                     format_summary, run_model)
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8080"
 

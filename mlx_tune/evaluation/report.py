@@ -26,14 +26,11 @@ Report of ``--compare A B``: ``{"compare": [report_A, report_B], "models": [A, B
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import statistics
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 from .client import Answer, OpenAIClient
@@ -265,20 +262,3 @@ def format_compare(comparison: dict[str, Any]) -> str:
     lines.append(_table(["#", "prompt", "expected", f"{names[0]}", "ok", f"{names[1]}", "ok"],
                         [3, tw, tw, tw, 3, tw, 3], rows))
     return "\n".join(lines)
-
-
-def write_json_atomic(path: str | Path, data: Any) -> None:
-    """Write JSON to a temp file beside ``path`` then rename it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
