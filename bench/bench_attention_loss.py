@@ -18,15 +18,15 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from mlx_tune._blas import ensure_fast_blas  # noqa: E402
+from mlx_tune.runtime.blas import ensure_fast_blas  # noqa: E402
 
 ensure_fast_blas()
 
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 
-from mlx_tune import attention as A  # noqa: E402
-from mlx_tune import losses as L  # noqa: E402
+from mlx_tune.model import attention as A  # noqa: E402
+from mlx_tune.training import losses as L  # noqa: E402
 
 B, T, H, HKV, D, HIDDEN, VOCAB, LAYERS = 4, 512, 9, 3, 64, 576, 49152, 30
 

@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mlx_tune._blas import ensure_fast_blas  # noqa: E402
+from mlx_tune.runtime.blas import ensure_fast_blas  # noqa: E402
 
 ensure_fast_blas()
 
@@ -71,7 +71,7 @@ def mlx_lm_check(folder: Path) -> dict:
     import mlx.core as mx
     import mlx_lm
 
-    from mlx_tune.loading import load_model
+    from mlx_tune.model.loading import load_model
 
     theirs, tok = mlx_lm.load(str(folder))
     ours, _, _ = load_model(folder)
@@ -95,11 +95,11 @@ def main() -> int:
 
     import mlx.core as mx
 
-    from mlx_tune import quant
-    from mlx_tune.adapters import inject, wrappers
+    from mlx_tune.model import quant
+    from mlx_tune.adapters.manager import inject, wrappers
     from mlx_tune.config import LoraConfig
-    from mlx_tune.fuse import FuseOptions, export, format_report
-    from mlx_tune.loading import load_model
+    from mlx_tune.export.fuse import FuseOptions, export, format_report
+    from mlx_tune.model.loading import load_model
 
     model, tok, info = load_model(MODEL)
     quant.prepare_for_backend(model)

@@ -2,7 +2,7 @@
 
 (a) Small configs (tiny, a medium-small synthetic llama, SmolLM2-135M) at 256/512/1024
     tokens with and without gradient checkpointing: measured MLX peak of a real step vs
-    ``mlx_tune.memory.plan`` (target: within 15%).
+    ``mlx_tune.planning.planner.plan`` (target: within 15%).
 (b) 7B: the exact architectures of Mistral-7B v0.3, Llama-3.1-8B and Qwen2.5-7B (published
     config values, mlx-lm model classes), random bf16 weights created and quantized to 4-bit
     g64 one layer at a time, LoRA all-linear r=16 on every block, gradient checkpointing,
@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mlx_tune._blas import ensure_fast_blas  # noqa: E402
+from mlx_tune.runtime.blas import ensure_fast_blas  # noqa: E402
 
 SMOLLM2 = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 MEDIUM = dict(hidden_size=512, num_hidden_layers=4, intermediate_size=1408, num_attention_heads=8,
@@ -106,21 +106,21 @@ def _load_point_model(point: dict):
     import mlx.core as mx
 
     from mlx_tune.config import QuantizeConfig
-    from mlx_tune.known_configs import KNOWN_CONFIGS
-    from mlx_tune.quant import quantize_model
+    from mlx_tune.model.known_configs import KNOWN_CONFIGS
+    from mlx_tune.model.quant import quantize_model
 
     kind = point["model"]
     if kind in ("tiny", "medium"):
-        from mlx_tune.tiny import tiny_config, tiny_model
+        from mlx_tune.testing.tiny import tiny_config, tiny_model
 
         overrides = MEDIUM if kind == "medium" else {}
         model = tiny_model("llama", **overrides)
         quantize_model(model, QuantizeConfig(bits=4, group_size=64), fast_cpu=not point.get("rival"))
         return model, tiny_config("llama", **overrides), {"bits": 4, "group_size": 64}
     if kind == "smollm2":
-        from mlx_tune.loading import load_model
-        from mlx_tune.memory import read_source_config
-        from mlx_tune.quant import prepare_for_backend
+        from mlx_tune.model.loading import load_model
+        from mlx_tune.planning.planner import read_source_config
+        from mlx_tune.model.quant import prepare_for_backend
 
         model, _, _ = load_model(str(SMOLLM2))
         if not point.get("rival"):
@@ -132,7 +132,7 @@ def _load_point_model(point: dict):
         config["num_hidden_layers"] = int(point["layers"])
     model = _random_quantized_model(config)
     if not point.get("rival"):
-        from mlx_tune.quant import prepare_for_backend
+        from mlx_tune.model.quant import prepare_for_backend
 
         prepare_for_backend(model)
     mx.clear_cache()
@@ -177,7 +177,7 @@ def run_point(point: dict) -> dict:
     import mlx.core as mx
 
     from mlx_tune.config import LoraConfig
-    from mlx_tune.memprobe import measure_steps, rss_peak_bytes
+    from mlx_tune.planning.probe import measure_steps, rss_peak_bytes
 
     mx.set_memory_limit(int(point.get("max_gb", 18) * 1e9))
     start = time.perf_counter()
@@ -190,7 +190,7 @@ def run_point(point: dict) -> dict:
         result.update(peak_gb=peak / 1e9, seconds=[round(secs, 1)], loss=loss, rss_peak_gb=rss_peak_bytes() / 1e9,
                       per_block_gb=_per_block_bytes(model, seq * batch) / 1e9, config=config, quant=quant)
         return result
-    from mlx_tune.adapters import inject
+    from mlx_tune.adapters.manager import inject
 
     inject(model, LoraConfig(rank=16, alpha=32.0))
     mx.eval(model.parameters())
@@ -248,7 +248,7 @@ def spawn(point: dict, max_gb: float, timeout_s: float) -> dict:
 
 def predict(r: dict) -> dict:
     """Add the planner's prediction (computed now, from the point's config only) to a result."""
-    from mlx_tune.memory import Settings, arch_from_config, plan
+    from mlx_tune.planning.planner import Settings, arch_from_config, plan
 
     if "config" not in r or "peak_gb" not in r:
         return r
@@ -315,8 +315,8 @@ def targets_from(results: list[dict]) -> list[dict]:
                             "measured": round(err * 100, 1), "target": TOLERANCE * 100,
                             "unit": f"% error vs measured peak (or within {ABS_TOLERANCE_GB * 1000:.0f} MB)",
                             "rival": None, "pass": close})
-    from mlx_tune.known_configs import KNOWN_CONFIGS
-    from mlx_tune.memory import Settings, arch_from_config, plan
+    from mlx_tune.model.known_configs import KNOWN_CONFIGS
+    from mlx_tune.planning.planner import Settings, arch_from_config, plan
 
     def full_depth(r: dict) -> float:
         """Measured peak at the run's depth plus the per-block bytes of the missing blocks."""

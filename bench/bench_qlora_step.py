@@ -31,7 +31,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mlx_tune._blas import ensure_fast_blas  # noqa: E402
+from mlx_tune.runtime.blas import ensure_fast_blas  # noqa: E402
 from mlx_tune.atomic import write_text_atomic  # noqa: E402
 
 ensure_fast_blas()
@@ -51,7 +51,7 @@ import mlx.optimizers as optim  # noqa: E402
 from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
 
 from mlx_tune.config import QuantizeConfig  # noqa: E402
-from mlx_tune.quant import LINEAR_TYPES, input_dims, quantize_model  # noqa: E402
+from mlx_tune.model.quant import LINEAR_TYPES, input_dims, quantize_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 GGUF = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -59,7 +59,7 @@ RANK, ALPHA = 16, 32.0
 
 
 class _LocalLoRA(nn.Module):
-    """y = W0 x + (alpha / r) B A x; used only while mlx_tune.lora is not available."""
+    """y = W0 x + (alpha / r) B A x; used only while mlx_tune.adapters.lora is not available."""
 
     def __init__(self, base: nn.Module, rank: int, alpha: float):
         super().__init__()
@@ -76,15 +76,15 @@ class _LocalLoRA(nn.Module):
 
 def _lora_factory():
     try:
-        from mlx_tune.lora import LoRALinear
+        from mlx_tune.adapters.lora import LoRALinear
 
-        return "mlx_tune.lora.LoRALinear", lambda m: LoRALinear.from_base(m, rank=RANK, alpha=ALPHA, dropout=0.0)
+        return "mlx_tune.adapters.lora.LoRALinear", lambda m: LoRALinear.from_base(m, rank=RANK, alpha=ALPHA, dropout=0.0)
     except ImportError:
-        return "bench-local LoRA wrapper (mlx_tune.lora not on this branch)", lambda m: _LocalLoRA(m, RANK, ALPHA)
+        return "bench-local LoRA wrapper (mlx_tune.adapters.lora not on this branch)", lambda m: _LocalLoRA(m, RANK, ALPHA)
 
 
 def load_dense(blocks: int | None = None):
-    from mlx_tune.loading import load_model
+    from mlx_tune.model.loading import load_model
 
     model, _, _ = load_model(str(GGUF), dequantize=True)  # fp32 on CPU
     if blocks is not None:
@@ -136,12 +136,12 @@ class Trainer:
         self.model, opt = model, optim.AdamW(learning_rate=1e-4)
         forward = model
         if attention == "mlx_tune":  # mlx_tune's causal attention (cheaper on the CPU), as its trainer runs
-            from mlx_tune.attention import forward as packed_forward
+            from mlx_tune.model.attention import forward as packed_forward
 
             forward = partial(packed_forward, model)
 
         if LOSS == "mlx_tune":  # the chunked one-pass CE of `mlx-tune train`
-            from mlx_tune import losses
+            from mlx_tune.training import losses
 
             ones = mx.ones(self.y.shape)
 
@@ -187,7 +187,7 @@ def start(variant: str, batch: int, seq: int, blocks: int | None = None) -> tupl
     resident = mx.get_active_memory()
     trainer = Trainer(build(variant, blocks), batch, seq, ATTENTION)
     mx.reset_peak_memory()
-    from mlx_tune import losses
+    from mlx_tune.training import losses
 
     dense_head, tiled_head = losses.DENSE_HEAD_BYTES, losses._tiled_head
     if variant == "mlx_lm_4bit":

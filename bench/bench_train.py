@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark: LoRA training throughput and peak memory, mlx_tune vs mlx-lm vs Hugging Face PEFT.
 
-Same model (SmolLM2-135M-Instruct, the Q4_1 GGUF via ``mlx_tune.loading.load_model``),
+Same model (SmolLM2-135M-Instruct, the Q4_1 GGUF via ``mlx_tune.model.loading.load_model``),
 same data (4 rows x 512 tokens packed from the demo reviews), same settings (LoRA on every
 linear layer of every block, r=16, alpha=32, AdamW, lr 1e-4), each side in its own
 process so peak memory is its own:
@@ -57,8 +57,8 @@ def make_rows(out: Path) -> dict:
     """Pack the demo reviews (or generated sentences) into ROWS x SEQ slots; save as .npz."""
     import numpy as np
 
-    from mlx_tune import batching
-    from mlx_tune.loading import load_model
+    from mlx_tune.data import batching
+    from mlx_tune.model.loading import load_model
 
     _, tokenizer, _ = load_model(MODEL)
     raw = ROOT / "data" / "demo_raw" / "reviews.jsonl"
@@ -96,11 +96,13 @@ def side_mlx_tune(rows: dict, steps: int) -> dict:
     import mlx.core as mx
     import mlx.optimizers as optim
 
-    from mlx_tune import adapters, quant, trainer
-    from mlx_tune.batching import Batch
-    from mlx_tune.commands.train import batch_loss
+    from mlx_tune.adapters import manager as adapters
+    from mlx_tune.model import quant
+    from mlx_tune.training import loop as trainer
+    from mlx_tune.data.batching import Batch
+    from mlx_tune.cli.train import batch_loss
     from mlx_tune.config import LoraConfig
-    from mlx_tune.loading import load_model
+    from mlx_tune.model.loading import load_model
 
     model, _, _ = load_model(MODEL)
     quant.prepare_for_backend(model)
@@ -130,7 +132,7 @@ def side_mlx_lm(rows: dict, steps: int, blocks: int | None = None) -> dict:
     from mlx_lm.tuner.trainer import default_loss
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
-    from mlx_tune.loading import load_model
+    from mlx_tune.model.loading import load_model
 
     model, _, _ = load_model(MODEL)
     if blocks is not None:  # --rival-blocks: a model cut to its first blocks, to extrapolate
@@ -213,7 +215,7 @@ def export_hf(out_dir: Path) -> None:
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    from mlx_tune.loading import load_model
+    from mlx_tune.model.loading import load_model
 
     model, _, info = load_model(MODEL, dequantize=True)
     weights = {k: v.astype(mx.float32) for k, v in tree_flatten(model.parameters())}
@@ -288,7 +290,7 @@ def main(argv=None) -> int:
 
     if args.side:
         if args.side != "peft":
-            from mlx_tune._blas import ensure_fast_blas
+            from mlx_tune.runtime.blas import ensure_fast_blas
 
             ensure_fast_blas()
         rows = load_rows(Path(args.rows))
@@ -301,7 +303,7 @@ def main(argv=None) -> int:
         print(json.dumps(result))
         return 0
 
-    from mlx_tune._blas import ensure_fast_blas
+    from mlx_tune.runtime.blas import ensure_fast_blas
 
     ensure_fast_blas()
     if not MODEL.is_file():

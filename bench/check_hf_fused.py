@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mlx_tune._blas import ensure_fast_blas  # noqa: E402
+from mlx_tune.runtime.blas import ensure_fast_blas  # noqa: E402
 
 ensure_fast_blas()
 
@@ -55,7 +55,7 @@ def torch_python(explicit: str | None) -> str | None:
 
 
 def fused_folder(model, tok, info, out: Path):
-    from mlx_tune.fuse import FuseOptions, export
+    from mlx_tune.export.fuse import FuseOptions, export
 
     return export(model, tok, info, out, FuseOptions(format="hf", dtype="float32"), log=lambda s: None)
 
@@ -63,10 +63,10 @@ def fused_folder(model, tok, info, out: Path):
 def tiny_case(tmp: Path):
     import mlx.core as mx
 
-    from mlx_tune.adapters import inject, wrappers
+    from mlx_tune.adapters.manager import inject, wrappers
     from mlx_tune.config import LoraConfig
-    from mlx_tune.loading import load_model
-    from mlx_tune.tiny import save_tiny_folder
+    from mlx_tune.model.loading import load_model
+    from mlx_tune.testing.tiny import save_tiny_folder
 
     model, tok, info = load_model(save_tiny_folder(tmp / "tiny-src"))
     inject(model, LoraConfig(rank=4, alpha=8.0))
@@ -79,9 +79,9 @@ def tiny_case(tmp: Path):
 def smollm2_case(tmp: Path):
     import mlx.core as mx
 
-    from mlx_tune.adapters import inject, wrappers
+    from mlx_tune.adapters.manager import inject, wrappers
     from mlx_tune.config import LoraConfig
-    from mlx_tune.loading import load_model
+    from mlx_tune.model.loading import load_model
 
     path = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
     if not path.is_file():
@@ -107,7 +107,7 @@ def main() -> int:
     import mlx.core as mx
     import numpy as np
 
-    from mlx_tune.loading import load_model
+    from mlx_tune.model.loading import load_model
 
     results = []
     with tempfile.TemporaryDirectory() as tmp_name:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mlx_tune._blas import ensure_fast_blas  # noqa: E402
+from mlx_tune.runtime.blas import ensure_fast_blas  # noqa: E402
 
 ensure_fast_blas()
 
@@ -40,10 +40,10 @@ def main() -> int:
     from peft import PeftModel
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from mlx_tune import adapters
+    from mlx_tune.adapters import manager as adapters
     from mlx_tune.config import LoraConfig
-    from mlx_tune.peft_interop import export_peft
-    from mlx_tune.tiny import tiny_config, tiny_model
+    from mlx_tune.adapters.peft import export_peft
+    from mlx_tune.testing.tiny import tiny_config, tiny_model
 
     cfg = tiny_config("llama", num_hidden_layers=3)
     tokens = [[5, 17, 99, 3, 250, 42, 7, 8, 120, 33, 1, 2]]

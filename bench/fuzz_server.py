@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mlx_tune._blas import ensure_fast_blas  # noqa: E402
+from mlx_tune.runtime.blas import ensure_fast_blas  # noqa: E402
 
 ensure_fast_blas()
 
@@ -37,9 +37,9 @@ def start_server(tmp: Path):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
     from server_util import make_adapter, serve_in_thread
 
-    from mlx_tune.loading import load_model
+    from mlx_tune.model.loading import load_model
     from mlx_tune.server import build_app
-    from mlx_tune.tiny import save_tiny_folder
+    from mlx_tune.testing.tiny import save_tiny_folder
 
     # A short context window bounds every generated request's work.
     base = save_tiny_folder(tmp / "base", max_position_embeddings=96)

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mlx_tune._blas import ensure_fast_blas  # noqa: E402
+from mlx_tune.runtime.blas import ensure_fast_blas  # noqa: E402
 from mlx_tune.atomic import write_text_atomic  # noqa: E402
 
 ensure_fast_blas()
@@ -35,7 +35,7 @@ import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 
 from mlx_tune.config import QuantizeConfig  # noqa: E402
-from mlx_tune.quant import model_bits_per_parameter, quantize_model  # noqa: E402
+from mlx_tune.model.quant import model_bits_per_parameter, quantize_model  # noqa: E402
 
 GGUF = Path(__file__).resolve().parents[1] / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -81,7 +81,7 @@ MODES = {
 
 
 def main(argv=None) -> int:
-    from mlx_tune.loading import load_model
+    from mlx_tune.model.loading import load_model
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--text", type=Path, help="a UTF-8 text file instead of the built-in passage")

@@ -128,7 +128,7 @@ def machine() -> dict:
 
     import mlx.core as mx
 
-    from mlx_tune._blas import openblas_loaded
+    from mlx_tune.runtime.blas import openblas_loaded
 
     backend = "metal" if mx.metal.is_available() else "cpu"
     return {

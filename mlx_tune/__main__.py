@@ -1,5 +1,5 @@
 """``python -m mlx_tune`` is the ``mlx-tune`` console script."""
 
-from .cli import main
+from mlx_tune.cli import main
 
 raise SystemExit(main())

@@ -19,7 +19,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from .errors import ConfigError
+from mlx_tune.errors import ConfigError
 
 # ---------------------------------------------------------------------------
 # Concerns

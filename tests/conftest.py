@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from mlx_tune._blas import ensure_fast_blas
+from mlx_tune.runtime.blas import ensure_fast_blas
 
 ensure_fast_blas()
 
@@ -29,19 +29,19 @@ def smollm2_path() -> Path:
 @pytest.fixture(scope="session")
 def smollm2(smollm2_path):
     """The demo model loaded once per session: (model, tokenizer, info)."""
-    from mlx_tune.loading import load_model
+    from mlx_tune.model.loading import load_model
 
     return load_model(smollm2_path)
 
 
 @pytest.fixture(scope="session")
 def tiny_folder(tmp_path_factory) -> Path:
-    from mlx_tune.tiny import save_tiny_folder
+    from mlx_tune.testing.tiny import save_tiny_folder
 
     return save_tiny_folder(tmp_path_factory.mktemp("tiny") / "llama")
 
 
 def pytest_report_header(config):
-    from mlx_tune._blas import openblas_loaded
+    from mlx_tune.runtime.blas import openblas_loaded
 
     return f"mlx_tune: OpenBLAS preloaded: {openblas_loaded()} (python {sys.version.split()[0]})"

@@ -9,7 +9,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 from mlx.utils import tree_flatten
 
-from mlx_tune.tiny import CHATML_TEMPLATE, SPECIAL_TOKENS, tiny_config, tiny_hf_tokenizer, tiny_model
+from mlx_tune.testing.tiny import CHATML_TEMPLATE, SPECIAL_TOKENS, tiny_config, tiny_hf_tokenizer, tiny_model
 
 NAMES = {
     "model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output",

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_tune import attention as A
+from mlx_tune.model import attention as A
 from mlx_tune.errors import UserError
-from mlx_tune.tiny import tiny_model
+from mlx_tune.testing.tiny import tiny_model
 
 
 def _qkv(B=2, H=6, Hkv=2, L=100, D=16, seed=0):
@@ -108,7 +108,7 @@ def test_without_packing_info_the_module_is_unchanged():
 
 
 def test_lora_injected_after_enable_packing_is_used():
-    from mlx_tune.adapters import inject
+    from mlx_tune.adapters.manager import inject
     from mlx_tune.config import LoraConfig
 
     model = tiny_model("qwen2", seed=3)

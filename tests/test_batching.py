@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from mlx_tune.batching import (
+from mlx_tune.data.batching import (
     PAD_SEGMENT,
     BatchStream,
     load_dataset,
@@ -16,7 +16,7 @@ from mlx_tune.batching import (
     tokenize_record,
 )
 from mlx_tune.errors import UserError
-from mlx_tune.tiny import tiny_tokenizer
+from mlx_tune.testing.tiny import tiny_tokenizer
 
 TWO_TURNS = {
     "messages": [
@@ -104,7 +104,7 @@ def test_completions_mask(tok):
     assert "2+2=" in tok.decode([i for i, t in zip(ids, train) if not t])
 
     from mlx_lm.tokenizer_utils import TokenizerWrapper
-    from mlx_tune.tiny import tiny_hf_tokenizer
+    from mlx_tune.testing.tiny import tiny_hf_tokenizer
 
     hf = tiny_hf_tokenizer()
     hf.chat_template = None

@@ -5,7 +5,7 @@ import sys
 import mlx.core as mx
 import pytest
 
-from mlx_tune._blas import find_openblas, openblas_loaded, sgemm_provider
+from mlx_tune.runtime.blas import find_openblas, openblas_loaded, sgemm_provider
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="OpenBLAS preload is a Linux matter")

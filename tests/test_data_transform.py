@@ -266,7 +266,7 @@ def test_missing_and_badly_encoded_files_exit_2(tmp_path, capsys):
 
 
 def test_token_stats_with_a_real_chat_template():
-    from mlx_tune.tiny import tiny_tokenizer
+    from mlx_tune.testing.tiny import tiny_tokenizer
 
     tok = tiny_tokenizer()  # byte-level: one token per byte plus ChatML specials
     chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
@@ -277,7 +277,7 @@ def test_token_stats_with_a_real_chat_template():
 
 
 def test_transform_reports_token_lengths(tmp_path):
-    from mlx_tune.tiny import tiny_tokenizer
+    from mlx_tune.testing.tiny import tiny_tokenizer
 
     src = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "x" * i, "output": "y"} for i in range(1, 21)])
     report = transform([src], tmp_path / "out", tokenizer=tiny_tokenizer(), max_seq_length=30)
@@ -409,7 +409,7 @@ def test_demo_examples_fit_128_smollm2_tokens(tmp_path):
     model = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
     if not model.is_file():
         pytest.skip(f"demo model not present at {model}")
-    pytest.importorskip("mlx_tune.loading", reason="the model loader is not in this checkout")
+    pytest.importorskip("mlx_tune.model.loading", reason="the model loader is not in this checkout")
     from mlx_tune.data.transform import load_tokenizer
 
     raw = ROOT / "data" / "demo_raw" / "reviews.jsonl"

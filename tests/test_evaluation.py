@@ -423,7 +423,7 @@ def test_against_mlx_lm_server_on_a_tiny_model(tmp_path, capsys):
     pytest.importorskip("mlx_lm")
     import httpx
 
-    from mlx_tune.tiny import save_tiny_folder
+    from mlx_tune.testing.tiny import save_tiny_folder
 
     folder = save_tiny_folder(tmp_path / "tiny")
     port = free_port()

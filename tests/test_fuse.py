@@ -13,13 +13,13 @@ import pytest
 import yaml
 from mlx.utils import tree_flatten
 
-from mlx_tune import fidelity
-from mlx_tune.adapters import inject, save_adapter, wrappers
+from mlx_tune.export import fidelity
+from mlx_tune.adapters.manager import inject, save_adapter, wrappers
 from mlx_tune.cli import main
 from mlx_tune.config import LoraConfig, QuantizeConfig
-from mlx_tune.fuse import FuseOptions, export, units
-from mlx_tune.loading import ModelInfo, load_model
-from mlx_tune.tiny import save_tiny_folder, tiny_config, tiny_model, tiny_tokenizer
+from mlx_tune.export.fuse import FuseOptions, export, units
+from mlx_tune.model.loading import ModelInfo, load_model
+from mlx_tune.testing.tiny import save_tiny_folder, tiny_config, tiny_model, tiny_tokenizer
 
 LORA = LoraConfig(rank=4, alpha=8.0)
 QUANT = QuantizeConfig(bits=4, group_size=32)
@@ -196,7 +196,7 @@ def test_dora_and_qwen2_biases_untied_head_round_trip(tmp_path):
 
 def test_nf4_base_is_written_as_affine_4bit_for_mlx(tmp_path):
     """MLX folders cannot hold NF4: an NF4 base comes out affine 4-bit (block size as group size)."""
-    from mlx_tune import quant
+    from mlx_tune.model import quant
 
     model = tiny_model("llama")
     quant.quantize_model(model, QuantizeConfig(mode="nf4", group_size=64))
@@ -408,7 +408,7 @@ def train_steps(model, tokenizer, steps: int = 3, learning_rate: float = 1e-3) -
 @pytest.mark.slow
 def test_smollm2_trained_adapter_fused_mlx_and_gguf_q8_answer_the_same(smollm2_path, tmp_path):
     """Both outputs, loaded back by our loader, give base + adapter's greedy answers (report's greedy_match)."""
-    from mlx_tune import quant
+    from mlx_tune.model import quant
 
     model, tok, info = load_model(smollm2_path)
     quant.prepare_for_backend(model)

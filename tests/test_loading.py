@@ -14,8 +14,8 @@ from gguf import GGMLQuantizationType as T
 
 from mlx_tune.config import QuantizeConfig
 from mlx_tune.errors import ModelLoadError
-from mlx_tune.loading import load_model
-from mlx_tune.tiny import tiny_model
+from mlx_tune.model.loading import load_model
+from mlx_tune.testing.tiny import tiny_model
 from tests.gguf_writer import random_q6_k, write_tiny_gguf
 
 PROMPT = [1, 40, 50, 60, 70, 80, 2]

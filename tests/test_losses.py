@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_map
 
-from mlx_tune import losses as L
-from mlx_tune.adapters import inject
-from mlx_tune.batching import BatchStream, load_dataset
+from mlx_tune.training import losses as L
+from mlx_tune.adapters.manager import inject
+from mlx_tune.data.batching import BatchStream, load_dataset
 from mlx_tune.config import LoraConfig
-from mlx_tune.tiny import tiny_model, tiny_tokenizer
+from mlx_tune.testing.tiny import tiny_model, tiny_tokenizer
 
 
 def _plain_ce_sum(model, h, targets, mask):
@@ -80,7 +80,7 @@ def test_vocabulary_tiled_ce_on_a_big_quantized_head(monkeypatch, mode):
     (online softmax): value and gradient equal the plain CE, with a ragged last tile and
     several token passes."""
     from mlx_tune.config import QuantizeConfig
-    from mlx_tune.quant import prepare_for_backend, quantize_model
+    from mlx_tune.model.quant import prepare_for_backend, quantize_model
 
     model = tiny_model("llama", seed=6, tie_word_embeddings=(mode == "tied"))
     assert (getattr(model, "lm_head", None) is None) == (mode == "tied")
@@ -115,7 +115,7 @@ def test_vocabulary_tiled_ce_on_a_big_quantized_head(monkeypatch, mode):
 def test_bf16_model_with_a_quantized_head_trains(monkeypatch, tiled):
     """bf16 hidden states with a float32 dequantized head (MLX-community 4-bit folders):
     the gradient comes back in the hidden states' dtype, through the compiled step too."""
-    from mlx_tune.quant import prepare_for_backend
+    from mlx_tune.model.quant import prepare_for_backend
 
     model = tiny_model("llama", seed=7)
     nn.quantize(model, group_size=32, bits=4)
@@ -241,8 +241,8 @@ def test_loss_fn_without_packing_matches_reference(chat_data):
 
 @pytest.mark.slow
 def test_smollm2_packed_loss_and_lora_gradients_equal_the_plain_computation(smollm2_path):
-    from mlx_tune import quant
-    from mlx_tune.loading import load_model
+    from mlx_tune.model import quant
+    from mlx_tune.model.loading import load_model
 
     model, _, _ = load_model(smollm2_path)
     quant.prepare_for_backend(model)

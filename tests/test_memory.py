@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from mlx_tune.errors import UserError
-from mlx_tune.memory import (GB, Settings, arch_from_config, fits, plan, plan_config, read_source_config)
+from mlx_tune.planning.planner import (GB, Settings, arch_from_config, fits, plan, plan_config, read_source_config)
 
 ROOT = Path(__file__).resolve().parent.parent
 # A medium-small llama (about 20 M weights): big enough that activations, not MLX's
@@ -25,10 +25,10 @@ MEDIUM = dict(hidden_size=512, num_hidden_layers=4, intermediate_size=1408, num_
 def medium_model():
     import mlx.core as mx
 
-    from mlx_tune.adapters import inject
+    from mlx_tune.adapters.manager import inject
     from mlx_tune.config import LoraConfig, QuantizeConfig
-    from mlx_tune.quant import quantize_model
-    from mlx_tune.tiny import tiny_model
+    from mlx_tune.model.quant import quantize_model
+    from mlx_tune.testing.tiny import tiny_model
 
     model = tiny_model("llama", **MEDIUM)
     quantize_model(model, QuantizeConfig(bits=4, group_size=64))
@@ -51,11 +51,12 @@ def _measure_here(grad_checkpoint: bool, seq_len: int) -> int:
     import mlx.core as mx
     import mlx.optimizers as optim
 
-    from mlx_tune import adapters, trainer
-    from mlx_tune.commands.train import batch_loss
+    from mlx_tune.adapters import manager as adapters
+    from mlx_tune.training import loop as trainer
+    from mlx_tune.cli.train import batch_loss
     from mlx_tune.config import LoraConfig, QuantizeConfig
-    from mlx_tune.quant import quantize_model
-    from mlx_tune.tiny import tiny_model
+    from mlx_tune.model.quant import quantize_model
+    from mlx_tune.testing.tiny import tiny_model
 
     model = tiny_model("llama", **MEDIUM)
     quantize_model(model, QuantizeConfig(bits=4, group_size=64))
@@ -78,7 +79,7 @@ def _measure_here(grad_checkpoint: bool, seq_len: int) -> int:
 
 @pytest.mark.parametrize("grad_checkpoint", [True, False])
 def test_prediction_within_15_percent_of_the_real_training_step(grad_checkpoint):
-    from mlx_tune.tiny import tiny_config
+    from mlx_tune.testing.tiny import tiny_config
 
     measured = measure_trainer_step(grad_checkpoint, 256)
     p = plan(arch_from_config(tiny_config("llama", **MEDIUM)),
@@ -88,8 +89,8 @@ def test_prediction_within_15_percent_of_the_real_training_step(grad_checkpoint)
 
 
 def test_checkpointing_saves_memory_and_the_planner_sees_it(medium_model):
-    from mlx_tune.memprobe import measure_steps
-    from mlx_tune.tiny import tiny_config
+    from mlx_tune.planning.probe import measure_steps
+    from mlx_tune.testing.tiny import tiny_config
 
     arch = arch_from_config(tiny_config("llama", **MEDIUM))
     s = Settings(batch_size=1, seq_len=512, backend="cpu")
@@ -101,7 +102,7 @@ def test_checkpointing_saves_memory_and_the_planner_sees_it(medium_model):
 
 
 def test_reads_an_hf_folder(tmp_path):
-    from mlx_tune.tiny import save_tiny_folder, tiny_config
+    from mlx_tune.testing.tiny import save_tiny_folder, tiny_config
 
     folder = save_tiny_folder(tmp_path / "m")
     src = read_source_config(str(folder))
@@ -140,7 +141,7 @@ def test_unknown_hub_id_offline_is_one_clear_error(monkeypatch):
 
 
 def test_fits_is_the_largest_that_fits():
-    from mlx_tune.known_configs import KNOWN_CONFIGS
+    from mlx_tune.model.known_configs import KNOWN_CONFIGS
 
     arch = arch_from_config(KNOWN_CONFIGS["meta-llama/Llama-3.1-8B-Instruct"])
     s = Settings(batch_size=1, seq_len=2048)
@@ -158,7 +159,7 @@ def _cli(*args, env=None):
 
 
 def test_plan_command_prints_a_breakdown(tmp_path):
-    from mlx_tune.tiny import save_tiny_folder
+    from mlx_tune.testing.tiny import save_tiny_folder
 
     folder = save_tiny_folder(tmp_path / "m")
     cfg = tmp_path / "c.yaml"

@@ -12,7 +12,7 @@ from mlx_lm.tuner.trainer import grad_checkpoint
 
 from mlx_tune.config import QuantizeConfig
 from mlx_tune.errors import ConfigError, UserError
-from mlx_tune.quant import (
+from mlx_tune.model.quant import (
     NF4_CODES,
     CPUQuantizedEmbedding,
     CPUQuantizedLinear,
@@ -32,7 +32,7 @@ from mlx_tune.quant import (
     requantize_like,
     unpack_nibbles,
 )
-from mlx_tune.tiny import tiny_model
+from mlx_tune.testing.tiny import tiny_model
 
 SMOLLM = Path(__file__).resolve().parents[1] / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 

@@ -28,8 +28,8 @@ CTX = 256  # the tiny model's context window (max_position_embeddings)
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from mlx_tune.loading import load_model
-    from mlx_tune.tiny import save_tiny_folder
+    from mlx_tune.model.loading import load_model
+    from mlx_tune.testing.tiny import save_tiny_folder
 
     folder = save_tiny_folder(tmp_path_factory.mktemp("srv") / "tiny", max_position_embeddings=CTX)
     return folder, load_model(str(folder))
@@ -377,7 +377,7 @@ def test_test_mlx_script_against_the_server(server, tmp_path):
 
 
 def test_serve_command_starts_and_warns_on_public_host(tiny, tmp_path):
-    from mlx_tune.commands.serve import LOCAL_HOSTS  # noqa: F401  (import check: no heavy imports)
+    from mlx_tune.cli.serve import LOCAL_HOSTS  # noqa: F401  (import check: no heavy imports)
 
     folder = tiny[0]
     import socket
@@ -423,7 +423,7 @@ def test_serve_command_errors_are_one_line(tmp_path):
 
 def test_smollm2_chat(smollm2_path):
     """The demo model through the server (skipped when the file is absent)."""
-    from mlx_tune.loading import load_model
+    from mlx_tune.model.loading import load_model
     from mlx_tune.server import build_app
     from mlx_tune.server.fastpath import prepare_for_serving
 
@@ -441,7 +441,7 @@ def test_smollm2_chat(smollm2_path):
 def test_serve_settings_from_config_and_flags(tiny, tmp_path):
     import argparse
 
-    from mlx_tune.commands.serve import add_arguments, settings
+    from mlx_tune.cli.serve import add_arguments, settings
     from server_util import make_adapter
 
     folder = tiny[0]
@@ -463,9 +463,9 @@ def test_serve_settings_from_config_and_flags(tiny, tmp_path):
 
 
 def test_non_streaming_client_that_leaves_stops_its_generation(tmp_path):
-    from mlx_tune.loading import load_model
+    from mlx_tune.model.loading import load_model
     from mlx_tune.server import build_app
-    from mlx_tune.tiny import save_tiny_folder
+    from mlx_tune.testing.tiny import save_tiny_folder
 
     model, tokenizer, info = load_model(str(save_tiny_folder(tmp_path / "long", max_position_embeddings=8192)))
     app, _, engine = build_app(model, tokenizer, info)

@@ -17,9 +17,9 @@ from server_util import letter_bias, make_adapter, serve_in_thread  # noqa: E402
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from mlx_tune.loading import load_model
+    from mlx_tune.model.loading import load_model
     from mlx_tune.server import build_app
-    from mlx_tune.tiny import save_tiny_folder
+    from mlx_tune.testing.tiny import save_tiny_folder
 
     tmp = tmp_path_factory.mktemp("adapters")
     base = save_tiny_folder(tmp / "base")
@@ -140,10 +140,10 @@ def test_row_mixing_equals_each_adapter_alone(tmp_path):
     """Rows on base / a / b in one pass give each row's own model output."""
     import mlx.core as mx
 
-    from mlx_tune.adapters import AdapterManager
-    from mlx_tune.loading import load_model
+    from mlx_tune.adapters.manager import AdapterManager
+    from mlx_tune.model.loading import load_model
     from mlx_tune.server.mixing import RowRoute, RowRouter, install
-    from mlx_tune.tiny import save_tiny_folder
+    from mlx_tune.testing.tiny import save_tiny_folder
 
     base = save_tiny_folder(tmp_path / "base")
     make_adapter(base, tmp_path / "a", rank=4, seed=1)

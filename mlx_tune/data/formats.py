@@ -66,7 +66,7 @@ import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple
 
-from ..errors import UserError
+from mlx_tune.errors import UserError
 
 TRAINER_FORMATS = ("chat", "completions", "text")
 # A record (a JSONL line, a CSV row, a JSON array element) longer than this is skipped

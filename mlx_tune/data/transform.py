@@ -34,9 +34,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from ..errors import UserError
-from . import formats
-from .formats import RecordError
+from mlx_tune.errors import UserError
+from mlx_tune.data import formats
+from mlx_tune.data.formats import RecordError
 
 SPLITS = ("train", "valid", "test")
 OUTPUTS = tuple(f"{s}.jsonl" for s in SPLITS) + ("report.json",)
@@ -455,7 +455,7 @@ def _dedup_split_write(p1: _Pass1, spool: Path, tmp: Path, opts: Options, tokeni
 def load_tokenizer(source: str):
     """The tokenizer of any model source the loader accepts (imports mlx lazily)."""
     try:
-        from .. import loading
+        from mlx_tune.model import loading
     except ImportError as exc:
         raise UserError(f"--tokenizer needs the model loader, which cannot be imported here ({exc})") from None
     if hasattr(loading, "load_tokenizer"):

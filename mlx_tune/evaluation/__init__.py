@@ -6,9 +6,9 @@ any remote server), ``report`` runs the rows, builds the JSON report and prints 
 and ``cli`` is the command line. The report's fields are documented in ``report``.
 """
 
-from .cli import main
-from .prompts import PromptRow, read_prompts
-from .report import compare_report, run_model
-from .scoring import MATCHERS, score
+from mlx_tune.evaluation.cli import main
+from mlx_tune.evaluation.prompts import PromptRow, read_prompts
+from mlx_tune.evaluation.report import compare_report, run_model
+from mlx_tune.evaluation.scoring import MATCHERS, score
 
 __all__ = ["MATCHERS", "PromptRow", "compare_report", "main", "read_prompts", "run_model", "score"]

@@ -21,8 +21,8 @@ from typing import Any
 
 import httpx
 
-from ..errors import UserError
-from .prompts import PromptRow
+from mlx_tune.errors import UserError
+from mlx_tune.evaluation.prompts import PromptRow
 
 START_HINT = "start it with `./convert_and_serve.sh CONFIG.yaml` or `mlx-tune serve --model SOURCE`"
 

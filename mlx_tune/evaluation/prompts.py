@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import UserError
-from .scoring import DEFAULT_MATCH, MATCHERS, check_expected
+from mlx_tune.errors import UserError
+from mlx_tune.evaluation.scoring import DEFAULT_MATCH, MATCHERS, check_expected
 
 ALLOWED_KEYS = ("prompt", "messages", "expected", "match", "id", "completion")
 ROLES = ("system", "user", "assistant", "tool", "developer")

@@ -33,9 +33,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .client import Answer, OpenAIClient
-from .prompts import PromptRow
-from .scoring import score
+from mlx_tune.evaluation.client import Answer, OpenAIClient
+from mlx_tune.evaluation.prompts import PromptRow
+from mlx_tune.evaluation.scoring import score
 
 
 @dataclass(frozen=True)

@@ -20,22 +20,11 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .engine import Delta, Done, Engine, Failed
-from .errors import ApiError
-from .protocol import Preparer, ResponseBuilder, context_window
-from .registry import ModelRegistry
-from .schemas import (
-    AdapterCard,
-    AdapterLoadRequest,
-    ChatCompletion,
-    ChatCompletionRequest,
-    Completion,
-    CompletionRequest,
-    ErrorResponse,
-    Health,
-    ModelCard,
-    ModelList,
-)
+from mlx_tune.server.engine import Delta, Done, Engine, Failed
+from mlx_tune.server.errors import ApiError
+from mlx_tune.server.protocol import Preparer, ResponseBuilder, context_window
+from mlx_tune.server.registry import ModelRegistry
+from mlx_tune.server.schemas import AdapterCard, AdapterLoadRequest, ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest, ErrorResponse, Health, ModelCard, ModelList
 
 log = logging.getLogger(__name__)
 

@@ -29,8 +29,8 @@ from typing import Callable
 
 import mlx.core as mx
 
-from .errors import ApiError
-from .mixing import RowRoute, RowRouter, install_row_shim
+from mlx_tune.server.errors import ApiError
+from mlx_tune.server.mixing import RowRoute, RowRouter, install_row_shim
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ parameter names, so adapters and their base fingerprint are unaffected), which c
 
 where the dense ``W`` is a cached fp32 copy when the whole model's copy fits in
 ``dense_budget_bytes`` (kept outside the parameters: private attribute), or is
-dequantized per call otherwise (``mlx_tune.quant``'s path). ``qmm_rows`` is measured at
+dequantized per call otherwise (``mlx_tune.model.quant``'s path). ``qmm_rows`` is measured at
 start-up on whole single-token decode steps (1 when the quantized kernel wins a single
 row, 0 when the dense path wins everything).
 """
@@ -26,7 +26,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
-from .. import quant
+from mlx_tune.model import quant
 
 log = logging.getLogger(__name__)
 

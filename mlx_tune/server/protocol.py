@@ -10,27 +10,9 @@ import json
 import time
 import uuid
 
-from .engine import Delta, Done, GenRequest, TokenInfo
-from .errors import bad_request
-from .schemas import (
-    DEFAULT_MAX_TOKENS,
-    AssistantMessage,
-    ChatChoice,
-    ChatChunkChoice,
-    ChatCompletion,
-    ChatCompletionChunk,
-    ChatCompletionRequest,
-    ChoiceLogprobs,
-    Completion,
-    CompletionChoice,
-    CompletionLogprobs,
-    CompletionRequest,
-    Delta as WireDelta,
-    SamplingFields,
-    TokenLogprob,
-    TopLogprob,
-    Usage,
-)
+from mlx_tune.server.engine import Delta, Done, GenRequest, TokenInfo
+from mlx_tune.server.errors import bad_request
+from mlx_tune.server.schemas import DEFAULT_MAX_TOKENS, AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChoiceLogprobs, Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, Delta as WireDelta, SamplingFields, TokenLogprob, TopLogprob, Usage
 
 
 def context_window(model, info=None) -> int | None:

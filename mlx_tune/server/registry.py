@@ -1,7 +1,7 @@
 """What the server can answer with: one base model and named adapters on it.
 
 The base weights are loaded once; adapters are ``LoRALinear`` entries on the same
-layers (``mlx_tune.adapters.AdapterManager``), so picking one per request is a name
+layers (``mlx_tune.adapters.manager.AdapterManager``), so picking one per request is a name
 switch, never a copy of the base. At most ``max_loras`` adapters are resident: when
 another is needed the least recently used one not serving a request is unloaded, and
 reloaded from its folder when asked for again. Adapters over ``max_lora_rank`` or made
@@ -20,10 +20,10 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..adapters import AdapterManager, read_adapter, wrappers
-from ..errors import UserError
-from .errors import ApiError, not_found
-from .mixing import ROUTE, install, mixable
+from mlx_tune.adapters.manager import AdapterManager, read_adapter, wrappers
+from mlx_tune.errors import UserError
+from mlx_tune.server.errors import ApiError, not_found
+from mlx_tune.server.mixing import ROUTE, install, mixable
 
 BASE_NAME = "base"
 

@@ -1,0 +1,69 @@
+"""The ``mlx-tune`` command: thin subcommands over the package.
+
+Each subcommand lives in its own module exposing ``add_arguments(parser)`` and
+``run(args) -> int``; the registry below maps names to modules so this file never
+grows with the features. A ``UserError`` becomes one line on stderr and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from mlx_tune.runtime.blas import ensure_fast_blas
+from mlx_tune.errors import UserError
+
+# name -> (module, one-line help). Modules are imported only when their command runs.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("mlx_tune.cli.train", "train an adapter as CONFIG.yaml says"),
+    "fuse": ("mlx_tune.cli.fuse", "merge the adapter into the base model"),
+    "serve": ("mlx_tune.cli.serve", "start the OpenAI-compatible server"),
+    "plan": ("mlx_tune.cli.plan", "predict peak training memory without loading weights"),
+    "doctor": ("mlx_tune.cli.doctor", "backend, BLAS speed, memory and versions"),
+    "adapter": ("mlx_tune.cli.adapter", "export / import adapters (Hugging Face PEFT)"),
+    "generate": ("mlx_tune.cli.generate", "load a model (and adapter) and answer one prompt"),
+    "data": ("mlx_tune.cli.data", "convert datasets (same as data_transform.py)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mlx-tune", description="LoRA / QLoRA fine-tuning on MLX.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            p.set_defaults(_missing=name)
+            continue
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        ensure_fast_blas()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    if getattr(args, "_missing", None):
+        print(f"mlx-tune {args._missing}: not yet available in this version", file=sys.stderr)
+        return 3
+    try:
+        return int(args._run(args) or 0)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

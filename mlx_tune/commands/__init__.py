@@ -1,1 +1,0 @@
-"""One module per ``mlx-tune`` subcommand: argument parsing and printing only."""

@@ -1,0 +1,541 @@
+"""The memory planner behind ``mlx-tune plan``: peak training memory from a config alone.
+
+Nothing here loads weights or imports MLX: the model's ``config.json`` values (from a
+local folder, a GGUF header, the Hugging Face cache or hub, or ``known_configs``) give
+every shape, and the peak of one LoRA training step is the sum of
+
+* **base weights** at their storage: affine ``bits`` per weight plus a ``scale`` and a
+  ``bias`` per group of ``g`` (``bits + 2 * 16 / g`` bits per weight with 16-bit scales:
+  4.5 for 4-bit g64), embeddings and an untied LM head quantized like mlx-lm does
+  (every ``Linear`` / ``Embedding`` whose width divides by ``g``); norms, biases dense;
+* **adapter state**: LoRA ``A (in x r)`` and ``B (r x out)`` per targeted linear, kept
+  fp32 as parameters, gradients and AdamW's two moments, plus the update's new copies;
+* **activations** for ``N = batch x seq`` tokens. Per llama-style block the backward
+  needs (``a`` bytes per activation element, ``D`` hidden, ``F`` MLP width, ``Hq`` /
+  ``Hkv`` query / key-value widths, ``r`` LoRA rank, ``H`` heads)::
+
+      saved(block) = N * [a * (4 D + 2 Hq + 2 Hkv + 4 F) + 4 r * n_lora]   (+ fp32 copies
+                     of each LoRA input when a < 4)   +   a * B * H * T^2   (softmax probs)
+
+  (block input, two norm outputs, post-rope q and k, v, attention output, mid residual,
+  gate, up, silu(gate), their product, each LoRA ``x A``). Without checkpointing all
+  ``L`` blocks' sets live at the start of the backward; with checkpointing only each
+  block's input ``N * D * a`` is kept and one block's set is rebuilt at a time. The
+  backward of one block adds a working set: the attention scores' gradient chain
+  (``2 * a * B * H * T^2``) and the flowing gradients (``N * a * (2 D + 2 F)``);
+* **the loss**, as ``mlx_tune.training.losses`` computes it: chunks of ``2**23 / vocab`` tokens
+  whose fp32 logits, their ``exp`` and the gradient's matmul input live (about three
+  chunks at a time) instead of ``B x T x vocab``. On the CPU backend quantized matmuls run
+  as dequantize + fp32 sgemm: a head whose fp32 copy fits 1 GB (``vocab x D``) is
+  dequantized once and alive while the loss runs; a bigger one (Llama-3's 128k x 4096)
+  is dequantized one vocabulary tile at a time (``loss_shapes``), so only a tile, its
+  logits and the running softmax sums (``tokens x D``) live. A block's dense weights live
+  in its backward; Metal/CUDA use fused kernels. The loss and the block-by-block backward
+  are not alive together: the peak is what lives throughout (weights, adapter state, kept
+  activations) plus the larger phase;
+* a fixed **runtime** overhead (Python, MLX, tokenizer, data) for the process total.
+
+Constants marked *calibrated* were fitted to measured steps of the real training step
+(``trainer.Step`` over ``losses.loss_fn``, measured by ``mlx_tune.planning.probe`` in
+``bench/bench_memory.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mlx_tune.training import loss_shapes
+from mlx_tune.errors import UserError
+
+GB = 1e9
+
+# Calibrated against measured steps (see bench/bench_memory.py; CPU backend, MLX 0.32).
+RUNTIME_OVERHEAD_BYTES = 0.45e9  # Python + MLX + numpy/tokenizer: process RSS not counted by MLX
+MLX_FIXED_BYTES = 3e6  # MLX's own small buffers (RoPE tables, masks, scalars)
+ACTIVATION_FACTOR = 1.2  # measured / derived per-token elements a block saves
+PROBS_SAVED = 1.3  # softmax probabilities saved per block (plus part of the scores)
+LOGITS_COPIES = 1.3  # calibrated: chunk-sized fp32 buffers alive per chunk in flight (logits, exp, gradient input)
+LOGITS_CHUNKS_ALIVE = 3  # chunks chained with mx.depends: about three in flight
+HEAD_DENSE_COPIES = 1.3  # dense fp32 head in the loss (plus part of its unpacking buffers)
+TILE_COPIES = 2.5  # vocabulary-tiled loss: the tile's fp32 weight and logits, exp, next tile
+ACC_COPIES = 3.0  # vocabulary-tiled loss: the running exp-weighted sum of head rows (tokens x hidden)
+BLOCK_DENSE_COPIES = 1.0  # calibrated: a block's dense fp32 weights in its backward (one layer's at a time, in turn)
+LORA_STATE_COPIES = 4.0  # params, grads, AdamW m and v (fp32)
+LORA_UPDATE_COPIES = 1.0  # the update writes new params and moments, mostly into donated buffers
+WORKING_PROBS = 2.0  # gradient of the softmax probabilities and of the scores
+WORKING_FLOWS = 4.0  # calibrated: gradients flowing through a block (and their fp32 LoRA copies)
+
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo2", "granite", "phi3", "gemma", "gemma2")
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+# ---------------------------------------------------------------------------
+# Architecture from config.json values
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Arch:
+    """The shapes of a llama-style decoder, read from an HF config dict."""
+
+    model_type: str
+    hidden: int
+    layers: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+    attention_bias: bool
+    qk_norm: bool
+    dtype_bytes: int  # the dense dtype of the source weights (activations follow it)
+
+    @property
+    def q_width(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_width(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    def linears(self) -> dict[str, tuple[int, int]]:
+        """name -> (in, out) of one block's linear layers."""
+        d, f = self.hidden, self.intermediate
+        return {
+            "q_proj": (d, self.q_width), "k_proj": (d, self.kv_width), "v_proj": (d, self.kv_width),
+            "o_proj": (self.q_width, d), "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d),
+        }
+
+    def block_params(self) -> int:
+        return sum(i * o for i, o in self.linears().values())
+
+    def params(self) -> int:
+        head = 0 if self.tied else self.vocab * self.hidden
+        return self.layers * self.block_params() + self.vocab * self.hidden + head
+
+
+def _get(cfg: dict, *names: str, default: Any = None) -> Any:
+    for name in names:
+        if cfg.get(name) is not None:
+            return cfg[name]
+    return default
+
+
+def arch_from_config(cfg: dict, where: str = "config") -> Arch:
+    """``Arch`` from an HF ``config.json`` dict; UserError naming the missing key."""
+    if not isinstance(cfg, dict):
+        raise UserError(f"{where}: a model config must be a JSON object")
+    text_cfg = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else None
+    if text_cfg and "hidden_size" not in cfg:  # multimodal wrappers keep the LM in text_config
+        cfg = {**text_cfg, "model_type": text_cfg.get("model_type", cfg.get("model_type"))}
+    model_type = str(cfg.get("model_type", ""))
+    if model_type not in SUPPORTED_TYPES:
+        raise UserError(
+            f"{where}: model_type {model_type!r} is not one the planner knows; "
+            f"supported: {', '.join(SUPPORTED_TYPES)}"
+        )
+    missing = [k for k in ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
+                           "vocab_size") if cfg.get(k) is None]
+    if missing:
+        raise UserError(f"{where}: config.json lacks {', '.join(missing)}; cannot plan memory")
+    hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+    dtype = str(_get(cfg, "torch_dtype", "dtype", default="float32")).replace("torch.", "")
+    return Arch(
+        model_type=model_type,
+        hidden=hidden,
+        layers=int(cfg["num_hidden_layers"]),
+        intermediate=int(cfg["intermediate_size"]),
+        heads=heads,
+        kv_heads=int(_get(cfg, "num_key_value_heads", default=heads)),
+        head_dim=int(_get(cfg, "head_dim", default=hidden // heads)),
+        vocab=int(cfg["vocab_size"]),
+        tied=bool(cfg.get("tie_word_embeddings", model_type in ("gemma", "gemma2"))),
+        attention_bias=bool(cfg.get("attention_bias", model_type == "qwen2")),
+        qk_norm=model_type == "qwen3",
+        dtype_bytes=_DTYPE_BYTES.get(dtype, 4),
+    )
+
+
+# ---------------------------------------------------------------------------
+# Reading a model's config without its weights
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class SourceConfig:
+    """A model's config.json dict, where it came from, and its own storage (if quantized)."""
+
+    config: dict
+    origin: str  # "folder" | "gguf" | "hub cache" | "hub" | "built-in published values"
+    quantization: dict | None = None  # {"bits", "group_size"} of the source's own storage
+
+
+def read_source_config(source: str) -> SourceConfig:
+    """config.json of ``source`` (folder, .gguf, hub id) without reading any weights."""
+    path = Path(str(source)).expanduser()
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise UserError(f"{path}: GGUF file not found")
+        return _gguf_config(path)
+    if path.is_dir():
+        cfg_file = path / "config.json"
+        if not cfg_file.is_file():
+            raise UserError(f"{path}: no config.json in this model folder")
+        try:
+            cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise UserError(f"{cfg_file}: not valid JSON ({exc})") from None
+        q = cfg.get("quantization") or cfg.get("quantization_config")
+        quant = {"bits": int(q["bits"]), "group_size": int(q["group_size"])} if isinstance(q, dict) and "bits" in q else None
+        return SourceConfig(cfg, "folder", quant)
+    if path.exists() or str(source).startswith((".", "/", "~")) or str(source).count("/") != 1:
+        raise UserError(f"{source}: no such model folder or .gguf file (and not a hub repo id owner/name)")
+    return _hub_config(str(source))
+
+
+def _gguf_config(path: Path) -> SourceConfig:
+    """The header only: metadata and tensor types through ``gguf.GGUFReader`` (memory-mapped)."""
+    try:
+        import gguf
+
+        from mlx_tune.model.gguf import _field_value, gguf_config
+
+        reader = gguf.GGUFReader(str(path))
+        metadata = {k: _field_value(f) for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+        names = {t.name for t in reader.tensors}
+        cfg, _ = gguf_config(metadata, names, path)
+        types = {t.name: t.tensor_type.name for t in reader.tensors}
+    except UserError:
+        raise
+    except Exception as exc:
+        raise UserError(f"{path}: not a readable GGUF file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    block_type = next((v for k, v in types.items() if ".ffn_down." in k or ".attn_q." in k), None)
+    bits = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8}.get(block_type or "")
+    cfg.setdefault("torch_dtype", "float16")  # GGUF scales and dense tensors are 16-bit
+    return SourceConfig(cfg, "gguf", {"bits": bits, "group_size": 32} if bits else None)
+
+
+def _hub_config(repo_id: str) -> SourceConfig:
+    from mlx_tune.model.known_configs import KNOWN_CONFIGS
+
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:  # pragma: no cover - huggingface-hub is a dependency
+        hf_hub_download = None
+    if hf_hub_download is not None:
+        try:
+            return SourceConfig(json.loads(Path(hf_hub_download(repo_id, "config.json", local_files_only=True)).read_text()),
+                                "hub cache")
+        except Exception:
+            pass
+    if repo_id in KNOWN_CONFIGS:
+        return SourceConfig(dict(KNOWN_CONFIGS[repo_id]), "built-in published values")
+    if hf_hub_download is not None and os.environ.get("HF_HUB_OFFLINE") != "1":
+        try:
+            return SourceConfig(json.loads(Path(hf_hub_download(repo_id, "config.json", etag_timeout=5)).read_text()), "hub")
+        except Exception as exc:
+            reason = type(exc).__name__
+        else:  # pragma: no cover
+            reason = ""
+    else:
+        reason = "offline"
+    known = ", ".join(sorted(KNOWN_CONFIGS))
+    raise UserError(
+        f"{repo_id}: cannot read its config.json ({reason}): the hub is not reachable and it is not cached; "
+        f"download it once, point model: at a local folder, or use one of the built-in ids: {known}"
+    )
+
+
+# ---------------------------------------------------------------------------
+# The plan
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Settings:
+    """What the memory depends on besides the architecture."""
+
+    batch_size: int = 1
+    seq_len: int = 512
+    grad_checkpoint: bool = True
+    bits: int | None = 4  # None: dense base
+    group_size: int = 64
+    nf4: bool = False
+    lora_rank: int = 16
+    lora_targets: tuple[str, ...] = ALL_LINEAR
+    lora_layers: int | None = None  # None: all blocks
+    dora: bool = False
+    backend: str = "cpu"  # "cpu" dequantizes for matmuls; "metal"/"cuda" use fused kernels
+    activation_bytes: int | None = None  # None: the source dtype (fp32 4, fp16/bf16 2)
+
+
+@dataclass
+class Plan:
+    arch: Arch
+    settings: Settings
+    parts: dict[str, float]  # component -> bytes
+    notes: list[str] = field(default_factory=list)
+    origin: str = ""
+
+    @property
+    def mlx_peak(self) -> float:
+        """What ``mx.get_peak_memory()`` reports for a training step."""
+        return sum(v for k, v in self.parts.items() if k != "runtime")
+
+    @property
+    def total(self) -> float:
+        """Process peak: MLX's buffers plus the runtime overhead."""
+        return sum(self.parts.values())
+
+    def as_dict(self) -> dict:
+        return {
+            "model_type": self.arch.model_type, "params": self.arch.params(), "origin": self.origin,
+            "settings": asdict(self.settings) | {"lora_targets": list(self.settings.lora_targets)},
+            "parts_gb": {k: round(v / GB, 4) for k, v in self.parts.items()},
+            "mlx_peak_gb": round(self.mlx_peak / GB, 4), "total_gb": round(self.total / GB, 4), "notes": self.notes,
+        }
+
+
+def _quantized_bytes(n_out: int, n_in: int, s: Settings, scale_bytes: int, dense_bytes: int) -> float:
+    """Storage of an (out, in) weight; widths that do not divide by the group stay dense."""
+    if s.bits is None:
+        return n_out * n_in * dense_bytes
+    if s.nf4:  # 4-bit codes + one fp32 absmax per block
+        return n_out * n_in * (0.5 + 4 / s.group_size) if n_in % s.group_size == 0 else n_out * n_in * dense_bytes
+    if n_in % s.group_size:
+        return n_out * n_in * dense_bytes
+    return n_out * n_in * (s.bits / 8 + 2 * scale_bytes / s.group_size)
+
+
+def _lora_layers(arch: Arch, s: Settings) -> int:
+    return arch.layers if s.lora_layers is None else min(s.lora_layers, arch.layers)
+
+
+def causal_block_fraction(seq_len: int) -> float:
+    """(n + 1) / 2n: the share of the T x T scores that ``attention.block_causal_attention``
+    (the CPU path) computes and keeps, with its default n = T / block query blocks."""
+    block = max(64, -(-seq_len // 8))
+    n = -(-seq_len // block)
+    return (n + 1) / (2 * n)
+
+
+def plan(arch: Arch, s: Settings, origin: str = "") -> Plan:
+    """Predicted peak memory of one LoRA training step (see the module docstring)."""
+    notes: list[str] = []
+    a = s.activation_bytes or arch.dtype_bytes
+    dense = arch.dtype_bytes
+    n_tok = s.batch_size * s.seq_len
+    d, f, hq, hkv = arch.hidden, arch.intermediate, arch.q_width, arch.kv_width
+    linears = arch.linears()
+
+    # Base weights.
+    block = sum(_quantized_bytes(o, i, s, dense, dense) for i, o in linears.values())
+    block += 2 * d * dense + (hq + 2 * hkv) * dense * arch.attention_bias + 2 * arch.head_dim * dense * arch.qk_norm
+    embed = _quantized_bytes(arch.vocab, d, s, dense, dense)
+    head = 0 if arch.tied else _quantized_bytes(arch.vocab, d, s, dense, dense)
+    weights = arch.layers * block + embed + head + d * dense
+
+    # LoRA state: A (in x r) + B (r x out) per targeted linear, fp32.
+    targets = [n for n in linears if n in s.lora_targets]
+    unknown = sorted(set(s.lora_targets) - set(linears))
+    if unknown:
+        notes.append(f"lora targets {', '.join(unknown)} are not linear layers of this architecture; ignored")
+    per_block_lora = sum(s.lora_rank * (linears[n][0] + linears[n][1]) + (linears[n][1] if s.dora else 0) for n in targets)
+    lora_params = _lora_layers(arch, s) * per_block_lora
+    lora_state = lora_params * 4 * LORA_STATE_COPIES
+    lora_update = lora_params * 4 * LORA_UPDATE_COPIES
+
+    # Activations of one block for n_tok tokens (see the docstring).
+    per_token = a * (4 * d + 2 * hq + 2 * hkv + 4 * f) + 4 * s.lora_rank * len(targets)
+    if a < 4 and targets:  # LoRA's fp32 A promotes its input: one fp32 copy per adapted linear
+        per_token += 4 * sum(linears[n][0] for n in targets)
+    probs = a * s.batch_size * arch.heads * s.seq_len**2
+    if s.backend == "cpu":  # block-causal attention computes only the blocks on or below the diagonal
+        probs *= causal_block_fraction(s.seq_len)
+    saved_block = ACTIVATION_FACTOR * n_tok * per_token + PROBS_SAVED * probs
+    working = WORKING_PROBS * probs + WORKING_FLOWS * n_tok * a * (2 * d + 2 * f)
+    if s.grad_checkpoint:
+        kept, kept_label = arch.layers * n_tok * d * a, f"kept block inputs ({arch.layers} x tokens x hidden)"
+        block_phase = saved_block + working
+    else:
+        kept, kept_label = arch.layers * saved_block, f"saved activations ({arch.layers} blocks)"
+        block_phase = working
+
+    # Loss phase, as ``losses`` runs it: on the CPU path a quantized head whose fp32 copy
+    # fits DENSE_HEAD_BYTES is dequantized once and the logits go chunk by chunk; a bigger
+    # one is dequantized a vocabulary tile at a time (online softmax over the tiles).
+    on_cpu_path = (s.backend == "cpu" or s.nf4) and s.bits is not None
+    head_w = arch.vocab * d * 4
+    # Each block's dense weights are rebuilt by its recomputed forward and again by its
+    # backward (both live for a while).
+    block_dense = BLOCK_DENSE_COPIES * arch.block_params() * 4 if on_cpu_path else 0
+    block_phase += block_dense
+    hidden_copies = 2 * n_tok * d * 4  # fp32 hidden states in and their gradient out
+    if on_cpu_path and loss_shapes.head_is_tiled(arch.vocab, d):
+        tokens = min(n_tok, loss_shapes.TILED_TOKENS)
+        tile = loss_shapes.tile_rows_for(arch.vocab, d, n_tok)
+        loss_parts = {
+            f"loss phase: head tiles ({tile} of {arch.vocab} rows dequantized at a time) and their logits":
+                TILE_COPIES * tile * (d + tokens) * 4,
+            "loss phase: hidden states, running softmax sums and gradient": hidden_copies + ACC_COPIES * tokens * d * 4,
+        }
+        notes.append(f"CPU backend: the {arch.vocab} x {d} head is too big to keep as fp32 "
+                     f"({head_w / GB:.2f} GB); the loss dequantizes {tile} rows at a time")
+    else:
+        chunk = min(loss_shapes.chunk_size_for(arch.vocab), n_tok)
+        alive = min(-(-n_tok // chunk), LOGITS_CHUNKS_ALIVE)
+        loss_parts = {f"loss phase: logits ({alive} chunks of {chunk} tokens x vocab {arch.vocab}, fp32)":
+                      LOGITS_COPIES * alive * chunk * arch.vocab * 4 + hidden_copies}
+        if on_cpu_path:
+            loss_parts["loss phase: dense dequantized head (CPU path)"] = HEAD_DENSE_COPIES * head_w
+            notes.append("CPU backend: quantized matmuls run as dequantize + fp32 sgemm (the head's dense "
+                         f"weight, {arch.vocab} x {d} fp32, is alive while the loss runs)")
+    loss_phase = sum(loss_parts.values())
+
+    parts = {
+        "base weights": weights,
+        "LoRA params + grads + AdamW": lora_state,
+        kept_label: kept,
+    }
+    # The loss (first in the backward) and the block-by-block backward are not alive together;
+    # the peak is whichever phase is larger, on top of what lives throughout.
+    if loss_phase >= block_phase:
+        parts.update(loss_parts)
+        notes.append(f"peak in the loss; the block backward needs {block_phase / GB:.3f} GB at its peak")
+    else:
+        if s.grad_checkpoint:
+            parts["block backward: 1 recomputed block"] = saved_block
+        parts["block backward: working set"] = working
+        if block_dense:
+            parts["block backward: dense dequantized block (CPU path)"] = block_dense
+        notes.append(f"peak in the block backward; the loss needs {loss_phase / GB:.3f} GB at its peak")
+    parts["AdamW update (new params and moments)"] = lora_update
+    parts["MLX fixed buffers"] = MLX_FIXED_BYTES
+    parts["runtime"] = RUNTIME_OVERHEAD_BYTES
+    if probs > 4 * GB:
+        notes.append("attention probabilities dominate at this length (batch x heads x T^2)")
+    return Plan(arch, s, parts, notes, origin)
+
+
+def fits(arch: Arch, s: Settings, budget_bytes: float) -> dict:
+    """The largest batch size at ``s.seq_len`` and the largest sequence length at ``s.batch_size``."""
+    from dataclasses import replace
+
+    def total(**kw) -> float:
+        return plan(arch, replace(s, **kw)).total
+
+    best_batch = 0
+    b = 1
+    while b <= 4096 and total(batch_size=b) <= budget_bytes:
+        best_batch, b = b, b * 2
+    lo, hi = best_batch, min(b, 4097)
+    while hi - lo > 1:  # largest b in (lo, hi) that fits
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if total(batch_size=mid) <= budget_bytes else (lo, mid)
+    best_batch = lo
+    best_seq = 0
+    lo, hi = 0, 1 << 20
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if total(seq_len=mid) <= budget_bytes else (lo, mid)
+    best_seq = lo - lo % 64 if lo >= 64 else lo
+    return {"max_batch_size": best_batch, "max_seq_len": best_seq}
+
+
+def system_memory_bytes() -> float | None:
+    """Physical (unified) memory of this machine."""
+    try:
+        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def default_budget_bytes() -> float:
+    total = system_memory_bytes()
+    return 0.75 * total if total else 16 * GB
+
+
+def settings_from_config(cfg, source: SourceConfig, backend: str | None = None) -> Settings:
+    """``Settings`` from a validated ``mlx_tune.config.Config``."""
+    q = cfg.quantize
+    if q is not None:
+        bits, group, nf4 = q.bits, q.group_size, q.mode == "nf4"
+    elif source.quantization:
+        bits, group, nf4 = source.quantization["bits"], source.quantization["group_size"], False
+    else:
+        bits, group, nf4 = None, 64, False
+    lora = cfg.lora
+    targets = ALL_LINEAR if lora.target_modules == "all-linear" else (
+        tuple(lora.target_modules) if isinstance(lora.target_modules, list) else (lora.target_modules,))
+    return Settings(
+        batch_size=cfg.train.batch_size,
+        seq_len=cfg.train.max_seq_length,
+        grad_checkpoint=cfg.train.grad_checkpoint,
+        bits=bits,
+        group_size=group,
+        nf4=nf4,
+        lora_rank=lora.rank,
+        lora_targets=targets,
+        lora_layers=None if lora.layers == "all" else int(lora.layers),
+        dora=lora.use_dora,
+        backend=backend or current_backend(),
+    )
+
+
+def current_backend() -> str:
+    """"metal" on Apple silicon, otherwise "cpu" (CUDA is detected where MLX reports it)."""
+    import platform
+
+    if platform.system() == "Darwin" and platform.machine() == "arm64":
+        return "metal"
+    try:
+        import mlx.core as mx
+
+        if getattr(mx, "cuda", None) is not None and mx.cuda.is_available():
+            return "cuda"
+    except Exception:
+        pass
+    return "cpu"
+
+
+def plan_config(cfg, backend: str | None = None) -> Plan:
+    """Plan a validated ``Config`` (reads only the model's config, never its weights)."""
+    source = read_source_config(cfg.model)
+    arch = arch_from_config(source.config, str(cfg.model))
+    p = plan(arch, settings_from_config(cfg, source, backend), origin=source.origin)
+    return p
+
+
+def format_plan(p: Plan, budget_bytes: float | None = None, fit: dict | None = None) -> str:
+    """The breakdown table printed by ``mlx-tune plan``."""
+    a, s = p.arch, p.settings
+    quant = "dense" if s.bits is None else ("nf4" if s.nf4 else f"{s.bits}-bit") + f" g{s.group_size}"
+    lines = [
+        f"model     {a.model_type}, {a.params() / 1e9:.2f} B params, {a.layers} layers, hidden {a.hidden}, "
+        f"vocab {a.vocab}{' (tied)' if a.tied else ''}  [config: {p.origin}]",
+        f"settings  batch {s.batch_size} x {s.seq_len} tokens, base {quant}, LoRA r={s.lora_rank} on "
+        f"{len([t for t in s.lora_targets if t in a.linears()])} linears/block, grad checkpoint "
+        f"{'on' if s.grad_checkpoint else 'off'}, backend {s.backend}",
+        "",
+    ]
+    width = max(len(k) for k in p.parts) + 2
+    for name, value in p.parts.items():
+        lines.append(f"  {name:<{width}} {value / GB:9.3f} GB")
+    lines.append(f"  {'-' * width} {'-' * 12}")
+    lines.append(f"  {'MLX peak (mx.get_peak_memory)':<{width}} {p.mlx_peak / GB:9.3f} GB")
+    lines.append(f"  {'total (process peak)':<{width}} {p.total / GB:9.3f} GB")
+    if budget_bytes:
+        verdict = "fits" if p.total <= budget_bytes else "DOES NOT FIT"
+        lines += ["", f"budget    {budget_bytes / GB:.1f} GB: {verdict}"]
+        if fit:
+            lines.append(f"largest   batch {fit['max_batch_size']} at {s.seq_len} tokens; "
+                         f"sequence {fit['max_seq_len']} tokens at batch {s.batch_size}")
+    lines += [f"note      {n}" for n in p.notes]
+    return "\n".join(lines)

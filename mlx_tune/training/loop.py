@@ -1,0 +1,629 @@
+"""The training loop: a compiled step, optimizers, schedules, metrics and callbacks.
+
+One optimizer step over ``A = grad_accumulation`` micro-batches (and ``W`` ranks) is
+
+    g = sum_{ranks, micro-batches} grad(sum_t mask_t * CE_t) / sum_{ranks, micro-batches} sum_t mask_t
+    g <- g * min(1, clip / ||g||)          (if grad_clip)
+    theta <- optimizer(theta, g)            (skipped when the loss or ||g|| is not finite)
+
+so accumulating A micro-batches, or spreading them over W ranks, gives exactly the
+gradient of one batch A x W times larger (token-weighted mean cross-entropy).
+
+``train`` is a plain function taking the model, optimizer, batch iterator, loss and
+callbacks; everything else (checkpoints, metrics file, progress bar) is a callback.
+A callback is any object with some of ``on_report(row)``, ``on_eval(row)``,
+``on_step_end(state)``, ``on_interrupt(state)``, ``on_train_end(state)``.
+
+``loss_fn(model, batch) -> (mean_loss, n_trained_tokens)`` is called inside the
+compiled step with a batch whose array fields (inputs, targets, loss_mask,
+segment_ids, positions) are traced arrays; it must not read Python-int fields.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import math
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Callable, Iterable, Iterator
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_map
+
+from mlx_tune.atomic import write_text_atomic
+from mlx_tune.errors import UserError
+
+log = logging.getLogger(__name__)
+
+BATCH_ARRAYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
+
+
+class TrainingStopped(UserError):
+    """The run stopped on purpose (non-finite steps, memory limit): a clear one-line reason."""
+
+
+# ---------------------------------------------------------------------------
+# Optimizers and schedules (dict registries)
+# ---------------------------------------------------------------------------
+
+OPTIMIZERS: dict[str, Callable[..., optim.Optimizer]] = {
+    "adamw": lambda lr, wd: optim.AdamW(learning_rate=lr, weight_decay=wd),
+    "adam": lambda lr, wd: optim.Adam(learning_rate=lr),
+    "sgd": lambda lr, wd: optim.SGD(learning_rate=lr, weight_decay=wd),
+    # relative_step=False: follow our schedule instead of Adafactor's own 1/sqrt(t) rate.
+    "adafactor": lambda lr, wd: optim.Adafactor(learning_rate=lr, relative_step=False, scale_parameter=False),
+}
+
+# name -> (peak, decay_steps) -> schedule over the steps after warmup
+DECAYS: dict[str, Callable[[float, int], Any]] = {
+    "constant": lambda peak, steps: peak,
+    "linear": lambda peak, steps: optim.linear_schedule(peak, 0.0, max(steps, 1)),
+    "cosine": lambda peak, steps: optim.cosine_decay(peak, max(steps, 1)),
+}
+
+
+def build_schedule(kind: str, peak: float, total_steps: int, warmup_steps: int = 0):
+    """A learning rate (float) or schedule(step): linear warmup 0 -> peak, then ``kind`` decay.
+
+    The optimizer's own step counter drives it, so the schedule position is part of the
+    optimizer state and is checkpointed with it.
+    """
+    if kind not in DECAYS:
+        raise UserError(f"train.lr_schedule: {kind!r} is not one of {', '.join(DECAYS)}")
+    decay = DECAYS[kind](peak, total_steps - warmup_steps)
+    if warmup_steps <= 0:
+        return decay
+    # Warmup starts one step above zero so the first update is not wasted.
+    warmup = optim.linear_schedule(peak / (warmup_steps + 1), peak, warmup_steps)
+    if not callable(decay):
+        decay = (lambda value: (lambda step: mx.array(value, mx.float32)))(decay)
+    return optim.join_schedules([warmup, decay], [warmup_steps])
+
+
+def build_optimizer(train_cfg, total_steps: int) -> optim.Optimizer:
+    """The optimizer ``train_cfg.optimizer`` with its learning-rate schedule."""
+    if train_cfg.optimizer not in OPTIMIZERS:
+        raise UserError(f"train.optimizer: {train_cfg.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+    lr = build_schedule(train_cfg.lr_schedule, train_cfg.learning_rate, total_steps, train_cfg.warmup_steps)
+    return OPTIMIZERS[train_cfg.optimizer](lr, train_cfg.weight_decay)
+
+
+# ---------------------------------------------------------------------------
+# Gradient checkpointing per transformer block
+# ---------------------------------------------------------------------------
+
+
+class _BlockKeys(threading.local):
+    """The key a checkpointed block hands its dropouts (None outside one)."""
+
+    key: mx.array | None = None
+
+    def next(self) -> mx.array:
+        self.key, sub = mx.random.split(self.key)
+        return sub
+
+
+_block_keys = _BlockKeys()
+RECOMPUTE = mx.checkpoint  # tests swap in the identity to compare with plain autodiff
+
+
+class KeyedDropout(nn.Dropout):
+    """Dropout that, inside a checkpointed block, draws from the block's explicit key.
+
+    ``mx.checkpoint`` recomputes the block in the backward pass; masks drawn from the
+    global key would differ between the two passes (wrong gradients). An explicit key
+    that is an input of the checkpointed function gives the same masks both times.
+    """
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if _block_keys.key is None or self._p_1 == 1 or not self.training:
+            return super().__call__(x)
+        mask = mx.random.bernoulli(self._p_1, x.shape, key=_block_keys.next())
+        return (mask * x) * (1 / self._p_1)
+
+
+@functools.cache
+def _checkpointed_class(cls: type) -> type:
+    """A subclass of ``cls`` whose ``__call__`` recomputes its activations in the backward pass.
+
+    Swapping ``block.__class__`` (instead of patching ``cls.__call__`` as mlx-lm does)
+    touches only this model's blocks, and keeps every parameter path unchanged.
+    """
+    call = cls.__call__
+
+    def __call__(self, *args, **kwargs):
+        def inner(params, key, *args, **kwargs):
+            self.update(params)
+            outer, _block_keys.key = _block_keys.key, mx.stop_gradient(key)  # no vjp through RandomBits
+            try:
+                return call(self, *args, **kwargs)
+            finally:
+                _block_keys.key = outer
+
+        # A key drawn once, outside: both passes see the same one.
+        key = mx.random.randint(0, 2**31 - 1, (2,)).astype(mx.uint32)
+        return RECOMPUTE(inner)(self.trainable_parameters(), key, *args, **kwargs)
+
+    return type(cls.__name__, (cls,), {"__call__": __call__, "_mlx_tune_checkpointed": True})
+
+
+def grad_checkpoint(model: nn.Module) -> int:
+    """Checkpoint every block of ``model.layers``; returns the number of blocks."""
+    layers = getattr(model, "layers", None) or getattr(getattr(model, "model", None), "layers", None)
+    if not layers:
+        raise UserError(f"train.grad_checkpoint: {type(model).__name__} has no `layers` list of blocks")
+    for block in layers:
+        if not getattr(type(block), "_mlx_tune_checkpointed", False):
+            block.__class__ = _checkpointed_class(type(block))
+        for _, m in block.named_modules():
+            if type(m) is nn.Dropout:
+                m.__class__ = KeyedDropout
+    return len(layers)
+
+
+# ---------------------------------------------------------------------------
+# The compiled step
+# ---------------------------------------------------------------------------
+
+
+def batch_arrays(batch: Any) -> dict[str, mx.array]:
+    """The array fields of a batch (what goes through ``mx.compile``); ints stay outside."""
+    return {k: v for k in BATCH_ARRAYS if (v := getattr(batch, k, None)) is not None}
+
+
+def _traced_batch(arrays: dict) -> SimpleNamespace:
+    """What ``loss_fn`` sees: every array field (None where the batch has none)."""
+    return SimpleNamespace(**{**dict.fromkeys(BATCH_ARRAYS), **arrays})
+
+
+def global_norm(grads) -> mx.array:
+    return mx.sqrt(sum((g.astype(mx.float32).square().sum() for _, g in tree_flatten(grads)), mx.array(0.0)))
+
+
+class Step:
+    """The compiled pieces of one optimizer step, over the state they read and write.
+
+    ``state = [model.state, optimizer.state, mx.random.state]``: the model (adapter
+    weights), the optimizer (moments, step count = schedule position) and the random
+    key (dropout; re-seeded from (seed, rank, step) before every step). Build it
+    *after* restoring a checkpoint: ``mx.compile`` captures these exact objects.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: optim.Optimizer, loss_fn: Callable,
+                 grad_clip: float | None = None, group: Any = None):
+        self.state = [model.state, optimizer.state, mx.random.state]
+        world = group.size() if group is not None else 1
+
+        def summed_loss(model, arrays):
+            loss, ntoks = loss_fn(model, _traced_batch(arrays))
+            ntoks = ntoks.astype(mx.float32)
+            return loss.astype(mx.float32) * ntoks, ntoks
+
+        value_and_grad = nn.value_and_grad(model, summed_loss)
+
+        @partial(mx.compile, inputs=self.state, outputs=self.state)
+        def accumulate(arrays, acc):
+            (loss_sum, ntoks), grads = value_and_grad(model, arrays)
+            if acc is not None:
+                loss_sum, ntoks = loss_sum + acc[0], ntoks + acc[1]
+                grads = tree_map(mx.add, grads, acc[2])
+            return loss_sum, ntoks, grads
+
+        @mx.compile
+        def finish(loss_sum, ntoks, grads):
+            if world > 1:  # sum over ranks, then one division: the global batch's mean
+                loss_sum, ntoks = mx.distributed.all_sum(loss_sum, group=group), mx.distributed.all_sum(ntoks, group=group)
+                grads = tree_map(lambda g: mx.distributed.all_sum(g, group=group), grads)
+            denom = mx.maximum(ntoks, 1.0)
+            grads = tree_map(lambda g: g / denom, grads)
+            norm = global_norm(grads)
+            if grad_clip is not None:
+                scale = mx.minimum(1.0, grad_clip / (norm + 1e-6))
+                grads = tree_map(lambda g: g * scale.astype(g.dtype), grads)
+            return loss_sum / denom, ntoks, grads, norm
+
+        @partial(mx.compile, inputs=self.state, outputs=self.state)
+        def apply(grads):
+            optimizer.update(model, grads)
+
+        self.accumulate, self.finish, self.apply = accumulate, finish, apply
+
+
+# ---------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------
+
+
+_eval_fns: dict[tuple[int, int], Callable] = {}
+
+
+def _compiled_eval(model: nn.Module, loss_fn: Callable) -> Callable:
+    """``loss_fn`` compiled over the model's state (weights are inputs, not constants)."""
+    key = (id(model), id(loss_fn))
+    if key not in _eval_fns:
+        _eval_fns[key] = mx.compile(lambda arrays: loss_fn(model, _traced_batch(arrays)), inputs=[model.state])
+    return _eval_fns[key]
+
+
+def evaluate(model: nn.Module, batches: Iterable, loss_fn: Callable, max_batches: int = 0, group: Any = None) -> tuple[float, int]:
+    """Token-weighted mean loss over ``batches`` (all of them when max_batches is 0), all ranks."""
+    was_training = model.training
+    model.eval()
+    fn = _compiled_eval(model, loss_fn)
+    total, count = mx.array(0.0), mx.array(0.0)
+    try:
+        for i, batch in enumerate(batches):
+            if max_batches and i >= max_batches:
+                break
+            loss, ntoks = fn(batch_arrays(batch))
+            total = total + loss.astype(mx.float32) * ntoks
+            count = count + ntoks
+            mx.eval(total, count)
+    finally:
+        model.train(was_training)
+    if group is not None and group.size() > 1:
+        total, count = mx.distributed.all_sum(total, group=group), mx.distributed.all_sum(count, group=group)
+    n = int(count.item())
+    return (total.item() / n if n else float("nan")), n
+
+
+# ---------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class LoopState:
+    """What the loop carries from step to step (and what a checkpoint restores)."""
+
+    step: int = 0  # optimizer steps done (skipped non-finite steps count: their data was used)
+    bad_steps: int = 0  # non-finite steps in a row
+    trained_tokens: int = 0  # real (non-padding) tokens seen, all ranks
+    last_loss: float = float("nan")
+    val_loss: float | None = None
+    interrupted: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class LoopSettings:
+    iters: int
+    grad_accumulation: int = 1
+    grad_clip: float | None = None
+    steps_per_report: int = 10
+    steps_per_eval: int = 50
+    val_batches: int = 25
+    max_bad_steps: int = 5
+    memory_limit_gb: float | None = None
+    eval_at_start: bool = True
+    seed: int = 0
+
+
+def step_key_seed(seed: int, step: int, rank: int = 0) -> int:
+    """The random seed of optimizer step ``step`` (dropout): a pure function of (seed, rank, step),
+    so a resumed run draws the same masks without saving MLX's global key (which has no setter)."""
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
+
+
+def _emit(callbacks: Iterable, event: str, *args) -> None:
+    for cb in callbacks:
+        fn = getattr(cb, event, None)
+        if fn is not None:
+            fn(*args)
+
+
+@contextlib.contextmanager
+def _sigint_flag():
+    """Turn the first Ctrl-C into a flag the loop checks between steps (a second one stops at once)."""
+    flag = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):
+        if flag.is_set():
+            raise KeyboardInterrupt
+        flag.set()
+        print("\nCtrl-C: finishing this step and saving a checkpoint (press again to stop at once)", flush=True)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _agreed(flag: bool, group: Any) -> bool:
+    """``flag`` on any rank (a Ctrl-C reaches one rank; all must stop together or the
+    others would wait in ``all_sum`` for ever)."""
+    if group is None or group.size() == 1:
+        return flag
+    return mx.distributed.all_sum(mx.array(int(flag)), group=group).item() > 0
+
+
+def _out_of_memory(exc: Exception, limit_gb: float | None) -> TrainingStopped | None:
+    text = str(exc).lower()
+    if "memory" not in text and "malloc" not in text:
+        return None
+    limit = f"the limit train.memory_limit_gb={limit_gb}" if limit_gb else "the memory available"
+    return TrainingStopped(
+        f"out of memory: training needs more than {limit} ({str(exc).strip()[:120]}); lower train.batch_size or "
+        "train.max_seq_length, set train.grad_checkpoint: true, or quantize the base (`mlx-tune plan CONFIG` predicts the peak)"
+    )
+
+
+@dataclass
+class _Window:
+    """Sums over the steps since the last report (the loss is token-weighted)."""
+
+    loss: float = 0.0
+    loss_tokens: float = 0.0
+    tokens: int = 0
+    seconds: float = 0.0
+
+    def add(self, loss: float, loss_tokens: float, tokens: int, seconds: float) -> None:
+        if math.isfinite(loss):
+            self.loss += loss * loss_tokens
+            self.loss_tokens += loss_tokens
+        self.tokens += tokens
+        self.seconds += seconds
+
+    def row(self, state: LoopState, lr: float, peak_gb: float, grad_norm: float) -> dict:
+        return {
+            "step": state.step,
+            "loss": self.loss / self.loss_tokens if self.loss_tokens else float("nan"),
+            "learning_rate": lr,
+            "tokens_per_sec": self.tokens / max(self.seconds, 1e-9),  # real (non-padding) tokens, all ranks
+            "peak_memory_gb": peak_gb,
+            "trained_tokens": state.trained_tokens,
+            "grad_norm": grad_norm,
+        }
+
+
+def _accumulate(step: Step, stream: Iterator, micro_batches: int) -> tuple[Any, int]:
+    """Sum loss and gradients over ``micro_batches`` batches: (acc or None, real tokens)."""
+    acc, n_tokens = None, 0
+    for _ in range(micro_batches):
+        try:
+            batch = next(stream)
+        except StopIteration:
+            break
+        n_tokens += int(getattr(batch, "n_tokens", 0))
+        acc = step.accumulate(batch_arrays(batch), acc)
+        mx.eval(acc)  # bound memory: one micro-batch graph alive at a time
+    return acc, n_tokens
+
+
+def _apply_or_skip(step: Step, grads, loss: float, norm: float, state: LoopState, settings: LoopSettings,
+                   callbacks: list) -> None:
+    """Apply the update, or skip a non-finite one (and stop after max_bad_steps in a row)."""
+    if math.isfinite(loss) and math.isfinite(norm):
+        step.apply(grads)
+        mx.eval(step.state)
+        state.bad_steps = 0
+        return
+    state.bad_steps += 1
+    log.warning("step %d: non-finite loss %s / gradient norm %s; update skipped (%d in a row)",
+                state.step, loss, norm, state.bad_steps)
+    _emit(callbacks, "on_bad_step", {"step": state.step, "loss": loss, "grad_norm": norm})
+    if state.bad_steps >= settings.max_bad_steps:
+        raise TrainingStopped(
+            f"training stopped at step {state.step}: {state.bad_steps} steps in a row had a non-finite "
+            f"loss or gradient (train.max_bad_steps={settings.max_bad_steps}); lower train.learning_rate, "
+            "keep train.grad_clip on, or check the data for empty or broken rows"
+        )
+
+
+def train(model: nn.Module, optimizer: optim.Optimizer, batches: Iterable, loss_fn: Callable,
+          settings: LoopSettings, callbacks: Iterable = (), state: LoopState | None = None,
+          val_batches: Callable[[], Iterable] | None = None, group: Any = None,
+          eval_loss_fn: Callable | None = None) -> LoopState:
+    """Train until ``settings.iters`` optimizer steps; returns the final ``LoopState``.
+
+    ``batches`` yields batches (``batch_arrays`` fields plus ``n_tokens``); each step
+    draws ``grad_accumulation`` of them. ``val_batches()`` returns a fresh validation
+    iterator; ``eval_loss_fn`` (default ``loss_fn``) scores it, e.g. a forward-only loss.
+    Resume by passing the restored ``state`` (and a model, optimizer, random
+    key and batch stream restored to the same step).
+    """
+    state = state or LoopState()
+    callbacks = list(callbacks)
+    group = group if group is not None else mx.distributed.init()
+    world = group.size()
+    if settings.memory_limit_gb:
+        mx.set_memory_limit(int(settings.memory_limit_gb * 2**30))
+    step = Step(model, optimizer, loss_fn, settings.grad_clip, group)
+    stream: Iterator = iter(batches)
+    model.train()
+
+    def run_eval() -> None:
+        if val_batches is None:
+            return
+        tic = time.perf_counter()
+        val_loss, n = evaluate(model, val_batches(), eval_loss_fn or loss_fn, settings.val_batches, group)
+        state.val_loss = val_loss
+        _emit(callbacks, "on_eval", {"step": state.step, "val_loss": val_loss,
+                                     "val_perplexity": _ppl(val_loss), "val_tokens": n,
+                                     "val_time_s": round(time.perf_counter() - tic, 3)})
+
+    window, exhausted = _Window(), False
+    try:
+        with _sigint_flag() as interrupted:
+            if settings.eval_at_start and state.step == 0:
+                run_eval()
+            while state.step < settings.iters and not _agreed(interrupted.is_set(), group):
+                tic = time.perf_counter()
+                # Dropout keys depend on (seed, rank, step) only: resumable without saving a key.
+                mx.random.seed(step_key_seed(settings.seed, state.step + 1, group.rank()))
+                acc, n_tokens = _accumulate(step, stream, settings.grad_accumulation)
+                if acc is None:
+                    log.warning("the batch stream ended after %d steps", state.step)
+                    exhausted = True
+                    break
+                loss, ntoks, grads, norm = step.finish(*acc)
+                mx.eval(loss, ntoks, grads, norm)
+                # Sync point: skipping needs the values on the host. Every rank sees the same
+                # all-summed numbers, so every rank decides the same.
+                loss_v, norm_v = loss.item(), norm.item()
+                state.step += 1
+                _apply_or_skip(step, grads, loss_v, norm_v, state, settings, callbacks)
+                del grads
+                if world > 1:
+                    n_tokens = int(mx.distributed.all_sum(mx.array(n_tokens), group=group).item())
+                state.trained_tokens += n_tokens
+                state.last_loss = loss_v
+                window.add(loss_v, ntoks.item(), n_tokens, time.perf_counter() - tic)
+                peak = mx.get_peak_memory() / 2**30
+                if settings.memory_limit_gb and peak > settings.memory_limit_gb:
+                    raise TrainingStopped(
+                        f"peak memory {peak:.2f} GB passed train.memory_limit_gb={settings.memory_limit_gb} at step "
+                        f"{state.step}; lower train.batch_size or train.max_seq_length, or set train.grad_checkpoint: true"
+                    )
+                last = state.step == settings.iters
+                if state.step % settings.steps_per_report == 0 or last:
+                    _emit(callbacks, "on_report", window.row(state, _lr(optimizer), peak, norm_v))
+                    window = _Window()
+                if state.step % settings.steps_per_eval == 0 or last:
+                    run_eval()
+                _emit(callbacks, "on_step_end", state)
+            if exhausted:
+                run_eval()
+            elif state.step < settings.iters:  # left early: Ctrl-C (on any rank)
+                state.interrupted = True
+                _emit(callbacks, "on_interrupt", state)
+    except RuntimeError as exc:
+        oom = _out_of_memory(exc, settings.memory_limit_gb)
+        if oom is None:
+            raise
+        raise oom from None
+    _emit(callbacks, "on_train_end", state)
+    return state
+
+
+def _lr(optimizer: optim.Optimizer) -> float:
+    lr = optimizer.state.get("learning_rate", None)
+    if lr is None:
+        lr = optimizer.learning_rate
+    return float(lr.item() if isinstance(lr, mx.array) else lr)
+
+
+def _ppl(loss: float) -> float:
+    return math.exp(min(loss, 700.0)) if math.isfinite(loss) else float("nan")
+
+
+# ---------------------------------------------------------------------------
+# Callbacks: metrics file, progress bar, plot
+# ---------------------------------------------------------------------------
+
+
+class MetricsLog:
+    """Append one JSON object per report to ``metrics.jsonl``; each row is flushed and
+    fsynced, so a crash loses at most the row being written."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, row: dict) -> None:
+        line = json.dumps({k: _json_number(v) for k, v in row.items()}) + "\n"
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+
+    on_report = on_eval = on_bad_step = write
+
+    def truncate_after(self, step: int) -> None:
+        """Drop rows past ``step`` (a resumed run rewrites them), atomically."""
+        if not self.path.is_file():
+            return
+        keep = [line for line in self.rows() if line.get("step", 0) <= step]
+        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in keep))
+
+    def rows(self) -> list[dict]:
+        out = []
+        if self.path.is_file():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:  # a row cut by a crash
+                    continue
+        return out
+
+
+def _json_number(v: Any) -> Any:
+    if isinstance(v, float):
+        return None if not math.isfinite(v) else round(v, 8)
+    return v
+
+
+class Progress:
+    """A tqdm bar with ETA, loss, tokens/s and peak memory (rank 0 only)."""
+
+    def __init__(self, total: int, initial: int = 0, enabled: bool = True):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+
+    def on_step_end(self, state: LoopState) -> None:
+        if self.bar is not None:
+            self.bar.update(state.step - self.bar.n)
+
+    def on_report(self, row: dict) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_sec']:.0f}",
+                                 mem=f"{row['peak_memory_gb']:.2f}GB", refresh=False)
+
+    def on_eval(self, row: dict) -> None:
+        msg = f"step {row['step']}: val_loss {row['val_loss']:.4f} (ppl {row['val_perplexity']:.2f}, {row['val_time_s']:.1f}s)"
+        if self.bar is not None:
+            self.bar.write(msg)
+
+    def on_train_end(self, state: LoopState) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    on_interrupt = on_train_end
+
+
+def plot_losses(metrics_path: str | Path, out_path: str | Path) -> Path | None:
+    """Write ``loss.png`` (train and validation loss against step); None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = MetricsLog(metrics_path).rows()
+    train_pts = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None and "step" in r]
+    val_pts = [(r["step"], r["val_loss"]) for r in rows if r.get("val_loss") is not None and "step" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train_pts:
+        ax.plot(*zip(*train_pts), label="train loss")
+    if val_pts:
+        ax.plot(*zip(*val_pts), "o-", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    out_path = Path(out_path)
+    tmp = out_path.with_name(out_path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, out_path)
+    return out_path
