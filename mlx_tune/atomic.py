@@ -1,31 +1,115 @@
-"""Atomic file writes: a temp file beside the target, flushed, then renamed over it, so a
-crash leaves either the old file or the new one, never half of one."""
+"""Atomic writes, for files and whole folders: a temporary beside the target, flushed
+and fsynced, then renamed over it (rename is atomic on one file system) and the parent
+folder fsynced, so a crash leaves either the old output or the new one, never half of
+one. Every writer of outputs and checkpoints in mlx_tune goes through this module.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 
-def write_text_atomic(path: str | Path, text: str) -> Path:
+def fsync_file(path: str | Path) -> None:
+    """Flush ``path``'s data to the disk."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Flush a folder's entries (a rename inside it) to the disk; a no-op where folders
+    cannot be opened (Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_file_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """``write(tmp)`` writes the content to a temporary path (same suffix as ``path``, so
+    writers that look at the extension, such as savefig or np.savez, behave), which is
+    then fsynced and renamed over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        write(tmp)
+        fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
     return path
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
+    return write_file_atomic(path, lambda tmp: tmp.write_bytes(data))
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    return write_file_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def write_json_atomic(path: str | Path, data: Any, indent: int | None = 2) -> Path:
     """``data`` as JSON (non-ASCII kept as is) plus a final newline."""
     return write_text_atomic(path, json.dumps(data, indent=indent, ensure_ascii=False) + "\n")
+
+
+def temp_dir_beside(target: str | Path, tag: str = "tmp") -> Path:
+    """A fresh hidden folder next to ``target`` (same file system, so it can be renamed
+    into place); a leftover of an earlier crash with the same name is removed."""
+    target = Path(target)
+    tmp = target.parent / f".{target.name}.{tag}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def commit_dir(tmp: str | Path, target: str | Path) -> Path:
+    """Move the finished folder ``tmp`` to ``target``: every file and the folder fsynced,
+    an existing ``target`` moved aside first and removed only after the rename."""
+    tmp, target = Path(tmp), Path(target)
+    for p in tmp.rglob("*"):
+        if p.is_file():
+            fsync_file(p)
+    fsync_dir(tmp)
+    old = None
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{os.getpid()}"
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(target, old)
+    os.replace(tmp, target)
+    fsync_dir(target.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | Path) -> Iterator[Path]:
+    """Build a folder in a temporary beside ``target``, then commit it (``commit_dir``);
+    on an exception the temporary is removed and ``target`` is left as it was."""
+    tmp = temp_dir_beside(target)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    commit_dir(tmp, target)
