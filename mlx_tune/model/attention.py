@@ -21,11 +21,13 @@ streams so two softmaxes run at once.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import contextlib
+from typing import Any
 
 import mlx.core as mx
 
 from mlx_tune.errors import UserError
+from mlx_tune.runtime.backend import cpu_streams, on_cpu
 
 # model_type -> module of its attention class (mistral is llama's code in mlx-lm).
 ARCHITECTURES = {
@@ -37,28 +39,15 @@ ARCHITECTURES = {
 _NEEDED = ("q_proj", "k_proj", "v_proj", "o_proj", "rope", "n_heads", "n_kv_heads", "scale")
 
 # CPU levers (module level so benchmarks and tests can turn them off).
-CPU_BLOCK: Optional[int] = None  # query/key block; None: L / 8, at least 64
+CPU_BLOCK: int | None = None  # query/key block; None: L / 8, at least 64
 CPU_STREAMS = 2
-_streams: list = []
-
-
-def _cpu_streams(n: int) -> list:
-    while len(_streams) < n:
-        _streams.append(mx.new_stream(mx.cpu))
-    return _streams[:n]
-
-
-def on_cpu() -> bool:
-    return mx.default_device().type == mx.DeviceType.cpu
-
-
 # ---------------------------------------------------------------------------
 # Attention kernels
 # ---------------------------------------------------------------------------
 
 
-def block_causal_attention(q, k, v, scale: float, mask: Optional[mx.array] = None,
-                           block: Optional[int] = None, streams: Optional[int] = None) -> mx.array:
+def block_causal_attention(q, k, v, scale: float, mask: mx.array | None = None,
+                           block: int | None = None, streams: int | None = None) -> mx.array:
     """Exact causal softmax(q k^T * scale + mask) v, skipping key blocks above the diagonal.
 
     q: (B, H, L, D); k, v: (B, Hkv, L, D) with H a multiple of Hkv (grouped queries);
@@ -79,7 +68,7 @@ def block_causal_attention(q, k, v, scale: float, mask: Optional[mx.array] = Non
     bounds = [(i * block, min(L, (i + 1) * block)) for i in range(n)]
 
     # Greedy balance: biggest blocks first, each to the least loaded stream.
-    lanes = ([None] + _cpu_streams(streams - 1)) if streams > 1 else [None]
+    lanes = ([None] + cpu_streams(streams - 1)) if streams > 1 else [None]
     load = [0] * len(lanes)
     lane_of = {}
     for i in reversed(range(n)):
@@ -94,7 +83,7 @@ def block_causal_attention(q, k, v, scale: float, mask: Optional[mx.array] = Non
         scores = (qi @ k[:, :, :e, :].swapaxes(-1, -2)).reshape(B, Hkv, G, e - s, e)
         # Only the elementwise softmax goes to the lane: matmuls stay on the default
         # stream (BLAS is multi-threaded already; two concurrent sgemms fight for cores).
-        with mx.stream(lane) if lane is not None else _nullctx():
+        with mx.stream(lane) if lane is not None else contextlib.nullcontext():
             if mask is None:
                 # Only the diagonal block holds masked entries.
                 allowed = mx.arange(s, e)[:, None] >= mx.arange(e)[None, :]
@@ -107,14 +96,6 @@ def block_causal_attention(q, k, v, scale: float, mask: Optional[mx.array] = Non
     return out.reshape(B, H, L, D)
 
 
-class _nullctx:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
-
-
 def packed_mask(segment_ids: mx.array) -> mx.array:
     """(B, 1, L, L) boolean: same example and key not after query."""
     L = segment_ids.shape[-1]
@@ -123,7 +104,7 @@ def packed_mask(segment_ids: mx.array) -> mx.array:
     return mx.logical_and(same, causal)[:, None]
 
 
-def attend(q, k, v, scale: float, mask: Optional[mx.array]) -> mx.array:
+def attend(q, k, v, scale: float, mask: mx.array | None) -> mx.array:
     """Causal attention (``mask`` None) or masked by a boolean (B, 1, L, L), per backend."""
     if on_cpu():
         return block_causal_attention(q, k, v, scale, mask)
@@ -135,7 +116,7 @@ def attend(q, k, v, scale: float, mask: Optional[mx.array]) -> mx.array:
 # ---------------------------------------------------------------------------
 
 
-def _rope(rope, x: mx.array, positions: Optional[mx.array]) -> mx.array:
+def _rope(rope, x: mx.array, positions: mx.array | None) -> mx.array:
     """RoPE on (B, L, H, D) at each token's own position -> (B, H, L, D)."""
     B, L, H, D = x.shape
     if positions is None:
@@ -223,8 +204,8 @@ def is_enabled(model) -> bool:
     return bool(blocks) and all(isinstance(getattr(b, "self_attn", None), PackedAttention) for b in blocks)
 
 
-def hidden_states(model, inputs: mx.array, segment_ids: Optional[mx.array] = None,
-                  positions: Optional[mx.array] = None) -> mx.array:
+def hidden_states(model, inputs: mx.array, segment_ids: mx.array | None = None,
+                  positions: mx.array | None = None) -> mx.array:
     """The final-norm hidden states (B, L, hidden) of an mlx-lm model, packing-aware.
 
     Supported architectures go through the packing-aware attention (and its CPU levers);
@@ -252,7 +233,7 @@ def lm_head(model):
     return model.model.embed_tokens.as_linear
 
 
-def forward(model, inputs: mx.array, segment_ids: Optional[mx.array] = None,
-            positions: Optional[mx.array] = None) -> mx.array:
+def forward(model, inputs: mx.array, segment_ids: mx.array | None = None,
+            positions: mx.array | None = None) -> mx.array:
     """Logits (B, L, vocab); for training use ``losses.loss_fn``, which never builds them whole."""
     return lm_head(model)(hidden_states(model, inputs, segment_ids, positions))

@@ -21,6 +21,7 @@ import mlx.nn as nn
 
 from mlx_tune.config import QuantizeConfig
 from mlx_tune.errors import ModelLoadError
+from mlx_tune.runtime import backend
 
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.tiktoken", "*.txt"]
 
@@ -162,7 +163,8 @@ def _load_folder(path: Path, source: str, kind: str, trust_remote_code: bool):
             eos_token_ids=config.get("eos_token_id"),
         )
     except Exception as exc:
-        raise ModelLoadError(f"{path}: cannot build the tokenizer ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise ModelLoadError(f"{path}: cannot build the tokenizer ({type(exc).__name__}: {first})") from None
     q = config.get("quantization") or config.get("quantization_config")
     quant = {"mode": q.get("mode", "affine"), "bits": q.get("bits"), "group_size": q.get("group_size")} if q else None
     return model, tokenizer, ModelInfo(source=source, kind=kind, path=str(path), config=config, quantization=quant)
@@ -215,7 +217,7 @@ def _load_gguf(path: Path, quantize: QuantizeConfig | None):
             weights[name], weights[f"{prefix}.scales"] = w, s
             if b:
                 weights[f"{prefix}.biases"] = b[0]
-    compute_dtype = mx.float32 if mx.default_device() == mx.cpu else mx.float16
+    compute_dtype = backend.compute_dtype()
     weights = {
         k: (v.astype(compute_dtype) if mx.issubdtype(v.dtype, mx.floating) and not k.endswith((".scales", ".biases")) else v)
         for k, v in weights.items()
@@ -223,7 +225,8 @@ def _load_gguf(path: Path, quantize: QuantizeConfig | None):
     try:
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as exc:
-        raise ModelLoadError(f"{path}: weights do not fit the {config['model_type']} architecture ({str(exc).splitlines()[0]})") from None
+        first = str(exc).splitlines()[0]
+        raise ModelLoadError(f"{path}: weights do not fit the {config['model_type']} architecture ({first})") from None
     mx.eval(model.parameters())
 
     tokenizer = TokenizerWrapper(hf_tokenizer, eos_token_ids=G.eos_token_ids(metadata))
@@ -245,7 +248,7 @@ def _dequantize_model(model: nn.Module) -> None:
     from mlx_lm.utils import dequantize_model
 
     dequantize_model(model)
-    if mx.default_device() == mx.cpu:
+    if backend.on_cpu():
         model.update(_cast_floats(model.parameters(), mx.float32))
     mx.eval(model.parameters())
 
@@ -259,12 +262,14 @@ def _cast_floats(tree: Any, dtype) -> Any:
 def _quantize(model: nn.Module, qcfg: QuantizeConfig, info: ModelInfo) -> None:
     """Quantize (or re-quantize) the base as ``qcfg`` says, one block at a time."""
     have = info.quantization
-    if have and have.get("mode", "affine") == qcfg.mode and have.get("bits") == qcfg.bits and have.get("group_size") == qcfg.group_size:
+    if have and (have.get("mode", "affine"), have.get("bits"), have.get("group_size")) == (
+            qcfg.mode, qcfg.bits, qcfg.group_size):
         return
     if have:
         if info.kind == "gguf":
             # Re-quantizing GGUF's native 4/8-bit blocks would only add error.
-            info.notes.append(f"kept the GGUF file's quantization {have}; requested {qcfg.mode} {qcfg.bits}-bit g{qcfg.group_size} ignored")
+            info.notes.append(f"kept the GGUF file's quantization {have}; "
+                              f"requested {qcfg.mode} {qcfg.bits}-bit g{qcfg.group_size} ignored")
             return
         info.notes.append(f"re-quantized from {have} to {qcfg.mode} {qcfg.bits}-bit g{qcfg.group_size}")
         _dequantize_model(model)

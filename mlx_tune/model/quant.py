@@ -30,14 +30,15 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
 from mlx_tune.errors import UserError
+from mlx_tune.runtime.backend import on_cpu
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +55,6 @@ NF4_CODES = (
     0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
     0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
 )  # fmt: skip
-
-
-def on_cpu() -> bool:
-    """True when MLX computes on its CPU backend (where dequantize + sgemm beats qmm)."""
-    return mx.default_device().type == mx.DeviceType.cpu
 
 
 # ---------------------------------------------------------------------------
@@ -174,7 +170,7 @@ def nf4_dequantize(weight: mx.array, absmax: mx.array, block_size: int) -> mx.ar
 # ---------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def dequant_matmul(kind: str, *static) -> Callable:
     """``f(x, *storage) = x @ W^T`` with ``W = DEQUANT[kind](*storage, *static)`` in fp32.
 
@@ -241,7 +237,7 @@ class CPUQuantizedLinear(nn.QuantizedLinear):
     """
 
     @classmethod
-    def from_quantized(cls, layer: nn.QuantizedLinear) -> "CPUQuantizedLinear":
+    def from_quantized(cls, layer: nn.QuantizedLinear) -> CPUQuantizedLinear:
         """Wrap an existing layer's arrays (no copy)."""
         new = cls.__new__(cls)
         nn.Module.__init__(new)
@@ -264,7 +260,7 @@ class CPUQuantizedLinear(nn.QuantizedLinear):
                                  bits=self.bits, mode=self.mode).astype(mx.float32)
         return affine_dequantize(self["weight"], self["scales"], self["biases"], self.group_size, self.bits)
 
-    def requantize_like(self, weight: mx.array, bias: mx.array | None = None) -> "CPUQuantizedLinear":
+    def requantize_like(self, weight: mx.array, bias: mx.array | None = None) -> CPUQuantizedLinear:
         out_dims, in_dims = weight.shape
         plain = nn.QuantizedLinear(in_dims, out_dims, bias=False, group_size=self.group_size, bits=self.bits,
                                    mode=self.mode)
@@ -280,7 +276,7 @@ class CPUQuantizedEmbedding(nn.QuantizedEmbedding):
     """``nn.QuantizedEmbedding`` whose ``as_linear`` (a tied LM head) uses the CPU fast path."""
 
     @classmethod
-    def from_quantized(cls, layer: nn.QuantizedEmbedding) -> "CPUQuantizedEmbedding":
+    def from_quantized(cls, layer: nn.QuantizedEmbedding) -> CPUQuantizedEmbedding:
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.group_size, new.bits, new.mode = layer.group_size, layer.bits, layer.mode
@@ -318,7 +314,7 @@ class NF4Linear(nn.Module):
 
     @classmethod
     def from_weight(cls, weight: mx.array, bias: mx.array | None = None, block_size: int = 64,
-                    double_quant: bool = False, name: str = "NF4Linear") -> "NF4Linear":
+                    double_quant: bool = False, name: str = "NF4Linear") -> NF4Linear:
         out_dims, in_dims = weight.shape
         layer = cls(in_dims, out_dims, bias is not None, block_size, double_quant, name)  # lazy zeros, replaced
         _set_arrays(layer, nf4_quantize(weight, block_size, double_quant))
@@ -329,7 +325,7 @@ class NF4Linear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Module, block_size: int = 64, double_quant: bool = False,
-                    name: str = "NF4Linear") -> "NF4Linear":
+                    name: str = "NF4Linear") -> NF4Linear:
         return cls.from_weight(dense_weight(linear), linear.get("bias"), block_size, double_quant, name)
 
     def _storage(self) -> tuple[str, tuple[mx.array, ...]]:
@@ -346,7 +342,7 @@ class NF4Linear(nn.Module):
         kind, storage = self._storage()
         return DEQUANT[kind](*storage, self.block_size)
 
-    def requantize_like(self, weight: mx.array, bias: mx.array | None = None) -> "NF4Linear":
+    def requantize_like(self, weight: mx.array, bias: mx.array | None = None) -> NF4Linear:
         return NF4Linear.from_weight(weight, bias, self.block_size, self.double_quant)
 
     @property
@@ -446,7 +442,7 @@ def _affine_linear(layer: nn.Module, path: str, group_size: int, bits: int) -> n
     if isinstance(layer, nn.QuantizedLinear) and _same_affine(layer, group_size, bits):
         return None
     source = layer
-    if not type(layer) is nn.Linear:  # re-quantize from the dense weight (GGUF g32 -> g64, NF4 -> affine)
+    if type(layer) is not nn.Linear:  # re-quantize from the dense weight (GGUF g32 -> g64, NF4 -> affine)
         source = nn.Linear(1, 1, bias=False)
         source.weight = dense_weight(layer)
         if "bias" in layer:

@@ -48,8 +48,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mlx_tune.training import loss_shapes
 from mlx_tune.errors import UserError
+from mlx_tune.training import loss_shapes
 
 GB = 1e9
 
@@ -215,7 +215,8 @@ def _gguf_config(path: Path) -> SourceConfig:
     except UserError:
         raise
     except Exception as exc:
-        raise UserError(f"{path}: not a readable GGUF file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"{path}: not a readable GGUF file ({first})") from None
     block_type = next((v for k, v in types.items() if ".ffn_down." in k or ".attn_q." in k), None)
     bits = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8}.get(block_type or "")
     cfg.setdefault("torch_dtype", "float16")  # GGUF scales and dense tensors are 16-bit
@@ -490,19 +491,10 @@ def settings_from_config(cfg, source: SourceConfig, backend: str | None = None) 
 
 
 def current_backend() -> str:
-    """"metal" on Apple silicon, otherwise "cpu" (CUDA is detected where MLX reports it)."""
-    import platform
+    """The backend planned for by default: the one ``runtime.backend`` decides."""
+    from mlx_tune.runtime.backend import planning_backend
 
-    if platform.system() == "Darwin" and platform.machine() == "arm64":
-        return "metal"
-    try:
-        import mlx.core as mx
-
-        if getattr(mx, "cuda", None) is not None and mx.cuda.is_available():
-            return "cuda"
-    except Exception:
-        pass
-    return "cpu"
+    return planning_backend()
 
 
 def plan_config(cfg, backend: str | None = None) -> Plan:

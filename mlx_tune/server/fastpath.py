@@ -27,6 +27,7 @@ import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
 from mlx_tune.model import quant
+from mlx_tune.runtime.backend import on_cpu
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +40,13 @@ class ServingQuantizedLinear(quant.CPUQuantizedLinear):
     qmm_rows = 1  # class default; set per model by ``prepare_for_serving``
 
     @classmethod
-    def from_quantized(cls, layer: nn.QuantizedLinear, dense: bool = False) -> "ServingQuantizedLinear":
+    def from_quantized(cls, layer: nn.QuantizedLinear, dense: bool = False) -> ServingQuantizedLinear:
         new = super().from_quantized(layer)
         new._dense = new.dense_weight() if dense and new.mode == "affine" else None
         return new
 
     def __call__(self, x):
-        if not quant.on_cpu() or self.mode != "affine":
+        if not on_cpu() or self.mode != "affine":
             return nn.QuantizedLinear.__call__(self, x)
         rows = x.size // x.shape[-1]
         if rows <= self.qmm_rows:
@@ -63,14 +64,14 @@ class ServingQuantizedEmbedding(quant.CPUQuantizedEmbedding):
     qmm_rows = 1
 
     @classmethod
-    def from_quantized(cls, layer: nn.QuantizedEmbedding, dense: bool = False) -> "ServingQuantizedEmbedding":
+    def from_quantized(cls, layer: nn.QuantizedEmbedding, dense: bool = False) -> ServingQuantizedEmbedding:
         new = super().from_quantized(layer)
         new._dense = (quant.affine_dequantize(new["weight"], new["scales"], new["biases"], new.group_size, new.bits)
                       if dense and new.mode == "affine" else None)
         return new
 
     def as_linear(self, x):
-        if not quant.on_cpu() or self.mode != "affine":
+        if not on_cpu() or self.mode != "affine":
             return nn.QuantizedEmbedding.as_linear(self, x)
         if x.size // x.shape[-1] <= self.qmm_rows:
             return nn.QuantizedEmbedding.as_linear(self, x)
@@ -119,7 +120,7 @@ def measure_qmm_rows(model: nn.Module, trials: int = 5) -> int:
 def prepare_for_serving(model: nn.Module, dense_budget_bytes: int = DEFAULT_DENSE_BUDGET,
                         measure: bool = True) -> str | None:
     """Swap quantized layers for the serving ones on the CPU backend; returns a note or None."""
-    if not quant.on_cpu():
+    if not on_cpu():
         return None
     found = [(p, m) for p, m in model.named_modules() if type(m) in SWAPS and m.mode == "affine"]
     if not found:

@@ -17,13 +17,16 @@ at a time, whatever the number of tokens. A trainable head takes plain autodiff 
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional
+import contextlib
+from collections.abc import Callable
+from typing import NamedTuple
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from mlx_tune.model.attention import hidden_states, lm_head
+from mlx_tune.runtime.backend import cpu_streams, on_cpu
 from mlx_tune.training import loss_shapes
-from mlx_tune.model.attention import _cpu_streams, _nullctx, hidden_states, lm_head, on_cpu
 from mlx_tune.training.loss_shapes import DENSE_HEAD_BYTES, HEAD_TILE_BYTES, TILED_TOKENS, chunk_size_for
 
 # Measured peak of the loss and its gradient: 11-13 chunk-sized buffers (4 per chunk,
@@ -45,7 +48,7 @@ def head_is_trainable(model) -> bool:
 
 def _lanes(n_chunks: int):
     if on_cpu() and CPU_STREAMS > 1 and n_chunks > 1:
-        return [None] + _cpu_streams(CPU_STREAMS - 1)
+        return [None] + cpu_streams(CPU_STREAMS - 1)
     return [None]
 
 
@@ -59,7 +62,7 @@ class HeadOps(NamedTuple):
 
     logits: Callable
     back: Callable
-    rows: Optional[Callable]
+    rows: Callable | None
 
 
 def _dequantized(module) -> mx.array:
@@ -94,7 +97,7 @@ def head_ops(model) -> HeadOps:
     return HeadOps(head, None, rows)
 
 
-def _row_dequantizer(module) -> Optional[Callable]:
+def _row_dequantizer(module) -> Callable | None:
     """``rows(index) -> fp32 W[index]`` for a quantized head whose storage slices by rows
     (affine, NF4 without double quantization), else None."""
     from mlx_tune.model.quant import affine_dequantize, nf4_dequantize
@@ -210,7 +213,7 @@ def _fused_ce(ops: HeadOps, h, targets, mask, chunk: int):
             hc = mx.depends(hc, prev)
         logits = ops.logits(hc).astype(mx.float32)
         # The elementwise work goes to the lane, the matmuls stay on the default stream.
-        with mx.stream(lane) if lane is not None else _nullctx():
+        with mx.stream(lane) if lane is not None else contextlib.nullcontext():
             top = mx.stop_gradient(logits.max(axis=-1, keepdims=True))
             tgt = mx.take_along_axis(logits, tc[:, None], axis=-1)
             ex = mx.exp(logits - top)  # the one exp over the chunk's logits
@@ -266,7 +269,7 @@ def _checkpointed_ce(model, h, targets, mask, chunk: int):
     return total
 
 
-def masked_ce_sum(model, h: mx.array, targets: mx.array, mask: mx.array, chunk: Optional[int] = None) -> mx.array:
+def masked_ce_sum(model, h: mx.array, targets: mx.array, mask: mx.array, chunk: int | None = None) -> mx.array:
     """Sum over tokens of mask * CE(lm_head(h), targets); h (..., hidden), targets/mask (...)."""
     h = h.reshape(-1, h.shape[-1])
     targets = targets.reshape(-1)
@@ -314,8 +317,8 @@ def _vocab_size(model) -> int:
 
 
 def loss_fn(model, inputs: mx.array, targets: mx.array, loss_mask: mx.array,
-            segment_ids: Optional[mx.array] = None, positions: Optional[mx.array] = None,
-            chunk: Optional[int] = None):
+            segment_ids: mx.array | None = None, positions: mx.array | None = None,
+            chunk: int | None = None):
     """(mean CE over trained tokens, number of trained tokens) for one batch.
 
     Use with ``nn.value_and_grad(model, loss_fn)(model, *batch.arrays())``; packing info

@@ -1,0 +1,89 @@
+"""The one backend decision: which kernel path mlx_tune takes.
+
+MLX runs on Metal (Apple silicon), CUDA or its CPU backend. Two code paths follow:
+
+- ``cpu``: quantized matmuls run as dequantize + fp32 sgemm (OpenBLAS beats MLX's CPU
+  ``quantized_matmul`` by far), models compute in float32, attention runs block-causal
+  on two CPU streams, the loss keeps a dense fp32 head.
+- ``accelerator``: ``mx.quantized_matmul`` layers, float16 compute at load, fused
+  attention and a head used without dequantizing, as on Metal and CUDA.
+
+By default the path follows MLX's default device. ``MLX_TUNE_KERNELS=accelerator``
+forces the accelerator path on any device (so the code a Mac runs is exercised on a
+Linux CPU, slowly but for real: ``make test-accelerator``); ``MLX_TUNE_KERNELS=cpu``
+forces the CPU path. Every module asks here; nothing else looks at the device.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from typing import Literal
+
+import mlx.core as mx
+
+from mlx_tune.errors import UserError
+
+ENV = "MLX_TUNE_KERNELS"
+KERNEL_PATHS = ("cpu", "accelerator")
+KernelPath = Literal["cpu", "accelerator"]
+
+
+def device_backend() -> str:
+    """The hardware MLX computes on: ``metal``, ``cuda`` or ``cpu``."""
+    if mx.default_device().type == mx.DeviceType.cpu:
+        return "cpu"
+    if getattr(mx, "cuda", None) is not None and mx.cuda.is_available():
+        return "cuda"
+    return "metal"
+
+
+def forced_path() -> KernelPath | None:
+    """The path ``MLX_TUNE_KERNELS`` asks for, or None when it is unset or empty."""
+    value = os.environ.get(ENV, "").strip().lower()
+    if not value:
+        return None
+    if value not in KERNEL_PATHS:
+        raise UserError(f"{ENV}={os.environ[ENV]!r}: expected one of {', '.join(KERNEL_PATHS)} (or unset: by device)")
+    return value  # type: ignore[return-value]
+
+
+def kernel_path() -> KernelPath:
+    """``cpu`` or ``accelerator``: the override if set, else by MLX's default device."""
+    return forced_path() or ("cpu" if device_backend() == "cpu" else "accelerator")
+
+
+def on_cpu() -> bool:
+    """True when the CPU path runs (dequantize + sgemm, float32 compute)."""
+    return kernel_path() == "cpu"
+
+
+def compute_dtype() -> mx.Dtype:
+    """The dtype models compute in after loading: float32 on the CPU path (MLX's CPU
+    half-precision matmul is slow), float16 on the accelerator path."""
+    return mx.float32 if on_cpu() else mx.float16
+
+
+def planning_backend() -> str:
+    """The backend the memory planner models by default: the device's, except that a
+    forced path wins (``accelerator`` on a CPU plans the Metal path it runs)."""
+    forced = forced_path()
+    device = device_backend()
+    if forced == "cpu":
+        return "cpu"
+    if forced == "accelerator" and device == "cpu":
+        return "metal"
+    if device == "cpu" and platform.system() == "Darwin" and platform.machine() == "arm64":
+        return "metal"  # a Mac whose default device was set to the CPU still trains on Metal
+    return device
+
+
+_streams: list = []
+
+
+def cpu_streams(n: int) -> list:
+    """``n`` CPU streams, created once and reused (two chunks of work in flight overlap
+    OpenBLAS with MLX's own element-wise work)."""
+    while len(_streams) < n:
+        _streams.append(mx.new_stream(mx.cpu))
+    return _streams[:n]
