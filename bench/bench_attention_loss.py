@@ -5,7 +5,8 @@ Shapes: 4 rows x 512 tokens, 9 query / 3 KV heads of 64, hidden 576, vocabulary 
 ``mlx_lm.lora`` runs, ``mx.fast.scaled_dot_product_attention(mask="causal")`` and the
 full cross-entropy (whole float32 logits, autodiff). Ours: ``attention.attend`` (key
 blocks above the diagonal skipped, two CPU streams) and ``losses.masked_ce_sum`` (chunks,
-one ``exp`` per logit, the frozen head's gradient taken in the same pass). Both compiled; best of N, interleaved so load hits both alike.
+one ``exp`` per logit, the frozen head's gradient taken in the same pass). Both compiled; best of N,
+interleaved so load hits both alike.
 Prints a table and, last, the JSON targets for bench/run_all.py.
 """
 

@@ -95,10 +95,10 @@ def main() -> int:
 
     import mlx.core as mx
 
-    from mlx_tune.model import quant
     from mlx_tune.adapters.manager import inject, wrappers
     from mlx_tune.config import LoraConfig
     from mlx_tune.export.fuse import FuseOptions, export, format_report
+    from mlx_tune.model import quant
     from mlx_tune.model.loading import load_model
 
     model, tok, info = load_model(MODEL)

@@ -119,8 +119,8 @@ def _load_point_model(point: dict):
         return model, tiny_config("llama", **overrides), {"bits": 4, "group_size": 64}
     if kind == "smollm2":
         from mlx_tune.model.loading import load_model
-        from mlx_tune.planning.planner import read_source_config
         from mlx_tune.model.quant import prepare_for_backend
+        from mlx_tune.planning.planner import read_source_config
 
         model, _, _ = load_model(str(SMOLLM2))
         if not point.get("rival"):
@@ -377,7 +377,8 @@ def main() -> int:
         for r in results:
             print(_fmt(r))
         return _finish(args, results)
-    points = ([] if args.only == "7b" else small_points(args.quick)) + ([] if args.only == "small" else seven_b_points(args.quick))
+    points = [] if args.only == "7b" else small_points(args.quick)
+    points += [] if args.only == "small" else seven_b_points(args.quick)
     results = []
     if args.keep and args.out and Path(args.out).is_file():
         results = [predict(r) for r in json.loads(Path(args.out).read_text())["results"] if "error" not in r]

@@ -31,8 +31,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mlx_tune.runtime.blas import ensure_fast_blas  # noqa: E402
 from mlx_tune.atomic import write_text_atomic  # noqa: E402
+from mlx_tune.runtime.blas import ensure_fast_blas  # noqa: E402
 
 ensure_fast_blas()
 
@@ -245,7 +245,7 @@ def main(argv=None) -> int:
         res[variant] = {"peak_bytes": peak, "first_s": first}
         print(f"  {variant:14s} first step {first:.2f} s, peak {peak / 2**20:.0f} MiB", flush=True)
     for _ in range(steps):
-        for variant, trainer in trainers.items():
+        for trainer in trainers.values():
             trainer.step()
     for variant, trainer in trainers.items():
         r = res[variant]

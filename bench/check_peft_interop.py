@@ -41,8 +41,8 @@ def main() -> int:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from mlx_tune.adapters import manager as adapters
-    from mlx_tune.config import LoraConfig
     from mlx_tune.adapters.peft import export_peft
+    from mlx_tune.config import LoraConfig
     from mlx_tune.testing.tiny import tiny_config, tiny_model
 
     cfg = tiny_config("llama", num_hidden_layers=3)

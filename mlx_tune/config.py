@@ -15,7 +15,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Union
 
 import yaml
 
@@ -59,11 +59,11 @@ class LoraConfig:
     rank: int = field(default=16, metadata={"doc": "rank r of A (r x in) and B (out x r)"})
     alpha: float = field(default=32.0, metadata={"doc": "scale numerator: s = alpha / r (alpha / sqrt(r) with use_rslora)"})
     dropout: float = field(default=0.0, metadata={"doc": "dropout on the adapter's input, in [0, 1)"})
-    target_modules: Union[str, list[str]] = field(
+    target_modules: str | list[str] = field(
         default="all-linear",
         metadata={"doc": "module names (q_proj, v_proj, ...), 'all-linear', or a regex string starting with 're:'"},
     )
-    layers: Union[int, Literal["all"]] = field(default="all", metadata={"doc": "'all' or the number of top blocks to adapt"})
+    layers: int | Literal["all"] = field(default="all", metadata={"doc": "'all' or the number of top blocks to adapt"})
     use_rslora: bool = field(default=False, metadata={"doc": "rank-stabilised scale alpha / sqrt(r)"})
     use_dora: bool = field(default=False, metadata={"doc": "DoRA: learn a magnitude vector over the weight-normalised direction"})
     include_lm_head: bool = field(default=False, metadata={"doc": "with all-linear, also adapt the LM head"})
@@ -87,8 +87,8 @@ class LoraConfig:
 class TrainConfig:
     """The training loop, its data handling, checkpoints and memory limits."""
 
-    iters: Optional[int] = field(default=None, metadata={"doc": "optimizer steps (or give epochs)"})
-    epochs: Optional[float] = field(default=None, metadata={"doc": "passes over the training set (or give iters)"})
+    iters: int | None = field(default=None, metadata={"doc": "optimizer steps (or give epochs)"})
+    epochs: float | None = field(default=None, metadata={"doc": "passes over the training set (or give iters)"})
     batch_size: int = field(default=4, metadata={"doc": "rows per step"})
     max_seq_length: int = field(default=512, metadata={"doc": "tokens per row; longer examples are truncated (or dropped)"})
     learning_rate: float = field(default=1e-4, metadata={"doc": "peak learning rate"})
@@ -99,7 +99,7 @@ class TrainConfig:
     lr_schedule: Literal["constant", "linear", "cosine"] = field(default="cosine", metadata={"doc": "decay after warmup"})
     warmup_steps: int = field(default=0, metadata={"doc": "linear warmup steps"})
     grad_accumulation: int = field(default=1, metadata={"doc": "micro-batches per optimizer step"})
-    grad_clip: Optional[float] = field(default=1.0, metadata={"doc": "clip gradients to this global norm (null: off)"})
+    grad_clip: float | None = field(default=1.0, metadata={"doc": "clip gradients to this global norm (null: off)"})
     grad_checkpoint: bool = field(default=False, metadata={"doc": "recompute each block's activations in the backward pass"})
     packing: bool = field(default=True, metadata={"doc": "pack examples into full rows with a block-diagonal mask"})
     mask_prompt: bool = field(default=True, metadata={"doc": "train on completions / assistant turns only"})
@@ -110,7 +110,7 @@ class TrainConfig:
     save_every: int = field(default=100, metadata={"doc": "steps between checkpoints"})
     keep_checkpoints: int = field(default=3, metadata={"doc": "checkpoints kept (oldest deleted)"})
     max_bad_steps: int = field(default=5, metadata={"doc": "stop after this many non-finite steps in a row"})
-    memory_limit_gb: Optional[float] = field(default=None, metadata={"doc": "MLX memory limit; fail clearly instead of swapping"})
+    memory_limit_gb: float | None = field(default=None, metadata={"doc": "MLX memory limit; fail clearly instead of swapping"})
     test: bool = field(default=False, metadata={"doc": "report test-set loss and perplexity at the end"})
 
     def check(self) -> list[str]:
@@ -143,9 +143,9 @@ class ServeConfig:
 
     host: str = field(default="127.0.0.1", metadata={"doc": "bind address (non-local needs an api_key, or warns)"})
     port: int = field(default=8080, metadata={"doc": "TCP port"})
-    api_key: Optional[str] = field(default=None, metadata={"doc": "require 'Authorization: Bearer KEY'"})
+    api_key: str | None = field(default=None, metadata={"doc": "require 'Authorization: Bearer KEY'"})
     adapters: dict[str, str] = field(default_factory=dict, metadata={"doc": "NAME: PATH adapters served beside the base"})
-    adapters_root: Optional[str] = field(default=None, metadata={"doc": "folder POST /v1/adapters may load from"})
+    adapters_root: str | None = field(default=None, metadata={"doc": "folder POST /v1/adapters may load from"})
     adapter_name: str = field(default="adapter", metadata={"doc": "model name of output_dir's adapter when served"})
     max_loras: int = field(default=8, metadata={"doc": "adapters resident at once (LRU eviction)"})
     max_lora_rank: int = field(default=256, metadata={"doc": "refuse adapters of a larger rank"})
@@ -189,18 +189,18 @@ class Config:
     """A whole run: model, quantization, adapter, data, training, outputs, serving."""
 
     model: str = field(metadata={"doc": "hub repo id, local HF/MLX folder, or .gguf file"})
-    quantize: Optional[QuantizeConfig] = field(
+    quantize: QuantizeConfig | None = field(
         default_factory=QuantizeConfig, metadata={"doc": "base storage; null keeps the source as it is"}
     )
     lora: LoraConfig = field(default_factory=LoraConfig, metadata={"doc": "adapter shape"})
-    data: Optional[str] = field(default=None, metadata={"doc": "folder with train.jsonl / valid.jsonl / test.jsonl"})
+    data: str | None = field(default=None, metadata={"doc": "folder with train.jsonl / valid.jsonl / test.jsonl"})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"doc": "training loop"})
     output_dir: str = field(default="outputs/run", metadata={"doc": "adapter, metrics, checkpoints, loss.png"})
-    fused_dir: Optional[str] = field(default=None, metadata={"doc": "fused model folder (default: OUTPUT_DIR/fused)"})
+    fused_dir: str | None = field(default=None, metadata={"doc": "fused model folder (default: OUTPUT_DIR/fused)"})
     serve: ServeConfig = field(default_factory=ServeConfig, metadata={"doc": "server"})
     fuse: FuseConfig = field(default_factory=FuseConfig, metadata={"doc": "fusing and export"})
     trust_remote_code: bool = field(default=False, metadata={"doc": "allow a hub model's own tokenizer code"})
-    source_path: Optional[str] = field(default=None, metadata={"doc": "(set by the loader) the YAML file read"})
+    source_path: str | None = field(default=None, metadata={"doc": "(set by the loader) the YAML file read"})
 
     def check(self) -> list[str]:
         errs = []

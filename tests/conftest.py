@@ -9,11 +9,23 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
+
 from mlx_tune.runtime.blas import ensure_fast_blas
 
-ensure_fast_blas()
 
-import pytest  # noqa: E402
+def pytest_configure(config):
+    # Re-exec with OpenBLAS preloaded before any test module imports mlx. Output capture
+    # is suspended first: the new process must inherit the real stdout/stderr, not
+    # pytest's capture files (or a bare `pytest` would print nothing at all).
+    capman = config.pluginmanager.getplugin("capturemanager")
+    if capman is not None:
+        capman.suspend_global_capture(in_=True)
+    try:
+        ensure_fast_blas()
+    finally:
+        if capman is not None:
+            capman.resume_global_capture()
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOLLM2 = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"

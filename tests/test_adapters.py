@@ -13,11 +13,11 @@ import pytest
 from mlx.utils import tree_flatten
 
 from mlx_tune.adapters import manager as adapters
+from mlx_tune.adapters.lora import LoRALinear
 from mlx_tune.adapters.manager import AdapterManager, inject, load_adapter, save_adapter, trainable_summary
+from mlx_tune.adapters.peft import export_peft, import_peft
 from mlx_tune.config import LoraConfig
 from mlx_tune.errors import UserError
-from mlx_tune.adapters.lora import LoRALinear
-from mlx_tune.adapters.peft import export_peft, import_peft
 from mlx_tune.testing.tiny import tiny_model
 
 TOKENS = mx.array([[5, 17, 99, 3, 250, 42, 7, 8]])

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_tune.model import attention as A
 from mlx_tune.errors import UserError
+from mlx_tune.model import attention as A
 from mlx_tune.testing.tiny import tiny_model
 
 

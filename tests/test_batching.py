@@ -104,6 +104,7 @@ def test_completions_mask(tok):
     assert "2+2=" in tok.decode([i for i, t in zip(ids, train) if not t])
 
     from mlx_lm.tokenizer_utils import TokenizerWrapper
+
     from mlx_tune.testing.tiny import tiny_hf_tokenizer
 
     hf = tiny_hf_tokenizer()

@@ -14,9 +14,9 @@ import pytest
 from mlx.utils import tree_flatten
 
 from mlx_tune.adapters import manager as adapters
-from mlx_tune.training import checkpoint
 from mlx_tune.config import LoraConfig
 from mlx_tune.testing.tiny import tiny_model
+from mlx_tune.training import checkpoint
 
 sys.path.insert(0, str(Path(__file__).parent))
 from train_workspace import losses, run_train, start_and_signal, start_train, workspace  # noqa: E402

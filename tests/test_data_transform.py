@@ -323,7 +323,7 @@ def test_truncated_files_end_in_a_report_or_a_clean_exit_2(tmp_path, capsys, dat
 _GOOD_FILES = {
     "a.jsonl": b"".join(json.dumps({"instruction": f"q{i}", "output": f"a{i}"}).encode() + b"\n" for i in range(5)),
     "a.json": json.dumps([{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(5)], indent=1).encode(),
-    "a.csv": "question,answer\n" .encode() + b"".join(f'"q,{i}","a\n{i}"\n'.encode() for i in range(5)),
+    "a.csv": b"question,answer\n" + b"".join(f'"q,{i}","a\n{i}"\n'.encode() for i in range(5)),
     "a.txt": "caf\u00e9 one\n\ntwo\n\nthree\n".encode(),
 }
 

@@ -16,7 +16,7 @@ from mlx_tune.config import QuantizeConfig
 from mlx_tune.errors import ModelLoadError
 from mlx_tune.model.loading import load_model
 from mlx_tune.testing.tiny import tiny_model
-from tests.gguf_writer import random_q6_k, write_tiny_gguf
+from tests.gguf_writer import write_tiny_gguf
 
 PROMPT = [1, 40, 50, 60, 70, 80, 2]
 

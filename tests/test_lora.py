@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_tune.model import quant
 from mlx_tune.adapters.lora import DoRALinear, LoRALinear, lora_scale
+from mlx_tune.model import quant
 
 IN, OUT = 64, 48
 

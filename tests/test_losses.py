@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_map
 
-from mlx_tune.training import losses as L
 from mlx_tune.adapters.manager import inject
-from mlx_tune.data.batching import BatchStream, load_dataset
 from mlx_tune.config import LoraConfig
+from mlx_tune.data.batching import BatchStream, load_dataset
 from mlx_tune.testing.tiny import tiny_model, tiny_tokenizer
+from mlx_tune.training import losses as L
 
 
 def _plain_ce_sum(model, h, targets, mask):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from mlx_tune.errors import UserError
-from mlx_tune.planning.planner import (GB, Settings, arch_from_config, fits, plan, plan_config, read_source_config)
+from mlx_tune.planning.planner import GB, Settings, arch_from_config, fits, plan, plan_config, read_source_config
 
 ROOT = Path(__file__).resolve().parent.parent
 # A medium-small llama (about 20 M weights): big enough that activations, not MLX's
@@ -52,11 +52,11 @@ def _measure_here(grad_checkpoint: bool, seq_len: int) -> int:
     import mlx.optimizers as optim
 
     from mlx_tune.adapters import manager as adapters
-    from mlx_tune.training import loop as trainer
     from mlx_tune.cli.train import batch_loss
     from mlx_tune.config import LoraConfig, QuantizeConfig
     from mlx_tune.model.quant import quantize_model
     from mlx_tune.testing.tiny import tiny_model
+    from mlx_tune.training import loop as trainer
 
     model = tiny_model("llama", **MEDIUM)
     quantize_model(model, QuantizeConfig(bits=4, group_size=64))

@@ -109,8 +109,8 @@ def test_cpu_linear_gradients_match_through_lora_path():
 
     grads = {}
     for name, model in (("qmm", lora_ref), ("fast", lora_fast)):
-        (l, gp), gx = nn.value_and_grad(model, loss)(model, x), mx.grad(lambda x: loss(model, x))(x)
-        grads[name] = (l, dict(tree_flatten(gp)), gx)
+        (value, gp), gx = nn.value_and_grad(model, loss)(model, x), mx.grad(lambda x, m=model: loss(m, x))(x)
+        grads[name] = (value, dict(tree_flatten(gp)), gx)
     # Dense reference: the same maths with the dequantized weight as a plain matrix.
     w = dense_weight(ref)
 

@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -441,8 +440,9 @@ def test_smollm2_chat(smollm2_path):
 def test_serve_settings_from_config_and_flags(tiny, tmp_path):
     import argparse
 
-    from mlx_tune.cli.serve import add_arguments, settings
     from server_util import make_adapter
+
+    from mlx_tune.cli.serve import add_arguments, settings
 
     folder = tiny[0]
     out = make_adapter(folder, tmp_path / "out", rank=2)

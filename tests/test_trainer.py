@@ -13,9 +13,9 @@ import pytest
 from mlx.utils import tree_flatten
 
 from mlx_tune.adapters import manager as adapters
-from mlx_tune.training import loop as trainer
 from mlx_tune.config import LoraConfig, TrainConfig
 from mlx_tune.testing.tiny import tiny_model
+from mlx_tune.training import loop as trainer
 
 
 def masked_ce(model, batch):
@@ -223,8 +223,8 @@ def test_grad_checkpoint_with_dropout_recomputes_the_same_masks(monkeypatch):
 
 
 def test_eval_loss_equals_the_training_loss_and_follows_the_weights():
-    from mlx_tune.data.batching import Batch
     from mlx_tune.cli.train import batch_loss, eval_loss
+    from mlx_tune.data.batching import Batch
 
     model = adapted()
     t = mx.array(rows(2, 33))

@@ -177,7 +177,7 @@ class LoRALinear(nn.Module):
 
     @classmethod
     def from_base(cls, layer: nn.Module, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0,
-                  use_rslora: bool = False, use_dora: bool = False, name: str = "default") -> "LoRALinear":
+                  use_rslora: bool = False, use_dora: bool = False, name: str = "default") -> LoRALinear:
         """Wrap ``layer`` (or add to it, if it already is a wrapper) with a fresh adapter ``name``."""
         wrapper = layer if isinstance(layer, LoRALinear) else cls(layer)
         wrapper.add_adapter(name, rank, alpha, dropout, use_rslora, use_dora=use_dora or cls is DoRALinear)

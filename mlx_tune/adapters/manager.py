@@ -32,8 +32,8 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from mlx_tune import __version__
-from mlx_tune.errors import UserError
 from mlx_tune.adapters.lora import LoRAAdapter, LoRALinear, check_hyperparameters, is_linear_like, linear_dims, set_active
+from mlx_tune.errors import UserError
 
 ADAPTER_WEIGHTS = "adapters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -151,7 +151,7 @@ def select_modules(model: nn.Module, lora_cfg) -> list[str]:
 # ---------------------------------------------------------------------------
 
 
-def inject(model: nn.Module, lora_cfg, name: str = "default") -> "TrainableSummary":
+def inject(model: nn.Module, lora_cfg, name: str = "default") -> TrainableSummary:
     """Wrap the targeted layers with a fresh adapter ``name``, freeze the rest, activate it.
 
     Calling it again with another name adds a second adapter next to the first.
@@ -206,7 +206,7 @@ def _owner(key: str, modules: dict[str, nn.Module]) -> tuple[str, str]:
 def _is_packed(module: nn.Module) -> bool:
     """A layer whose stored weight is not its logical weight (quantized, NF4, ...)."""
     return isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)) or (
-        callable(getattr(module, "dense_weight", None)) and not type(module) is nn.Linear
+        callable(getattr(module, "dense_weight", None)) and type(module) is not nn.Linear
     )
 
 
@@ -354,7 +354,8 @@ def save_adapter(model: nn.Module, out_dir: str | Path, lora_cfg=None, info=None
     first = held[0][1]
     weights: dict[str, mx.array] = {}
     for path, adapter in held:
-        if (adapter.rank, adapter.alpha, adapter.kind, adapter.use_rslora) != (first.rank, first.alpha, first.kind, first.use_rslora):
+        shape = (adapter.rank, adapter.alpha, adapter.kind, adapter.use_rslora)
+        if shape != (first.rank, first.alpha, first.kind, first.use_rslora):
             raise ValueError(f"adapter {name!r} has mixed rank/alpha/kind across layers ({path}); cannot describe it")
         weights[f"{path}.lora_a"] = adapter.lora_a
         weights[f"{path}.lora_b"] = adapter.lora_b
@@ -363,7 +364,8 @@ def save_adapter(model: nn.Module, out_dir: str | Path, lora_cfg=None, info=None
     paths = [p for p, _ in held]
     blocks = block_paths(model)
     indices, keys, outside = _layout(paths, blocks)
-    uniform = not outside and len(paths) == len(indices) * len(keys) and indices == list(range(len(blocks) - len(indices), len(blocks)))
+    top = list(range(len(blocks) - len(indices), len(blocks)))
+    uniform = not outside and len(paths) == len(indices) * len(keys) and indices == top
     base = _info_dict(info)
     cfg = {
         "format": ADAPTER_FORMAT,

@@ -22,7 +22,14 @@ from pathlib import Path
 import mlx.core as mx
 
 from mlx_tune import __version__
-from mlx_tune.adapters.manager import ADAPTER_FORMAT, _atomic_write_bytes, _read_json, read_adapter, read_safetensors, write_adapter_files
+from mlx_tune.adapters.manager import (
+    ADAPTER_FORMAT,
+    _atomic_write_bytes,
+    _read_json,
+    read_adapter,
+    read_safetensors,
+    write_adapter_files,
+)
 from mlx_tune.errors import UserError
 
 PEFT_WEIGHTS = "adapter_model.safetensors"

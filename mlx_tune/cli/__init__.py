@@ -11,8 +11,8 @@ import argparse
 import importlib
 import sys
 
-from mlx_tune.runtime.blas import ensure_fast_blas
 from mlx_tune.errors import UserError
+from mlx_tune.runtime.blas import ensure_fast_blas
 
 # name -> (module, one-line help). Modules are imported only when their command runs.
 COMMANDS: dict[str, tuple[str, str]] = {

@@ -97,13 +97,13 @@ def run(args: argparse.Namespace) -> int:
     import mlx.core as mx
 
     from mlx_tune.adapters import manager as adapters
-    from mlx_tune.data import batching
-    from mlx_tune.training import checkpoint
-    from mlx_tune.model import quant
-    from mlx_tune.training import loop as trainer
     from mlx_tune.config import config_to_dict
+    from mlx_tune.data import batching
     from mlx_tune.errors import UserError
+    from mlx_tune.model import quant
     from mlx_tune.model.loading import load_model
+    from mlx_tune.training import checkpoint
+    from mlx_tune.training import loop as trainer
 
     tc = cfg.train
     group, rank, world = _world()

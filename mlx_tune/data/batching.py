@@ -32,9 +32,10 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -504,7 +505,8 @@ class BatchStream:
                 "(the data, batch_size, max_seq_length, packing or seed changed)"
             )
         if state.get("world_size", 1) != self.world_size or state.get("rank", 0) != self.rank:
-            raise UserError(f"cannot resume rank {state.get('rank')}/{state.get('world_size')} as rank {self.rank}/{self.world_size}")
+            raise UserError(f"cannot resume rank {state.get('rank')}/{state.get('world_size')} "
+                            f"as rank {self.rank}/{self.world_size}")
         self._next = int(state["epoch"]) * self.n_batches + int(state["index"])
 
     # -- iteration ----------------------------------------------------------

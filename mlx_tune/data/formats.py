@@ -63,8 +63,9 @@ import csv
 import gzip
 import json
 import zlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Any, NamedTuple
 
 from mlx_tune.errors import UserError
 
@@ -708,7 +709,8 @@ def _pair(shape: str, prompt: Any, answer: Any, pkey: str, akey: str, r: dict, s
         prompt, answer = prompt.strip(), answer.strip()
     if not prompt or not answer.strip():
         raise RecordError(f"field {pkey if not prompt else akey!r} is empty")
-    return _new(Example, (shape, [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}], None, None, False))
+    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+    return _new(Example, (shape, messages, None, None, False))
 
 
 _new = tuple.__new__  # Example(...) without NamedTuple's Python-level __new__: hot path

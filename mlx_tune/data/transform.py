@@ -30,13 +30,14 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
-from mlx_tune.errors import UserError
 from mlx_tune.data import formats
 from mlx_tune.data.formats import RecordError
+from mlx_tune.errors import UserError
 
 SPLITS = ("train", "valid", "test")
 OUTPUTS = tuple(f"{s}.jsonl" for s in SPLITS) + ("report.json",)

@@ -20,10 +20,10 @@ import argparse
 import os
 import sys
 
+from mlx_tune.atomic import write_json_atomic
 from mlx_tune.errors import UserError
 from mlx_tune.evaluation.client import OpenAIClient
 from mlx_tune.evaluation.prompts import read_prompts
-from mlx_tune.atomic import write_json_atomic
 from mlx_tune.evaluation.report import RunOptions, compare_report, format_compare, format_results, format_summary, run_model
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8080"

@@ -13,8 +13,9 @@ are skipped.
 
 A held-out split written by ``data_transform.py`` can be used as it is: a row's
 ``completion`` (prompt/completion format) is its expected answer, and so is a chat's
-final ``assistant`` turn, which is then not sent (the model is asked to write it). Any other problem stops the run before a request is sent, with one line
-per bad row: ``file:line: reason``.
+final ``assistant`` turn, which is then not sent (the model is asked to write it). Any
+other problem stops the run before a request is sent, with one line per bad row:
+``file:line: reason``.
 """
 
 from __future__ import annotations

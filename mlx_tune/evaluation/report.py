@@ -29,9 +29,10 @@ import json
 import shutil
 import statistics
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from mlx_tune.evaluation.client import Answer, OpenAIClient
 from mlx_tune.evaluation.prompts import PromptRow

@@ -30,18 +30,19 @@ import shutil
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_tune.export import fidelity
-from mlx_tune.model import quant
+from mlx_tune.adapters.lora import LoRALinear
 from mlx_tune.atomic import write_json_atomic
 from mlx_tune.errors import UserError
-from mlx_tune.adapters.lora import LoRALinear
+from mlx_tune.export import fidelity
+from mlx_tune.model import quant
 
 SHARD_BYTES = 2 << 30  # flush a safetensors shard at 2 GiB: bounds the memory of dense outputs
 CHUNK_ROWS = 8192  # rows dequantized at once from an unadapted quantized layer (embeddings)
@@ -70,7 +71,7 @@ class FuseOptions:
     force: bool = False
 
     @classmethod
-    def from_config(cls, fcfg) -> "FuseOptions":
+    def from_config(cls, fcfg) -> FuseOptions:
         return cls(**{k: getattr(fcfg, k) for k in cls.__dataclass_fields__})
 
 

@@ -16,14 +16,14 @@ tensor is computed, quantized, written and dropped, so only one dense layer is i
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
 
 import numpy as np
 
-from mlx_tune.model import gguf as G
 from mlx_tune.errors import UserError
+from mlx_tune.model import gguf as G
 
 
 @dataclass(frozen=True)

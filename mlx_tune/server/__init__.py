@@ -13,11 +13,11 @@ def build_app(model, tokenizer, info=None, *, adapters: dict[str, str] | None = 
               max_batch: int = 16, max_body_bytes: int = 4_000_000, cors_origins: list[str] | None = None,
               context: int | None = None):
     """(FastAPI app, registry, engine) serving ``model`` as ``base`` plus ``adapters`` {name: folder}."""
+    import mlx.core as mx
+
     from mlx_tune.server.app import create_app
     from mlx_tune.server.engine import Engine
     from mlx_tune.server.registry import ModelRegistry
-
-    import mlx.core as mx
 
     model.eval()
     # Lazy arrays belong to this thread; the engine computes on its own thread.

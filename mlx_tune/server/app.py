@@ -24,7 +24,18 @@ from mlx_tune.server.engine import Delta, Done, Engine, Failed
 from mlx_tune.server.errors import ApiError
 from mlx_tune.server.protocol import Preparer, ResponseBuilder, context_window
 from mlx_tune.server.registry import ModelRegistry
-from mlx_tune.server.schemas import AdapterCard, AdapterLoadRequest, ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest, ErrorResponse, Health, ModelCard, ModelList
+from mlx_tune.server.schemas import (
+    AdapterCard,
+    AdapterLoadRequest,
+    ChatCompletion,
+    ChatCompletionRequest,
+    Completion,
+    CompletionRequest,
+    ErrorResponse,
+    Health,
+    ModelCard,
+    ModelList,
+)
 
 log = logging.getLogger(__name__)
 

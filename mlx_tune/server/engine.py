@@ -23,9 +23,9 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Callable
 
 import mlx.core as mx
 
@@ -243,7 +243,7 @@ class Engine:
         self.route = RowRoute()
 
     # -- lifecycle --------------------------------------------------------------------
-    def start(self) -> "Engine":
+    def start(self) -> Engine:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="mlx_tune-engine", daemon=True)
             self._thread.start()

@@ -20,7 +20,7 @@ adapter (``RowMixAdapter``) registered on every ``LoRALinear`` under the name ``
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -111,7 +111,7 @@ class RowRouter:
         return getattr(self._model, name)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def install_row_shim() -> bool:
     """Record the calling batch's request ids on a ``RowRouter`` before each forward pass.
 

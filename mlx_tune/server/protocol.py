@@ -12,7 +12,25 @@ import uuid
 
 from mlx_tune.server.engine import Delta, Done, GenRequest, TokenInfo
 from mlx_tune.server.errors import bad_request
-from mlx_tune.server.schemas import DEFAULT_MAX_TOKENS, AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChoiceLogprobs, Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, Delta as WireDelta, SamplingFields, TokenLogprob, TopLogprob, Usage
+from mlx_tune.server.schemas import (
+    DEFAULT_MAX_TOKENS,
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChoiceLogprobs,
+    Completion,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    SamplingFields,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+)
+from mlx_tune.server.schemas import Delta as WireDelta
 
 
 def context_window(model, info=None) -> int | None:

@@ -8,7 +8,7 @@ where a number belongs is a 400 naming the field, never a silent conversion. The
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Optional, Union
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -46,30 +46,30 @@ class SamplingFields(_Request):
     """Fields shared by chat and text completions."""
 
     model: str = Field(description="`base`, the base model's source, or a loaded adapter's name")
-    max_tokens: Optional[Annotated[int, Field(ge=1)]] = Field(
+    max_tokens: Annotated[int, Field(ge=1)] | None = Field(
         None, description=f"tokens to generate at most (default {DEFAULT_MAX_TOKENS}, capped by the context window)")
-    temperature: Optional[Annotated[float, Field(ge=0.0, le=2.0)]] = Field(
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = Field(
         None, description="0 is greedy (argmax); default 1.0 as in OpenAI's API")
-    top_p: Optional[Probability] = None
-    top_k: Optional[Annotated[int, Field(ge=0)]] = None
-    min_p: Optional[Probability] = None
-    presence_penalty: Optional[Penalty] = None
-    frequency_penalty: Optional[Penalty] = None
-    repetition_penalty: Optional[Annotated[float, Field(gt=0.0, le=10.0)]] = None
-    logit_bias: Optional[dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]]] = None
-    stop: Optional[Union[Annotated[str, Field(min_length=1)], StopList]] = Field(
+    top_p: Probability | None = None
+    top_k: Annotated[int, Field(ge=0)] | None = None
+    min_p: Probability | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0)] | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
+    stop: Annotated[str, Field(min_length=1)] | StopList | None = Field(
         None, description="string(s) that end the answer; never part of the returned text")
-    seed: Optional[int] = Field(None, description="same seed and request give the same text")
+    seed: int | None = Field(None, description="same seed and request give the same text")
     n: Annotated[int, Field(ge=1, le=1, description="only 1 is supported")] = 1
     stream: bool = False
-    stream_options: Optional[StreamOptions] = None
-    user: Optional[str] = None
+    stream_options: StreamOptions | None = None
+    user: str | None = None
 
 
 class ChatMessage(_Request):
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: Optional[Union[str, list["ContentPart"]]] = None
-    name: Optional[str] = None
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
 
 
 class ContentPart(_Request):
@@ -79,23 +79,23 @@ class ContentPart(_Request):
 
 class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_completion_tokens: Optional[Annotated[int, Field(ge=1)]] = Field(
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = Field(
         None, description="newer name of max_tokens; wins when both are given")
-    logprobs: Optional[bool] = False
-    top_logprobs: Optional[Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)]] = None
-    response_format: Optional[ResponseFormat] = None
+    logprobs: bool | None = False
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+    response_format: ResponseFormat | None = None
 
 
 class CompletionRequest(SamplingFields):
-    prompt: Union[
-        str,
-        Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)],
-        Annotated[list[str], Field(min_length=1, max_length=1)],
-    ] = Field(description="text, or token ids; a list of several prompts is not supported (send one per request)")
+    prompt: (
+        str
+        | Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+        | Annotated[list[str], Field(min_length=1, max_length=1)]
+    ) = Field(description="text, or token ids; a list of several prompts is not supported (send one per request)")
     echo: bool = False
-    logprobs: Optional[Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)]] = Field(
+    logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = Field(
         None, description="return this many top log-probabilities per token (0: only the chosen token's)")
-    suffix: Optional[str] = None
+    suffix: str | None = None
 
 
 class AdapterLoadRequest(_Request):
@@ -111,8 +111,8 @@ class AdapterLoadRequest(_Request):
 class ErrorBody(_Response):
     message: str
     type: str
-    param: Optional[str] = None
-    code: Optional[str] = None
+    param: str | None = None
+    code: str | None = None
 
 
 class ErrorResponse(_Response):
@@ -128,7 +128,7 @@ class Usage(_Response):
 class TopLogprob(_Response):
     token: str
     logprob: float
-    bytes: Optional[list[int]] = None
+    bytes: list[int] | None = None
 
 
 class TokenLogprob(TopLogprob):
@@ -136,13 +136,13 @@ class TokenLogprob(TopLogprob):
 
 
 class ChoiceLogprobs(_Response):
-    content: Optional[list[TokenLogprob]] = None
+    content: list[TokenLogprob] | None = None
 
 
 class CompletionLogprobs(_Response):
     tokens: list[str]
     token_logprobs: list[float]
-    top_logprobs: Optional[list[dict[str, float]]] = None
+    top_logprobs: list[dict[str, float]] | None = None
     text_offset: list[int]
 
 
@@ -158,7 +158,7 @@ class ChatChoice(_Response):
     index: int
     message: AssistantMessage
     finish_reason: FinishReason
-    logprobs: Optional[ChoiceLogprobs] = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletion(_Response):
@@ -168,19 +168,19 @@ class ChatCompletion(_Response):
     model: str
     choices: list[ChatChoice]
     usage: Usage
-    system_fingerprint: Optional[str] = None
+    system_fingerprint: str | None = None
 
 
 class Delta(_Response):
-    role: Optional[Literal["assistant"]] = None
-    content: Optional[str] = None
+    role: Literal["assistant"] | None = None
+    content: str | None = None
 
 
 class ChatChunkChoice(_Response):
     index: int
     delta: Delta
-    finish_reason: Optional[FinishReason] = None
-    logprobs: Optional[ChoiceLogprobs] = None
+    finish_reason: FinishReason | None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(_Response):
@@ -189,15 +189,15 @@ class ChatCompletionChunk(_Response):
     created: int
     model: str
     choices: list[ChatChunkChoice]
-    usage: Optional[Usage] = None
-    system_fingerprint: Optional[str] = None
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
 
 
 class CompletionChoice(_Response):
     index: int
     text: str
-    finish_reason: Optional[FinishReason] = None
-    logprobs: Optional[CompletionLogprobs] = None
+    finish_reason: FinishReason | None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class Completion(_Response):
@@ -206,8 +206,8 @@ class Completion(_Response):
     created: int
     model: str
     choices: list[CompletionChoice]
-    usage: Optional[Usage] = None
-    system_fingerprint: Optional[str] = None
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
 
 
 class ModelCard(_Response):
@@ -235,7 +235,7 @@ class Health(_Response):
 class AdapterCard(_Response):
     name: str
     path: str
-    rank: Optional[int] = None
+    rank: int | None = None
     resident: bool
 
 

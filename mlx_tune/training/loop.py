@@ -30,11 +30,12 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -257,7 +258,8 @@ def _compiled_eval(model: nn.Module, loss_fn: Callable) -> Callable:
     return _eval_fns[key]
 
 
-def evaluate(model: nn.Module, batches: Iterable, loss_fn: Callable, max_batches: int = 0, group: Any = None) -> tuple[float, int]:
+def evaluate(model: nn.Module, batches: Iterable, loss_fn: Callable, max_batches: int = 0,
+             group: Any = None) -> tuple[float, int]:
     """Token-weighted mean loss over ``batches`` (all of them when max_batches is 0), all ranks."""
     was_training = model.training
     model.eval()
