@@ -37,6 +37,15 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it: set and restore at once (at import,
+    os.umask(mask)      # before any thread could create a file meanwhile)
+    return mask
+
+
+UMASK = _read_umask()
+
+
 def write_file_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
     """``write(tmp)`` writes the content to a temporary path (same suffix as ``path``, so
     writers that look at the extension, such as savefig or np.savez, behave), which is
@@ -48,6 +57,8 @@ def write_file_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
     tmp = Path(name)
     try:
         write(tmp)
+        # mkstemp makes the file 0600; give it the mode a plain open() would (0666 & ~umask).
+        os.chmod(tmp, 0o666 & ~UMASK)
         fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:

@@ -4,7 +4,6 @@ on real tiny mlx-lm models (llama with tied embeddings, qwen2 with an lm_head)."
 from __future__ import annotations
 
 import json
-import time
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -353,7 +352,7 @@ def test_adapter_command(tmp_path, capsys):
 # --- several adapters on one base -----------------------------------------------
 
 
-def test_multi_adapter_switching(tmp_path, capsys):
+def test_multi_adapter_switching(tmp_path):
     saved = {}
     for i, (name, targets, dora) in enumerate([("a", ["q_proj", "v_proj"], False),
                                                ("b", "all-linear", False),
@@ -374,11 +373,8 @@ def test_multi_adapter_switching(tmp_path, capsys):
     assert manager.names() == ["a", "b", "c"] and manager.active is None
     np.testing.assert_allclose(logits(model), base, atol=1e-6)  # added, not active
 
-    timings = []
     for name in ["a", "b", "c", "a", None, "c"]:
-        t0 = time.perf_counter()
         manager.activate(name)
-        timings.append(time.perf_counter() - t0)
         want = base if name is None else saved[name]
         np.testing.assert_allclose(logits(model), want, atol=1e-5)
 
@@ -401,8 +397,6 @@ def test_multi_adapter_switching(tmp_path, capsys):
     manager.remove("c")
     assert not adapters.wrappers(model)  # wrappers give their base layers back
     np.testing.assert_array_equal(logits(model), base)
-    with capsys.disabled():
-        print(f"\n[tiny llama] adapter switch: median {1e3 * sorted(timings)[len(timings) // 2]:.3f} ms")
 
 
 def test_second_inject_adds_named_adapter():
@@ -418,8 +412,10 @@ def test_second_inject_adds_named_adapter():
 
 
 @pytest.mark.slow
-def test_smollm2_adapter_switching_ms(smollm2, tmp_path, capsys):
-    """Two all-linear adapters on the 4-bit SmolLM2: switching is attribute setting (ms)."""
+def test_smollm2_adapter_switching_copies_nothing(smollm2, tmp_path):
+    """Two all-linear adapters on the 4-bit SmolLM2: switching is attribute setting. No
+    array is created, copied or changed by a switch, and each adapter answers exactly as
+    before (how long a switch takes is bench/bench_server.py's business)."""
     model, _, info = smollm2  # shared by the session: leave it as found
     tokens = mx.array([[1, 2]])  # short: 4-bit matmuls are slow on the CPU backend
     base = np.array(model(tokens)[0, -1])
@@ -439,18 +435,16 @@ def test_smollm2_adapter_switching_ms(smollm2, tmp_path, capsys):
         for name in ["x", "y", None]:
             manager.activate(name)
             outs[name] = np.array(model(tokens)[0, -1])
-        timings = []
-        for name in ["x", "y", None] * 5:  # switching alone: no forward pass in the timing
-            t0 = time.perf_counter()
+        arrays = {k: v for k, v in tree_flatten(model.parameters())}
+        for name in ["x", "y", None] * 5:  # switching alone, no forward pass in between
             manager.activate(name)
-            timings.append(time.perf_counter() - t0)
+        after = dict(tree_flatten(model.parameters()))
+        assert sorted(after) == sorted(arrays) and all(after[k] is arrays[k] for k in arrays)
+        assert len(manager.names()) == 2 and any(".adapters.x." in k for k in arrays) and any(".adapters.y." in k for k in arrays)
         manager.activate("x")
         np.testing.assert_allclose(np.array(model(tokens)[0, -1]), outs["x"], atol=1e-4)
         np.testing.assert_array_equal(outs[None], base)
         assert not np.allclose(outs["x"], base, atol=1e-3) and not np.allclose(outs["x"], outs["y"], atol=1e-3)
-        with capsys.disabled():
-            print(f"\n[SmolLM2, {len(manager._wrappers)} wrapped layers, 2 adapters] switch: "
-                  f"median {1e3 * sorted(timings)[len(timings) // 2]:.3f} ms, max {1e3 * max(timings):.3f} ms")
     finally:
         for name in ("x", "y"):
             adapters.unload_adapter(model, name)

@@ -7,7 +7,7 @@ import gzip
 import json
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from mlx_tune.data import formats
@@ -397,6 +397,11 @@ json_values = st.recursive(
 
 
 @given(json_values)
+@example({"prompt": "q", "completion": "a"})  # each trainer format's rendering runs, not only the errors
+@example({"text": "plain"})
+@example({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})
+@example({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"},
+                            {"from": "human", "value": "more"}, {"from": "gpt", "value": "b"}]})
 @settings(max_examples=200, deadline=None)
 def test_any_json_value_is_an_example_or_a_record_error(value):
     try:
@@ -406,9 +411,15 @@ def test_any_json_value_is_an_example_or_a_record_error(value):
         return
     for to in formats.TRAINER_FORMATS:
         try:
-            json.loads(formats.dumps_example(ex, to))
-        except RecordError:
-            pass
+            line = formats.dumps_example(ex, to)
+        except RecordError as exc:  # no form in this format (a multi-turn chat as completions, ...)
+            assert str(exc) and "\n" not in str(exc) and "use --to" in str(exc)
+            continue
+        # One JSONL line, byte-identical to json.dumps, that reads back as a valid record of that format.
+        row = json.loads(line)
+        assert "\n" not in line and line == json.dumps(row, ensure_ascii=False)
+        assert formats.validate_record(row) is None, (to, row)
+        assert formats.detect_format(row) == to
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".tsv", ".txt"])
