@@ -205,10 +205,10 @@ def _gguf_config(path: Path) -> SourceConfig:
     try:
         import gguf
 
-        from mlx_tune.model.gguf import _field_value, gguf_config
+        from mlx_tune.model.gguf import field_value, gguf_config
 
         reader = gguf.GGUFReader(str(path))
-        metadata = {k: _field_value(f) for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+        metadata = {k: field_value(f) for k, f in reader.fields.items() if not k.startswith("GGUF.")}
         names = {t.name for t in reader.tensors}
         cfg, _ = gguf_config(metadata, names, path)
         types = {t.name: t.tensor_type.name for t in reader.tensors}
