@@ -2,8 +2,8 @@
 
 Two streaming passes, so memory grows by 17 bytes per record, never with file size:
 
-1. Read every input (``formats.read_records``), apply ``--map``, validate and convert
-   each record (``formats.to_example`` + ``render``), append the output line to a spool
+1. Read every input (``readers.read_records``), apply ``--map``, validate and convert
+   each record (``records.to_example`` + ``render``), append the output line to a spool
    file, and keep two 64-bit hashes per record: of the whole record and of its prompt
    (all turns but the last), both after collapsing whitespace and lower-casing.
 2. Dedup: the first record of each whole-record hash is kept, later ones are counted.
@@ -35,20 +35,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mlx_tune.data import formats
-from mlx_tune.data.formats import RecordError
+from mlx_tune.data.readers import FILE_TYPES, MAX_RECORD_BYTES, file_type, read_records
+from mlx_tune.data.records import RECORD_FIELDS, SHAPES, Example, RecordError, apply_map, to_example
+from mlx_tune.data.render import RENDERERS, TRAINER_FORMATS, chat_as_text, dumps_example
 from mlx_tune.errors import UserError
 
 SPLITS = ("train", "valid", "test")
 OUTPUTS = tuple(f"{s}.jsonl" for s in SPLITS) + ("report.json",)
-MAPPABLE = sorted(formats._RECORD_FIELDS)
+MAPPABLE = sorted(RECORD_FIELDS)
 SHOWN_ERRORS = 100  # bad records echoed to stderr without --strict (all are in report.json)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="CSV, TSV, JSON, JSONL or text files (optionally .gz)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder for train/valid/test.jsonl and report.json")
-    p.add_argument("--to", choices=formats.TRAINER_FORMATS, default="chat", help="output format (default: chat)")
+    p.add_argument("--to", choices=TRAINER_FORMATS, default="chat", help="output format (default: chat)")
     p.add_argument("--valid-ratio", type=float, default=0.1, help="share of records for valid.jsonl (default 0.1)")
     p.add_argument("--test-ratio", type=float, default=0.1, help="share of records for test.jsonl (default 0.1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split (default 0)")
@@ -60,12 +61,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", metavar="MODEL", help="report token-length statistics with this model's tokenizer")
     p.add_argument("--max-seq-length", type=int, default=2048,
                    help="with --tokenizer: count examples longer than this (default 2048)")
-    p.add_argument("--input-format", choices=("auto",) + formats.FILE_TYPES, default="auto",
+    p.add_argument("--input-format", choices=("auto",) + FILE_TYPES, default="auto",
                    help="file type of every input (default: from each file's suffix)")
     p.add_argument("--text-mode", choices=("blocks", "file"), default="blocks",
                    help="text files: one example per blank-line separated block (default) or per file")
-    p.add_argument("--max-record-bytes", type=int, default=formats.MAX_RECORD_BYTES,
-                   help=f"skip records longer than this (default {formats.MAX_RECORD_BYTES})")
+    p.add_argument("--max-record-bytes", type=int, default=MAX_RECORD_BYTES,
+                   help=f"skip records longer than this (default {MAX_RECORD_BYTES})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,7 +135,7 @@ def parse_map(items: Iterable[str]) -> list[tuple[str, list[str]]]:
         target, source = target.strip(), source.strip()
         if not sep or not target or not source:
             raise UserError(f"--map {item!r}: expected FIELD=SOURCE_FIELD, for example --map prompt=question_body")
-        if target not in formats._RECORD_FIELDS:
+        if target not in RECORD_FIELDS:
             raise UserError(f"--map {item!r}: {target!r} is not a field mlx_tune reads; use one of {', '.join(MAPPABLE)}")
         mapping.append((target, source.split(".")))
     return mapping
@@ -143,7 +144,7 @@ def parse_map(items: Iterable[str]) -> list[tuple[str, list[str]]]:
 def _mapped_shape(mapping: list[tuple[str, list[str]]]) -> str | None:
     """The shape the user points at by mapping one of its identifying fields."""
     targets = {t for t, _ in mapping}
-    for name, (fields, _) in formats.SHAPES.items():
+    for name, (fields, _) in SHAPES.items():
         if targets & set(fields):
             return name
     return None
@@ -219,7 +220,7 @@ def assign_splits(group_hashes, n_valid: int, n_test: int, seed: int):
     return assign
 
 
-def example_keys(ex: formats.Example, tools_text: Callable[[Any], str]) -> tuple[str, str]:
+def example_keys(ex: Example, tools_text: Callable[[Any], str]) -> tuple[str, str]:
     """``(record_key, prompt_key)``: normalised text identifying the record and its prompt.
 
     NUL separates fields (it is not whitespace, so normalising cannot merge two fields).
@@ -254,12 +255,12 @@ class Options:
     force: bool = False
     input_format: str | None = None  # None: from each file's suffix
     text_mode: str = "blocks"
-    max_record_bytes: int = formats.MAX_RECORD_BYTES
+    max_record_bytes: int = MAX_RECORD_BYTES
     max_seq_length: int | None = None
 
     def check(self) -> None:
-        if self.to not in formats.RENDERERS:
-            raise UserError(f"--to {self.to!r}: use one of {', '.join(formats.TRAINER_FORMATS)}")
+        if self.to not in RENDERERS:
+            raise UserError(f"--to {self.to!r}: use one of {', '.join(TRAINER_FORMATS)}")
         _check_ratios(self.valid_ratio, self.test_ratio)
         if self.system is not None and self.to != "chat":
             raise UserError("--system adds a system message to chats; it needs --to chat")
@@ -312,7 +313,7 @@ def transform(
         if not Path(path).exists():
             raise UserError(f"{path}: no such file")
         if opts.input_format is None:
-            formats.file_type(path)
+            file_type(path)
 
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
@@ -339,7 +340,7 @@ def _read_and_convert(inputs, opts: Options, write: Callable[[bytes], Any]) -> _
     """Pass 1: every record read, mapped, validated, converted and spooled (or skipped)."""
     p1 = _Pass1(map_hits=[0] * len(opts.mapping))
     # Hot loop: bind everything it calls to locals.
-    dumps, to_example, apply_map = formats.dumps_example, formats.to_example, formats.apply_map
+    dumps, convert, remap = dumps_example, to_example, apply_map
     tools_text = json.JSONEncoder(ensure_ascii=False, sort_keys=True).encode
     blake2b = hashlib.blake2b
     to, system, mapping, map_hits = opts.to, opts.system, list(opts.mapping), p1.map_hits
@@ -348,16 +349,16 @@ def _read_and_convert(inputs, opts: Options, write: Callable[[bytes], Any]) -> _
     record_hashes, prompt_hashes = p1.record_hashes, p1.prompt_hashes
     for path in inputs:
         file_read = 0
-        fmt = opts.input_format or formats.file_type(path)
-        for line, value, error in formats.read_records(
+        fmt = opts.input_format or file_type(path)
+        for line, value, error in read_records(
             path, fmt, text_mode=opts.text_mode, max_record_bytes=opts.max_record_bytes
         ):
             file_read += 1
             if error is None:
                 try:
                     if mapping:
-                        value = apply_map(value, mapping, map_hits)
-                    ex = to_example(value, forced_shape)
+                        value = remap(value, mapping, map_hits)
+                    ex = convert(value, forced_shape)
                     data = (dumps(ex, to, system) + "\n").encode("utf-8")
                     rkey, pkey = example_keys(ex, tools_text)
                 except RecordError as exc:
@@ -479,8 +480,7 @@ def token_length(record: dict, tokenizer: Any) -> int:
         if has_template:
             kwargs = {"tools": record["tools"]} if record.get("tools") else {}
             return len(_ids(tokenizer.apply_chat_template(record["messages"], tokenize=True, **kwargs)))
-        text = formats._render_text(formats.Example("openai", record["messages"]), None)["text"]
-        return len(tokenizer.encode(text))
+        return len(tokenizer.encode(chat_as_text(record["messages"])))
     if "prompt" in record:
         if has_template:
             chat = [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["completion"]}]
