@@ -61,3 +61,16 @@ def read_dataset(path: str | Path, to: str | None = None, *, max_errors: int = 2
     if not records:
         raise UserError(f"{path}: no records (the file is empty); run data_transform.py to build it")
     return Dataset(to, records, lines)
+
+
+def read_training_file(path: str | Path, fmt: str | None = None) -> tuple[str, list[dict], list[int]]:
+    """(format, records, line numbers) of a JSONL file; bad lines raise ``UserError`` as file:line.
+
+    ``read_dataset`` decides, so data_transform.py and the trainer agree on every record.
+    """
+    if fmt is not None and fmt not in TRAINER_FORMATS:
+        raise UserError(f"unknown data format {fmt!r}; use one of {', '.join(TRAINER_FORMATS)}")
+    if not Path(path).is_file():
+        raise UserError(f"{path}: file not found")
+    ds = read_dataset(path, fmt)
+    return ds.format, ds.records, ds.lines
