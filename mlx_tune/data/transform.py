@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mlx_tune.atomic import fsync_dir, fsync_file, temp_dir_beside, write_json_atomic
+from mlx_tune.atomic import fsync_dir, fsync_file, temp_dir_beside
 from mlx_tune.data.readers import FILE_TYPES, MAX_RECORD_BYTES, file_type, read_records
 from mlx_tune.data.records import RECORD_FIELDS, SHAPES, RecordError, apply_map, to_example
 from mlx_tune.data.render import RENDERERS, TRAINER_FORMATS, dumps_example
@@ -369,7 +369,9 @@ def _dedup_split_write(p1: _Pass1, spool: Path, tmp: Path, opts: Options, tokeni
         report["tokens"] = length_stats(lengths, opts.max_seq_length)
     if sum(counts) + len(p1.skipped) + duplicates != p1.read:  # a bug, never the user's
         raise RuntimeError(f"record accounting is off: {counts} + {len(p1.skipped)} + {duplicates} != {p1.read}")
-    write_json_atomic(tmp / "report.json", report)
+    # A plain write: tmp is the temporary; _move_in makes it durable (and write_json_atomic's
+    # mkstemp would leave the file 0600 instead of the umask's mode the other outputs get).
+    (tmp / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return report
 
 
