@@ -120,7 +120,7 @@ def _load_point_model(point: dict):
     if kind == "smollm2":
         from mlx_tune.model.loading import load_model
         from mlx_tune.model.quant import prepare_for_backend
-        from mlx_tune.planning.planner import read_source_config
+        from mlx_tune.planning.arch import read_source_config
 
         model, _, _ = load_model(str(SMOLLM2))
         if not point.get("rival"):
@@ -248,7 +248,8 @@ def spawn(point: dict, max_gb: float, timeout_s: float) -> dict:
 
 def predict(r: dict) -> dict:
     """Add the planner's prediction (computed now, from the point's config only) to a result."""
-    from mlx_tune.planning.planner import Settings, arch_from_config, plan
+    from mlx_tune.planning.arch import arch_from_config
+    from mlx_tune.planning.planner import Settings, plan
 
     if "config" not in r or "peak_gb" not in r:
         return r
@@ -316,7 +317,8 @@ def targets_from(results: list[dict]) -> list[dict]:
                             "unit": f"% error vs measured peak (or within {ABS_TOLERANCE_GB * 1000:.0f} MB)",
                             "rival": None, "pass": close})
     from mlx_tune.model.known_configs import KNOWN_CONFIGS
-    from mlx_tune.planning.planner import Settings, arch_from_config, plan
+    from mlx_tune.planning.arch import arch_from_config
+    from mlx_tune.planning.planner import Settings, plan
 
     def full_depth(r: dict) -> float:
         """Measured peak at the run's depth plus the per-block bytes of the missing blocks."""

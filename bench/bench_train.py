@@ -57,7 +57,7 @@ def make_rows(out: Path) -> dict:
     """Pack the demo reviews (or generated sentences) into ROWS x SEQ slots; save as .npz."""
     import numpy as np
 
-    from mlx_tune.data import batching
+    from mlx_tune.data import batching, cache
     from mlx_tune.model.loading import load_model
 
     _, tokenizer, _ = load_model(MODEL)
@@ -71,7 +71,7 @@ def make_rows(out: Path) -> dict:
         else:
             lines = [{"text": f"Sentence number {i} is about the weather and the sea, and it is fine."} for i in range(400)]
         src.write_text("".join(json.dumps(x) + "\n" for x in lines))
-        ds = batching.load_dataset(src, tokenizer, max_seq_length=SEQ, mask_prompt=False, use_cache=False)
+        ds = cache.load_dataset(src, tokenizer, max_seq_length=SEQ, mask_prompt=False, use_cache=False)
     stream = batching.BatchStream(ds, ROWS, SEQ, packing=True, seed=0)
     b = next(stream)
     arrays = {k: np.array(getattr(b, k)) for k in ("inputs", "targets", "loss_mask", "segment_ids", "positions")}

@@ -7,14 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from mlx_tune.data.batching import (
-    PAD_SEGMENT,
-    BatchStream,
-    load_dataset,
-    load_splits,
-    pack,
-    tokenize_record,
-)
+from mlx_tune.data.batching import PAD_SEGMENT, BatchStream, pack
+from mlx_tune.data.cache import load_dataset, load_splits
+from mlx_tune.data.tokenize import tokenize_record
 from mlx_tune.errors import UserError
 from mlx_tune.testing.tiny import tiny_tokenizer
 

@@ -1,4 +1,4 @@
-"""mlx_tune.data.formats: file readers, record shapes, validation reasons, rendering."""
+"""mlx_tune.data readers, records, render and dataset: file readers, record shapes, validation reasons, rendering."""
 
 from __future__ import annotations
 
@@ -10,8 +10,11 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from mlx_tune.data import formats
-from mlx_tune.data.formats import RecordError, detect_format, detect_shape, read_records, render, to_example
+from mlx_tune.data.dataset import detect_format, read_dataset
+from mlx_tune.data.readers import file_type, read_records
+from mlx_tune.data.records import RecordError, apply_map, detect_shape, to_example, validate_record
+from mlx_tune.data.render import TRAINER_FORMATS, dumps_example, render
+from mlx_tune.data.textio import TextBuffer
 from mlx_tune.errors import UserError
 
 USER_ASSISTANT = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
@@ -163,12 +166,12 @@ def test_every_bad_record_has_a_reason(record, reason):
     with pytest.raises(RecordError) as err:
         to_example(record)
     assert reason in str(err.value)
-    assert formats.validate_record(record) == str(err.value)
+    assert validate_record(record) == str(err.value)
 
 
 def test_validate_record_accepts_good_records():
-    assert formats.validate_record({"instruction": "a", "output": "b"}) is None
-    assert formats.validate_record({"text": "hello"}, "text") is None
+    assert validate_record({"instruction": "a", "output": "b"}) is None
+    assert validate_record({"text": "hello"}, "text") is None
 
 
 # --------------------------------------------------------------------------- files
@@ -262,7 +265,7 @@ def test_json_structural_errors_are_items_not_crashes(tmp_path, text, reason):
 
 
 def test_json_array_streams_across_chunk_boundaries(tmp_path, monkeypatch):
-    monkeypatch.setattr(formats._TextBuffer, "CHUNK", 7)
+    monkeypatch.setattr(TextBuffer, "CHUNK", 7)
     recs = [{"text": "é" * i, "n": 10**i, "f": 1.5e3, "ok": True, "none": None} for i in range(12)]
     p = tmp_path / "a.json"
     p.write_text(json.dumps(recs))
@@ -333,14 +336,14 @@ def test_unreadable_inputs_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="is a folder"):
         items(tmp_path, file_format="jsonl")
     with pytest.raises(UserError, match="unknown file type '.xlsx'"):
-        formats.file_type("data.xlsx")
+        file_type("data.xlsx")
 
 
 def test_apply_map_with_dotted_paths():
     record = {"q": "Why?", "answers": [{"text": "Because."}], "meta": {"a": 1}}
     hits = [0, 0, 0]
     mapping = [("prompt", ["q"]), ("completion", ["answers", "0", "text"]), ("system", ["meta", "missing"])]
-    out = formats.apply_map(record, mapping, hits)
+    out = apply_map(record, mapping, hits)
     assert out["prompt"] == "Why?" and out["completion"] == "Because." and "system" not in out
     assert hits == [1, 1, 0] and "prompt" not in record  # the input is not modified
 
@@ -351,17 +354,17 @@ def test_apply_map_with_dotted_paths():
 def test_read_dataset_for_the_trainer(tmp_path):
     p = tmp_path / "train.jsonl"
     p.write_text(json.dumps({"messages": USER_ASSISTANT}) + "\n" + json.dumps({"instruction": "a", "output": "b"}) + "\n")
-    ds = formats.read_dataset(p)
+    ds = read_dataset(p)
     assert ds.format == "chat" and len(ds.records) == 2 and ds.lines == [1, 2]
-    assert formats.read_dataset(p, "completions").records[0] == {"prompt": "2+2?", "completion": "4"}
+    assert read_dataset(p, "completions").records[0] == {"prompt": "2+2?", "completion": "4"}
     p.write_text('{"text": "a"}\nnot json\n{"messages": []}\n')
     with pytest.raises(UserError) as err:
-        formats.read_dataset(p)
+        read_dataset(p)
     msg = str(err.value)
     assert f"{p}:2: not valid JSON" in msg and f"{p}:3: field 'messages' is empty" in msg
     p.write_text("")
     with pytest.raises(UserError, match="no records"):
-        formats.read_dataset(p)
+        read_dataset(p)
 
 
 # --------------------------------------------------------------------------- properties
@@ -378,12 +381,12 @@ def test_fast_json_lines_equal_json_dumps(turns, system):
         ex = to_example({"messages": messages})
     except RecordError:
         return
-    for to in formats.TRAINER_FORMATS:
+    for to in TRAINER_FORMATS:
         try:
             expected = json.dumps(render(ex, to, system if to == "chat" else None), ensure_ascii=False)
         except RecordError:
             continue
-        assert formats.dumps_example(ex, to, system if to == "chat" else None) == expected
+        assert dumps_example(ex, to, system if to == "chat" else None) == expected
 
 
 json_values = st.recursive(
@@ -409,17 +412,17 @@ def test_any_json_value_is_an_example_or_a_record_error(value):
     except RecordError as exc:
         assert str(exc) and "\n" not in str(exc)
         return
-    for to in formats.TRAINER_FORMATS:
+    for to in TRAINER_FORMATS:
         try:
-            line = formats.dumps_example(ex, to)
+            line = dumps_example(ex, to)
         except RecordError as exc:  # no form in this format (a multi-turn chat as completions, ...)
             assert str(exc) and "\n" not in str(exc) and "use --to" in str(exc)
             continue
         # One JSONL line, byte-identical to json.dumps, that reads back as a valid record of that format.
         row = json.loads(line)
         assert "\n" not in line and line == json.dumps(row, ensure_ascii=False)
-        assert formats.validate_record(row) is None, (to, row)
-        assert formats.detect_format(row) == to
+        assert validate_record(row) is None, (to, row)
+        assert detect_format(row) == to
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".tsv", ".txt"])

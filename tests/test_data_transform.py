@@ -12,7 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mlx_tune.data.transform import main, split_sizes, token_stats, transform
+from mlx_tune.data.split import split_sizes
+from mlx_tune.data.token_stats import token_stats
+from mlx_tune.data.transform import main, transform
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "data_transform.py"
@@ -410,7 +412,7 @@ def test_demo_examples_fit_128_smollm2_tokens(tmp_path):
     if not model.is_file():
         pytest.skip(f"demo model not present at {model}")
     pytest.importorskip("mlx_tune.model.loading", reason="the model loader is not in this checkout")
-    from mlx_tune.data.transform import load_tokenizer
+    from mlx_tune.data.token_stats import load_tokenizer
 
     raw = ROOT / "data" / "demo_raw" / "reviews.jsonl"
     report = transform([raw], tmp_path / "demo", tokenizer=load_tokenizer(str(model)), max_seq_length=128)

@@ -12,7 +12,8 @@ from mlx.utils import tree_flatten, tree_map
 
 from mlx_tune.adapters.manager import inject
 from mlx_tune.config import LoraConfig
-from mlx_tune.data.batching import BatchStream, load_dataset
+from mlx_tune.data.batching import BatchStream
+from mlx_tune.data.cache import load_dataset
 from mlx_tune.testing.tiny import tiny_model, tiny_tokenizer
 from mlx_tune.training import losses as L
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from mlx_tune.errors import UserError
-from mlx_tune.planning.planner import GB, Settings, arch_from_config, fits, plan, plan_config, read_source_config
+from mlx_tune.planning.arch import arch_from_config, read_source_config
+from mlx_tune.planning.planner import GB, Settings, fits, plan, plan_config
 
 ROOT = Path(__file__).resolve().parent.parent
 # A medium-small llama (about 20 M weights): big enough that activations, not MLX's

@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
 
     from mlx_tune.adapters import manager as adapters
     from mlx_tune.config import config_to_dict
-    from mlx_tune.data import batching
+    from mlx_tune.data import batching, cache
     from mlx_tune.errors import UserError
     from mlx_tune.model import quant
     from mlx_tune.model.loading import load_model
@@ -122,8 +122,8 @@ def run(args: argparse.Namespace) -> int:
     if tc.grad_checkpoint:
         trainer.grad_checkpoint(model)
 
-    splits = batching.load_splits(cfg.data, tokenizer, max_seq_length=tc.max_seq_length,
-                                  mask_prompt=tc.mask_prompt, truncation=tc.truncation)
+    splits = cache.load_splits(cfg.data, tokenizer, max_seq_length=tc.max_seq_length,
+                               mask_prompt=tc.mask_prompt, truncation=tc.truncation)
     for ds in splits.values():
         _say(rank, ds.stats.summary())
     pad_id = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0

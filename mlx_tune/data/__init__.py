@@ -1,26 +1,16 @@
-"""Datasets: raw files in, validated training records out.
+"""Datasets: raw files in, validated training records out, then tokens and batches.
 
-``formats`` reads files (CSV, TSV, JSON, JSONL, text) and knows the record shapes and
-what makes a record valid; ``transform`` is ``data_transform.py``: dedup, split, report.
-The trainer reads its JSONL through ``formats`` too, so both agree on every record.
+``readers`` reads files (CSV, TSV, JSON, JSONL, text; ``json_reader`` and ``textio``
+underneath); ``records`` knows the record shapes and what makes a record valid;
+``render`` writes an example in a trainer format; ``dataset`` is the trainer's reading
+of its JSONL (through the same ``records``, so data_transform.py and the trainer agree
+on every record); ``transform`` is ``data_transform.py``: dedup, split, report.
 """
 
-from mlx_tune.data.formats import (
-    TRAINER_FORMATS,
-    Dataset,
-    Example,
-    RecordError,
-    check_messages,
-    detect_format,
-    detect_shape,
-    dumps_example,
-    read_dataset,
-    read_jsonl_records,
-    read_records,
-    render,
-    to_example,
-    validate_record,
-)
+from mlx_tune.data.dataset import Dataset, detect_format, read_dataset
+from mlx_tune.data.readers import read_jsonl_records, read_records
+from mlx_tune.data.records import Example, RecordError, check_messages, detect_shape, to_example, validate_record
+from mlx_tune.data.render import TRAINER_FORMATS, dumps_example, render
 
 __all__ = [
     "Dataset",

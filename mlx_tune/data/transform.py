@@ -2,19 +2,18 @@
 
 Two streaming passes, so memory grows by 17 bytes per record, never with file size:
 
-1. Read every input (``formats.read_records``), apply ``--map``, validate and convert
-   each record (``formats.to_example`` + ``render``), append the output line to a spool
+1. Read every input (``readers.read_records``), apply ``--map``, validate and convert
+   each record (``records.to_example`` + ``render``), append the output line to a spool
    file, and keep two 64-bit hashes per record: of the whole record and of its prompt
    (all turns but the last), both after collapsing whitespace and lower-casing.
 2. Dedup: the first record of each whole-record hash is kept, later ones are counted.
-3. Split: every prompt group gets the key ``u = splitmix64(prompt_hash XOR mix(seed))``,
-   a seeded pseudo-random order. Sorted by ``u``, the first ``round(n * test_ratio)``
-   records go to test and the next ``round(n * valid_ratio)`` to valid (each boundary
-   moved to the end of its group), the rest to train. Records sharing a prompt share
-   ``u``, so no prompt, and hence no example, lands in two splits; the same inputs and
-   seed give byte-identical files.
-4. Copy the spool lines to their split files in input order, write ``report.json``, and
-   move the files into ``--out`` with ``os.replace`` (each one atomic).
+3. Split: records sharing a prompt go to the same split, in a seeded pseudo-random
+   order of prompt groups (``split.assign_splits``, where the rule is stated); the same
+   inputs and seed give byte-identical files.
+4. Copy the spool lines to their split files in input order, write ``report.json``
+   (token lengths with ``--tokenizer``: ``token_stats``), all in a temporary folder in
+   ``--out``; only when all are complete are they fsynced and renamed into ``--out``
+   (``mlx_tune.atomic``), so a failure leaves the outputs there as they were.
 
 ``read == sum(written) + len(skipped) + duplicates`` always holds: every item a reader
 yields is counted exactly once.
@@ -28,27 +27,30 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mlx_tune.data import formats
-from mlx_tune.data.formats import RecordError
+from mlx_tune.atomic import fsync_dir, fsync_file, temp_dir_beside
+from mlx_tune.data.readers import FILE_TYPES, MAX_RECORD_BYTES, file_type, read_records
+from mlx_tune.data.records import RECORD_FIELDS, SHAPES, RecordError, apply_map, to_example
+from mlx_tune.data.render import RENDERERS, TRAINER_FORMATS, dumps_example
+from mlx_tune.data.split import assign_splits, example_keys, split_sizes
+from mlx_tune.data.token_stats import length_stats, load_tokenizer, token_length
 from mlx_tune.errors import UserError
 
 SPLITS = ("train", "valid", "test")
 OUTPUTS = tuple(f"{s}.jsonl" for s in SPLITS) + ("report.json",)
-MAPPABLE = sorted(formats._RECORD_FIELDS)
+MAPPABLE = sorted(RECORD_FIELDS)
 SHOWN_ERRORS = 100  # bad records echoed to stderr without --strict (all are in report.json)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="CSV, TSV, JSON, JSONL or text files (optionally .gz)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder for train/valid/test.jsonl and report.json")
-    p.add_argument("--to", choices=formats.TRAINER_FORMATS, default="chat", help="output format (default: chat)")
+    p.add_argument("--to", choices=TRAINER_FORMATS, default="chat", help="output format (default: chat)")
     p.add_argument("--valid-ratio", type=float, default=0.1, help="share of records for valid.jsonl (default 0.1)")
     p.add_argument("--test-ratio", type=float, default=0.1, help="share of records for test.jsonl (default 0.1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split (default 0)")
@@ -60,12 +62,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", metavar="MODEL", help="report token-length statistics with this model's tokenizer")
     p.add_argument("--max-seq-length", type=int, default=2048,
                    help="with --tokenizer: count examples longer than this (default 2048)")
-    p.add_argument("--input-format", choices=("auto",) + formats.FILE_TYPES, default="auto",
+    p.add_argument("--input-format", choices=("auto",) + FILE_TYPES, default="auto",
                    help="file type of every input (default: from each file's suffix)")
     p.add_argument("--text-mode", choices=("blocks", "file"), default="blocks",
                    help="text files: one example per blank-line separated block (default) or per file")
-    p.add_argument("--max-record-bytes", type=int, default=formats.MAX_RECORD_BYTES,
-                   help=f"skip records longer than this (default {formats.MAX_RECORD_BYTES})")
+    p.add_argument("--max-record-bytes", type=int, default=MAX_RECORD_BYTES,
+                   help=f"skip records longer than this (default {MAX_RECORD_BYTES})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,7 +136,7 @@ def parse_map(items: Iterable[str]) -> list[tuple[str, list[str]]]:
         target, source = target.strip(), source.strip()
         if not sep or not target or not source:
             raise UserError(f"--map {item!r}: expected FIELD=SOURCE_FIELD, for example --map prompt=question_body")
-        if target not in formats._RECORD_FIELDS:
+        if target not in RECORD_FIELDS:
             raise UserError(f"--map {item!r}: {target!r} is not a field mlx_tune reads; use one of {', '.join(MAPPABLE)}")
         mapping.append((target, source.split(".")))
     return mapping
@@ -143,7 +145,7 @@ def parse_map(items: Iterable[str]) -> list[tuple[str, list[str]]]:
 def _mapped_shape(mapping: list[tuple[str, list[str]]]) -> str | None:
     """The shape the user points at by mapping one of its identifying fields."""
     targets = {t for t, _ in mapping}
-    for name, (fields, _) in formats.SHAPES.items():
+    for name, (fields, _) in SHAPES.items():
         if targets & set(fields):
             return name
     return None
@@ -164,82 +166,6 @@ def _check_ratios(valid_ratio: float, test_ratio: float) -> None:
         raise UserError(f"--valid-ratio {valid_ratio} + --test-ratio {test_ratio} must be < 1 to leave training data")
 
 
-def split_sizes(n: int, valid_ratio: float, test_ratio: float) -> tuple[int, int]:
-    """``(n_valid, n_test)``: rounded shares, at least 1 when asked for and n >= 3, train >= 1."""
-    sizes = []
-    for r in (valid_ratio, test_ratio):
-        k = int(n * r + 0.5)
-        sizes.append(max(1, k) if r > 0 and n >= 3 else k)
-    n_valid, n_test = sizes
-    while n_valid + n_test > max(n - 1, 0):
-        if n_valid >= n_test:
-            n_valid -= 1
-        else:
-            n_test -= 1
-    return n_valid, n_test
-
-
-_M64 = (1 << 64) - 1
-
-
-def _splitmix64_int(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _M64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
-    return x ^ (x >> 31)
-
-
-def assign_splits(group_hashes, n_valid: int, n_test: int, seed: int):
-    """Per record 0 (train), 1 (valid) or 2 (test); see the module doc for the rule.
-
-    ``group_hashes`` is a uint64 array (one prompt hash per record).
-    """
-    import numpy as np
-
-    n = len(group_hashes)
-    x = group_hashes ^ np.uint64(_splitmix64_int(seed & _M64))
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    key = x ^ (x >> np.uint64(31))
-    order = np.argsort(key, kind="stable")
-    ks = key[order]
-
-    def boundary(i: int) -> int:  # first index >= i that starts a new group
-        if i <= 0:
-            return 0
-        return int(np.searchsorted(ks, ks[min(i, n) - 1], side="right"))
-
-    # The last group always trains, so one giant prompt group cannot empty train.
-    last_group = int(np.searchsorted(ks, ks[-1], side="left")) if n else 0
-    t_end = min(boundary(n_test), last_group)
-    v_end = min(boundary(t_end + n_valid), last_group) if n_valid else t_end
-    assign = np.zeros(n, dtype=np.uint8)
-    assign[order[:t_end]] = 2
-    assign[order[t_end:v_end]] = 1
-    return assign
-
-
-def example_keys(ex: formats.Example, tools_text: Callable[[Any], str]) -> tuple[str, str]:
-    """``(record_key, prompt_key)``: normalised text identifying the record and its prompt.
-
-    NUL separates fields (it is not whitespace, so normalising cannot merge two fields).
-    """
-    if ex.text is not None:
-        key = " ".join(ex.text.split()).lower()
-        return key, key
-    messages = ex.messages
-    if len(messages) == 2 and not ex.calls and not ex.tools:  # the hot path: one user turn, one answer
-        prompt = messages[0]["role"] + "\0" + " ".join(messages[0]["content"].split()).lower()
-        return prompt + "\0\0assistant\0" + " ".join(messages[1]["content"].split()).lower(), prompt
-    parts = [m["role"] + "\0" + " ".join(m["content"].split()).lower() for m in ex.messages]
-    if ex.calls:
-        parts = [p + "\0" + tools_text(m["tool_calls"]) if "tool_calls" in m else p for p, m in zip(parts, ex.messages)]
-    prompt = "\0\0".join(parts[:-1])
-    if ex.tools:
-        prompt += "\0\0\0" + tools_text(ex.tools)
-    return prompt + "\0\0" + parts[-1], prompt
-
-
 @dataclass(frozen=True)
 class Options:
     """Every setting of a conversion (the CLI flags, one field each)."""
@@ -254,12 +180,12 @@ class Options:
     force: bool = False
     input_format: str | None = None  # None: from each file's suffix
     text_mode: str = "blocks"
-    max_record_bytes: int = formats.MAX_RECORD_BYTES
+    max_record_bytes: int = MAX_RECORD_BYTES
     max_seq_length: int | None = None
 
     def check(self) -> None:
-        if self.to not in formats.RENDERERS:
-            raise UserError(f"--to {self.to!r}: use one of {', '.join(formats.TRAINER_FORMATS)}")
+        if self.to not in RENDERERS:
+            raise UserError(f"--to {self.to!r}: use one of {', '.join(TRAINER_FORMATS)}")
         _check_ratios(self.valid_ratio, self.test_ratio)
         if self.system is not None and self.to != "chat":
             raise UserError("--system adds a system message to chats; it needs --to chat")
@@ -312,20 +238,19 @@ def transform(
         if not Path(path).exists():
             raise UserError(f"{path}: no such file")
         if opts.input_format is None:
-            formats.file_type(path)
+            file_type(path)
 
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    # Everything is written next to its final place, then moved in with os.replace.
-    tmp = Path(tempfile.mkdtemp(prefix=".data_transform-", dir=out))
+    # Everything is written next to its final place, then moved in (``_move_in``).
+    tmp = temp_dir_beside(out / "data_transform")
     try:
         spool = tmp / "spool.jsonl"
         with open(spool, "wb") as f:
             p1 = _read_and_convert(inputs, opts, f.write)
         _check_usable(p1, inputs, opts, out, echo)
         report = _dedup_split_write(p1, spool, tmp, opts, tokenizer)
-        for name in OUTPUTS:
-            os.replace(tmp / name, out / name)
+        _move_in(tmp, out, OUTPUTS)
         return report
     except BaseException:
         if created:
@@ -339,7 +264,7 @@ def _read_and_convert(inputs, opts: Options, write: Callable[[bytes], Any]) -> _
     """Pass 1: every record read, mapped, validated, converted and spooled (or skipped)."""
     p1 = _Pass1(map_hits=[0] * len(opts.mapping))
     # Hot loop: bind everything it calls to locals.
-    dumps, to_example, apply_map = formats.dumps_example, formats.to_example, formats.apply_map
+    dumps, convert, remap = dumps_example, to_example, apply_map
     tools_text = json.JSONEncoder(ensure_ascii=False, sort_keys=True).encode
     blake2b = hashlib.blake2b
     to, system, mapping, map_hits = opts.to, opts.system, list(opts.mapping), p1.map_hits
@@ -348,16 +273,16 @@ def _read_and_convert(inputs, opts: Options, write: Callable[[bytes], Any]) -> _
     record_hashes, prompt_hashes = p1.record_hashes, p1.prompt_hashes
     for path in inputs:
         file_read = 0
-        fmt = opts.input_format or formats.file_type(path)
-        for line, value, error in formats.read_records(
+        fmt = opts.input_format or file_type(path)
+        for line, value, error in read_records(
             path, fmt, text_mode=opts.text_mode, max_record_bytes=opts.max_record_bytes
         ):
             file_read += 1
             if error is None:
                 try:
                     if mapping:
-                        value = apply_map(value, mapping, map_hits)
-                    ex = to_example(value, forced_shape)
+                        value = remap(value, mapping, map_hits)
+                    ex = convert(value, forced_shape)
                     data = (dumps(ex, to, system) + "\n").encode("utf-8")
                     rkey, pkey = example_keys(ex, tools_text)
                 except RecordError as exc:
@@ -444,70 +369,18 @@ def _dedup_split_write(p1: _Pass1, spool: Path, tmp: Path, opts: Options, tokeni
         report["tokens"] = length_stats(lengths, opts.max_seq_length)
     if sum(counts) + len(p1.skipped) + duplicates != p1.read:  # a bug, never the user's
         raise RuntimeError(f"record accounting is off: {counts} + {len(p1.skipped)} + {duplicates} != {p1.read}")
+    # A plain write: tmp is the temporary; _move_in makes it durable (and write_json_atomic's
+    # mkstemp would leave the file 0600 instead of the umask's mode the other outputs get).
     (tmp / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return report
 
 
-# ---------------------------------------------------------------------------
-# Token statistics (--tokenizer)
-# ---------------------------------------------------------------------------
-
-
-def load_tokenizer(source: str):
-    """The tokenizer of any model source the loader accepts (imports mlx lazily)."""
-    try:
-        from mlx_tune.model import loading
-    except ImportError as exc:
-        raise UserError(f"--tokenizer needs the model loader, which cannot be imported here ({exc})") from None
-    if hasattr(loading, "load_tokenizer"):
-        return loading.load_tokenizer(source)
-    _, tokenizer, _ = loading.load_model(source)
-    return tokenizer
-
-
-def _ids(result: Any) -> list:
-    # Tokenizers return a list of ids, or a mapping holding "input_ids" (transformers v5).
-    if isinstance(result, dict) or hasattr(result, "keys"):
-        result = result["input_ids"]
-    return result
-
-
-def token_length(record: dict, tokenizer: Any) -> int:
-    """Tokens the trainer will see for ``record`` (a chat / completions / text record)."""
-    has_template = getattr(tokenizer, "chat_template", None) is not None
-    if "messages" in record:
-        if has_template:
-            kwargs = {"tools": record["tools"]} if record.get("tools") else {}
-            return len(_ids(tokenizer.apply_chat_template(record["messages"], tokenize=True, **kwargs)))
-        text = formats._render_text(formats.Example("openai", record["messages"]), None)["text"]
-        return len(tokenizer.encode(text))
-    if "prompt" in record:
-        if has_template:
-            chat = [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["completion"]}]
-            return len(_ids(tokenizer.apply_chat_template(chat, tokenize=True)))
-        return len(tokenizer.encode(record["prompt"] + record["completion"]))
-    return len(tokenizer.encode(record["text"]))
-
-
-def length_stats(lengths: list[int], max_seq_length: int | None) -> dict:
-    """min / median / p95 (nearest rank) / max / mean, and how many exceed ``max_seq_length``."""
-    if not lengths:
-        return {"count": 0}
-    s = sorted(lengths)
-    n = len(s)
-    stats = {
-        "count": n,
-        "min": s[0],
-        "median": s[(n - 1) // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2,
-        "p95": s[max(0, -(-95 * n // 100) - 1)],
-        "max": s[-1],
-        "mean": round(sum(s) / n, 2),
-        "max_seq_length": max_seq_length,
-    }
-    stats["truncated"] = sum(1 for x in s if max_seq_length is not None and x > max_seq_length)
-    return stats
-
-
-def token_stats(records: Iterable[dict], tokenizer: Any, max_seq_length: int | None = None) -> dict:
-    """``length_stats`` over trainer-format ``records`` tokenised as the trainer will."""
-    return length_stats([token_length(r, tokenizer) for r in records], max_seq_length)
+def _move_in(tmp: Path, out: Path, names: Iterable[str]) -> None:
+    """The finished files ``names`` of ``tmp`` into ``out``: all on disk (fsynced) before
+    the first rename, each rename atomic, then ``out``'s entries fsynced."""
+    names = list(names)
+    for name in names:
+        fsync_file(tmp / name)
+    for name in names:
+        os.replace(tmp / name, out / name)
+    fsync_dir(out)

@@ -40,8 +40,8 @@ ARCHS: dict[str, Arch] = {
     "qwen3": Arch("qwen3", False),
 }
 
-_HF_BLOCK = {hf: g for g, hf in G._BLOCK.items()}
-_HF_TOP = {hf: g for g, hf in G._TOP_LEVEL.items()}
+_HF_BLOCK = {hf: g for g, hf in G.BLOCK_NAMES.items()}
+_HF_TOP = {hf: g for g, hf in G.TOP_LEVEL_NAMES.items()}
 
 
 def _types() -> dict:
@@ -118,7 +118,7 @@ def _tokenizer_metadata_from_gguf(source: Path) -> list[tuple[str, object, objec
             continue
         types = list(fld.types)
         sub = types[-1] if types and types[0] == gguf.GGUFValueType.ARRAY else None
-        out.append((key, G._field_value(fld), types[0], sub))
+        out.append((key, G.field_value(fld), types[0], sub))
     return out
 
 
@@ -133,9 +133,9 @@ def _pre_tokenizer_name(spec: dict | None) -> str:
     split = next((p for p in items if p.get("type") == "Split"), None)
     if split is not None:
         regex = (split.get("pattern") or {}).get("Regex", "")
-        if regex == G._LLAMA3_RE:
+        if regex == G.LLAMA3_PRETOKENIZER_RE:
             return "llama-bpe"
-        if regex == G._QWEN2_RE:
+        if regex == G.QWEN2_PRETOKENIZER_RE:
             return "qwen2"
     return "default"
 

@@ -46,12 +46,12 @@ ARCHS: dict[str, GGUFArch] = {
 }
 
 # GGUF tensor-name pieces -> mlx-lm (Hugging Face) names.
-_TOP_LEVEL = {
+TOP_LEVEL_NAMES = {
     "token_embd": "model.embed_tokens",
     "output_norm": "model.norm",
     "output": "lm_head",
 }
-_BLOCK = {
+BLOCK_NAMES = {
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
     "attn_q": "self_attn.q_proj",
@@ -67,11 +67,11 @@ _BLOCK = {
 _SKIP = {"rope_freqs.weight"}  # recomputed by mlx-lm's rope from the config
 
 # Pre-tokenizer regexes by `tokenizer.ggml.pre` (from llama.cpp's llama-vocab.cpp).
-_LLAMA3_RE = (
+LLAMA3_PRETOKENIZER_RE = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-_QWEN2_RE = (
+QWEN2_PRETOKENIZER_RE = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
@@ -97,7 +97,7 @@ def read_gguf(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
             raise ModelLoadError(f"{path}: not a readable GGUF file ({str(exc).splitlines()[0]})") from None
         for name in k_quants:
             if name in tensors:
-                tensors[name] = _Dequantized(tensors[name].astype(mx.float32))
+                tensors[name] = Dequantized(tensors[name].astype(mx.float32))
         return tensors, {k: _meta_value(v) for k, v in metadata.items()}
     try:
         return _read_with_gguf_package(path)
@@ -128,7 +128,7 @@ def _read_with_gguf_package(path: Path) -> tuple[dict[str, Any], dict[str, Any]]
     for name, fld in reader.fields.items():
         if name.startswith("GGUF."):
             continue
-        metadata[name] = _field_value(fld)
+        metadata[name] = field_value(fld)
     tensors: dict[str, Any] = {}
     for t in reader.tensors:
         rows_cols = tuple(int(x) for x in reversed(t.shape.tolist()))
@@ -150,18 +150,19 @@ def _read_with_gguf_package(path: Path) -> tuple[dict[str, Any], dict[str, Any]]
                     "use a file with Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K, F16 or F32 tensors"
                 ) from None
             # Marked so the loader re-quantizes it to the requested MLX format.
-            tensors[t.name] = _Dequantized(mx.array(dense.reshape(rows_cols).astype(np.float32)))
+            tensors[t.name] = Dequantized(mx.array(dense.reshape(rows_cols).astype(np.float32)))
     return tensors, metadata
 
 
-class _Dequantized:
+class Dequantized:
     """A tensor that was stored in a K-quant and needs re-quantizing."""
 
     def __init__(self, array: mx.array):
         self.array = array
 
 
-def _field_value(fld: Any) -> Any:
+def field_value(fld: Any) -> Any:
+    """The Python value of a ``gguf.GGUFReader`` metadata field (string, number or list)."""
     import gguf
 
     types = list(fld.types)
@@ -262,10 +263,10 @@ def _hf_name(gguf_name: str) -> str | None:
         return None
     base, _, suffix = gguf_name.rpartition(".")
     m = re.fullmatch(r"blk\.(\d+)\.(\w+)", base)
-    if m and m.group(2) in _BLOCK:
-        return f"model.layers.{m.group(1)}.{_BLOCK[m.group(2)]}.{suffix}"
-    if base in _TOP_LEVEL:
-        return f"{_TOP_LEVEL[base]}.{suffix}"
+    if m and m.group(2) in BLOCK_NAMES:
+        return f"model.layers.{m.group(1)}.{BLOCK_NAMES[m.group(2)]}.{suffix}"
+    if base in TOP_LEVEL_NAMES:
+        return f"{TOP_LEVEL_NAMES[base]}.{suffix}"
     return None
 
 
@@ -292,8 +293,8 @@ def gguf_weights(tensors: dict[str, Any], config: dict, arch: GGUFArch, path: Pa
             continue
         if arch.permute_qk and (".q_proj." in hf or ".k_proj." in hf):
             heads = config["num_attention_heads"] if ".q_proj." in hf else config["num_key_value_heads"]
-            if isinstance(value, _Dequantized):
-                value = _Dequantized(_unpermute(value.array, heads))
+            if isinstance(value, Dequantized):
+                value = Dequantized(_unpermute(value.array, heads))
             else:
                 value = _unpermute(value, heads)
         weights[hf] = value
@@ -324,10 +325,10 @@ def build_tokenizer(metadata: dict[str, Any], path: Path):
         pre = metadata.get("tokenizer.ggml.pre", "default")
         byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
         if pre in ("llama-bpe", "llama3", "smaug-bpe", "dbrx"):
-            split = pre_tokenizers.Split(Regex(_LLAMA3_RE), behavior="isolated", invert=False)
+            split = pre_tokenizers.Split(Regex(LLAMA3_PRETOKENIZER_RE), behavior="isolated", invert=False)
             tok.pre_tokenizer = pre_tokenizers.Sequence([split, byte_level])
         elif pre in ("qwen2", "deepseek-llm"):
-            split = pre_tokenizers.Split(Regex(_QWEN2_RE), behavior="isolated", invert=False)
+            split = pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZER_RE), behavior="isolated", invert=False)
             tok.pre_tokenizer = pre_tokenizers.Sequence([split, byte_level])
         elif pre in ("smollm", "starcoder", "refact", "codeshell"):
             tok.pre_tokenizer = pre_tokenizers.Sequence([

@@ -189,7 +189,7 @@ def _load_gguf(path: Path, quantize: QuantizeConfig | None):
         raise ModelLoadError(f"{path}: cannot build the tokenizer from GGUF metadata ({exc})") from None
 
     requant = quantize or QuantizeConfig()
-    dense_names = {k for k, v in weights.items() if isinstance(v, G._Dequantized)}
+    dense_names = {k for k, v in weights.items() if isinstance(v, G.Dequantized)}
     for name in dense_names:
         weights[name] = weights[name].array
     model_class, args_class = _get_classes(config)

@@ -1,4 +1,5 @@
-"""Planning: predicted peak training memory (``planner``) and its measurement
-(``probe``). May import ``model`` (configs, GGUF metadata), ``training`` (the probe
-runs the real step), ``runtime``, ``config`` and ``errors``.
+"""Planning: predicted peak training memory (``planner``, from the shapes ``arch`` reads
+off a model's config) and its measurement (``probe``). May import ``model`` (configs,
+GGUF metadata), ``training`` (the probe runs the real step), ``runtime``, ``config`` and
+``errors``.
 """

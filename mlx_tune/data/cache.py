@@ -1,0 +1,208 @@
+"""Tokenised datasets and their token cache.
+
+``load_dataset`` reads a JSONL training file (``dataset.read_training_file``), tokenises
+and masks it (``tokenize``), then cuts every example to ``max_seq_length`` slots.
+Tokenisation runs once per (file content, tokenizer, options): the key hashes the file's
+bytes, ``tokenizer_fingerprint`` (vocabulary, special tokens, chat template) and the
+options, and the ids and masks are kept as one ``.npz`` (no pickle) under
+``~/.cache/mlx_tune/tokens`` (``MLX_TUNE_CACHE``) or a given folder, written through
+``mlx_tune.atomic``; a damaged cache file is rebuilt, never trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from mlx_tune.atomic import write_file_atomic
+from mlx_tune.data.dataset import read_training_file
+from mlx_tune.data.tokenize import eos_ids, tokenize_record
+from mlx_tune.errors import UserError
+
+CACHE_VERSION = 1
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("MLX_TUNE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "mlx_tune")
+    return Path(root) / "tokens"
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of what decides the token ids: vocabulary, special tokens and chat template."""
+    h = hashlib.sha256()
+    try:
+        vocab = tokenizer.get_vocab()
+        h.update(json.dumps(sorted(vocab.items()), ensure_ascii=False).encode())
+    except Exception:  # a tokenizer without get_vocab: fall back to its class and size
+        h.update(f"{type(tokenizer).__name__}:{getattr(tokenizer, 'vocab_size', '?')}".encode())
+    h.update(str(getattr(tokenizer, "chat_template", None)).encode())
+    h.update(str(sorted(eos_ids(tokenizer))).encode())
+    h.update(str(getattr(tokenizer, "bos_token_id", None)).encode())
+    h.update(repr(tokenizer.encode("a b\n")).encode())  # catches normaliser / bos-adding changes
+    return h.hexdigest()
+
+
+def _file_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class DataStats:
+    """What happened to a file's examples (all of it goes to the log)."""
+
+    path: str = ""
+    format: str = ""
+    examples: int = 0
+    truncated: int = 0
+    dropped_long: int = 0
+    dropped_untrained: int = 0
+    prefix_mismatch: int = 0
+    tokens: int = 0
+    trained: int = 0
+    cache_hit: bool = False
+
+    def summary(self) -> str:
+        parts = [f"{self.path}: {self.examples} {self.format} examples, {self.tokens} tokens ({self.trained} trained)"]
+        if self.truncated:
+            parts.append(f"{self.truncated} truncated to max_seq_length")
+        if self.dropped_long:
+            parts.append(f"{self.dropped_long} over max_seq_length dropped (train.truncation: drop)")
+        if self.dropped_untrained:
+            parts.append(f"{self.dropped_untrained} dropped with no trained token left")
+        if self.prefix_mismatch:
+            parts.append(f"{self.prefix_mismatch} chats whose template rewrites earlier turns (mask from common prefix)")
+        parts.append("token cache hit" if self.cache_hit else "tokenised")
+        return "; ".join(parts)
+
+
+@dataclass
+class TokenizedDataset:
+    """Examples as (ids, train mask) numpy arrays, already cut to ``max_seq_length`` slots."""
+
+    ids: list[np.ndarray]
+    train: list[np.ndarray]
+    stats: DataStats = field(default_factory=DataStats)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def lengths(self) -> np.ndarray:
+        """Slots each example takes in a row: n - 1 (input, target) pairs."""
+        return np.array([len(x) - 1 for x in self.ids], dtype=np.int64)
+
+
+def _tokenize_file(path: Path, tokenizer, fmt: str | None, mask_prompt: bool) -> tuple[str, list, list, int]:
+    fmt, records, _lines = read_training_file(path, fmt)
+    ids, masks, mismatch = [], [], 0
+    for rec in records:
+        i, m, ok = tokenize_record(tokenizer, rec, fmt, mask_prompt)
+        ids.append(np.asarray(i, dtype=np.int32))
+        masks.append(np.asarray(m, dtype=bool))
+        mismatch += not ok
+    return fmt, ids, masks, mismatch
+
+
+def load_dataset(
+    path: str | Path,
+    tokenizer,
+    *,
+    max_seq_length: int,
+    mask_prompt: bool = True,
+    truncation: str = "truncate",
+    fmt: str | None = None,
+    cache_dir: str | Path | None = None,
+    use_cache: bool = True,
+) -> TokenizedDataset:
+    """Read, tokenise (or take from the cache), mask and cut one JSONL file.
+
+    An example of n tokens fills n - 1 slots; over ``max_seq_length`` slots it is cut to
+    ``max_seq_length + 1`` tokens (``truncation="truncate"``) or left out (``"drop"``),
+    counted either way. Examples with no trained token left are left out and counted.
+    """
+    if truncation not in ("truncate", "drop"):
+        raise UserError(f"train.truncation: {truncation!r} is not valid; use 'truncate' or 'drop'")
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    key = hashlib.sha256(
+        json.dumps([CACHE_VERSION, _file_hash(path), tokenizer_fingerprint(tokenizer), fmt, mask_prompt]).encode()
+    ).hexdigest()[:32]
+    cache_file = Path(cache_dir or default_cache_dir()) / f"{path.stem}-{key}.npz"
+    hit = False
+    if use_cache and cache_file.is_file():
+        try:
+            with np.load(cache_file, allow_pickle=False) as z:
+                offsets, flat_ids, flat_mask = z["offsets"], z["ids"], z["train"]
+                meta = json.loads(str(z["meta"]))
+            ids = np.split(flat_ids, offsets[1:-1])
+            masks = np.split(flat_mask.astype(bool), offsets[1:-1])
+            fmt_used, mismatch, hit = meta["format"], meta["prefix_mismatch"], True
+        except (OSError, ValueError, KeyError):  # a damaged cache file is rebuilt, not trusted
+            hit = False
+    if not hit:
+        fmt_used, ids, masks, mismatch = _tokenize_file(path, tokenizer, fmt, mask_prompt)
+        if use_cache:
+            offsets = np.cumsum([0] + [len(x) for x in ids]).astype(np.int64)
+            meta = {"format": fmt_used, "prefix_mismatch": mismatch, "source": str(path)}
+            arrays = {
+                "offsets": offsets,
+                "ids": np.concatenate(ids).astype(np.int32),
+                "train": np.concatenate(masks).astype(np.uint8),
+                "meta": np.array(json.dumps(meta)),
+            }
+            write_file_atomic(cache_file, lambda tmp: np.savez(tmp, **arrays))
+    stats = DataStats(path=str(path), format=fmt_used, prefix_mismatch=mismatch, cache_hit=hit)
+    out_ids, out_train = [], []
+    for i, m in zip(ids, masks):
+        if len(i) - 1 > max_seq_length:
+            if truncation == "drop":
+                stats.dropped_long += 1
+                continue
+            stats.truncated += 1
+            i, m = i[: max_seq_length + 1], m[: max_seq_length + 1]
+        if len(i) < 2 or not m[1:].any():
+            stats.dropped_untrained += 1
+            continue
+        out_ids.append(i)
+        out_train.append(m)
+        stats.tokens += len(i) - 1
+        stats.trained += int(m[1:].sum())
+    stats.examples = len(out_ids)
+    if not out_ids:
+        raise UserError(f"{path}: no usable example ({stats.summary()})")
+    return TokenizedDataset(out_ids, out_train, stats)
+
+
+def load_splits(
+    data_dir: str | Path,
+    tokenizer,
+    *,
+    max_seq_length: int,
+    mask_prompt: bool = True,
+    truncation: str = "truncate",
+    cache_dir: str | Path | None = None,
+    splits: Iterable[str] = ("train", "valid", "test"),
+) -> dict[str, TokenizedDataset]:
+    """``{split: dataset}`` for the ``DIR/<split>.jsonl`` files present; train is required."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise UserError(f"data: {data_dir} is not a folder; give the folder holding train.jsonl (see data_transform.py)")
+    out = {}
+    for name in splits:
+        f = data_dir / f"{name}.jsonl"
+        if f.is_file():
+            out[name] = load_dataset(f, tokenizer, max_seq_length=max_seq_length, mask_prompt=mask_prompt,
+                                     truncation=truncation, cache_dir=cache_dir)
+        elif name == "train":
+            raise UserError(f"data: {f} not found; run data_transform.py INPUT --out {data_dir}")
+    return out

@@ -1,0 +1,76 @@
+"""The trainer's side: read a JSONL training file, every record valid, in one format.
+
+``read_dataset(path, to=None)`` reads a JSONL file, checks every record, converts all
+of them to one trainer format (by default the first record's, see ``detect_format``)
+and raises a ``UserError`` listing ``file:line: reason`` for the bad ones. Lower level,
+the same check line by line::
+
+    for line, value, error in read_jsonl_records(path):
+        reason = error or validate_record(value)   # None: a valid record
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from mlx_tune.data.readers import read_jsonl_records
+from mlx_tune.data.records import RecordError, detect_shape, to_example
+from mlx_tune.data.render import RENDERERS, TRAINER_FORMATS, render
+from mlx_tune.errors import UserError
+
+# The trainer format a shape becomes when none is asked for.
+_NATURAL_FORMAT = {"prompt_completion": "completions", "text": "text"}
+
+
+def detect_format(record: Any) -> str:
+    """The trainer format (``chat``, ``completions``, ``text``) ``record`` is closest to."""
+    return _NATURAL_FORMAT.get(detect_shape(record), "chat")
+
+
+class Dataset(NamedTuple):
+    format: str
+    records: list[dict]
+    lines: list[int]
+
+
+def read_dataset(path: str | Path, to: str | None = None, *, max_errors: int = 20) -> Dataset:
+    """Read a JSONL file for training: every record valid, all in one trainer format.
+
+    ``to`` picks the format (default: the first record's, see ``detect_format``). Any
+    bad record raises ``UserError`` listing up to ``max_errors`` lines as ``file:line: reason``.
+    """
+    if to is not None and to not in RENDERERS:
+        raise UserError(f"unknown data format {to!r}; use one of {', '.join(TRAINER_FORMATS)}")
+    records, lines, errors = [], [], []
+    for line, value, error in read_jsonl_records(path):
+        if error is None:
+            try:
+                ex = to_example(value)
+                if to is None:
+                    to = _NATURAL_FORMAT.get(ex.shape, "chat")
+                records.append(render(ex, to))
+                lines.append(line)
+                continue
+            except RecordError as exc:
+                error = str(exc)
+        errors.append(f"{path}:{line}: {error}")
+    if errors:
+        more = f"\n... and {len(errors) - max_errors} more" if len(errors) > max_errors else ""
+        raise UserError(f"{path}: {len(errors)} bad record(s):\n" + "\n".join(errors[:max_errors]) + more)
+    if not records:
+        raise UserError(f"{path}: no records (the file is empty); run data_transform.py to build it")
+    return Dataset(to, records, lines)
+
+
+def read_training_file(path: str | Path, fmt: str | None = None) -> tuple[str, list[dict], list[int]]:
+    """(format, records, line numbers) of a JSONL file; bad lines raise ``UserError`` as file:line.
+
+    ``read_dataset`` decides, so data_transform.py and the trainer agree on every record.
+    """
+    if fmt is not None and fmt not in TRAINER_FORMATS:
+        raise UserError(f"unknown data format {fmt!r}; use one of {', '.join(TRAINER_FORMATS)}")
+    if not Path(path).is_file():
+        raise UserError(f"{path}: file not found")
+    ds = read_dataset(path, fmt)
+    return ds.format, ds.records, ds.lines

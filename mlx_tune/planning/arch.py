@@ -1,0 +1,193 @@
+"""A model's shapes from its config alone, for the planner: ``Arch`` and where configs come from.
+
+``read_source_config`` finds a model's ``config.json`` values without reading any
+weights: from a local folder, a GGUF header (metadata and tensor types, memory-mapped),
+the Hugging Face cache or hub, or the published values in ``model.known_configs``.
+``arch_from_config`` turns them into an ``Arch``: the widths of a llama-style decoder
+block and of the embedding / LM head.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mlx_tune.errors import UserError
+
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo2", "granite", "phi3", "gemma", "gemma2")
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+@dataclass(frozen=True)
+class Arch:
+    """The shapes of a llama-style decoder, read from an HF config dict."""
+
+    model_type: str
+    hidden: int
+    layers: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+    attention_bias: bool
+    qk_norm: bool
+    dtype_bytes: int  # the dense dtype of the source weights (activations follow it)
+
+    @property
+    def q_width(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_width(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    def linears(self) -> dict[str, tuple[int, int]]:
+        """name -> (in, out) of one block's linear layers."""
+        d, f = self.hidden, self.intermediate
+        return {
+            "q_proj": (d, self.q_width), "k_proj": (d, self.kv_width), "v_proj": (d, self.kv_width),
+            "o_proj": (self.q_width, d), "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d),
+        }
+
+    def block_params(self) -> int:
+        return sum(i * o for i, o in self.linears().values())
+
+    def params(self) -> int:
+        head = 0 if self.tied else self.vocab * self.hidden
+        return self.layers * self.block_params() + self.vocab * self.hidden + head
+
+
+def _get(cfg: dict, *names: str, default: Any = None) -> Any:
+    for name in names:
+        if cfg.get(name) is not None:
+            return cfg[name]
+    return default
+
+
+def arch_from_config(cfg: dict, where: str = "config") -> Arch:
+    """``Arch`` from an HF ``config.json`` dict; UserError naming the missing key."""
+    if not isinstance(cfg, dict):
+        raise UserError(f"{where}: a model config must be a JSON object")
+    text_cfg = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else None
+    if text_cfg and "hidden_size" not in cfg:  # multimodal wrappers keep the LM in text_config
+        cfg = {**text_cfg, "model_type": text_cfg.get("model_type", cfg.get("model_type"))}
+    model_type = str(cfg.get("model_type", ""))
+    if model_type not in SUPPORTED_TYPES:
+        raise UserError(
+            f"{where}: model_type {model_type!r} is not one the planner knows; "
+            f"supported: {', '.join(SUPPORTED_TYPES)}"
+        )
+    missing = [k for k in ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
+                           "vocab_size") if cfg.get(k) is None]
+    if missing:
+        raise UserError(f"{where}: config.json lacks {', '.join(missing)}; cannot plan memory")
+    hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+    dtype = str(_get(cfg, "torch_dtype", "dtype", default="float32")).replace("torch.", "")
+    return Arch(
+        model_type=model_type,
+        hidden=hidden,
+        layers=int(cfg["num_hidden_layers"]),
+        intermediate=int(cfg["intermediate_size"]),
+        heads=heads,
+        kv_heads=int(_get(cfg, "num_key_value_heads", default=heads)),
+        head_dim=int(_get(cfg, "head_dim", default=hidden // heads)),
+        vocab=int(cfg["vocab_size"]),
+        tied=bool(cfg.get("tie_word_embeddings", model_type in ("gemma", "gemma2"))),
+        attention_bias=bool(cfg.get("attention_bias", model_type == "qwen2")),
+        qk_norm=model_type == "qwen3",
+        dtype_bytes=_DTYPE_BYTES.get(dtype, 4),
+    )
+
+
+
+@dataclass
+class SourceConfig:
+    """A model's config.json dict, where it came from, and its own storage (if quantized)."""
+
+    config: dict
+    origin: str  # "folder" | "gguf" | "hub cache" | "hub" | "built-in published values"
+    quantization: dict | None = None  # {"bits", "group_size"} of the source's own storage
+
+
+def read_source_config(source: str) -> SourceConfig:
+    """config.json of ``source`` (folder, .gguf, hub id) without reading any weights."""
+    path = Path(str(source)).expanduser()
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise UserError(f"{path}: GGUF file not found")
+        return _gguf_config(path)
+    if path.is_dir():
+        cfg_file = path / "config.json"
+        if not cfg_file.is_file():
+            raise UserError(f"{path}: no config.json in this model folder")
+        try:
+            cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise UserError(f"{cfg_file}: not valid JSON ({exc})") from None
+        q = cfg.get("quantization") or cfg.get("quantization_config")
+        quant = {"bits": int(q["bits"]), "group_size": int(q["group_size"])} if isinstance(q, dict) and "bits" in q else None
+        return SourceConfig(cfg, "folder", quant)
+    if path.exists() or str(source).startswith((".", "/", "~")) or str(source).count("/") != 1:
+        raise UserError(f"{source}: no such model folder or .gguf file (and not a hub repo id owner/name)")
+    return _hub_config(str(source))
+
+
+def _gguf_config(path: Path) -> SourceConfig:
+    """The header only: metadata and tensor types through ``gguf.GGUFReader`` (memory-mapped)."""
+    try:
+        import gguf
+
+        from mlx_tune.model.gguf import field_value, gguf_config
+
+        reader = gguf.GGUFReader(str(path))
+        metadata = {k: field_value(f) for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+        names = {t.name for t in reader.tensors}
+        cfg, _ = gguf_config(metadata, names, path)
+        types = {t.name: t.tensor_type.name for t in reader.tensors}
+    except UserError:
+        raise
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"{path}: not a readable GGUF file ({first})") from None
+    block_type = next((v for k, v in types.items() if ".ffn_down." in k or ".attn_q." in k), None)
+    bits = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8}.get(block_type or "")
+    cfg.setdefault("torch_dtype", "float16")  # GGUF scales and dense tensors are 16-bit
+    return SourceConfig(cfg, "gguf", {"bits": bits, "group_size": 32} if bits else None)
+
+
+def _hub_config(repo_id: str) -> SourceConfig:
+    from mlx_tune.model.known_configs import KNOWN_CONFIGS
+
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:  # pragma: no cover - huggingface-hub is a dependency
+        hf_hub_download = None
+    if hf_hub_download is not None:
+        try:
+            return SourceConfig(json.loads(Path(hf_hub_download(repo_id, "config.json", local_files_only=True)).read_text()),
+                                "hub cache")
+        except Exception:
+            pass
+    if repo_id in KNOWN_CONFIGS:
+        return SourceConfig(dict(KNOWN_CONFIGS[repo_id]), "built-in published values")
+    if hf_hub_download is not None and os.environ.get("HF_HUB_OFFLINE") != "1":
+        try:
+            return SourceConfig(json.loads(Path(hf_hub_download(repo_id, "config.json", etag_timeout=5)).read_text()), "hub")
+        except Exception as exc:
+            reason = type(exc).__name__
+        else:  # pragma: no cover
+            reason = ""
+    else:
+        reason = "offline"
+    known = ", ".join(sorted(KNOWN_CONFIGS))
+    raise UserError(
+        f"{repo_id}: cannot read its config.json ({reason}): the hub is not reachable and it is not cached; "
+        f"download it once, point model: at a local folder, or use one of the built-in ids: {known}"
+    )
