@@ -13,7 +13,7 @@ import pytest
 import yaml
 from mlx.utils import tree_flatten
 
-from mlx_tune.adapters.manager import inject, save_adapter, wrappers
+from mlx_tune.adapters import inject, save_adapter, wrappers
 from mlx_tune.cli import main
 from mlx_tune.config import LoraConfig, QuantizeConfig
 from mlx_tune.export import fidelity

@@ -69,6 +69,21 @@ def linear_dims(layer: nn.Module) -> tuple[int, int]:
     return tuple(quant.dense_weight(layer).shape)
 
 
+def is_packed(layer: nn.Module) -> bool:
+    """A layer whose stored weight is not its logical weight (quantized, NF4, ...)."""
+    return isinstance(layer, (nn.QuantizedLinear, nn.QuantizedEmbedding)) or (
+        callable(getattr(layer, "dense_weight", None)) and type(layer) is not nn.Linear
+    )
+
+
+def logical_shape(layer: nn.Module) -> tuple[int, ...]:
+    """The weight's logical shape: a 4-bit (out, in/8) uint32 weight is (out, in)."""
+    if isinstance(layer, nn.QuantizedEmbedding):
+        rows, packed = layer.weight.shape
+        return rows, packed * 32 // layer.bits
+    return tuple(linear_dims(layer))
+
+
 def is_linear_like(layer: nn.Module) -> bool:
     """A layer LoRA can wrap: nn.Linear, nn.QuantizedLinear or a quant-protocol layer."""
     return isinstance(layer, (nn.Linear, nn.QuantizedLinear)) or callable(getattr(layer, "dense_weight", None))

@@ -617,7 +617,7 @@ def format_report(report: dict) -> str:
 
 def adapter_folder(cfg) -> Path:
     """The trained adapter of ``cfg.output_dir``; a one-line UserError when it is not there."""
-    from mlx_tune.adapters.manager import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+    from mlx_tune.adapters.files import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
     folder = Path(cfg.output_dir)
     if (folder / ADAPTER_WEIGHTS).is_file() and (folder / ADAPTER_CONFIG).is_file():
@@ -631,7 +631,7 @@ def adapter_folder(cfg) -> Path:
 
 def check_fingerprint(model: nn.Module, folder: Path, cfg_model: str) -> None:
     """One-line error when the adapter was made for another base than ``model``."""
-    from mlx_tune.adapters.manager import ADAPTER_CONFIG, fingerprint
+    from mlx_tune.adapters.files import ADAPTER_CONFIG, fingerprint
 
     path = folder / ADAPTER_CONFIG
     try:
