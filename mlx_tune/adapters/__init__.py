@@ -4,6 +4,7 @@ Owns the layers (``lora``: ``from_base``, ``__call__``, ``fuse``), injection int
 loaded model (``inject``), the adapter folder format (``files``: save / read,
 fingerprint), Hugging Face PEFT interop and reading either kind of folder (``peft``),
 and loading, removing, merging and switching adapters on one model (``manager``).
+The rule for rank / alpha / dropout is ``mlx_tune.config.lora_hyperparameter_problems``.
 May import ``model``, ``runtime``, ``config``, ``atomic`` and ``errors``.
 
 The library API is re-exported here: ``from mlx_tune import adapters; adapters.inject(...)``.

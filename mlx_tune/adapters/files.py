@@ -25,6 +25,7 @@ import mlx.nn as nn
 from mlx_tune import __version__
 from mlx_tune.adapters.inject import active_name, base_entries, block_paths, wrappers
 from mlx_tune.atomic import write_file_atomic, write_text_atomic
+from mlx_tune.config import lora_hyperparameter_problems
 from mlx_tune.errors import UserError
 
 ADAPTER_WEIGHTS = "adapters.safetensors"
@@ -197,12 +198,5 @@ def _from_mlx_lm(config: dict) -> dict:
 
 def adapter_config_problems(config: dict, where: Path) -> list[str]:
     """What is wrong with an adapter config's rank / alpha / dropout, each prefixed with ``where``."""
-    problems = []
-    for key in ("rank", "alpha"):
-        value = config.get(key)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-            problems.append(f"{key}: {value!r} must be a number > 0")
-    dropout = config.get("dropout", 0.0)
-    if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-        problems.append(f"dropout: {dropout!r} must be in [0, 1)")
+    problems = lora_hyperparameter_problems(config.get("rank"), config.get("alpha"), config.get("dropout", 0.0), sep=": ")
     return [f"{where}: {p}" for p in problems]

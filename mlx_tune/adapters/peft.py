@@ -34,6 +34,7 @@ from mlx_tune.adapters.files import (
     write_adapter_files,
 )
 from mlx_tune.atomic import write_file_atomic, write_text_atomic
+from mlx_tune.config import lora_hyperparameter_problems
 from mlx_tune.errors import UserError
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -147,9 +148,8 @@ def peft_to_mlx(peft_dir: str | Path) -> tuple[dict, dict[str, mx.array]]:
             problems.append(f"{key}: per-module ranks/alphas are not supported")
     if pc.get("modules_to_save"):
         problems.append(f"modules_to_save: {pc['modules_to_save']} (fully trained modules) are not supported")
-    for key in ("r", "lora_alpha"):
-        if not isinstance(pc.get(key), (int, float)) or pc.get(key) <= 0:
-            problems.append(f"{key}: {pc.get(key)!r} must be a number > 0")
+    problems += lora_hyperparameter_problems(pc.get("r"), pc.get("lora_alpha"), pc.get("lora_dropout") or 0.0,
+                                             names=("r", "lora_alpha", "lora_dropout"), sep=": ")
     if problems:
         raise UserError(f"{config_file}: " + "; ".join(problems))
     raw, metadata = read_safetensors(weights_file)
