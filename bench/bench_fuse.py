@@ -95,7 +95,7 @@ def main() -> int:
 
     import mlx.core as mx
 
-    from mlx_tune.adapters.manager import inject, wrappers
+    from mlx_tune.adapters import inject, wrappers
     from mlx_tune.config import LoraConfig
     from mlx_tune.export.fuse import FuseOptions, export, format_report
     from mlx_tune.model import quant

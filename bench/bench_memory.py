@@ -190,7 +190,7 @@ def run_point(point: dict) -> dict:
         result.update(peak_gb=peak / 1e9, seconds=[round(secs, 1)], loss=loss, rss_peak_gb=rss_peak_bytes() / 1e9,
                       per_block_gb=_per_block_bytes(model, seq * batch) / 1e9, config=config, quant=quant)
         return result
-    from mlx_tune.adapters.manager import inject
+    from mlx_tune.adapters import inject
 
     inject(model, LoraConfig(rank=16, alpha=32.0))
     mx.eval(model.parameters())

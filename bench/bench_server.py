@@ -68,7 +68,7 @@ def prepare(model_path: Path, tmp: Path) -> tuple[Path, list[Path], int, float]:
     import mlx.core as mx
     from mlx_lm.utils import save_config, save_model
 
-    from mlx_tune.adapters.manager import inject, save_adapter, unload_adapter, wrappers
+    from mlx_tune.adapters import inject, save_adapter, unload_adapter, wrappers
     from mlx_tune.config import LoraConfig
     from mlx_tune.model.loading import load_model
 
@@ -94,7 +94,7 @@ def prepare(model_path: Path, tmp: Path) -> tuple[Path, list[Path], int, float]:
             ad.lora_b = mx.random.normal(ad.lora_b.shape) * 0.01
         adapters.append(save_adapter(model, tmp / f"adapter_{name}", cfg, info, name=name))
         unload_adapter(model, name)
-    from mlx_tune.adapters.manager import AdapterManager
+    from mlx_tune.adapters import AdapterManager
 
     manager = AdapterManager(model)
     manager.add("a", adapters[0])

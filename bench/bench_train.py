@@ -96,7 +96,7 @@ def side_mlx_tune(rows: dict, steps: int) -> dict:
     import mlx.core as mx
     import mlx.optimizers as optim
 
-    from mlx_tune.adapters import manager as adapters
+    from mlx_tune import adapters
     from mlx_tune.cli.train import batch_loss
     from mlx_tune.config import LoraConfig
     from mlx_tune.data.batching import Batch

@@ -63,7 +63,7 @@ def fused_folder(model, tok, info, out: Path):
 def tiny_case(tmp: Path):
     import mlx.core as mx
 
-    from mlx_tune.adapters.manager import inject, wrappers
+    from mlx_tune.adapters import inject, wrappers
     from mlx_tune.config import LoraConfig
     from mlx_tune.model.loading import load_model
     from mlx_tune.testing.tiny import save_tiny_folder
@@ -79,7 +79,7 @@ def tiny_case(tmp: Path):
 def smollm2_case(tmp: Path):
     import mlx.core as mx
 
-    from mlx_tune.adapters.manager import inject, wrappers
+    from mlx_tune.adapters import inject, wrappers
     from mlx_tune.config import LoraConfig
     from mlx_tune.model.loading import load_model
 

@@ -40,7 +40,7 @@ def main() -> int:
     from peft import PeftModel
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from mlx_tune.adapters import manager as adapters
+    from mlx_tune import adapters
     from mlx_tune.adapters.peft import export_peft
     from mlx_tune.config import LoraConfig
     from mlx_tune.testing.tiny import tiny_config, tiny_model

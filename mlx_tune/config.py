@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -52,6 +53,29 @@ class QuantizeConfig:
         return errs
 
 
+def lora_hyperparameter_problems(rank: Any, alpha: Any, dropout: Any, *,
+                                 names: tuple[str, str, str] = ("rank", "alpha", "dropout"), sep: str = " ") -> list[str]:
+    """What is wrong with a LoRA rank / alpha / dropout (empty: nothing), one message each.
+
+    The one rule for every place that takes these values (this config, the layers, adapter
+    files, PEFT folders): rank a positive integer, alpha a finite number > 0, dropout in
+    [0, 1). ``names`` are the three keys as the caller's source spells them (``lora.rank``,
+    PEFT's ``r``, ...), ``sep`` goes between a key and its value: ``rank 0 must be ...``.
+    """
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    rank_name, alpha_name, dropout_name = names
+    problems = []
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
+        problems.append(f"{rank_name}{sep}{rank!r} must be a positive integer (8, 16, 32 are common)")
+    if not number(alpha) or not alpha > 0 or math.isinf(alpha):
+        problems.append(f"{alpha_name}{sep}{alpha!r} must be a finite number > 0 (often 2 x rank)")
+    if not number(dropout) or not 0.0 <= dropout < 1.0:
+        problems.append(f"{dropout_name}{sep}{dropout!r} must be in [0, 1)")
+    return problems
+
+
 @dataclass
 class LoraConfig:
     """The trainable low-rank adapter: y = W0 x + s * B A x, s = alpha / rank."""
@@ -69,13 +93,8 @@ class LoraConfig:
     include_lm_head: bool = field(default=False, metadata={"doc": "with all-linear, also adapt the LM head"})
 
     def check(self) -> list[str]:
-        errs = []
-        if self.rank <= 0:
-            errs.append(f"lora.rank: {self.rank} must be a positive integer (8, 16, 32 are common)")
-        if self.alpha <= 0:
-            errs.append(f"lora.alpha: {self.alpha} must be > 0 (often 2 x rank)")
-        if not 0.0 <= self.dropout < 1.0:
-            errs.append(f"lora.dropout: {self.dropout} must be in [0, 1)")
+        errs = lora_hyperparameter_problems(self.rank, self.alpha, self.dropout,
+                                            names=("lora.rank", "lora.alpha", "lora.dropout"), sep=": ")
         if isinstance(self.layers, int) and self.layers <= 0:
             errs.append(f"lora.layers: {self.layers} must be 'all' or a positive count of top blocks")
         if isinstance(self.target_modules, list) and not self.target_modules:

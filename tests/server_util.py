@@ -39,7 +39,7 @@ def serve_in_thread(app) -> Iterator[str]:
 def make_adapter(base_folder: Path, out_dir: Path, *, rank: int = 4, seed: int = 1, scale: float = 0.5,
                  targets="all-linear") -> Path:
     """An adapter with random non-zero B for the model in ``base_folder``, saved to ``out_dir``."""
-    from mlx_tune.adapters.manager import inject, save_adapter, wrappers
+    from mlx_tune.adapters import inject, save_adapter, wrappers
     from mlx_tune.config import LoraConfig
     from mlx_tune.model.loading import load_model
 

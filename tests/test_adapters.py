@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_tune.adapters import manager as adapters
+from mlx_tune import adapters
+from mlx_tune.adapters import AdapterManager, inject, load_adapter, save_adapter, trainable_summary
 from mlx_tune.adapters.lora import LoRALinear
-from mlx_tune.adapters.manager import AdapterManager, inject, load_adapter, save_adapter, trainable_summary
 from mlx_tune.adapters.peft import export_peft, import_peft
 from mlx_tune.config import LoraConfig
 from mlx_tune.errors import UserError

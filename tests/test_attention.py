@@ -108,7 +108,7 @@ def test_without_packing_info_the_module_is_unchanged():
 
 
 def test_lora_injected_after_enable_packing_is_used():
-    from mlx_tune.adapters.manager import inject
+    from mlx_tune.adapters import inject
     from mlx_tune.config import LoraConfig
 
     model = tiny_model("qwen2", seed=3)

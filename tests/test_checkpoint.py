@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_tune.adapters import manager as adapters
+from mlx_tune import adapters
 from mlx_tune.config import LoraConfig
 from mlx_tune.testing.tiny import tiny_model
 from mlx_tune.training import checkpoint

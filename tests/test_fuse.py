@@ -13,11 +13,12 @@ import pytest
 import yaml
 from mlx.utils import tree_flatten
 
-from mlx_tune.adapters.manager import inject, save_adapter, wrappers
+from mlx_tune.adapters import inject, save_adapter, wrappers
 from mlx_tune.cli import main
 from mlx_tune.config import LoraConfig, QuantizeConfig
 from mlx_tune.export import fidelity
-from mlx_tune.export.fuse import FuseOptions, export, units
+from mlx_tune.export.fuse import FuseOptions, export
+from mlx_tune.export.units import units
 from mlx_tune.model.loading import ModelInfo, load_model
 from mlx_tune.testing.tiny import save_tiny_folder, tiny_config, tiny_model, tiny_tokenizer
 

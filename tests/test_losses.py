@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_map
 
-from mlx_tune.adapters.manager import inject
+from mlx_tune.adapters import inject
 from mlx_tune.config import LoraConfig
 from mlx_tune.data.batching import BatchStream
 from mlx_tune.data.cache import load_dataset

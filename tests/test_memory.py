@@ -26,7 +26,7 @@ MEDIUM = dict(hidden_size=512, num_hidden_layers=4, intermediate_size=1408, num_
 def medium_model():
     import mlx.core as mx
 
-    from mlx_tune.adapters.manager import inject
+    from mlx_tune.adapters import inject
     from mlx_tune.config import LoraConfig, QuantizeConfig
     from mlx_tune.model.quant import quantize_model
     from mlx_tune.testing.tiny import tiny_model
@@ -52,7 +52,7 @@ def _measure_here(grad_checkpoint: bool, seq_len: int) -> int:
     import mlx.core as mx
     import mlx.optimizers as optim
 
-    from mlx_tune.adapters import manager as adapters
+    from mlx_tune import adapters
     from mlx_tune.cli.train import batch_loss
     from mlx_tune.config import LoraConfig, QuantizeConfig
     from mlx_tune.model.quant import quantize_model

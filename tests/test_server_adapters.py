@@ -140,7 +140,7 @@ def test_row_mixing_equals_each_adapter_alone(tmp_path):
     """Rows on base / a / b in one pass give each row's own model output."""
     import mlx.core as mx
 
-    from mlx_tune.adapters.manager import AdapterManager
+    from mlx_tune.adapters import AdapterManager
     from mlx_tune.model.loading import load_model
     from mlx_tune.server.mixing import RowRoute, RowRouter, install
     from mlx_tune.testing.tiny import save_tiny_folder

@@ -37,18 +37,13 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_tune.config import lora_hyperparameter_problems
 from mlx_tune.model import quant
 
 
 def check_hyperparameters(rank, alpha, dropout) -> None:
     """Reject bad adapter hyper-parameters with one clear message (ValueError)."""
-    problems = []
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
-        problems.append(f"rank {rank!r} must be a positive integer (8, 16, 32 are common)")
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not alpha > 0 or math.isinf(alpha):
-        problems.append(f"alpha {alpha!r} must be a finite number > 0 (often 2 x rank)")
-    if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
-        problems.append(f"dropout {dropout!r} must be in [0, 1)")
+    problems = lora_hyperparameter_problems(rank, alpha, dropout)
     if problems:
         raise ValueError("; ".join(problems))
 
@@ -67,6 +62,21 @@ def linear_dims(layer: nn.Module) -> tuple[int, int]:
         return tuple(layer.weight.shape)
     # Any other protocol layer: the dense weight's shape is known lazily, nothing runs.
     return tuple(quant.dense_weight(layer).shape)
+
+
+def is_packed(layer: nn.Module) -> bool:
+    """A layer whose stored weight is not its logical weight (quantized, NF4, ...)."""
+    return isinstance(layer, (nn.QuantizedLinear, nn.QuantizedEmbedding)) or (
+        callable(getattr(layer, "dense_weight", None)) and type(layer) is not nn.Linear
+    )
+
+
+def logical_shape(layer: nn.Module) -> tuple[int, ...]:
+    """The weight's logical shape: a 4-bit (out, in/8) uint32 weight is (out, in)."""
+    if isinstance(layer, nn.QuantizedEmbedding):
+        rows, packed = layer.weight.shape
+        return rows, packed * 32 // layer.bits
+    return tuple(linear_dims(layer))
 
 
 def is_linear_like(layer: nn.Module) -> bool:

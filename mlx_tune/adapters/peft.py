@@ -11,6 +11,8 @@ so the mapping is a prefix and a transpose. The maths agrees too: scaling is
 lora_alpha / r (lora_alpha / sqrt(r) with use_rslora), A and B play the same roles.
 The exported safetensors carries the mlx_tune adapter config in its metadata so that
 import restores it (fingerprint included) and the round trip is exact.
+
+``read_adapter`` reads either kind of folder, so everything that loads an adapter takes both.
 """
 
 from __future__ import annotations
@@ -22,14 +24,17 @@ from pathlib import Path
 import mlx.core as mx
 
 from mlx_tune import __version__
-from mlx_tune.adapters.manager import (
+from mlx_tune.adapters.files import (
     ADAPTER_FORMAT,
-    _atomic_write_bytes,
-    _read_json,
-    read_adapter,
+    ADAPTER_WEIGHTS,
+    adapter_dir,
+    read_json,
+    read_mlx_tune_adapter,
     read_safetensors,
     write_adapter_files,
 )
+from mlx_tune.atomic import write_file_atomic, write_text_atomic
+from mlx_tune.config import lora_hyperparameter_problems
 from mlx_tune.errors import UserError
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -69,6 +74,17 @@ def _peft_targets(config: dict) -> tuple[list[str] | str, list[int] | None]:
     return "^(" + "|".join(re.escape(p) for p in modules) + ")$", None
 
 
+def read_adapter(path: str | Path) -> tuple[dict, dict[str, mx.array], Path]:
+    """(config, weights, weights file) of an mlx_tune adapter folder, or of a PEFT LoRA folder."""
+    folder = adapter_dir(path)
+    if (folder / ADAPTER_WEIGHTS).exists():
+        return read_mlx_tune_adapter(folder)
+    if (folder / PEFT_WEIGHTS).exists():
+        config, weights = peft_to_mlx(folder)
+        return config, weights, folder / PEFT_WEIGHTS
+    raise UserError(f"{folder}: no {ADAPTER_WEIGHTS} (mlx_tune) or {PEFT_WEIGHTS} (PEFT) in this folder")
+
+
 def export_peft(adapter_dir: str | Path, out_dir: str | Path) -> Path:
     """Write ``adapter_dir`` (an mlx_tune adapter) as a PEFT LoRA folder in ``out_dir``."""
     config, weights, source = read_adapter(adapter_dir)
@@ -106,9 +122,8 @@ def export_peft(adapter_dir: str | Path, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     metadata = {"format": "pt", _META_KEY: json.dumps(config, sort_keys=True)}
-    _atomic_write_bytes(out / PEFT_WEIGHTS, lambda p: mx.save_safetensors(str(p), tensors, metadata=metadata))
-    text = json.dumps(peft_config, indent=2, sort_keys=True) + "\n"
-    _atomic_write_bytes(out / PEFT_CONFIG, lambda p: p.write_text(text, encoding="utf-8"))
+    write_file_atomic(out / PEFT_WEIGHTS, lambda p: mx.save_safetensors(str(p), tensors, metadata=metadata))
+    write_text_atomic(out / PEFT_CONFIG, json.dumps(peft_config, indent=2, sort_keys=True) + "\n")
     return out
 
 
@@ -120,7 +135,7 @@ def peft_to_mlx(peft_dir: str | Path) -> tuple[dict, dict[str, mx.array]]:
         raise UserError(f"{peft_dir / 'adapter_model.bin'}: pickle weights are not read; save the adapter with safetensors")
     if not config_file.exists():
         raise UserError(f"{config_file}: file not found (not a PEFT adapter folder)")
-    pc = _read_json(config_file)
+    pc = read_json(config_file)
     problems = []
     if pc.get("peft_type") != "LORA":
         problems.append(f"peft_type is {pc.get('peft_type')!r}; only LORA adapters can be imported")
@@ -133,9 +148,8 @@ def peft_to_mlx(peft_dir: str | Path) -> tuple[dict, dict[str, mx.array]]:
             problems.append(f"{key}: per-module ranks/alphas are not supported")
     if pc.get("modules_to_save"):
         problems.append(f"modules_to_save: {pc['modules_to_save']} (fully trained modules) are not supported")
-    for key in ("r", "lora_alpha"):
-        if not isinstance(pc.get(key), (int, float)) or pc.get(key) <= 0:
-            problems.append(f"{key}: {pc.get(key)!r} must be a number > 0")
+    problems += lora_hyperparameter_problems(pc.get("r"), pc.get("lora_alpha"), pc.get("lora_dropout") or 0.0,
+                                             names=("r", "lora_alpha", "lora_dropout"), sep=": ")
     if problems:
         raise UserError(f"{config_file}: " + "; ".join(problems))
     raw, metadata = read_safetensors(weights_file)

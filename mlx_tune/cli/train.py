@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
 
     import mlx.core as mx
 
-    from mlx_tune.adapters import manager as adapters
+    from mlx_tune import adapters
     from mlx_tune.config import config_to_dict
     from mlx_tune.data import batching, cache
     from mlx_tune.errors import UserError

@@ -1,6 +1,8 @@
 """Export: a model plus adapter in, fused files out.
 
-Owns fuse (``fuse``), the writers (MLX, Hugging Face, GGUF: ``gguf``) and the
-fidelity report (``fidelity``). May import ``model``, ``adapters``, ``runtime``,
-``config``, ``atomic`` and ``errors``.
+Owns fuse (``fuse``: options, checks, the write / load back / compare loop, the report),
+the model as units of arrays (``units``), the writers (``writers``: safetensors shards,
+MLX / Hugging Face folders; ``gguf``: GGUF files) and the fidelity report
+(``fidelity``). May import ``model``, ``adapters``, ``runtime``, ``config``, ``atomic``
+and ``errors``.
 """

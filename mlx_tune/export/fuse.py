@@ -6,7 +6,9 @@ fused weight is quantized again, which can round a small ``s B A`` back to ``W0`
 fidelity check below measures that, and by default keeps the adapted layers at 8 bits
 (or dense) when it happens.
 
-Outputs (each written into a temporary folder next to the target, renamed at the end):
+Outputs (each written into a temporary folder next to the target, committed at the end
+with ``mlx_tune.atomic``; the writers are in ``export.writers``, the per-layer arrays in
+``export.units``):
 
 * ``mlx``: safetensors + config.json (+ ``quantization``) + tokenizer files: adapted
   layers re-quantized with the base's bits / group size (``--dequantize``: all dense).
@@ -16,7 +18,7 @@ Outputs (each written into a temporary folder next to the target, renamed at the
 
 Memory: the model stays as loaded (quantized base + adapter); tensors are computed one
 layer at a time (fuse, quantize, evaluate), streamed into shards of at most
-``SHARD_BYTES`` and dropped, so a quantized output never needs the dense model in memory.
+``writers.SHARD_BYTES`` and dropped, so a quantized output never needs the dense model in memory.
 
 The check: next-token distributions of the written output, loaded back with
 ``load_model``, against base + adapter and against the base alone (``fidelity``).
@@ -25,35 +27,30 @@ The check: next-token distributions of the written output, loaded back with
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import time
-from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_tune.adapters.files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, fingerprint
 from mlx_tune.adapters.lora import LoRALinear
-from mlx_tune.atomic import write_json_atomic
+from mlx_tune.adapters.manager import load_adapter
+from mlx_tune.adapters.peft import PEFT_WEIGHTS
+from mlx_tune.atomic import commit_dir, temp_dir_beside, write_json_atomic, write_text_atomic
 from mlx_tune.errors import UserError
 from mlx_tune.export import fidelity
+from mlx_tune.export.gguf import check_exportable
+from mlx_tune.export.units import affine_params, units
+from mlx_tune.export.writers import DTYPES, write_gguf_file, write_safetensors_folder
 from mlx_tune.model import quant
 
-SHARD_BYTES = 2 << 30  # flush a safetensors shard at 2 GiB: bounds the memory of dense outputs
-CHUNK_ROWS = 8192  # rows dequantized at once from an unadapted quantized layer (embeddings)
 REPORT_FILE = "fuse_report.json"
 NOISE_KL = 1e-5  # below this mean KL an adapter makes no measurable difference
-DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
-HF_ARCHITECTURES = {
-    "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM", "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
-    "phi3": "Phi3ForCausalLM",
-}
 # What each keep-adapted policy tries after the first output erased the adapter.
 KEEP_LADDER = {"auto": ("8bit", "dense"), "8bit": ("8bit",), "dense": ("dense",), "off": ()}
 
@@ -75,301 +72,11 @@ class FuseOptions:
         return cls(**{k: getattr(fcfg, k) for k in cls.__dataclass_fields__})
 
 
-# ---------------------------------------------------------------------------
-# The model as a list of units (one per module owning arrays; a wrapper is one unit)
-# ---------------------------------------------------------------------------
-
-
-def _packed(layer: nn.Module) -> bool:
-    return isinstance(layer, (nn.QuantizedLinear, nn.QuantizedEmbedding)) or (
-        callable(getattr(layer, "dense_weight", None)) and type(layer) is not nn.Linear
-    )
-
-
-@dataclass
-class Unit:
-    """A module that owns arrays; ``layer`` is the base of a LoRA wrapper, or the module itself."""
-
-    path: str
-    module: nn.Module
-
-    @property
-    def layer(self) -> nn.Module:
-        return self.module.base if isinstance(self.module, LoRALinear) else self.module
-
-    @property
-    def adapted(self) -> bool:
-        return isinstance(self.module, LoRALinear) and self.module.adapter is not None
-
-    @property
-    def packed(self) -> bool:
-        return _packed(self.layer)
-
-    def name(self, key: str) -> str:
-        return f"{self.path}.{key}" if self.path else key
-
-    def keys(self) -> list[str]:
-        """Logical parameter names (a packed weight counts once, as ``weight``)."""
-        own = [k for k, v in self.layer.items() if isinstance(v, mx.array)]
-        if self.packed:
-            return ["weight"] + (["bias"] if "bias" in own else [])
-        return sorted(own)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        if key == "weight" and self.packed:
-            if isinstance(self.layer, nn.QuantizedEmbedding):
-                rows, packed = self.layer["weight"].shape
-                return rows, packed * 32 // self.layer.bits
-            from mlx_tune.adapters.lora import linear_dims
-
-            return tuple(linear_dims(self.layer))
-        return tuple(self.layer[key].shape)
-
-    def dense_chunks(self, key: str, dtype: mx.Dtype = mx.float32) -> Iterator[mx.array]:
-        """The logical tensor in ``dtype``, in evaluated blocks of rows; an adapted weight has its adapter merged.
-
-        A quantized layer without an adapter (an embedding of 150k rows, say) is dequantized
-        ``CHUNK_ROWS`` rows at a time, so its float32 copy never exists whole; an adapted
-        layer is fused whole (one layer).
-        """
-        layer = self.layer
-        if key != "weight" or not (self.packed or self.adapted):
-            yield layer[key].astype(dtype)
-            return
-        if self.adapted:
-            w = self.module.adapter.fused_weight(quant.dense_weight(layer)).astype(dtype)
-            mx.eval(w)
-            yield w
-            return
-        if not isinstance(layer, (nn.QuantizedLinear, nn.QuantizedEmbedding)):  # NF4 and other protocol layers
-            yield quant.dense_weight(layer).astype(dtype)
-            return
-        rows = self.shape("weight")[0]
-        for start in range(0, rows, CHUNK_ROWS):
-            block = _dequantize_rows(layer, start, min(start + CHUNK_ROWS, rows)).astype(dtype)
-            mx.eval(block)
-            yield block
-
-    def dense(self, key: str, dtype: mx.Dtype = mx.float32) -> mx.array:
-        parts = list(self.dense_chunks(key, dtype))
-        return parts[0] if len(parts) == 1 else mx.concatenate(parts)
-
-
-def _dequantize_rows(layer: nn.Module, start: int, stop: int) -> mx.array:
-    """Rows ``start:stop`` of an affine-quantized (``nn.Quantized*``) layer's weight as float32."""
-    w, s, b = layer["weight"][start:stop], layer["scales"][start:stop], layer.get("biases")
-    if layer.mode == "affine":
-        return quant.affine_dequantize(w, s, b[start:stop], layer.group_size, layer.bits)
-    return mx.dequantize(w, s, None if b is None else b[start:stop], group_size=layer.group_size,
-                         bits=layer.bits, mode=layer.mode).astype(mx.float32)
-
-
-def units(model: nn.Module) -> list[Unit]:
-    """Every array-owning module in path order; a LoRA wrapper's children belong to it."""
-    found: list[Unit] = []
-    wrapped: list[str] = []
-    for path, module in sorted(model.named_modules(), key=lambda t: t[0]):
-        if any(path.startswith(w + ".") for w in wrapped):
-            continue
-        if isinstance(module, LoRALinear):
-            wrapped.append(path)
-            found.append(Unit(path, module))
-        elif any(isinstance(v, mx.array) for v in module.values()):
-            found.append(Unit(path, module))
-    return found
-
-
-# ---------------------------------------------------------------------------
-# Storage choices per unit
-# ---------------------------------------------------------------------------
-
-
-def _affine_params(layer: nn.Module) -> dict | None:
-    """bits / group size / mode to re-quantize ``layer``'s kind of storage as MLX affine."""
-    if isinstance(layer, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
-        return {"group_size": layer.group_size, "bits": layer.bits, "mode": layer.mode}
-    if _packed(layer):  # NF4 and other protocol layers: MLX folders hold affine 4-bit
-        block = getattr(layer, "block_size", 64)
-        return {"group_size": block if block in quant.AFFINE_GROUP_SIZES else 64, "bits": 4, "mode": "affine"}
-    return None
-
-
-def _scales_dtype(layer: nn.Module, fallback: mx.Dtype) -> mx.Dtype:
-    scales = layer.get("scales") if isinstance(layer, nn.Module) else None
-    return scales.dtype if isinstance(scales, mx.array) else fallback
-
-
-# Why afresh (scales from the fused group's min / max) and not on the base's own grid: the
-# base weights sit exactly on their grid, so rounding W0 + dW back onto it returns W0 for
-# every |dW| < step / 2, a deterministic erasure (SmolLM2, r=8 trained adapter: top-1
-# agreement with base + adapter 0.44). A new grid rounds each weight from a different
-# offset, which acts like dithering: the rounding errors average out across a row and
-# the update survives (0.90 on the same adapter).
-def mlx_arrays(unit: Unit, dense: bool, dtype: mx.Dtype, keep: str | None) -> tuple[dict[str, mx.array], dict | None]:
-    """Arrays to save for ``unit`` and its quantization entry (None: dense).
-
-    ``dense``: everything dense in ``dtype``. Otherwise quantized layers keep their storage,
-    adapted ones are fused and quantized afresh like their base (``keep="8bit"``: at 8 bits,
-    ``keep="dense"``: dense in ``dtype``), and every other array is written as stored.
-    """
-    layer = unit.layer
-    params = None if dense else _affine_params(layer)
-    if not dense and params is None and not unit.adapted:  # norms, dense embeddings: stored as they are
-        return {unit.name(k): layer[k] for k in unit.keys()}, None
-    if params is None or (unit.adapted and keep == "dense"):
-        out = {}
-        for key in unit.keys():
-            v = layer[key]
-            floating = mx.issubdtype(v.dtype, mx.floating) or key == "weight"  # a packed weight is uint32
-            out[unit.name(key)] = unit.dense(key, dtype) if floating else v
-        return out, None
-    bias = layer.get("bias")
-    if unit.adapted or not isinstance(layer, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
-        if unit.adapted and keep == "8bit":
-            params = {**params, "bits": 8, "mode": "affine"}
-        w = unit.dense("weight").astype(_scales_dtype(layer, dtype))
-        q = mx.quantize(w, group_size=params["group_size"], bits=params["bits"], mode=params["mode"])
-        arrays = {"weight": q[0], "scales": q[1]}
-        if len(q) > 2:
-            arrays["biases"] = q[2]
-    else:
-        arrays = {k: layer[k] for k in ("weight", "scales", "biases") if k in layer}
-    if bias is not None:
-        arrays["bias"] = bias
-    return {unit.name(k): v for k, v in arrays.items()}, params
-
-
-# ---------------------------------------------------------------------------
-# Writers
-# ---------------------------------------------------------------------------
-
-
-def _write_shards(out: Path, produce: Iterator[dict[str, mx.array]], metadata: dict) -> None:
-    """Save arrays as they come into shards of at most ``SHARD_BYTES`` (+ an index when several)."""
-    parts: list[tuple[Path, list[str]]] = []
-    pending: dict[str, mx.array] = {}
-    size = 0
-    total = 0
-
-    def flush():
-        nonlocal pending, size
-        if not pending:
-            return
-        part = out / f".shard-{len(parts):05d}.safetensors"
-        mx.save_safetensors(str(part), pending, metadata=metadata)
-        parts.append((part, sorted(pending)))
-        pending, size = {}, 0
-
-    for arrays in produce:
-        mx.eval(arrays)  # one layer at a time: its dense / fused copy dies at the next iteration
-        for k, v in arrays.items():
-            pending[k] = v
-            size += v.nbytes
-            total += v.nbytes
-        if size >= SHARD_BYTES:
-            flush()
-    flush()
-    n = len(parts)
-    weight_map = {}
-    for i, (part, names) in enumerate(parts):
-        final = out / ("model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors")
-        os.replace(part, final)
-        weight_map.update({k: final.name for k in names})
-    if n > 1:
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-
-
-def _clean_config(config: dict) -> dict:
-    drop = {"quantization", "quantization_config", "_name_or_path"}
-    return {k: v for k, v in config.items() if k not in drop}
-
-
-def _token_ids(config: dict, tokenizer) -> dict:
-    """bos / eos ids for config.json: the source's, else the tokenizer's (all end-of-turn ids)."""
-    hf = getattr(tokenizer, "_tokenizer", tokenizer)
-    out = {}
-    if config.get("bos_token_id") is None and getattr(hf, "bos_token_id", None) is not None:
-        out["bos_token_id"] = hf.bos_token_id
-    eos = sorted(getattr(tokenizer, "eos_token_ids", None) or [])
-    if config.get("eos_token_id") is None and eos:
-        out["eos_token_id"] = eos[0] if len(eos) == 1 else eos
-    return out
-
-
-def _save_tokenizer(tokenizer, out: Path) -> None:
-    hf = getattr(tokenizer, "_tokenizer", tokenizer)
-    hf.save_pretrained(str(out))
-
-
-def write_safetensors_folder(model, tokenizer, config: dict, out: Path, fmt: str, dense: bool, dtype: str,
-                             keep: str | None) -> dict:
-    """An MLX or Hugging Face folder; returns the config written."""
-    mx_dtype = DTYPES[dtype]
-    entries: dict[str, dict] = {}
-
-    def produce():
-        for unit in units(model):
-            arrays, params = mlx_arrays(unit, dense, mx_dtype, keep)
-            if params is not None:
-                entries[unit.path] = params
-            yield arrays
-
-    _write_shards(out, produce(), {"format": "mlx" if fmt == "mlx" else "pt"})
-    cfg = {**_clean_config(config), **_token_ids(config, tokenizer)}
-    if entries:
-        common = Counter(json.dumps(p, sort_keys=True) for p in entries.values()).most_common(1)[0][0]
-        default = json.loads(common)
-        qcfg: dict[str, Any] = dict(default)
-        for path, p in sorted(entries.items()):
-            if p != default:  # per-layer entries, read by mlx_lm.load's class_predicate
-                qcfg[path] = p
-        cfg["quantization"] = qcfg
-        cfg["quantization_config"] = qcfg  # mlx-lm writes both
-    if fmt == "hf":
-        cfg.setdefault("architectures", [HF_ARCHITECTURES.get(cfg.get("model_type"), "AutoModelForCausalLM")])
-        cfg["torch_dtype"] = dtype
-    (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    _save_tokenizer(tokenizer, out)
-    return cfg
-
-
-def gguf_tensors(model: nn.Module, gguf_type: str, keep: str | None):
-    """The model's tensors for ``gguf_export.write_gguf``: adapted ones at Q8_0 / F16 when kept."""
-    from mlx_tune.export.gguf import GGUFTensor
-
-    keep_type = {"8bit": "q8_0", "dense": "f16"}.get(keep or "")
-    out = []
-    for unit in units(model):
-        for key in unit.keys():
-            shape = unit.shape(key)
-            qtype = "f32" if len(shape) == 1 else (keep_type if unit.adapted and keep_type else gguf_type)
-            out.append(GGUFTensor(unit.name(key), shape, qtype,
-                                  lambda u=unit, k=key: (_numpy(c) for c in u.dense_chunks(k))))
-    return out
-
-
-def _numpy(a: mx.array):
-    import numpy as np
-
-    return np.array(a.astype(mx.float32), copy=True)
-
-
-def _gguf_source(info) -> Path | None:
-    return Path(info.path) if getattr(info, "kind", None) == "gguf" else None
-
-
 def write_output(model, tokenizer, info, out: Path, opts: FuseOptions, keep: str | None) -> Path:
     """Write one output into folder ``out``; returns the path our loader reads it from."""
     out.mkdir(parents=True, exist_ok=True)
     if opts.format == "gguf":
-        from mlx_tune.export.gguf import write_gguf
-
-        path = out / f"model-{opts.gguf_type}.gguf"
-        name = Path(str(info.source)).stem if info is not None else None
-        write_gguf(path, info.config, gguf_tensors(model, opts.gguf_type, keep), opts.gguf_type,
-                   getattr(tokenizer, "_tokenizer", tokenizer), source_gguf=_gguf_source(info), name=name)
-        return path
+        return write_gguf_file(model, tokenizer, info, out, opts.gguf_type, keep)
     dense = opts.format == "hf" or opts.dequantize
     write_safetensors_folder(model, tokenizer, info.config, out, opts.format, dense, opts.dtype, keep)
     return out
@@ -389,15 +96,13 @@ def check_before_writing(model: nn.Module, info, opts: FuseOptions) -> None:
     if not any(u.adapted for u in units(model)):
         raise UserError("the model holds no active adapter to fuse")
     if opts.format == "gguf":
-        from mlx_tune.export.gguf import check_exportable
-
         check_exportable(info.config, [(u.name(k), u.shape(k)) for u in units(model) for k in u.keys()], opts.gguf_type)
     elif opts.dtype not in DTYPES:
         raise UserError(f"fuse.dtype: {opts.dtype!r} is not supported; use {', '.join(DTYPES)}")
 
 
 # ---------------------------------------------------------------------------
-# Atomic output folders
+# The output folder
 # ---------------------------------------------------------------------------
 
 
@@ -416,22 +121,12 @@ def check_target(target: Path, force: bool, adapter_dir: Path | None = None) -> 
 
 
 def _temp_dir(target: Path) -> Path:
+    """A fresh temporary folder beside ``target`` (``mlx_tune.atomic.temp_dir_beside``)."""
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"{target.parent}: cannot create the output's parent folder ({exc.strerror})") from None
-    return target.parent / f".{target.name}.tmp-{os.getpid()}"
-
-
-def _commit(tmp: Path, target: Path) -> None:
-    """Rename ``tmp`` to ``target``; an old ``target`` (force) is moved aside first, then removed."""
-    old = None
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{os.getpid()}"
-        os.replace(target, old)
-    os.replace(tmp, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    return temp_dir_beside(target)
 
 
 def _folder_bytes(path: Path) -> int:
@@ -466,7 +161,7 @@ def _storage_name(opts: FuseOptions, keep: str | None, model) -> str:
         return {"8bit": "q8_0", "dense": "f16"}.get(keep or "", opts.gguf_type)
     if opts.format == "hf" or opts.dequantize or keep == "dense":
         return f"dense {opts.dtype}"
-    bits = sorted({p["bits"] for u in units(model) if u.adapted and (p := _affine_params(u.layer))})
+    bits = sorted({p["bits"] for u in units(model) if u.adapted and (p := affine_params(u.layer))})
     if keep == "8bit":
         return "affine 8-bit"
     return f"affine {'/'.join(map(str, bits))}-bit (re-quantized like the base)" if bits else f"dense {opts.dtype}"
@@ -511,7 +206,7 @@ def export(model: nn.Module, tokenizer, info, target: str | Path, opts: FuseOpti
 
     ladder = (None,) + (KEEP_LADDER[opts.keep_adapted] if quantized_output(model, opts) else ())
     already_8bit = (opts.gguf_type == "q8_0" if opts.format == "gguf"
-                    else all((_affine_params(u.layer) or {}).get("bits") == 8 for u in units(model) if u.adapted))
+                    else all((affine_params(u.layer) or {}).get("bits") == 8 for u in units(model) if u.adapted))
     if already_8bit:  # an 8-bit retry would write the same thing again
         ladder = tuple(k for k in ladder if k != "8bit")
     tmp = _temp_dir(target)
@@ -576,8 +271,8 @@ def export(model: nn.Module, tokenizer, info, target: str | Path, opts: FuseOpti
             "peak_memory_gb": round(max(peak, mx.get_peak_memory()) / 2**30, 4),
             "options": {k: getattr(opts, k) for k in FuseOptions.__dataclass_fields__},
         }
-        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
-        _commit(tmp, target)
+        write_text_atomic(tmp / REPORT_FILE, json.dumps(report, indent=2) + "\n")
+        commit_dir(tmp, target)  # an old target (force) is moved aside first, then removed
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -617,12 +312,10 @@ def format_report(report: dict) -> str:
 
 def adapter_folder(cfg) -> Path:
     """The trained adapter of ``cfg.output_dir``; a one-line UserError when it is not there."""
-    from mlx_tune.adapters.manager import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-
     folder = Path(cfg.output_dir)
     if (folder / ADAPTER_WEIGHTS).is_file() and (folder / ADAPTER_CONFIG).is_file():
         return folder
-    if (folder / "adapter_model.safetensors").is_file():  # a PEFT folder
+    if (folder / PEFT_WEIGHTS).is_file():  # a PEFT folder
         return folder
     missing = folder / (ADAPTER_WEIGHTS if not (folder / ADAPTER_WEIGHTS).is_file() else ADAPTER_CONFIG)
     raise UserError(f"{missing}: adapter file not found; train first (./train_by_mlx.sh CONFIG.yaml) "
@@ -631,8 +324,6 @@ def adapter_folder(cfg) -> Path:
 
 def check_fingerprint(model: nn.Module, folder: Path, cfg_model: str) -> None:
     """One-line error when the adapter was made for another base than ``model``."""
-    from mlx_tune.adapters.manager import ADAPTER_CONFIG, fingerprint
-
     path = folder / ADAPTER_CONFIG
     try:
         want = json.loads(path.read_text(encoding="utf-8")).get("base_fingerprint")
@@ -646,7 +337,6 @@ def check_fingerprint(model: nn.Module, folder: Path, cfg_model: str) -> None:
 
 def run_fuse(cfg, opts: FuseOptions, out: str | Path | None = None, log: Callable[[str], None] = print) -> FuseResult:
     """Load ``cfg.model`` + the adapter in ``cfg.output_dir``, fuse, check and write the output."""
-    from mlx_tune.adapters.manager import load_adapter
     from mlx_tune.model.loading import load_model
 
     mx.reset_peak_memory()

@@ -20,7 +20,9 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlx_tune.adapters.manager import AdapterManager, read_adapter, wrappers
+from mlx_tune.adapters.inject import wrappers
+from mlx_tune.adapters.manager import AdapterManager
+from mlx_tune.adapters.peft import read_adapter
 from mlx_tune.errors import UserError
 from mlx_tune.server.errors import ApiError, not_found
 from mlx_tune.server.mixing import ROUTE, install, mixable
