@@ -104,6 +104,9 @@ def run(args: argparse.Namespace) -> int:
     from mlx_tune.model.loading import load_model
     from mlx_tune.training import checkpoint
     from mlx_tune.training import loop as trainer
+    from mlx_tune.training.callbacks import MetricsLog, Progress, plot_losses
+    from mlx_tune.training.optim import build_optimizer
+    from mlx_tune.training.recompute import grad_checkpoint
 
     tc = cfg.train
     group, rank, world = _world()
@@ -120,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
     _say(rank, summary)
     loss_fn = batch_loss
     if tc.grad_checkpoint:
-        trainer.grad_checkpoint(model)
+        grad_checkpoint(model)
 
     splits = batching.load_splits(cfg.data, tokenizer, max_seq_length=tc.max_seq_length,
                                   mask_prompt=tc.mask_prompt, truncation=tc.truncation)
@@ -136,9 +139,9 @@ def run(args: argparse.Namespace) -> int:
         return lambda: batching.stream_for(splits[name], local, train=False, rank=rank, world_size=world, pad_id=pad_id)
 
     iters = tc.iters or max(1, math.ceil(tc.epochs * len(stream) / tc.grad_accumulation))
-    optimizer = trainer.build_optimizer(tc, iters)
+    optimizer = build_optimizer(tc, iters)
 
-    metrics = trainer.MetricsLog(out / "metrics.jsonl") if rank == 0 else None
+    metrics = MetricsLog(out / "metrics.jsonl") if rank == 0 else None
     loop_state = trainer.LoopState()
     resumed_from = checkpoint.latest_checkpoint(ckpt_dir) if tc.resume else None
     if resumed_from is not None:
@@ -161,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
 
     ckpt = checkpoint.CheckpointCallback(ckpt_dir, model, optimizer, tc.save_every, tc.keep_checkpoints,
                                          extra_state, rank=rank)
-    callbacks = [c for c in (metrics, trainer.Progress(iters, loop_state.step, enabled=rank == 0), ckpt) if c is not None]
+    callbacks = [c for c in (metrics, Progress(iters, loop_state.step, enabled=rank == 0), ckpt) if c is not None]
     settings = trainer.LoopSettings(
         iters=iters, grad_accumulation=tc.grad_accumulation, grad_clip=tc.grad_clip,
         steps_per_report=tc.steps_per_report, steps_per_eval=tc.steps_per_eval, val_batches=tc.val_batches,
@@ -190,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
         if metrics is not None:
             metrics.write({"step": state.step, "test_loss": loss, "test_perplexity": ppl, "test_tokens": n})
     if rank == 0:
-        plot = trainer.plot_losses(out / "metrics.jsonl", out / "loss.png")
+        plot = plot_losses(out / "metrics.jsonl", out / "loss.png")
         val = f", validation loss {state.val_loss:.4f}" if state.val_loss is not None else ""
         _say(rank, f"done: {state.step} steps in {elapsed:.1f}s, last loss {state.last_loss:.4f}{val}; "
                    f"adapter in {out}" + (f", plot {plot}" if plot else " (no matplotlib: loss.png skipped)"))

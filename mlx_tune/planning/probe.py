@@ -4,7 +4,7 @@
 backward, AdamW update) on random tokens and reports MLX's peak memory
 (``mx.get_peak_memory()`` after ``mx.reset_peak_memory()``), the process's peak RSS
 (``ru_maxrss``) and the time per step. The step is the real one (``trainer.Step`` over ``losses.loss_fn``, with
-``trainer.grad_checkpoint`` when asked), the one ``memory.plan`` models.
+``recompute.grad_checkpoint`` when asked), the one ``memory.plan`` models.
 """
 
 from __future__ import annotations
@@ -28,16 +28,16 @@ def rss_peak_bytes() -> int:
 
 @contextlib.contextmanager
 def checkpointed_blocks(model: nn.Module, enabled: bool = True):
-    """``trainer.grad_checkpoint`` while the context is open (the block classes are restored
+    """``recompute.grad_checkpoint`` while the context is open (the block classes are restored
     on exit, so other measurements in the same process are unaffected)."""
     if not enabled:
         yield
         return
-    from mlx_tune.training import loop as trainer
+    from mlx_tune.training.recompute import grad_checkpoint
 
     blocks = list(model.layers)
     classes = [type(b) for b in blocks]
-    trainer.grad_checkpoint(model)
+    grad_checkpoint(model)
     try:
         yield
     finally:
