@@ -52,12 +52,12 @@ def _measure_here(grad_checkpoint: bool, seq_len: int) -> int:
     import mlx.optimizers as optim
 
     from mlx_tune.adapters import manager as adapters
-    from mlx_tune.cli.train import batch_loss
     from mlx_tune.config import LoraConfig, QuantizeConfig
     from mlx_tune.model.quant import quantize_model
     from mlx_tune.testing.tiny import tiny_model
     from mlx_tune.training import loop as trainer
     from mlx_tune.training import recompute
+    from mlx_tune.training.losses import batch_loss
 
     model = tiny_model("llama", **MEDIUM)
     quantize_model(model, QuantizeConfig(bits=4, group_size=64))

@@ -227,8 +227,8 @@ def test_grad_checkpoint_with_dropout_recomputes_the_same_masks(monkeypatch):
 
 
 def test_eval_loss_equals_the_training_loss_and_follows_the_weights():
-    from mlx_tune.cli.train import batch_loss, eval_loss
     from mlx_tune.data.batching import Batch
+    from mlx_tune.training.losses import batch_loss, eval_loss
 
     model = adapted()
     t = mx.array(rows(2, 33))

@@ -74,8 +74,8 @@ def measure_steps(model: nn.Module, batch_size: int, seq_len: int, *, grad_check
     peak is taken over the last step: the first also builds the optimizer state and
     traces the graph, so with ``steps >= 2`` the last one shows what a long run holds.
     """
-    from mlx_tune.cli.train import batch_loss
     from mlx_tune.training.loop import Step
+    from mlx_tune.training.losses import batch_loss
 
     vocab = model.args.vocab_size if hasattr(model, "args") else model.model.embed_tokens.weight.shape[0]
     mx.random.seed(seed)

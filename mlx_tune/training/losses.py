@@ -330,6 +330,23 @@ def loss_fn(model, inputs: mx.array, targets: mx.array, loss_mask: mx.array,
     return total / mx.maximum(n, 1.0), n
 
 
+def batch_loss(model, batch):
+    """``loss_fn`` (packing-aware attention, chunked cross-entropy) over a batch's arrays:
+    the training loss of ``mlx-tune train`` (``loop.train``'s ``loss_fn`` signature)."""
+    return loss_fn(model, batch.inputs, batch.targets, batch.loss_mask, batch.segment_ids, batch.positions)
+
+
+def eval_loss(model, batch):
+    """Forward-only loss for validation / test: the same value as ``batch_loss``, without the
+    gradient that ``loss_fn`` computes in its forward pass (frozen head: a second
+    vocabulary-sized matmul per token, wasted when nothing is trained)."""
+    h = hidden_states(model, batch.inputs, batch.segment_ids, batch.positions)
+    mask = batch.loss_mask.astype(mx.float32)
+    total = masked_ce_value(model, h, batch.targets, mask)
+    n = mask.sum()
+    return total / mx.maximum(n, 1.0), n
+
+
 def full_loss_reference(model, inputs, targets, loss_mask, segment_ids=None, positions=None):
     """The plain computation (whole float32 logits, autodiff): what ``loss_fn`` must equal."""
     from mlx_tune.model.attention import forward
