@@ -27,7 +27,7 @@ def medium_model():
 
     from mlx_tune.adapters.manager import inject
     from mlx_tune.config import LoraConfig, QuantizeConfig
-    from mlx_tune.model.quant import quantize_model
+    from mlx_tune.model.quantize import quantize_model
     from mlx_tune.testing.tiny import tiny_model
 
     model = tiny_model("llama", **MEDIUM)
@@ -53,7 +53,7 @@ def _measure_here(grad_checkpoint: bool, seq_len: int) -> int:
 
     from mlx_tune.adapters import manager as adapters
     from mlx_tune.config import LoraConfig, QuantizeConfig
-    from mlx_tune.model.quant import quantize_model
+    from mlx_tune.model.quantize import quantize_model
     from mlx_tune.testing.tiny import tiny_model
     from mlx_tune.training import loop as trainer
     from mlx_tune.training import recompute

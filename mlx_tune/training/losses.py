@@ -100,7 +100,8 @@ def head_ops(model) -> HeadOps:
 def _row_dequantizer(module) -> Callable | None:
     """``rows(index) -> fp32 W[index]`` for a quantized head whose storage slices by rows
     (affine, NF4 without double quantization), else None."""
-    from mlx_tune.model.quant import affine_dequantize, nf4_dequantize
+    from mlx_tune.model.nf4 import nf4_dequantize
+    from mlx_tune.model.quant import affine_dequantize
 
     if "bias" in module:
         return None
