@@ -3,8 +3,8 @@
 ``measure_steps(model, batch_size, seq_len, ...)`` runs full optimizer steps (forward,
 backward, AdamW update) on random tokens and reports MLX's peak memory
 (``mx.get_peak_memory()`` after ``mx.reset_peak_memory()``), the process's peak RSS
-(``ru_maxrss``) and the time per step. The step is the real one (``trainer.Step`` over ``losses.loss_fn``, with
-``recompute.grad_checkpoint`` when asked), the one ``memory.plan`` models.
+(``ru_maxrss``) and the time per step. The step is the real one (``loop.Step`` over ``losses.batch_loss``, with
+``recompute.grad_checkpoint`` when asked), the one ``planner.plan`` models.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def rss_peak_bytes() -> int:
 
 
 @contextlib.contextmanager
-def checkpointed_blocks(model: nn.Module, enabled: bool = True):
+def recomputed_blocks(model: nn.Module, enabled: bool = True):
     """``recompute.grad_checkpoint`` while the context is open (the block classes are restored
     on exit, so other measurements in the same process are unaffected)."""
     if not enabled:
@@ -69,7 +69,7 @@ def measure_steps(model: nn.Module, batch_size: int, seq_len: int, *, grad_check
                   steps: int = 2, seed: int = 0, learning_rate: float = 1e-5) -> StepMeasure:
     """Run ``steps`` AdamW steps of the real training step on random tokens.
 
-    The step is ``trainer.Step`` with the loss ``mlx-tune train`` uses (packing-aware
+    The step is ``loop.Step`` with the loss ``mlx-tune train`` uses (packing-aware
     attention, the chunked or vocabulary-tiled cross-entropy), compiled as there. The
     peak is taken over the last step: the first also builds the optimizer state and
     traces the graph, so with ``steps >= 2`` the last one shows what a long run holds.
@@ -84,7 +84,7 @@ def measure_steps(model: nn.Module, batch_size: int, seq_len: int, *, grad_check
     mx.eval(arrays)
     model.train()
     out = StepMeasure(batch_size, seq_len, grad_checkpoint, 0, 0, 0)
-    with checkpointed_blocks(model, grad_checkpoint):
+    with recomputed_blocks(model, grad_checkpoint):
         step = Step(model, optim.AdamW(learning_rate=learning_rate), batch_loss)
         for _ in range(steps):
             mx.eval(step.state)

@@ -249,7 +249,7 @@ def _fused_fn(ops: HeadOps, chunk: int):
     return ce
 
 
-def _checkpointed_ce(model, h, targets, mask, chunk: int):
+def _recomputed_ce(model, h, targets, mask, chunk: int):
     """Sum of masked CE by autodiff, each chunk under mx.checkpoint (trainable head)."""
     module, head = _head_module(model), lm_head(model)
 
@@ -278,7 +278,7 @@ def masked_ce_sum(model, h: mx.array, targets: mx.array, mask: mx.array, chunk: 
     if chunk is None:
         chunk = chunk_size_for(_vocab_size(model))
     if head_is_trainable(model):
-        return _checkpointed_ce(model, h, targets, mask, chunk)
+        return _recomputed_ce(model, h, targets, mask, chunk)
     tiled = _tiled_head(model)
     if tiled is not None:
         rows, vocab, hidden = tiled
