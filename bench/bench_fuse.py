@@ -100,6 +100,7 @@ def main() -> int:
     from mlx_tune.export.fuse import FuseOptions, export, format_report
     from mlx_tune.model import quant
     from mlx_tune.model.loading import load_model
+    from mlx_tune.model.quantize import storage_report
 
     model, tok, info = load_model(MODEL)
     quant.prepare_for_backend(model)
@@ -114,7 +115,7 @@ def main() -> int:
         t0 = time.perf_counter()
         final_loss = train(model, tok, args.steps)
         trained = f"{args.steps} AdamW steps, loss {final_loss:.3f}, {time.perf_counter() - t0:.0f}s"
-    storage = quant.storage_report(model)
+    storage = storage_report(model)
     base_gb = storage["bytes"] / 2**30
     dense_fp16_gb = storage["params"] * 2 / 2**30
 

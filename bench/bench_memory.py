@@ -107,7 +107,7 @@ def _load_point_model(point: dict):
 
     from mlx_tune.config import QuantizeConfig
     from mlx_tune.model.known_configs import KNOWN_CONFIGS
-    from mlx_tune.model.quant import quantize_model
+    from mlx_tune.model.quantize import quantize_model
 
     kind = point["model"]
     if kind in ("tiny", "medium"):

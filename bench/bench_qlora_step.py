@@ -51,7 +51,7 @@ import mlx.optimizers as optim  # noqa: E402
 from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
 
 from mlx_tune.config import QuantizeConfig  # noqa: E402
-from mlx_tune.model.quant import LINEAR_TYPES, input_dims, quantize_model  # noqa: E402
+from mlx_tune.model.quantize import LINEAR_TYPES, input_dims, quantize_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 GGUF = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"

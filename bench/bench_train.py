@@ -97,12 +97,12 @@ def side_mlx_tune(rows: dict, steps: int) -> dict:
     import mlx.optimizers as optim
 
     from mlx_tune import adapters
-    from mlx_tune.cli.train import batch_loss
     from mlx_tune.config import LoraConfig
     from mlx_tune.data.batching import Batch
     from mlx_tune.model import quant
     from mlx_tune.model.loading import load_model
     from mlx_tune.training import loop as trainer
+    from mlx_tune.training.losses import batch_loss
 
     model, _, _ = load_model(MODEL)
     quant.prepare_for_backend(model)

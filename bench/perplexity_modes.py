@@ -35,7 +35,7 @@ import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 
 from mlx_tune.config import QuantizeConfig  # noqa: E402
-from mlx_tune.model.quant import model_bits_per_parameter, quantize_model  # noqa: E402
+from mlx_tune.model.quantize import model_bits_per_parameter, quantize_model  # noqa: E402
 
 GGUF = Path(__file__).resolve().parents[1] / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 

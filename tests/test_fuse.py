@@ -197,10 +197,10 @@ def test_dora_and_qwen2_biases_untied_head_round_trip(tmp_path):
 
 def test_nf4_base_is_written_as_affine_4bit_for_mlx(tmp_path):
     """MLX folders cannot hold NF4: an NF4 base comes out affine 4-bit (block size as group size)."""
-    from mlx_tune.model import quant
+    from mlx_tune.model.quantize import quantize_model
 
     model = tiny_model("llama")
-    quant.quantize_model(model, QuantizeConfig(mode="nf4", group_size=64))
+    quantize_model(model, QuantizeConfig(mode="nf4", group_size=64))
     inject(model, LORA)
     randomize_adapter(model)
     info = ModelInfo(source="tiny-nf4", kind="folder", path="", config=tiny_config("llama"),

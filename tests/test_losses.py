@@ -81,7 +81,8 @@ def test_vocabulary_tiled_ce_on_a_big_quantized_head(monkeypatch, mode):
     (online softmax): value and gradient equal the plain CE, with a ragged last tile and
     several token passes."""
     from mlx_tune.config import QuantizeConfig
-    from mlx_tune.model.quant import prepare_for_backend, quantize_model
+    from mlx_tune.model.quant import prepare_for_backend
+    from mlx_tune.model.quantize import quantize_model
 
     model = tiny_model("llama", seed=6, tie_word_embeddings=(mode == "tied"))
     assert (getattr(model, "lm_head", None) is None) == (mode == "tied")

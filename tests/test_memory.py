@@ -28,7 +28,7 @@ def medium_model():
 
     from mlx_tune.adapters import inject
     from mlx_tune.config import LoraConfig, QuantizeConfig
-    from mlx_tune.model.quant import quantize_model
+    from mlx_tune.model.quantize import quantize_model
     from mlx_tune.testing.tiny import tiny_model
 
     model = tiny_model("llama", **MEDIUM)
@@ -53,17 +53,18 @@ def _measure_here(grad_checkpoint: bool, seq_len: int) -> int:
     import mlx.optimizers as optim
 
     from mlx_tune import adapters
-    from mlx_tune.cli.train import batch_loss
     from mlx_tune.config import LoraConfig, QuantizeConfig
-    from mlx_tune.model.quant import quantize_model
+    from mlx_tune.model.quantize import quantize_model
     from mlx_tune.testing.tiny import tiny_model
     from mlx_tune.training import loop as trainer
+    from mlx_tune.training import recompute
+    from mlx_tune.training.losses import batch_loss
 
     model = tiny_model("llama", **MEDIUM)
     quantize_model(model, QuantizeConfig(bits=4, group_size=64))
     adapters.inject(model, LoraConfig(rank=16))
     if grad_checkpoint:
-        trainer.grad_checkpoint(model)
+        recompute.grad_checkpoint(model)
     mx.eval(model.parameters())
     step = trainer.Step(model, optim.AdamW(1e-4), batch_loss)
     ids = mx.random.randint(0, MEDIUM["vocab_size"], (1, seq_len + 1))

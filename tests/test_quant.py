@@ -12,26 +12,27 @@ from mlx_lm.tuner.trainer import grad_checkpoint
 
 from mlx_tune.config import QuantizeConfig
 from mlx_tune.errors import ConfigError, UserError
-from mlx_tune.model.quant import (
+from mlx_tune.model.nf4 import (
     NF4_CODES,
-    CPUQuantizedEmbedding,
-    CPUQuantizedLinear,
     NF4Linear,
-    affine_dequantize,
-    check_affine,
-    dense_weight,
     double_dequantize,
     double_quantize,
-    model_bits_per_parameter,
     nf4_codes,
     nf4_dequantize,
     nf4_quantize,
     pack_nibbles,
-    prepare_for_backend,
-    quantize_model,
-    requantize_like,
     unpack_nibbles,
 )
+from mlx_tune.model.quant import (
+    CPUQuantizedEmbedding,
+    CPUQuantizedLinear,
+    affine_dequantize,
+    check_affine,
+    dense_weight,
+    prepare_for_backend,
+    requantize_like,
+)
+from mlx_tune.model.quantize import model_bits_per_parameter, quantize_model
 from mlx_tune.testing.tiny import tiny_model
 
 SMOLLM = Path(__file__).resolve().parents[1] / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"

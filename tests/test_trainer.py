@@ -16,6 +16,10 @@ from mlx_tune import adapters
 from mlx_tune.config import LoraConfig, TrainConfig
 from mlx_tune.testing.tiny import tiny_model
 from mlx_tune.training import loop as trainer
+from mlx_tune.training import recompute as recompute_blocks
+from mlx_tune.training.callbacks import MetricsLog
+from mlx_tune.training.optim import OPTIMIZERS, build_optimizer, build_schedule
+from mlx_tune.training.recompute import grad_checkpoint
 
 
 def masked_ce(model, batch):
@@ -76,9 +80,9 @@ def mx_sgd(lr):
 
 def test_schedules_warmup_then_decay():
     peak, total, warm = 1e-3, 20, 5
-    cos = trainer.build_schedule("cosine", peak, total, warm)
-    lin = trainer.build_schedule("linear", peak, total, warm)
-    const = trainer.build_schedule("constant", peak, total, warm)
+    cos = build_schedule("cosine", peak, total, warm)
+    lin = build_schedule("linear", peak, total, warm)
+    const = build_schedule("constant", peak, total, warm)
     for sched in (cos, lin, const):
         ramp = [float(sched(mx.array(s))) for s in range(warm + 1)]
         assert ramp[0] > 0 and all(b > a for a, b in zip(ramp, ramp[1:])), ramp
@@ -86,17 +90,17 @@ def test_schedules_warmup_then_decay():
     assert float(cos(mx.array(warm + 7))) == pytest.approx(peak * 0.5 * (1 + math.cos(math.pi * 7 / 15)), rel=1e-5)
     assert float(lin(mx.array(warm + 6))) == pytest.approx(peak * (1 - 6 / 15), rel=1e-5)
     assert float(const(mx.array(total))) == pytest.approx(peak)
-    assert trainer.build_schedule("constant", peak, total, 0) == peak
+    assert build_schedule("constant", peak, total, 0) == peak
     with pytest.raises(Exception, match="lr_schedule"):
-        trainer.build_schedule("exp", peak, total, 0)
+        build_schedule("exp", peak, total, 0)
 
 
-@pytest.mark.parametrize("name", sorted(trainer.OPTIMIZERS))
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_every_optimizer_trains(name):
     model = adapted()
     before = weights(model)
     cfg = TrainConfig(iters=3, optimizer=name, learning_rate=1e-2, warmup_steps=1)
-    opt = trainer.build_optimizer(cfg, 3)
+    opt = build_optimizer(cfg, 3)
     data = [make_batch(rows(2, seed=s)) for s in range(3)]
     state = trainer.train(model, opt, iter(data), masked_ce, trainer.LoopSettings(iters=3, eval_at_start=False))
     assert state.step == 3 and math.isfinite(state.last_loss)
@@ -170,7 +174,7 @@ def test_a_finite_stream_ends_the_run_cleanly():
 
 
 def test_metrics_rows_and_eval(tmp_path):
-    log = trainer.MetricsLog(tmp_path / "metrics.jsonl")
+    log = MetricsLog(tmp_path / "metrics.jsonl")
     data = [make_batch(rows(2, seed=s)) for s in range(6)]
     val = [make_batch(rows(2, seed=100))]
     settings = trainer.LoopSettings(iters=6, steps_per_report=2, steps_per_eval=3)
@@ -192,7 +196,7 @@ def test_metrics_rows_and_eval(tmp_path):
 def test_grad_checkpoint_gives_the_same_training():
     data = [make_batch(rows(2, seed=s)) for s in range(3)]
     plain, ckpt = adapted(), adapted()
-    assert trainer.grad_checkpoint(ckpt) == 2
+    assert grad_checkpoint(ckpt) == 2
     a = run(plain, data, 3)
     b = run(ckpt, data, 3)
     assert a.last_loss == pytest.approx(b.last_loss, rel=1e-5)
@@ -207,9 +211,9 @@ def test_grad_checkpoint_with_dropout_recomputes_the_same_masks(monkeypatch):
     batch = make_batch(rows(2))
 
     def grads(recompute):
-        monkeypatch.setattr(trainer, "RECOMPUTE", recompute)
+        monkeypatch.setattr(recompute_blocks, "RECOMPUTE", recompute)
         model = adapted(dropout=0.5)
-        trainer.grad_checkpoint(model)
+        grad_checkpoint(model)
         mx.random.seed(5)
         (loss, _), g = nn.value_and_grad(model, masked_ce)(model, batch)
         return loss.item(), {k: np.array(v) for k, v in tree_flatten(g)}
@@ -223,8 +227,8 @@ def test_grad_checkpoint_with_dropout_recomputes_the_same_masks(monkeypatch):
 
 
 def test_eval_loss_equals_the_training_loss_and_follows_the_weights():
-    from mlx_tune.cli.train import batch_loss, eval_loss
     from mlx_tune.data.batching import Batch
+    from mlx_tune.training.losses import batch_loss, eval_loss
 
     model = adapted()
     t = mx.array(rows(2, 33))

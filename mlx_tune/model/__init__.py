@@ -1,6 +1,7 @@
 """Model: a source (hub id, folder, ``.gguf``) in, an MLX model out.
 
-Owns loading (``loading``), GGUF reading (``gguf``), quantized storage and matmul
-(``quant``), the attention and head paths (``attention``) and published configs
+Owns loading (``loading``), GGUF reading (``gguf``), affine storage, the quantized
+matmul and the frozen-layer protocol (``quant``), NF4 storage (``nf4``), whole-model
+quantization (``quantize``), the attention and head paths (``attention``) and published configs
 (``known_configs``). May import ``runtime``, ``config`` and ``errors``.
 """

@@ -274,9 +274,9 @@ def _quantize(model: nn.Module, qcfg: QuantizeConfig, info: ModelInfo) -> None:
         info.notes.append(f"re-quantized from {have} to {qcfg.mode} {qcfg.bits}-bit g{qcfg.group_size}")
         _dequantize_model(model)
     if qcfg.mode == "nf4":
-        from mlx_tune.model import quant
+        from mlx_tune.model.quantize import quantize_model
 
-        quant.quantize_model(model, qcfg)
+        quantize_model(model, qcfg)
     else:
         blocks = list(getattr(getattr(model, "model", model), "layers", []))
         for block in blocks:

@@ -3,8 +3,8 @@
 ``measure_steps(model, batch_size, seq_len, ...)`` runs full optimizer steps (forward,
 backward, AdamW update) on random tokens and reports MLX's peak memory
 (``mx.get_peak_memory()`` after ``mx.reset_peak_memory()``), the process's peak RSS
-(``ru_maxrss``) and the time per step. The step is the real one (``trainer.Step`` over ``losses.loss_fn``, with
-``trainer.grad_checkpoint`` when asked), the one ``memory.plan`` models.
+(``ru_maxrss``) and the time per step. The step is the real one (``loop.Step`` over ``losses.batch_loss``, with
+``recompute.grad_checkpoint`` when asked), the one ``planner.plan`` models.
 """
 
 from __future__ import annotations
@@ -27,17 +27,17 @@ def rss_peak_bytes() -> int:
 
 
 @contextlib.contextmanager
-def checkpointed_blocks(model: nn.Module, enabled: bool = True):
-    """``trainer.grad_checkpoint`` while the context is open (the block classes are restored
+def recomputed_blocks(model: nn.Module, enabled: bool = True):
+    """``recompute.grad_checkpoint`` while the context is open (the block classes are restored
     on exit, so other measurements in the same process are unaffected)."""
     if not enabled:
         yield
         return
-    from mlx_tune.training import loop as trainer
+    from mlx_tune.training.recompute import grad_checkpoint
 
     blocks = list(model.layers)
     classes = [type(b) for b in blocks]
-    trainer.grad_checkpoint(model)
+    grad_checkpoint(model)
     try:
         yield
     finally:
@@ -69,13 +69,13 @@ def measure_steps(model: nn.Module, batch_size: int, seq_len: int, *, grad_check
                   steps: int = 2, seed: int = 0, learning_rate: float = 1e-5) -> StepMeasure:
     """Run ``steps`` AdamW steps of the real training step on random tokens.
 
-    The step is ``trainer.Step`` with the loss ``mlx-tune train`` uses (packing-aware
+    The step is ``loop.Step`` with the loss ``mlx-tune train`` uses (packing-aware
     attention, the chunked or vocabulary-tiled cross-entropy), compiled as there. The
     peak is taken over the last step: the first also builds the optimizer state and
     traces the graph, so with ``steps >= 2`` the last one shows what a long run holds.
     """
-    from mlx_tune.cli.train import batch_loss
     from mlx_tune.training.loop import Step
+    from mlx_tune.training.losses import batch_loss
 
     vocab = model.args.vocab_size if hasattr(model, "args") else model.model.embed_tokens.weight.shape[0]
     mx.random.seed(seed)
@@ -84,7 +84,7 @@ def measure_steps(model: nn.Module, batch_size: int, seq_len: int, *, grad_check
     mx.eval(arrays)
     model.train()
     out = StepMeasure(batch_size, seq_len, grad_checkpoint, 0, 0, 0)
-    with checkpointed_blocks(model, grad_checkpoint):
+    with recomputed_blocks(model, grad_checkpoint):
         step = Step(model, optim.AdamW(learning_rate=learning_rate), batch_loss)
         for _ in range(steps):
             mx.eval(step.state)

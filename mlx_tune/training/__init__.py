@@ -3,4 +3,8 @@
 Owns the losses, the loop, recompute (gradient checkpointing), callbacks (metrics,
 progress, plot), checkpoints and the library entry point. May import ``data``,
 ``model``, ``adapters``, ``runtime``, ``config``, ``atomic`` and ``errors``.
+
+The entry point is ``training.run.run_train(cfg)``; it is not re-exported here, so that
+importing a light module such as ``training.loss_shapes`` (the planner does) does not
+load the model, data and adapter stages.
 """

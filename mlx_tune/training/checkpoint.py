@@ -8,14 +8,15 @@ A checkpoint is a folder ``checkpoints/step_000123/`` holding
     COMPLETE                a manifest (file names, sizes), written last
 
 It is written into a hidden temporary folder, every file fsynced, then renamed into
-place (rename is atomic on one file system) and the parent fsynced. Only folders named
+place (rename is atomic on one file system) and the parent fsynced (``mlx_tune.atomic``'s
+``temp_dir_beside`` and ``commit_dir``). Only folders named
 ``step_<digits>`` that hold ``COMPLETE`` and the files it lists count, so a checkpoint
 cut by SIGKILL or a full disk is never picked up. The last ``keep`` are kept.
 
 Restoring the model, optimizer, data stream and loop state to step k and running the
 same compiled step gives the same per-step losses as never stopping. The random key
 needs no saving: the loop re-seeds it from (seed, rank, step) before every step
-(``trainer.step_key_seed``), which also makes dropout masks independent of when a run
+(``loop.step_key_seed``), which also makes dropout masks independent of when a run
 was interrupted.
 """
 
@@ -33,29 +34,15 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
+from mlx_tune.atomic import commit_dir, fsync_file, temp_dir_beside
 from mlx_tune.errors import UserError
 
 STEP_RE = re.compile(r"^step_(\d+)$")
+# Hidden folders of a writer: atomic.temp_dir_beside / commit_dir's ``.step_N.tmp-PID`` and
+# ``.step_N.old-PID`` (and the ``.tmp-step_N-PID`` / ``.old-step_N-PID`` of earlier versions).
+WRITER_RE = re.compile(r"^\.(?:step_\d+\.(?:tmp|old)|tmp|old)-(?:.*-)?(\d+)$")
 MARKER = "COMPLETE"
 FORMAT = "mlx_tune.training.checkpoint.v1"
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some platforms cannot open folders; the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _jsonable(obj: Any) -> Any:
@@ -117,34 +104,26 @@ def save_checkpoint(root: str | Path, step: int, model: nn.Module, optimizer, st
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:06d}"
-    tmp = root / f".tmp-step_{step:06d}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    weights = dict(tree_flatten(model.trainable_parameters()))
-    opt_state = dict(tree_flatten(optimizer.state))
-    mx.save_safetensors(str(tmp / "adapter.safetensors"), weights)
-    mx.save_safetensors(str(tmp / "optimizer.safetensors"), opt_state)
-    payload = {"format": FORMAT, "step": step, **_jsonable(state)}
-    (tmp / "state.json").write_text(json.dumps(payload, indent=1), encoding="utf-8")
-    files = {}
-    for name in ("adapter.safetensors", "optimizer.safetensors", "state.json"):
-        _fsync_file(tmp / name)
-        files[name] = (tmp / name).stat().st_size
-    # The marker goes last: its presence (with matching sizes) is what makes the folder count.
-    with open(tmp / MARKER, "w", encoding="utf-8") as f:
-        f.write(json.dumps({"format": FORMAT, "step": step, "files": files}))
-        f.flush()
-        os.fsync(f.fileno())
-    _fsync_dir(tmp)
-    if final.exists():  # the same step written again (a resumed run): replace it
-        old = root / f".old-{final.name}-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    _fsync_dir(root)
+    tmp = temp_dir_beside(final)
+    try:
+        weights = dict(tree_flatten(model.trainable_parameters()))
+        opt_state = dict(tree_flatten(optimizer.state))
+        mx.save_safetensors(str(tmp / "adapter.safetensors"), weights)
+        mx.save_safetensors(str(tmp / "optimizer.safetensors"), opt_state)
+        payload = {"format": FORMAT, "step": step, **_jsonable(state)}
+        (tmp / "state.json").write_text(json.dumps(payload, indent=1), encoding="utf-8")
+        files = {}
+        for name in ("adapter.safetensors", "optimizer.safetensors", "state.json"):
+            fsync_file(tmp / name)
+            files[name] = (tmp / name).stat().st_size
+        # The marker goes last: its presence (with matching sizes) is what makes the folder count.
+        (tmp / MARKER).write_text(json.dumps({"format": FORMAT, "step": step, "files": files}), encoding="utf-8")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    # fsync every file and the folder, rename into place (the same step written again, by a
+    # resumed run, is moved aside first and removed after), fsync the parent.
+    commit_dir(tmp, final)
     prune(root, keep)
     return final
 
@@ -158,7 +137,8 @@ def prune(root: str | Path, keep: int) -> list[Path]:
         removed.append(path)
     for p in root.iterdir() if root.is_dir() else []:
         # Leftovers of a killed writer (another pid): never read, safe to clear.
-        if p.name.startswith((".tmp-", ".old-")) and not p.name.endswith(f"-{os.getpid()}"):
+        m = WRITER_RE.match(p.name)
+        if m and int(m.group(1)) != os.getpid():
             shutil.rmtree(p, ignore_errors=True)
     return removed
 

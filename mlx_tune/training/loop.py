@@ -1,4 +1,4 @@
-"""The training loop: a compiled step, optimizers, schedules, metrics and callbacks.
+"""The training loop: the compiled step, evaluation, and ``train`` with its state and settings.
 
 One optimizer step over ``A = grad_accumulation`` micro-batches (and ``W`` ranks) is
 
@@ -10,9 +10,11 @@ so accumulating A micro-batches, or spreading them over W ranks, gives exactly t
 gradient of one batch A x W times larger (token-weighted mean cross-entropy).
 
 ``train`` is a plain function taking the model, optimizer, batch iterator, loss and
-callbacks; everything else (checkpoints, metrics file, progress bar) is a callback.
-A callback is any object with some of ``on_report(row)``, ``on_eval(row)``,
-``on_step_end(state)``, ``on_interrupt(state)``, ``on_train_end(state)``.
+callbacks; everything else (checkpoints, metrics file, progress bar) is a callback
+(``training.callbacks``, ``training.checkpoint``): any object with some of
+``on_report(row)``, ``on_eval(row)``, ``on_bad_step(row)``, ``on_step_end(state)``,
+``on_interrupt(state)``, ``on_train_end(state)``. Optimizers and schedules are
+``training.optim``; per-block recompute is ``training.recompute``.
 
 ``loss_fn(model, batch) -> (mean_loss, n_trained_tokens)`` is called inside the
 compiled step with a batch whose array fields (inputs, targets, loss_mask,
@@ -22,18 +24,14 @@ segment_ids, positions) are traced arrays; it must not read Python-int fields.
 from __future__ import annotations
 
 import contextlib
-import functools
-import json
 import logging
 import math
-import os
 import signal
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -43,7 +41,6 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
-from mlx_tune.atomic import write_text_atomic
 from mlx_tune.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -53,125 +50,6 @@ BATCH_ARRAYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 
 class TrainingStopped(UserError):
     """The run stopped on purpose (non-finite steps, memory limit): a clear one-line reason."""
-
-
-# ---------------------------------------------------------------------------
-# Optimizers and schedules (dict registries)
-# ---------------------------------------------------------------------------
-
-OPTIMIZERS: dict[str, Callable[..., optim.Optimizer]] = {
-    "adamw": lambda lr, wd: optim.AdamW(learning_rate=lr, weight_decay=wd),
-    "adam": lambda lr, wd: optim.Adam(learning_rate=lr),
-    "sgd": lambda lr, wd: optim.SGD(learning_rate=lr, weight_decay=wd),
-    # relative_step=False: follow our schedule instead of Adafactor's own 1/sqrt(t) rate.
-    "adafactor": lambda lr, wd: optim.Adafactor(learning_rate=lr, relative_step=False, scale_parameter=False),
-}
-
-# name -> (peak, decay_steps) -> schedule over the steps after warmup
-DECAYS: dict[str, Callable[[float, int], Any]] = {
-    "constant": lambda peak, steps: peak,
-    "linear": lambda peak, steps: optim.linear_schedule(peak, 0.0, max(steps, 1)),
-    "cosine": lambda peak, steps: optim.cosine_decay(peak, max(steps, 1)),
-}
-
-
-def build_schedule(kind: str, peak: float, total_steps: int, warmup_steps: int = 0):
-    """A learning rate (float) or schedule(step): linear warmup 0 -> peak, then ``kind`` decay.
-
-    The optimizer's own step counter drives it, so the schedule position is part of the
-    optimizer state and is checkpointed with it.
-    """
-    if kind not in DECAYS:
-        raise UserError(f"train.lr_schedule: {kind!r} is not one of {', '.join(DECAYS)}")
-    decay = DECAYS[kind](peak, total_steps - warmup_steps)
-    if warmup_steps <= 0:
-        return decay
-    # Warmup starts one step above zero so the first update is not wasted.
-    warmup = optim.linear_schedule(peak / (warmup_steps + 1), peak, warmup_steps)
-    if not callable(decay):
-        decay = (lambda value: (lambda step: mx.array(value, mx.float32)))(decay)
-    return optim.join_schedules([warmup, decay], [warmup_steps])
-
-
-def build_optimizer(train_cfg, total_steps: int) -> optim.Optimizer:
-    """The optimizer ``train_cfg.optimizer`` with its learning-rate schedule."""
-    if train_cfg.optimizer not in OPTIMIZERS:
-        raise UserError(f"train.optimizer: {train_cfg.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
-    lr = build_schedule(train_cfg.lr_schedule, train_cfg.learning_rate, total_steps, train_cfg.warmup_steps)
-    return OPTIMIZERS[train_cfg.optimizer](lr, train_cfg.weight_decay)
-
-
-# ---------------------------------------------------------------------------
-# Gradient checkpointing per transformer block
-# ---------------------------------------------------------------------------
-
-
-class _BlockKeys(threading.local):
-    """The key a checkpointed block hands its dropouts (None outside one)."""
-
-    key: mx.array | None = None
-
-    def next(self) -> mx.array:
-        self.key, sub = mx.random.split(self.key)
-        return sub
-
-
-_block_keys = _BlockKeys()
-RECOMPUTE = mx.checkpoint  # tests swap in the identity to compare with plain autodiff
-
-
-class KeyedDropout(nn.Dropout):
-    """Dropout that, inside a checkpointed block, draws from the block's explicit key.
-
-    ``mx.checkpoint`` recomputes the block in the backward pass; masks drawn from the
-    global key would differ between the two passes (wrong gradients). An explicit key
-    that is an input of the checkpointed function gives the same masks both times.
-    """
-
-    def __call__(self, x: mx.array) -> mx.array:
-        if _block_keys.key is None or self._p_1 == 1 or not self.training:
-            return super().__call__(x)
-        mask = mx.random.bernoulli(self._p_1, x.shape, key=_block_keys.next())
-        return (mask * x) * (1 / self._p_1)
-
-
-@functools.cache
-def _checkpointed_class(cls: type) -> type:
-    """A subclass of ``cls`` whose ``__call__`` recomputes its activations in the backward pass.
-
-    Swapping ``block.__class__`` (instead of patching ``cls.__call__`` as mlx-lm does)
-    touches only this model's blocks, and keeps every parameter path unchanged.
-    """
-    call = cls.__call__
-
-    def __call__(self, *args, **kwargs):
-        def inner(params, key, *args, **kwargs):
-            self.update(params)
-            outer, _block_keys.key = _block_keys.key, mx.stop_gradient(key)  # no vjp through RandomBits
-            try:
-                return call(self, *args, **kwargs)
-            finally:
-                _block_keys.key = outer
-
-        # A key drawn once, outside: both passes see the same one.
-        key = mx.random.randint(0, 2**31 - 1, (2,)).astype(mx.uint32)
-        return RECOMPUTE(inner)(self.trainable_parameters(), key, *args, **kwargs)
-
-    return type(cls.__name__, (cls,), {"__call__": __call__, "_mlx_tune_checkpointed": True})
-
-
-def grad_checkpoint(model: nn.Module) -> int:
-    """Checkpoint every block of ``model.layers``; returns the number of blocks."""
-    layers = getattr(model, "layers", None) or getattr(getattr(model, "model", None), "layers", None)
-    if not layers:
-        raise UserError(f"train.grad_checkpoint: {type(model).__name__} has no `layers` list of blocks")
-    for block in layers:
-        if not getattr(type(block), "_mlx_tune_checkpointed", False):
-            block.__class__ = _checkpointed_class(type(block))
-        for _, m in block.named_modules():
-            if type(m) is nn.Dropout:
-                m.__class__ = KeyedDropout
-    return len(layers)
 
 
 # ---------------------------------------------------------------------------
@@ -523,109 +401,3 @@ def _lr(optimizer: optim.Optimizer) -> float:
 
 def _ppl(loss: float) -> float:
     return math.exp(min(loss, 700.0)) if math.isfinite(loss) else float("nan")
-
-
-# ---------------------------------------------------------------------------
-# Callbacks: metrics file, progress bar, plot
-# ---------------------------------------------------------------------------
-
-
-class MetricsLog:
-    """Append one JSON object per report to ``metrics.jsonl``; each row is flushed and
-    fsynced, so a crash loses at most the row being written."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-
-    def write(self, row: dict) -> None:
-        line = json.dumps({k: _json_number(v) for k, v in row.items()}) + "\n"
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
-
-    on_report = on_eval = on_bad_step = write
-
-    def truncate_after(self, step: int) -> None:
-        """Drop rows past ``step`` (a resumed run rewrites them), atomically."""
-        if not self.path.is_file():
-            return
-        keep = [line for line in self.rows() if line.get("step", 0) <= step]
-        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in keep))
-
-    def rows(self) -> list[dict]:
-        out = []
-        if self.path.is_file():
-            for line in self.path.read_text(encoding="utf-8").splitlines():
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError:  # a row cut by a crash
-                    continue
-        return out
-
-
-def _json_number(v: Any) -> Any:
-    if isinstance(v, float):
-        return None if not math.isfinite(v) else round(v, 8)
-    return v
-
-
-class Progress:
-    """A tqdm bar with ETA, loss, tokens/s and peak memory (rank 0 only)."""
-
-    def __init__(self, total: int, initial: int = 0, enabled: bool = True):
-        self.bar = None
-        if enabled:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
-
-    def on_step_end(self, state: LoopState) -> None:
-        if self.bar is not None:
-            self.bar.update(state.step - self.bar.n)
-
-    def on_report(self, row: dict) -> None:
-        if self.bar is not None:
-            self.bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_sec']:.0f}",
-                                 mem=f"{row['peak_memory_gb']:.2f}GB", refresh=False)
-
-    def on_eval(self, row: dict) -> None:
-        msg = f"step {row['step']}: val_loss {row['val_loss']:.4f} (ppl {row['val_perplexity']:.2f}, {row['val_time_s']:.1f}s)"
-        if self.bar is not None:
-            self.bar.write(msg)
-
-    def on_train_end(self, state: LoopState) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-    on_interrupt = on_train_end
-
-
-def plot_losses(metrics_path: str | Path, out_path: str | Path) -> Path | None:
-    """Write ``loss.png`` (train and validation loss against step); None without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    rows = MetricsLog(metrics_path).rows()
-    train_pts = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None and "step" in r]
-    val_pts = [(r["step"], r["val_loss"]) for r in rows if r.get("val_loss") is not None and "step" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if train_pts:
-        ax.plot(*zip(*train_pts), label="train loss")
-    if val_pts:
-        ax.plot(*zip(*val_pts), "o-", label="validation loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    out_path = Path(out_path)
-    tmp = out_path.with_name(out_path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, out_path)
-    return out_path

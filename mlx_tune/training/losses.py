@@ -100,7 +100,8 @@ def head_ops(model) -> HeadOps:
 def _row_dequantizer(module) -> Callable | None:
     """``rows(index) -> fp32 W[index]`` for a quantized head whose storage slices by rows
     (affine, NF4 without double quantization), else None."""
-    from mlx_tune.model.quant import affine_dequantize, nf4_dequantize
+    from mlx_tune.model.nf4 import nf4_dequantize
+    from mlx_tune.model.quant import affine_dequantize
 
     if "bias" in module:
         return None
@@ -248,7 +249,7 @@ def _fused_fn(ops: HeadOps, chunk: int):
     return ce
 
 
-def _checkpointed_ce(model, h, targets, mask, chunk: int):
+def _recomputed_ce(model, h, targets, mask, chunk: int):
     """Sum of masked CE by autodiff, each chunk under mx.checkpoint (trainable head)."""
     module, head = _head_module(model), lm_head(model)
 
@@ -277,7 +278,7 @@ def masked_ce_sum(model, h: mx.array, targets: mx.array, mask: mx.array, chunk: 
     if chunk is None:
         chunk = chunk_size_for(_vocab_size(model))
     if head_is_trainable(model):
-        return _checkpointed_ce(model, h, targets, mask, chunk)
+        return _recomputed_ce(model, h, targets, mask, chunk)
     tiled = _tiled_head(model)
     if tiled is not None:
         rows, vocab, hidden = tiled
@@ -327,6 +328,23 @@ def loss_fn(model, inputs: mx.array, targets: mx.array, loss_mask: mx.array,
     h = hidden_states(model, inputs, segment_ids, positions)
     n = loss_mask.astype(mx.float32).sum()
     total = masked_ce_sum(model, h, targets, loss_mask, chunk)
+    return total / mx.maximum(n, 1.0), n
+
+
+def batch_loss(model, batch):
+    """``loss_fn`` (packing-aware attention, chunked cross-entropy) over a batch's arrays:
+    the training loss of ``mlx-tune train`` (``loop.train``'s ``loss_fn`` signature)."""
+    return loss_fn(model, batch.inputs, batch.targets, batch.loss_mask, batch.segment_ids, batch.positions)
+
+
+def eval_loss(model, batch):
+    """Forward-only loss for validation / test: the same value as ``batch_loss``, without the
+    gradient that ``loss_fn`` computes in its forward pass (frozen head: a second
+    vocabulary-sized matmul per token, wasted when nothing is trained)."""
+    h = hidden_states(model, batch.inputs, batch.segment_ids, batch.positions)
+    mask = batch.loss_mask.astype(mx.float32)
+    total = masked_ce_value(model, h, batch.targets, mask)
+    n = mask.sum()
     return total / mx.maximum(n, 1.0), n
 
 

@@ -1,0 +1,118 @@
+"""Loop callbacks: the metrics file, the progress bar, and the loss plot.
+
+A callback is any object with some of ``on_report(row)``, ``on_eval(row)``,
+``on_bad_step(row)``, ``on_step_end(state)``, ``on_interrupt(state)``,
+``on_train_end(state)`` (``training.loop.train`` calls those it has).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mlx_tune.atomic import write_file_atomic, write_text_atomic
+
+if TYPE_CHECKING:
+    from mlx_tune.training.loop import LoopState
+
+
+class MetricsLog:
+    """Append one JSON object per report to ``metrics.jsonl``; each row is flushed and
+    fsynced, so a crash loses at most the row being written."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, row: dict) -> None:
+        line = json.dumps({k: _json_number(v) for k, v in row.items()}) + "\n"
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+
+    on_report = on_eval = on_bad_step = write
+
+    def truncate_after(self, step: int) -> None:
+        """Drop rows past ``step`` (a resumed run rewrites them), atomically."""
+        if not self.path.is_file():
+            return
+        keep = [line for line in self.rows() if line.get("step", 0) <= step]
+        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in keep))
+
+    def rows(self) -> list[dict]:
+        out = []
+        if self.path.is_file():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:  # a row cut by a crash
+                    continue
+        return out
+
+
+def _json_number(v: Any) -> Any:
+    if isinstance(v, float):
+        return None if not math.isfinite(v) else round(v, 8)
+    return v
+
+
+class Progress:
+    """A tqdm bar with ETA, loss, tokens/s and peak memory (rank 0 only)."""
+
+    def __init__(self, total: int, initial: int = 0, enabled: bool = True):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+
+    def on_step_end(self, state: LoopState) -> None:
+        if self.bar is not None:
+            self.bar.update(state.step - self.bar.n)
+
+    def on_report(self, row: dict) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_sec']:.0f}",
+                                 mem=f"{row['peak_memory_gb']:.2f}GB", refresh=False)
+
+    def on_eval(self, row: dict) -> None:
+        msg = f"step {row['step']}: val_loss {row['val_loss']:.4f} (ppl {row['val_perplexity']:.2f}, {row['val_time_s']:.1f}s)"
+        if self.bar is not None:
+            self.bar.write(msg)
+
+    def on_train_end(self, state: LoopState) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    on_interrupt = on_train_end
+
+
+def plot_losses(metrics_path: str | Path, out_path: str | Path) -> Path | None:
+    """Write ``loss.png`` (train and validation loss against step); None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = MetricsLog(metrics_path).rows()
+    train_pts = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None and "step" in r]
+    val_pts = [(r["step"], r["val_loss"]) for r in rows if r.get("val_loss") is not None and "step" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train_pts:
+        ax.plot(*zip(*train_pts), label="train loss")
+    if val_pts:
+        ax.plot(*zip(*val_pts), "o-", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    try:
+        return write_file_atomic(out_path, lambda tmp: fig.savefig(tmp, dpi=100, bbox_inches="tight"))
+    finally:
+        plt.close(fig)
