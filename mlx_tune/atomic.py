@@ -69,11 +69,17 @@ def write_file_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
-    return write_file_atomic(path, lambda tmp: tmp.write_bytes(data))
+    def write(tmp: Path) -> None:
+        tmp.write_bytes(data)
+
+    return write_file_atomic(path, write)
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
-    return write_file_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    def write(tmp: Path) -> None:
+        tmp.write_text(text, encoding="utf-8")
+
+    return write_file_atomic(path, write)
 
 
 def write_json_atomic(path: str | Path, data: Any, indent: int | None = 2) -> Path:

@@ -261,7 +261,7 @@ def _coerce(value: Any, tp: Any, key: str, errs: list[str]) -> Any:
     origin = typing.get_origin(tp)
     if tp is Any:
         return value
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise _Bad
         return _build(tp, value, key, errs)
@@ -415,7 +415,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
 
 def config_to_dict(cfg: Any) -> Any:
     """Plain data (for YAML/JSON dumps, checkpoints and adapter_config.json)."""
-    return dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else cfg
+    return dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type) else cfg
 
 
 def config_reference() -> str:
@@ -428,8 +428,8 @@ def config_reference() -> str:
             if f.name == "source_path":
                 continue
             tp = hints[f.name]
-            inner = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
-            sub = tp if dataclasses.is_dataclass(tp) else (inner[0] if inner else None)
+            inner = [a for a in typing.get_args(tp) if isinstance(a, type) and dataclasses.is_dataclass(a)]
+            sub = tp if isinstance(tp, type) and dataclasses.is_dataclass(tp) else (inner[0] if inner else None)
             if f.default is not dataclasses.MISSING:
                 default = f.default
             elif f.default_factory is not dataclasses.MISSING:

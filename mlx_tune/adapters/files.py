@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import cast
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -153,7 +154,7 @@ def read_safetensors(path: Path) -> tuple[dict[str, mx.array], dict[str, str]]:
     if not path.is_file():
         raise UserError(f"{path}: file not found")
     try:
-        weights, metadata = mx.load(str(path), return_metadata=True)
+        weights, metadata = cast("tuple[dict[str, mx.array], dict[str, str]]", mx.load(str(path), return_metadata=True))
     except Exception as exc:  # mlx raises RuntimeError / ValueError with a terse message
         raise UserError(f"{path}: cannot read adapter weights ({exc}); the file is corrupt or not safetensors") from None
     return weights, metadata or {}

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -26,6 +26,7 @@ from mlx_tune.adapters.lora import (
     logical_shape,
     set_active,
 )
+from mlx_tune.config import LoraConfig
 from mlx_tune.errors import UserError
 
 # ---------------------------------------------------------------------------
@@ -149,7 +150,7 @@ def select_modules(model: nn.Module, lora_cfg) -> list[str]:
 # ---------------------------------------------------------------------------
 
 
-def inject(model: nn.Module, lora_cfg, name: str = "default") -> TrainableSummary:
+def inject(model: nn.Module, lora_cfg: LoraConfig, name: str = "default") -> TrainableSummary:
     """Wrap the targeted layers with a fresh adapter ``name``, freeze the rest, activate it.
 
     Calling it again with another name adds a second adapter next to the first.
@@ -220,7 +221,7 @@ def base_entries(model: nn.Module) -> tuple[dict[str, tuple[tuple[int, ...], str
     logical: dict[str, tuple[tuple[int, ...], str]] = {}
     stored: dict[str, mx.array] = {}
     adapters: dict[str, mx.array] = {}
-    for key, value in tree_flatten(model.parameters()):
+    for key, value in _flat(model.parameters()):
         owner, local = _owner(key, modules)
         if isinstance(modules.get(owner), LoRAAdapter):
             adapters[key] = value
@@ -238,6 +239,11 @@ def base_entries(model: nn.Module) -> tuple[dict[str, tuple[tuple[int, ...], str
     return logical, stored, adapters
 
 
+def _flat(tree: Any) -> list[tuple[str, mx.array]]:
+    """``tree_flatten`` of a parameter tree (its leaves are arrays; the stub says Any | str)."""
+    return cast("list[tuple[str, mx.array]]", tree_flatten(tree))
+
+
 def _prod(shape) -> int:
     out = 1
     for d in shape:
@@ -250,7 +256,7 @@ def trainable_summary(model: nn.Module) -> TrainableSummary:
     logical, stored, adapters = base_entries(model)
     base_params = sum(int(_prod(shape)) for shape, _ in logical.values())
     adapter_params = sum(v.size for v in adapters.values())
-    trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+    trainable = sum(v.size for _, v in _flat(model.trainable_parameters()))
     return TrainableSummary(
         trainable=trainable,
         total=base_params + adapter_params,

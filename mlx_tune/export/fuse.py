@@ -42,6 +42,7 @@ from mlx_tune.adapters.lora import LoRALinear
 from mlx_tune.adapters.manager import load_adapter
 from mlx_tune.adapters.peft import PEFT_WEIGHTS
 from mlx_tune.atomic import commit_dir, temp_dir_beside, write_json_atomic, write_text_atomic
+from mlx_tune.config import Config
 from mlx_tune.errors import UserError
 from mlx_tune.export import fidelity
 from mlx_tune.export.gguf import check_exportable
@@ -335,7 +336,7 @@ def check_fingerprint(model: nn.Module, folder: Path, cfg_model: str) -> None:
                         f"{cfg_model} (fingerprint {have}); set `model:` to the adapter's base")
 
 
-def run_fuse(cfg, opts: FuseOptions, out: str | Path | None = None, log: Callable[[str], None] = print) -> FuseResult:
+def run_fuse(cfg: Config, opts: FuseOptions, out: str | Path | None = None, log: Callable[[str], None] = print) -> FuseResult:
     """Load ``cfg.model`` + the adapter in ``cfg.output_dir``, fuse, check and write the output."""
     from mlx_tune.model.loading import load_model
 

@@ -14,10 +14,13 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 import mlx.nn as nn
+
+if TYPE_CHECKING:  # mlx-lm's tokenizer module is imported late: it pulls in transformers
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from mlx_tune.config import QuantizeConfig
 from mlx_tune.errors import ModelLoadError
@@ -45,7 +48,7 @@ def load_model(
     *,
     dequantize: bool = False,
     trust_remote_code: bool = False,
-):
+) -> tuple[nn.Module, TokenizerWrapper, ModelInfo]:
     """Load ``source`` as ``(model, tokenizer, info)``.
 
     ``quantize`` quantizes a dense source (a quantized source with another format is

@@ -53,6 +53,8 @@ def sgemm_provider() -> str | None:
         addr = ctypes.cast(ctypes.CDLL(None).cblas_sgemm, ctypes.c_void_p).value
     except (AttributeError, OSError):
         return None
+    if addr is None:
+        return None
     for line in Path("/proc/self/maps").read_text().splitlines():
         parts = line.split()
         lo, hi = (int(x, 16) for x in parts[0].split("-"))

@@ -48,8 +48,9 @@ def system_report() -> dict:
         "platform": f"{platform.system()} {platform.machine()}",
     }
     if metal:
-        info["memory_gb"]["metal_recommended_working_set"] = round(
-            mx.metal.device_info().get("max_recommended_working_set_size", 0) / 2**30, 1
+        memory: dict = info["memory_gb"]  # type: ignore[assignment]
+        memory["metal_recommended_working_set"] = round(
+            int(mx.metal.device_info().get("max_recommended_working_set_size", 0)) / 2**30, 1
         )
     return info
 

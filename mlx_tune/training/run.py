@@ -25,7 +25,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from mlx_tune import adapters
-from mlx_tune.config import config_to_dict
+from mlx_tune.config import Config, config_to_dict
 from mlx_tune.data import batching, cache
 from mlx_tune.errors import UserError
 from mlx_tune.model import quant
@@ -70,7 +70,7 @@ def precheck(cfg) -> None:
         raise UserError(f"output_dir: {out} exists and is not a folder")
 
 
-def run_train(cfg, *, log: Callable[[str], None] = print) -> TrainResult:
+def run_train(cfg: Config, *, log: Callable[[str], None] = print) -> TrainResult:
     """Train the adapter ``cfg`` describes; ``log`` gets rank 0's progress lines.
 
     An interrupted run (Ctrl-C) returns with ``result.interrupted`` set, a checkpoint
@@ -94,7 +94,8 @@ def run_train(cfg, *, log: Callable[[str], None] = print) -> TrainResult:
     if tc.grad_checkpoint:
         grad_checkpoint(model)
 
-    splits = cache.load_splits(cfg.data, tokenizer, max_seq_length=tc.max_seq_length,
+    data_dir = cfg.data or ""  # precheck: training always names its data folder
+    splits = cache.load_splits(data_dir, tokenizer, max_seq_length=tc.max_seq_length,
                                mask_prompt=tc.mask_prompt, truncation=tc.truncation)
     for ds in splits.values():
         say(ds.stats.summary())
@@ -107,7 +108,8 @@ def run_train(cfg, *, log: Callable[[str], None] = print) -> TrainResult:
             return None
         return lambda: batching.stream_for(splits[name], local, train=False, rank=rank, world_size=world, pad_id=pad_id)
 
-    iters = tc.iters or max(1, math.ceil(tc.epochs * len(stream) / tc.grad_accumulation))
+    # the config requires iters or epochs
+    iters = tc.iters or max(1, math.ceil((tc.epochs or 1) * len(stream) / tc.grad_accumulation))
     optimizer = build_optimizer(tc, iters)
 
     metrics = MetricsLog(out / "metrics.jsonl") if rank == 0 else None
@@ -152,7 +154,7 @@ def run_train(cfg, *, log: Callable[[str], None] = print) -> TrainResult:
         adapters.save_adapter(model, out, cfg.lora, info)
     test = held_out("test") if tc.test else None
     if tc.test and test is None:
-        say(f"train.test: no {Path(cfg.data) / 'test.jsonl'}; test loss skipped")
+        say(f"train.test: no {Path(data_dir) / 'test.jsonl'}; test loss skipped")
     if test is not None:
         loss, n = evaluate(model, test(), eval_loss, 0, group)
         ppl = math.exp(min(loss, 700.0))
