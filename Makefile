@@ -46,7 +46,7 @@ test-fast: setup
 # The branch Macs and CUDA machines take (mx.quantized_matmul layers, float16 compute,
 # fused attention, the head without dequantizing), run here on the CPU for real.
 test-accelerator: setup
-	@export MLX_TUNE_KERNELS=accelerator; $(call PYTEST,tests -m accelerator)
+	@export MLX_TUNE_KERNELS=accelerator; $(call PYTEST,tests -m "accelerator and not slow")
 
 LINT_PATHS := mlx_tune tests bench scripts data_transform.py test_mlx.py
 # mypy checks the typed seams: config objects, the loading return type, runtime, atomic

@@ -19,6 +19,9 @@ from mlx_tune.config import LoraConfig
 from mlx_tune.errors import UserError
 from mlx_tune.testing.tiny import tiny_model
 
+# Backend-sensitive: `make test-accelerator` runs this file on the Metal/CUDA code path too.
+pytestmark = pytest.mark.accelerator
+
 TOKENS = mx.array([[5, 17, 99, 3, 250, 42, 7, 8]])
 
 

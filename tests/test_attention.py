@@ -11,6 +11,9 @@ from mlx_tune.errors import UserError
 from mlx_tune.model import attention as A
 from mlx_tune.testing.tiny import tiny_model
 
+# Backend-sensitive: `make test-accelerator` runs this file on the Metal/CUDA code path too.
+pytestmark = pytest.mark.accelerator
+
 
 def _qkv(B=2, H=6, Hkv=2, L=100, D=16, seed=0):
     mx.random.seed(seed)

@@ -13,6 +13,9 @@ from mlx_tune.data.tokenize import tokenize_record
 from mlx_tune.errors import UserError
 from mlx_tune.testing.tiny import tiny_tokenizer
 
+# Backend-sensitive: `make test-accelerator` runs this file on the Metal/CUDA code path too.
+pytestmark = pytest.mark.accelerator
+
 TWO_TURNS = {
     "messages": [
         {"role": "system", "content": "Be brief."},

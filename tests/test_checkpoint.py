@@ -21,6 +21,9 @@ from mlx_tune.training import checkpoint
 sys.path.insert(0, str(Path(__file__).parent))
 from train_workspace import losses, run_train, start_and_signal, start_train, workspace  # noqa: E402
 
+# Backend-sensitive: `make test-accelerator` runs this file on the Metal/CUDA code path too.
+pytestmark = pytest.mark.accelerator
+
 
 def adapted_model(seed=0):
     model = tiny_model(seed=0)

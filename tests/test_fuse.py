@@ -22,6 +22,9 @@ from mlx_tune.export.units import units
 from mlx_tune.model.loading import ModelInfo, load_model
 from mlx_tune.testing.tiny import save_tiny_folder, tiny_config, tiny_model, tiny_tokenizer
 
+# Backend-sensitive: `make test-accelerator` runs this file on the Metal/CUDA code path too.
+pytestmark = pytest.mark.accelerator
+
 LORA = LoraConfig(rank=4, alpha=8.0)
 QUANT = QuantizeConfig(bits=4, group_size=32)
 

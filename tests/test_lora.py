@@ -14,6 +14,9 @@ from mlx.utils import tree_flatten
 from mlx_tune.adapters.lora import DoRALinear, LoRALinear, lora_scale
 from mlx_tune.model import quant
 
+# Backend-sensitive: `make test-accelerator` runs this file on the Metal/CUDA code path too.
+pytestmark = pytest.mark.accelerator
+
 IN, OUT = 64, 48
 
 

@@ -14,6 +14,10 @@ import pytest
 from mlx_tune.errors import UserError
 from mlx_tune.planning.arch import arch_from_config, read_source_config
 from mlx_tune.planning.planner import GB, Settings, fits, plan, plan_config
+from mlx_tune.runtime.backend import planning_backend
+
+# Backend-sensitive: `make test-accelerator` runs this file on the Metal/CUDA code path too.
+pytestmark = pytest.mark.accelerator
 
 ROOT = Path(__file__).resolve().parent.parent
 # A medium-small llama (about 20 M weights): big enough that activations, not MLX's
@@ -85,7 +89,7 @@ def test_prediction_within_15_percent_of_the_real_training_step(grad_checkpoint)
 
     measured = measure_trainer_step(grad_checkpoint, 256)
     p = plan(arch_from_config(tiny_config("llama", **MEDIUM)),
-             Settings(batch_size=1, seq_len=256, grad_checkpoint=grad_checkpoint, backend="cpu"))
+             Settings(batch_size=1, seq_len=256, grad_checkpoint=grad_checkpoint, backend=planning_backend()))
     print(f"grad_checkpoint={grad_checkpoint}: measured {measured / 2**20:.1f} MiB, predicted {p.mlx_peak / 2**20:.1f} MiB")
     assert 0.85 <= measured / p.mlx_peak <= 1.15, (measured, p.mlx_peak, p.parts)
 
@@ -95,7 +99,7 @@ def test_checkpointing_saves_memory_and_the_planner_sees_it(medium_model):
     from mlx_tune.testing.tiny import tiny_config
 
     arch = arch_from_config(tiny_config("llama", **MEDIUM))
-    s = Settings(batch_size=1, seq_len=512, backend="cpu")
+    s = Settings(batch_size=1, seq_len=512, backend=planning_backend())
     on = measure_steps(medium_model, 1, 512, grad_checkpoint=True, steps=1).peak_bytes
     off = measure_steps(medium_model, 1, 512, grad_checkpoint=False, steps=1).peak_bytes
     p_on, p_off = plan(arch, s).mlx_peak, plan(arch, replace(s, grad_checkpoint=False)).mlx_peak

@@ -14,6 +14,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from server_util import letter_bias, make_adapter, serve_in_thread  # noqa: E402
 
+# Backend-sensitive: `make test-accelerator` runs this file on the Metal/CUDA code path too.
+pytestmark = pytest.mark.accelerator
+
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):

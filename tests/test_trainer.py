@@ -266,6 +266,9 @@ from pathlib import Path  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent))
 from train_workspace import ROOT, env, losses, start_train, workspace  # noqa: E402
 
+# Backend-sensitive: `make test-accelerator` runs this file on the Metal/CUDA code path too.
+pytestmark = pytest.mark.accelerator
+
 
 def _free_port() -> int:
     with socket.socket() as s:
