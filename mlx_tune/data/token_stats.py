@@ -19,8 +19,6 @@ def load_tokenizer(source: str):
         from mlx_tune.model import loading
     except ImportError as exc:
         raise UserError(f"--tokenizer needs the model loader, which cannot be imported here ({exc})") from None
-    if hasattr(loading, "load_tokenizer"):
-        return loading.load_tokenizer(source)
     _, tokenizer, _ = loading.load_model(source)
     return tokenizer
 
