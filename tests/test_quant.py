@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
@@ -38,8 +36,6 @@ from mlx_tune.testing.tiny import tiny_model
 
 # Backend-sensitive: `make test-accelerator` runs this file on the Metal/CUDA code path too.
 pytestmark = pytest.mark.accelerator
-
-SMOLLM = Path(__file__).resolve().parents[1] / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @pytest.fixture(autouse=True)
@@ -220,10 +216,9 @@ def test_nf4_linear_forward_and_gradients(double_quant):
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not SMOLLM.is_file(), reason=f"{SMOLLM} is absent")
-def test_reconstruction_error_on_smollm2_weights():
+def test_reconstruction_error_on_smollm2_weights(smollm2_path):
     """Relative Frobenius error of re-quantizing real weights (the Q4_1 file dequantized)."""
-    tensors = mx.load(str(SMOLLM))
+    tensors = mx.load(str(smollm2_path))
     names = ["blk.0.attn_q", "blk.0.ffn_down", "blk.15.attn_v", "blk.15.ffn_gate", "blk.29.ffn_up"]
     errs = {"affine4_g64": [], "nf4_b64": [], "nf4_b64_dq": []}
     for name in names:

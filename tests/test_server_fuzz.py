@@ -7,14 +7,14 @@ import shutil
 import sys
 from pathlib import Path
 
-import pytest
+from tests.needs import missing
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_schemathesis_finds_nothing():
     if not (shutil.which("schemathesis") or Path(sys.executable).with_name("schemathesis").exists()):
-        pytest.skip("schemathesis is not installed (a dev dependency)")
+        missing("schemathesis is not installed (a dev dependency)")
     sys.path.insert(0, str(ROOT / "bench"))
     import fuzz_server
 

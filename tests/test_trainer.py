@@ -266,6 +266,8 @@ from pathlib import Path  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent))
 from train_workspace import ROOT, env, losses, start_train, workspace  # noqa: E402
 
+from tests.needs import missing
+
 # Backend-sensitive: `make test-accelerator` runs this file on the Metal/CUDA code path too.
 pytestmark = pytest.mark.accelerator
 
@@ -280,7 +282,7 @@ def test_two_ranks_equal_one_process_with_the_same_global_batch(tmp_path, tiny_f
     """mlx.launch, ring backend over TCP on 127.0.0.1: 2 ranks x 2 rows == 1 process x (2 micro-batches of 2 rows)."""
     launcher = Path(sys.executable).parent / "mlx.launch"
     if not launcher.exists():
-        pytest.skip(f"no mlx.launch next to {sys.executable}")
+        missing(f"no mlx.launch next to {sys.executable}")
     common = {"iters": 4, "lr_schedule": "constant", "learning_rate": 5e-3}
     two = workspace(tmp_path, tiny_folder, "two", batch_size=4, **common)
     one = workspace(tmp_path, tiny_folder, "one", batch_size=2, grad_accumulation=2, **common)
