@@ -99,7 +99,7 @@ def test_loading_follows_the_path(tmp_path, qtype):
 def test_both_paths_train_the_same_qlora_run(tmp_path, tiny_folder):
     """The same 4-bit QLoRA run through ``mlx-tune train`` on each kernel path: dequantize +
     sgemm (CPU) and ``mx.quantized_matmul`` (Metal/CUDA) give the same losses, step for step,
-    within float32 tolerance (both compute in float32 here: the folder is float32)."""
+    within float32 tolerance (both compute in float32 here: the folder is float32; measured 1.6e-7 relative)."""
     from tests.train_workspace import env, losses, train_cmd, workspace
 
     curves = {}
@@ -112,4 +112,4 @@ def test_both_paths_train_the_same_qlora_run(tmp_path, tiny_folder):
         curves[path] = losses(tmp_path / f"out_{path}" / "metrics.jsonl")
     assert sorted(curves["cpu"]) == sorted(curves["accelerator"]) == list(range(1, 7))
     for step, value in curves["cpu"].items():
-        assert abs(value - curves["accelerator"][step]) <= 2e-3 * abs(value), (step, curves)
+        assert abs(value - curves["accelerator"][step]) <= 1e-5 * abs(value), (step, curves)  # seen: 1.6e-7
