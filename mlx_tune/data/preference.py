@@ -211,14 +211,14 @@ def _pair(record: dict) -> tuple[dict, str, str, str]:
         return _conversational_pair(prompt, c, r, "preference_shared_prefix")
     text, msgs = _get_prompt(record, system)
     if text is not None and isinstance(chosen, str) and isinstance(rejected, str):
-        c, r = _text(record, "chosen"), _text(record, "rejected")
-        if _norm(c) == _norm(r):
+        cs, rs = _text(record, "chosen"), _text(record, "rejected")
+        if _norm(cs) == _norm(rs):
             raise RecordError("chosen and rejected are identical")
-        row = {"prompt": text, "chosen": c, "rejected": r}
+        row = {"prompt": text, "chosen": cs, "rejected": rs}
         if system:
             row["system"] = system
         pkey = _norm(system or "") + "\0" + _norm(text)
-        return row, "preference", pkey + "\0\0\0" + _norm(c) + "\0\0\0" + _norm(r), pkey
+        return row, "preference", pkey + "\0\0\0" + _norm(cs) + "\0\0\0" + _norm(rs), pkey
     if msgs is None:
         msgs = _prompt_messages([{"role": "user", "content": text}], "prompt", system)
     c, r = _side(msgs, chosen, "chosen"), _side(msgs, rejected, "rejected")
@@ -248,11 +248,12 @@ def _kto(record: dict) -> tuple[dict, str, str, str]:
         raise RecordError("missing field 'completion'")
     flag = "\0\0\0" + ("true" if label else "false")
     if text is not None and isinstance(completion, str):
-        row = {"prompt": text, "completion": _text(record, "completion"), "label": label}
+        answer = _text(record, "completion")
+        row: dict = {"prompt": text, "completion": answer, "label": label}
         if system:
             row["system"] = system
         pkey = _norm(system or "") + "\0" + _norm(text)
-        return row, "kto", pkey + "\0\0\0" + _norm(row["completion"]) + flag, pkey
+        return row, "kto", pkey + "\0\0\0" + _norm(answer) + flag, pkey
     if msgs is None:
         msgs = _prompt_messages([{"role": "user", "content": text}], "prompt", system)
     side = _side(msgs, completion, "completion")
@@ -288,7 +289,7 @@ def convert_prompts(record: Any) -> tuple[dict, str, str, str]:
         pkey = _msgs_key(msgs)
     else:
         row = {"prompt": text}
-        pkey = _norm(text)
+        pkey = _norm(text or "")
     extras = {k: v for k, v in record.items() if k not in used}
     row.update(extras)
     shape = "prompts" if msgs is None else "prompts_conversational"
