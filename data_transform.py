@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Convert datasets into train/valid/test JSONL for mlx_tune (see mlx_tune/data/transform.py).
 
-    python data_transform.py INPUT [INPUT...] --out DIR [--to chat|completions|text]
+    python data_transform.py INPUT [INPUT...] --out DIR [--to chat|completions|text|preference|prompts]
         [--valid-ratio 0.1] [--test-ratio 0.1] [--seed 0] [--map FIELD=SOURCE_FIELD ...]
         [--system TEXT] [--strict] [--force] [--tokenizer MODEL --max-seq-length N]
 

@@ -4,7 +4,8 @@
 underneath); ``records`` knows the record shapes and what makes a record valid;
 ``render`` writes an example in a trainer format; ``dataset`` is the trainer's reading
 of its JSONL (through the same ``records``, so data_transform.py and the trainer agree
-on every record); ``transform`` is ``data_transform.py``: dedup, split, report.
+on every record); ``preference`` knows preference pairs, KTO rows and prompt-only
+(GRPO) rows; ``transform`` is ``data_transform.py``: dedup, split, report.
 """
 
 from mlx_tune.data.dataset import Dataset, detect_format, read_dataset

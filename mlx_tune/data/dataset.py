@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from mlx_tune.data.preference import trainer_kind
 from mlx_tune.data.readers import read_jsonl_records
 from mlx_tune.data.records import RecordError, detect_shape, to_example
 from mlx_tune.data.render import RENDERERS, TRAINER_FORMATS, render
@@ -26,6 +27,18 @@ _NATURAL_FORMAT = {"prompt_completion": "completions", "text": "text"}
 def detect_format(record: Any) -> str:
     """The trainer format (``chat``, ``completions``, ``text``) ``record`` is closest to."""
     return _NATURAL_FORMAT.get(detect_shape(record), "chat")
+
+
+_METHODS = {"preference pairs": "dpo, orpo, simpo or cpo", "KTO rows": "kto", "prompt-only rows": "grpo"}
+
+
+def _refuse(path, line: int, record: Any) -> None:
+    """A one-line ``UserError`` for rows only a method other than SFT can train on."""
+    kind = trainer_kind(record)
+    if kind is not None:
+        to = "prompts" if kind.startswith("prompt") else "preference"
+        raise UserError(f"{path}:{line}: this file holds {kind} (data_transform.py --to {to}); "
+                        f"train.method {_METHODS[kind]} for them is not available yet (SFT needs chat, completions or text rows)")
 
 
 class Dataset(NamedTuple):
@@ -45,6 +58,8 @@ def read_dataset(path: str | Path, to: str | None = None, *, max_errors: int = 2
     records, lines, errors = [], [], []
     for line, value, error in read_jsonl_records(path):
         if error is None:
+            if type(value) is dict and ("chosen" in value or "rejected" in value or type(value.get("label")) is bool):
+                _refuse(path, line, value)
             try:
                 ex = to_example(value)
                 if to is None:
@@ -53,6 +68,7 @@ def read_dataset(path: str | Path, to: str | None = None, *, max_errors: int = 2
                 lines.append(line)
                 continue
             except RecordError as exc:
+                _refuse(path, line, value)
                 error = str(exc)
         errors.append(f"{path}:{line}: {error}")
     if errors:

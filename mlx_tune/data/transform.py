@@ -17,6 +17,11 @@ Two streaming passes, so memory grows by 17 bytes per record, never with file si
 
 ``read == sum(written) + len(skipped) + duplicates`` always holds: every item a reader
 yields is counted exactly once.
+
+``--to preference`` / ``--to prompts`` (or ``auto``, the default: from the first record,
+``preference.detect_mode``; SFT data gives ``chat`` as before) convert through
+``preference`` instead of ``records`` + ``render``; the passes are the same, a pair is
+one record keyed on its prompt, and the report adds ``pairs`` and ``kto`` (rows written).
 """
 
 from __future__ import annotations
@@ -29,28 +34,31 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from mlx_tune.atomic import fsync_dir, fsync_file, temp_dir_beside
+from mlx_tune.data.preference import CONVERTERS, MODES, PREFERENCE_FIELDS, detect_mode
 from mlx_tune.data.readers import FILE_TYPES, MAX_RECORD_BYTES, file_type, read_records
 from mlx_tune.data.records import RECORD_FIELDS, SHAPES, RecordError, apply_map, to_example
-from mlx_tune.data.render import RENDERERS, TRAINER_FORMATS, dumps_example
+from mlx_tune.data.render import RENDERERS, TRAINER_FORMATS, dumps_example, dumps_record
 from mlx_tune.data.split import assign_splits, example_keys, split_sizes
 from mlx_tune.data.token_stats import length_stats, load_tokenizer, token_length
 from mlx_tune.errors import UserError
 
 SPLITS = ("train", "valid", "test")
 OUTPUTS = tuple(f"{s}.jsonl" for s in SPLITS) + ("report.json",)
-MAPPABLE = sorted(RECORD_FIELDS)
+MAPPABLE = sorted(RECORD_FIELDS | PREFERENCE_FIELDS)
+FORMATS = TRAINER_FORMATS + MODES
 SHOWN_ERRORS = 100  # bad records echoed to stderr without --strict (all are in report.json)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="CSV, TSV, JSON, JSONL or text files (optionally .gz)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder for train/valid/test.jsonl and report.json")
-    p.add_argument("--to", choices=TRAINER_FORMATS, default="chat", help="output format (default: chat)")
+    p.add_argument("--to", choices=("auto",) + FORMATS, default="auto",
+                   help="output format (default auto: preference or prompts when the first record is one, else chat)")
     p.add_argument("--valid-ratio", type=float, default=0.1, help="share of records for valid.jsonl (default 0.1)")
     p.add_argument("--test-ratio", type=float, default=0.1, help="share of records for test.jsonl (default 0.1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split (default 0)")
@@ -136,7 +144,7 @@ def parse_map(items: Iterable[str]) -> list[tuple[str, list[str]]]:
         target, source = target.strip(), source.strip()
         if not sep or not target or not source:
             raise UserError(f"--map {item!r}: expected FIELD=SOURCE_FIELD, for example --map prompt=question_body")
-        if target not in RECORD_FIELDS:
+        if target not in RECORD_FIELDS | PREFERENCE_FIELDS:
             raise UserError(f"--map {item!r}: {target!r} is not a field mlx_tune reads; use one of {', '.join(MAPPABLE)}")
         mapping.append((target, source.split(".")))
     return mapping
@@ -170,7 +178,7 @@ def _check_ratios(valid_ratio: float, test_ratio: float) -> None:
 class Options:
     """Every setting of a conversion (the CLI flags, one field each)."""
 
-    to: str = "chat"
+    to: str = "auto"  # auto: resolved from the first record (``_resolve_to``)
     valid_ratio: float = 0.1
     test_ratio: float = 0.1
     seed: int = 0
@@ -184,10 +192,10 @@ class Options:
     max_seq_length: int | None = None
 
     def check(self) -> None:
-        if self.to not in RENDERERS:
-            raise UserError(f"--to {self.to!r}: use one of {', '.join(TRAINER_FORMATS)}")
+        if self.to not in RENDERERS and self.to not in CONVERTERS and self.to != "auto":
+            raise UserError(f"--to {self.to!r}: use one of {', '.join(FORMATS)}")
         _check_ratios(self.valid_ratio, self.test_ratio)
-        if self.system is not None and self.to != "chat":
+        if self.system is not None and self.to not in ("chat", "auto"):
             raise UserError("--system adds a system message to chats; it needs --to chat")
         if self.system is not None and not self.system.strip():
             raise UserError("--system is empty; give the system message text")
@@ -206,6 +214,7 @@ class _Pass1:
     record_hashes: bytearray = field(default_factory=bytearray)  # 8 bytes per converted record
     prompt_hashes: bytearray = field(default_factory=bytearray)
     map_hits: list = field(default_factory=list)
+    kinds: bytearray = field(default_factory=bytearray)  # --to preference: 1 a pair, 2 a KTO row
 
 
 def transform(
@@ -239,6 +248,9 @@ def transform(
             raise UserError(f"{path}: no such file")
         if opts.input_format is None:
             file_type(path)
+    if opts.to == "auto":
+        opts = replace(opts, to=_resolve_to(inputs, opts))
+        opts.check()  # --system on a file that turned out to hold pairs
 
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
@@ -271,6 +283,7 @@ def _read_and_convert(inputs, opts: Options, write: Callable[[bytes], Any]) -> _
     forced_shape = _mapped_shape(mapping)
     shapes, skipped = p1.shapes, p1.skipped
     record_hashes, prompt_hashes = p1.record_hashes, p1.prompt_hashes
+    special = CONVERTERS.get(to)
     for path in inputs:
         file_read = 0
         fmt = opts.input_format or file_type(path)
@@ -278,7 +291,11 @@ def _read_and_convert(inputs, opts: Options, write: Callable[[bytes], Any]) -> _
             path, fmt, text_mode=opts.text_mode, max_record_bytes=opts.max_record_bytes
         ):
             file_read += 1
-            if error is None:
+            if error is None and special is not None:
+                error = _convert_special(special, remap(value, mapping, map_hits) if mapping else value, p1, write)
+                if error is None:
+                    continue
+            elif error is None:
                 try:
                     if mapping:
                         value = remap(value, mapping, map_hits)
@@ -301,6 +318,40 @@ def _read_and_convert(inputs, opts: Options, write: Callable[[bytes], Any]) -> _
         p1.read += file_read
         p1.files.append({"file": str(path), "format": fmt, "read": file_read})
     return p1
+
+
+def _convert_special(convert, value, p1: _Pass1, write: Callable[[bytes], Any]) -> str | None:
+    """One record through ``preference``'s ``convert``, spooled and hashed; the reason if bad."""
+    try:
+        row, shape, rkey, pkey = convert(value)
+        data = (dumps_record(row) + "\n").encode("utf-8")
+    except RecordError as exc:
+        return str(exc)
+    except UnicodeEncodeError:
+        return "text holds an unpaired surrogate (invalid Unicode escape)"
+    except RecursionError:
+        return "JSON nested too deeply"
+    write(data)
+    p1.record_hashes += hashlib.blake2b(rkey.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    p1.prompt_hashes += hashlib.blake2b(pkey.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    p1.shapes[shape] = p1.shapes.get(shape, 0) + 1
+    p1.kinds.append(2 if shape.startswith("kto") else 1)
+    return None
+
+
+def _resolve_to(inputs, opts: Options) -> str:
+    """``--to auto``: ``preference`` or ``prompts`` when the first record is one, else ``chat``."""
+    mapping = list(opts.mapping)
+    for path in inputs:
+        records = read_records(path, opts.input_format or file_type(path), text_mode=opts.text_mode,
+                               max_record_bytes=opts.max_record_bytes)
+        try:
+            for _line, value, error in records:
+                if error is None:
+                    return detect_mode(apply_map(value, mapping) if mapping else value) or "chat"
+        finally:
+            records.close()
+    return "chat"
 
 
 def _check_usable(p1: _Pass1, inputs, opts: Options, out: Path, echo) -> None:
@@ -365,6 +416,10 @@ def _dedup_split_write(p1: _Pass1, spool: Path, tmp: Path, opts: Options, tokeni
         "inputs": p1.files,
         "shapes": dict(sorted(p1.shapes.items())),
     }
+    if opts.to == "preference":
+        kinds = np.frombuffer(bytes(p1.kinds), dtype=np.uint8)[dest < 3]
+        report["pairs"] = int((kinds == 1).sum())
+        report["kto"] = int((kinds == 2).sum())
     if tokenizer is not None:
         report["tokens"] = length_stats(lengths, opts.max_seq_length)
     if sum(counts) + len(p1.skipped) + duplicates != p1.read:  # a bug, never the user's
