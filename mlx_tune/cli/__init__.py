@@ -23,7 +23,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "doctor": ("mlx_tune.cli.doctor", "backend, BLAS speed, memory and versions"),
     "adapter": ("mlx_tune.cli.adapter", "export / import adapters (Hugging Face PEFT)"),
     "generate": ("mlx_tune.cli.generate", "load a model (and adapter) and answer one prompt"),
-    "data": ("mlx_tune.cli.data", "convert datasets (same as data_transform.py)"),
+    "data": ("mlx_tune.cli.data", "convert datasets (same as data_transform.py); `data inspect`: see rows as trained"),
+    "runs": ("mlx_tune.cli.runs", "compare the training runs under a folder"),
+}
+# (command, first word) -> (module, help): a word that, right after the command, selects
+# another parser (``mlx-tune data inspect ...``); anything else goes to the command itself.
+SUBCOMMANDS: dict[tuple[str, str], tuple[str, str]] = {
+    ("data", "inspect"): ("mlx_tune.cli.data_inspect", "show dataset rows as training tokenizes them, trained tokens marked"),
 }
 
 
@@ -44,13 +50,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def build_subparser(command: str, word: str) -> argparse.ArgumentParser:
+    module_name, help_text = SUBCOMMANDS[(command, word)]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"mlx-tune {command} {word}", description=help_text)
+    module.add_arguments(parser)
+    parser.set_defaults(_run=module.run, command=f"{command} {word}")
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
     if argv is None:
         ensure_fast_blas()
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    words = sys.argv[1:] if argv is None else list(argv)
+    if tuple(words[:2]) in SUBCOMMANDS:
+        args = build_subparser(words[0], words[1]).parse_args(words[2:])
+    else:
+        parser = build_parser()
+        args = parser.parse_args(words)
     if args.command is None:
-        parser.print_help()
+        build_parser().print_help()
         return 2
     if getattr(args, "_missing", None):
         print(f"mlx-tune {args._missing}: not yet available in this version", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""``mlx-tune data``: the same converter as ``data_transform.py``."""
+"""``mlx-tune data``: the same converter as ``data_transform.py`` (``data inspect`` is ``cli.data_inspect``)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from mlx_tune.data.transform import add_arguments as add
 
     add(parser)
+    parser.epilog = "mlx-tune data inspect DATA_DIR --model M: show rows as training tokenizes them (see its --help)"
 
 
 def run(args: argparse.Namespace) -> int:

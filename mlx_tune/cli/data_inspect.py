@@ -1,0 +1,28 @@
+"""``mlx-tune data inspect DATA_DIR --model M``: a few rows as training tokenizes them, trained tokens marked."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("data_dir", metavar="DATA_DIR", help="folder holding train/valid/test.jsonl")
+    parser.add_argument("--model", required=True, metavar="M", help="model whose tokenizer and chat template training uses")
+    parser.add_argument("--split", default="train", help="which DATA_DIR/<split>.jsonl to read (default: train)")
+    parser.add_argument("--rows", type=int, default=3, help="rows to show from the start of the file (default 3)")
+    parser.add_argument("--max-seq-length", type=int, default=None, metavar="N",
+                        help="mark where training would cut each row (train.max_seq_length)")
+    parser.add_argument("--no-mask-prompt", action="store_true", help="train every token, as train.mask_prompt=false does")
+    parser.add_argument("--colour", choices=("auto", "always", "never"), default="auto",
+                        help="highlight trained tokens with ANSI colour (auto: when stdout is a terminal), else [[ ]]")
+
+
+def run(args: argparse.Namespace) -> int:
+    from mlx_tune.data.inspect import format_row, inspect_data
+
+    rows = inspect_data(args.data_dir, args.model, split=args.split, rows=args.rows,
+                        max_seq_length=args.max_seq_length, mask_prompt=not args.no_mask_prompt)
+    colour = args.colour == "always" or (args.colour == "auto" and sys.stdout.isatty())
+    print("\n\n".join(format_row(r, colour) for r in rows))
+    return 0
