@@ -6,12 +6,11 @@ one. Every writer of outputs and checkpoints in mlx_tune goes through this modul
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -68,13 +67,6 @@ def write_file_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
-def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
-    def write(tmp: Path) -> None:
-        tmp.write_bytes(data)
-
-    return write_file_atomic(path, write)
-
-
 def write_text_atomic(path: str | Path, text: str) -> Path:
     def write(tmp: Path) -> None:
         tmp.write_text(text, encoding="utf-8")
@@ -117,16 +109,3 @@ def commit_dir(tmp: str | Path, target: str | Path) -> Path:
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return target
-
-
-@contextlib.contextmanager
-def atomic_dir(target: str | Path) -> Iterator[Path]:
-    """Build a folder in a temporary beside ``target``, then commit it (``commit_dir``);
-    on an exception the temporary is removed and ``target`` is left as it was."""
-    tmp = temp_dir_beside(target)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    commit_dir(tmp, target)

@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-from mlx_tune.errors import UserError
+from mlx_tune.errors import run_reporting_errors
 from mlx_tune.runtime.blas import ensure_fast_blas
 
 # name -> (module, one-line help). Modules are imported only when their command runs.
@@ -33,29 +33,32 @@ SUBCOMMANDS: dict[tuple[str, str], tuple[str, str]] = {
 }
 
 
+def _attach(parser: argparse.ArgumentParser, module_name: str) -> None:
+    """``module``'s arguments and ``run`` on ``parser`` (imported only now)."""
+    module = importlib.import_module(module_name)
+    module.add_arguments(parser)
+    parser.set_defaults(_run=module.run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlx-tune", description="LoRA / QLoRA fine-tuning on MLX.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         try:
-            module = importlib.import_module(module_name)
+            _attach(p, module_name)
         except ModuleNotFoundError as exc:
             if exc.name != module_name:
                 raise
             p.set_defaults(_missing=name)
-            continue
-        module.add_arguments(p)
-        p.set_defaults(_run=module.run)
     return parser
 
 
 def build_subparser(command: str, word: str) -> argparse.ArgumentParser:
     module_name, help_text = SUBCOMMANDS[(command, word)]
-    module = importlib.import_module(module_name)
     parser = argparse.ArgumentParser(prog=f"mlx-tune {command} {word}", description=help_text)
-    module.add_arguments(parser)
-    parser.set_defaults(_run=module.run, command=f"{command} {word}")
+    _attach(parser, module_name)
+    parser.set_defaults(command=f"{command} {word}")
     return parser
 
 
@@ -63,25 +66,16 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:
         ensure_fast_blas()
     words = sys.argv[1:] if argv is None else list(argv)
-    if tuple(words[:2]) in SUBCOMMANDS:
-        args = build_subparser(words[0], words[1]).parse_args(words[2:])
-    else:
-        parser = build_parser()
-        args = parser.parse_args(words)
+    sub = tuple(words[:2]) in SUBCOMMANDS
+    parser = build_subparser(words[0], words[1]) if sub else build_parser()
+    args = parser.parse_args(words[2:] if sub else words)
     if args.command is None:
-        build_parser().print_help()
+        parser.print_help()
         return 2
     if getattr(args, "_missing", None):
         print(f"mlx-tune {args._missing}: not yet available in this version", file=sys.stderr)
         return 3
-    try:
-        return int(args._run(args) or 0)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_reporting_errors(lambda: args._run(args))
 
 
 if __name__ == "__main__":

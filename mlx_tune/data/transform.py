@@ -45,7 +45,7 @@ from mlx_tune.data.records import RECORD_FIELDS, SHAPES, RecordError, apply_map,
 from mlx_tune.data.render import RENDERERS, TRAINER_FORMATS, dumps_example, dumps_record
 from mlx_tune.data.split import assign_splits, example_keys, split_sizes
 from mlx_tune.data.token_stats import length_stats, load_tokenizer, token_length
-from mlx_tune.errors import UserError
+from mlx_tune.errors import UserError, run_reporting_errors
 
 SPLITS = ("train", "valid", "test")
 OUTPUTS = tuple(f"{s}.jsonl" for s in SPLITS) + ("report.json",)
@@ -91,14 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """The script's entry point: exit 0 on success, 2 for any user-side problem."""
     args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_reporting_errors(lambda: run(args))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -424,8 +417,7 @@ def _dedup_split_write(p1: _Pass1, spool: Path, tmp: Path, opts: Options, tokeni
         report["tokens"] = length_stats(lengths, opts.max_seq_length)
     if sum(counts) + len(p1.skipped) + duplicates != p1.read:  # a bug, never the user's
         raise RuntimeError(f"record accounting is off: {counts} + {len(p1.skipped)} + {duplicates} != {p1.read}")
-    # A plain write: tmp is the temporary; _move_in makes it durable (and write_json_atomic's
-    # mkstemp would leave the file 0600 instead of the umask's mode the other outputs get).
+    # A plain write: tmp is already the temporary folder, and _move_in fsyncs and renames it.
     (tmp / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return report
 

@@ -166,9 +166,13 @@ def load_checkpoint(folder: str | Path, model: nn.Module, optimizer) -> dict:
         )
     model.update(tree_unflatten(list(weights.items())))
     optimizer.state = tree_unflatten(list(mx.load(str(folder / "optimizer.safetensors")).items()))
-    payload = json.loads((folder / "state.json").read_text(encoding="utf-8"))
     mx.eval(model.parameters(), optimizer.state)
-    return _from_jsonable(payload)
+    return read_state(folder)
+
+
+def read_state(folder: str | Path) -> dict:
+    """A checkpoint's ``state.json`` (loop and data-stream state, config) as saved."""
+    return _from_jsonable(json.loads((Path(folder) / "state.json").read_text(encoding="utf-8")))
 
 
 class CheckpointCallback:

@@ -58,8 +58,9 @@ class TrainResult:
         return self.state.interrupted
 
 
-def precheck(cfg) -> None:
-    """Problems found without loading anything (so they come before the model load)."""
+def precheck(cfg: Config) -> Path:
+    """Problems found without loading anything (so they come before the model load);
+    returns the data folder."""
     if not cfg.data:
         raise UserError("data: no data folder given; set data: DIR holding train.jsonl (see data_transform.py)")
     data = Path(cfg.data)
@@ -68,6 +69,7 @@ def precheck(cfg) -> None:
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir: {out} exists and is not a folder")
+    return data
 
 
 def run_train(cfg: Config, *, log: Callable[[str], None] = print) -> TrainResult:
@@ -76,7 +78,7 @@ def run_train(cfg: Config, *, log: Callable[[str], None] = print) -> TrainResult
     An interrupted run (Ctrl-C) returns with ``result.interrupted`` set, a checkpoint
     saved and no adapter written; ``train.resume=true`` continues it.
     """
-    precheck(cfg)
+    data_dir = precheck(cfg)
     tc = cfg.train
     group = mx.distributed.init()
     rank, world = group.rank(), group.size()
@@ -94,7 +96,6 @@ def run_train(cfg: Config, *, log: Callable[[str], None] = print) -> TrainResult
     if tc.grad_checkpoint:
         grad_checkpoint(model)
 
-    data_dir = cfg.data or ""  # precheck: training always names its data folder
     splits = cache.load_splits(data_dir, tokenizer, max_seq_length=tc.max_seq_length,
                                mask_prompt=tc.mask_prompt, truncation=tc.truncation)
     for ds in splits.values():
@@ -154,7 +155,7 @@ def run_train(cfg: Config, *, log: Callable[[str], None] = print) -> TrainResult
         adapters.save_adapter(model, out, cfg.lora, info)
     test = held_out("test") if tc.test else None
     if tc.test and test is None:
-        say(f"train.test: no {Path(data_dir) / 'test.jsonl'}; test loss skipped")
+        say(f"train.test: no {data_dir / 'test.jsonl'}; test loss skipped")
     if test is not None:
         loss, n = evaluate(model, test(), eval_loss, 0, group)
         ppl = math.exp(min(loss, 700.0))

@@ -16,12 +16,12 @@ import json
 import math
 import os
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mlx_tune.errors import UserError
-from mlx_tune.training.checkpoint import checkpoint_steps
+from mlx_tune.training.checkpoint import checkpoint_steps, read_state
 
 MAX_DEPTH = 3
 UNKNOWN = "?"  # shown for a key of a run whose config cannot be read
@@ -47,8 +47,6 @@ class RunSummary:
     malformed_lines: int = 0
     config: dict[str, Any] | None = None
     config_source: str | None = None
-    rows: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def find_run_folders(root: Path, max_depth: int = MAX_DEPTH) -> list[Path]:
@@ -104,7 +102,7 @@ def read_run_config(folder: Path) -> tuple[dict[str, Any] | None, str | None]:
     """(flattened config, where it came from) of a run folder; (None, None) when unreadable."""
     for _step, ckpt in reversed(checkpoint_steps(folder / "checkpoints")):
         try:
-            cfg = json.loads((ckpt / "state.json").read_text(encoding="utf-8")).get("config")
+            cfg = read_state(ckpt).get("config")
         except (OSError, ValueError, AttributeError):
             continue
         if isinstance(cfg, dict):
@@ -131,7 +129,7 @@ def summarize_run(folder: Path, root: Path) -> RunSummary:
     """The summary of one run folder (``name`` relative to ``root``)."""
     rows, bad = read_metrics(folder / "metrics.jsonl")
     name = str(folder.relative_to(root)) if folder != root else "."
-    run = RunSummary(name=name, path=folder, malformed_lines=bad, rows=len(rows))
+    run = RunSummary(name=name, path=folder, malformed_lines=bad)
     steps = [int(r["step"]) for r in rows if _number(r.get("step")) is not None]
     run.steps = max(steps) if steps else None
     train = [r for r in rows if _number(r.get("loss")) is not None]
