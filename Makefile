@@ -7,7 +7,7 @@ PY     := scripts/python
 STAMP  := $(VENV)/.installed
 MODEL  := models/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: setup test test-fast test-accelerator lint demo bench bench-quick bench-rivals clean help
+.PHONY: setup test test-fast test-accelerator lint demo screenshots bench bench-quick bench-rivals clean help
 
 help:
 	@echo "make demo         the whole pipeline on SmolLM2: data -> train -> fuse -> serve -> test"
@@ -15,7 +15,8 @@ help:
 	@echo "make test-fast    the suite without the slow tests (-m 'not slow'): the inner loop"
 	@echo "make test-accelerator  backend-sensitive tests on the Metal/CUDA code path (MLX_TUNE_KERNELS=accelerator)"
 	@echo "make lint         ruff (lint + import order) and mypy over the typed seams"
-	@echo "make setup        .venv + package + OpenBLAS (Linux) + demo model"
+	@echo "make setup        .venv + package + OpenBLAS and Chromium (Linux) + demo model"
+	@echo "make screenshots  the studio's browser test, saving its screenshots to docs/"
 	@echo "make bench        all benchmarks (long); make bench-quick: under 20 minutes"
 
 $(VENV)/bin/python:
@@ -61,6 +62,9 @@ lint: $(STAMP)
 
 demo: setup
 	@scripts/demo.sh
+
+screenshots: setup
+	@export MLX_TUNE_STUDIO_SHOTS=docs; $(call PYTEST,tests/test_studio_browser.py)
 
 bench: setup
 	$(PY) bench/run_all.py

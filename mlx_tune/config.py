@@ -172,6 +172,8 @@ class ServeConfig:
     max_batch: int = field(default=16, metadata={"doc": "requests decoded together"})
     max_body_bytes: int = field(default=4_000_000, metadata={"doc": "request body limit (413 above)"})
     cors_origins: list[str] = field(default_factory=list, metadata={"doc": "allowed CORS origins (off when empty)"})
+    runs_dir: str | None = field(default=None, metadata={
+        "doc": "training runs the studio lists at /studio#runs (default: output_dir's parent)"})
 
     def check(self) -> list[str]:
         errs = []

@@ -46,6 +46,10 @@ report="$output_dir/eval_report.json"
 $py test_mlx.py --base-url "http://127.0.0.1:$port" --prompts "$prompts" --compare base "$adapter_name" --report "$report" \
   --concurrency 8 --max-tokens 16
 
+runs=$($py -c "import json, sys, urllib.request; print(len(json.load(urllib.request.urlopen(sys.argv[1], timeout=10))['runs']))" \
+  "http://127.0.0.1:$port/studio/api/runs" 2>/dev/null || echo "?")
+echo "studio: $runs runs listed at http://127.0.0.1:$port/studio#runs (./convert_and_serve.sh $config serves it again)"
+
 step "done"
 $py - "$report" "$output_dir" "$fused_dir" <<'PY'
 import json, sys

@@ -42,7 +42,8 @@ def test_demo_script_runs_every_step_end_to_end(tmp_path, tiny_folder):
                        capture_output=True, text=True, timeout=600)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-4000:]
-    for step in ("1/4 data", "2/4 train", "3/4 fuse + serve", "4/4 test", "accuracy on held-out demo prompts"):
+    for step in ("1/4 data", "2/4 train", "3/4 fuse + serve", "4/4 test", "accuracy on held-out demo prompts",
+                 "studio: 1 runs listed"):  # the served studio sees the run that was just trained
         assert step in out, step
     report = json.loads((tmp_path / "out" / "eval_report.json").read_text())
     assert report["models"] == ["base", "demo-adapter"] and report["n"] == 3

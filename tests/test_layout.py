@@ -10,7 +10,7 @@ PKG = Path(__file__).resolve().parent.parent / "mlx_tune"
 MAX_LINES = 500
 MAX_TOP_LEVEL = 8
 STAGES = {"runtime", "data", "model", "adapters", "training", "planning", "export", "server", "evaluation", "cli",
-          "testing"}
+          "testing", "studio"}
 
 
 def _modules() -> dict[str, Path]:

@@ -27,6 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key", default=os.environ.get("MLX_TUNE_API_KEY"),
                         help="require 'Authorization: Bearer KEY' on /v1 (default: $MLX_TUNE_API_KEY)")
     parser.add_argument("--adapters-root", help="folder POST /v1/adapters may load adapters from")
+    parser.add_argument("--runs-dir", help="training runs shown by the studio at /studio#runs (default: the config's "
+                        "output_dir parent); also the adapters root unless --adapters-root is given")
     parser.add_argument("--max-loras", type=int, help="adapters resident at once (least recently used evicted)")
     parser.add_argument("--max-lora-rank", type=int, help="refuse adapters of a larger rank")
     parser.add_argument("--max-queue", type=int, help="waiting requests before 429")
@@ -77,14 +79,34 @@ def settings(args: argparse.Namespace):
         adapters[name] = path
     for flag, key in (("host", "host"), ("port", "port"), ("api_key", "api_key"), ("adapters_root", "adapters_root"),
                       ("max_loras", "max_loras"), ("max_lora_rank", "max_lora_rank"), ("max_queue", "max_queue"),
-                      ("max_batch", "max_batch")):
+                      ("max_batch", "max_batch"), ("runs_dir", "runs_dir")):
         value = getattr(args, flag, None)
         if value is not None:
             setattr(serve, key, value)
+    if serve.runs_dir is None and args.config:
+        serve.runs_dir = str(trained.parent)
+    # The studio's one-click load of a run's adapter goes through POST /v1/adapters, so the
+    # runs folder is the adapters root unless one is named.
+    if serve.adapters_root is None and serve.runs_dir is not None:
+        serve.adapters_root = serve.runs_dir
     errs = serve.check()
     if errs:
         raise UserError("; ".join(errs))
     return source, quantize, adapters, serve
+
+
+def studio_folders(args: argparse.Namespace, serve) -> dict[str, str]:
+    """The data roots the studio may preview: the runs folder, the adapters root, the config's data folder."""
+    roots = {"runs": serve.runs_dir, "adapters": serve.adapters_root}
+    if args.config:
+        from mlx_tune.config import load_config
+
+        roots["data"] = load_config(args.config[0], args.config[1:]).data
+    out: dict[str, str] = {}
+    for label, path in roots.items():
+        if path and path not in out.values():
+            out[label] = path
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -119,7 +141,11 @@ def run(args: argparse.Namespace) -> int:
         )
     except ApiError as exc:
         raise UserError(exc.message) from None
+    from mlx_tune.studio.routes import attach
+
+    attach(app, registry, runs_dir=serve.runs_dir, data_dirs=studio_folders(args, serve), api_key=serve.api_key)
     names = ", ".join(registry.model_names())
-    print(f"serving {names} at http://{serve.host}:{serve.port}/v1 (Ctrl-C stops)", file=sys.stderr)
+    print(f"serving {names} at http://{serve.host}:{serve.port}/v1 (Ctrl-C stops); studio: "
+          f"http://{serve.host}:{serve.port}/studio", file=sys.stderr)
     uvicorn.run(app, host=serve.host, port=serve.port, log_level=args.log_level, timeout_graceful_shutdown=5)
     return 0

@@ -40,6 +40,7 @@ from mlx_tune.server.schemas import (
 log = logging.getLogger(__name__)
 
 DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
+KEYED_PATHS = ("/v1", "/studio/api")  # the studio page itself is static; its data is behind the key
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429)}
 _STREAMABLE = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}}
@@ -73,7 +74,7 @@ def validation_error(exc: RequestValidationError) -> ApiError:
 
 
 class Guard:
-    """ASGI middleware: API key on ``/v1/*`` and a request body limit, before any route runs."""
+    """ASGI middleware: API key on ``/v1/*`` and ``/studio/api/*`` and a request body limit, before any route runs."""
 
     def __init__(self, app, api_key: str | None, max_body_bytes: int):
         self.app = app
@@ -84,7 +85,7 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        if self.api_key and scope["path"].startswith("/v1") and scope.get("method") != "OPTIONS":
+        if self.api_key and scope["path"].startswith(KEYED_PATHS) and scope.get("method") != "OPTIONS":
             given = headers.get("authorization", "")
             token = given[7:].strip() if given[:7].lower() == "bearer " else ""
             if not hmac.compare_digest(token.encode(), self.api_key.encode()):
