@@ -29,6 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapters-root", help="folder POST /v1/adapters may load adapters from")
     parser.add_argument("--runs-dir", help="training runs shown by the studio at /studio#runs (default: the config's "
                         "output_dir parent); also the adapters root unless --adapters-root is given")
+    parser.add_argument("--no-studio", action="store_true", help="leave out the /studio page and its routes")
     parser.add_argument("--max-loras", type=int, help="adapters resident at once (least recently used evicted)")
     parser.add_argument("--max-lora-rank", type=int, help="refuse adapters of a larger rank")
     parser.add_argument("--max-queue", type=int, help="waiting requests before 429")
@@ -141,11 +142,12 @@ def run(args: argparse.Namespace) -> int:
         )
     except ApiError as exc:
         raise UserError(exc.message) from None
-    from mlx_tune.studio.routes import attach
+    if not args.no_studio:
+        from mlx_tune.studio.routes import attach
 
-    attach(app, registry, runs_dir=serve.runs_dir, data_dirs=studio_folders(args, serve), api_key=serve.api_key)
+        attach(app, registry, runs_dir=serve.runs_dir, data_dirs=studio_folders(args, serve), api_key=serve.api_key)
     names = ", ".join(registry.model_names())
-    print(f"serving {names} at http://{serve.host}:{serve.port}/v1 (Ctrl-C stops); studio: "
-          f"http://{serve.host}:{serve.port}/studio", file=sys.stderr)
+    print(f"serving {names} at http://{serve.host}:{serve.port}/v1 (Ctrl-C stops)"
+          + ("" if args.no_studio else f"; studio: http://{serve.host}:{serve.port}/studio"), file=sys.stderr)
     uvicorn.run(app, host=serve.host, port=serve.port, log_level=args.log_level, timeout_graceful_shutdown=5)
     return 0
