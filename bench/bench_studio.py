@@ -25,8 +25,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mlx_tune.atomic import write_text_atomic  # noqa: E402
-
 import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
@@ -37,6 +35,8 @@ import threading  # noqa: E402
 import time  # noqa: E402
 
 import httpx  # noqa: E402
+
+from mlx_tune.atomic import write_text_atomic  # noqa: E402
 
 DEFAULT_MODEL = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
