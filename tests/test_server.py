@@ -228,7 +228,7 @@ def test_logprobs_chat_and_completion(http):
     ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
     ({"model": 3}, "model"),
     ({"logit_bias": {"x": 1}}, "logit_bias"),
-    ({"response_format": {"type": "json_schema"}}, "response_format.type"),
+    ({"response_format": {"type": "json_schema"}}, "response_format.json_schema.schema"),
 ])
 def test_bad_values_are_400_naming_the_field(http, body, param):
     r = chat(http, **body)

@@ -197,7 +197,7 @@ def create_app(registry: ModelRegistry, engine: Engine, *, api_key: str | None =
         queue: asyncio.Queue = asyncio.Queue()
         job = engine.submit(gen, lambda event: loop.call_soon_threadsafe(queue.put_nowait, event))
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        builder = ResponseBuilder(kind, req.model, gen.logprobs is not None, include_usage)
+        builder = ResponseBuilder(kind, req.model, gen.logprobs is not None, include_usage, gen)
         if req.stream:
             return StreamingResponse(_stream(builder, queue, job), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
