@@ -205,3 +205,32 @@ def test_call_splitter_holds_markers_back():
     assert calls[0]["name"] == "add" and json.loads(calls[0]["arguments"]) == {"a": 1, "b": 2}
     s = CallSplitter(fmt)
     assert [k for k, _ in s.feed("<tool_call>not json</tool_call>")] == ["text"]
+
+
+@pytest.mark.slow
+def test_langchain_agent_completes_a_two_step_tool_task(demo):
+    from tests.needs import missing
+
+    try:
+        from langchain_core.messages import HumanMessage, ToolMessage
+        from langchain_core.tools import tool
+        from langchain_openai import ChatOpenAI
+    except ImportError:
+        missing("langchain-openai is not installed (pip install -e '.[dev]')")
+    _, url = demo
+
+    @tool
+    def add(a: int, b: int) -> int:
+        """Add two integers."""
+        return a + b
+
+    llm = ChatOpenAI(base_url=url + "/v1", api_key="unused", model="base", temperature=0, max_tokens=64,
+                     max_retries=0, timeout=300)
+    question = HumanMessage("What is 17 plus 25? Use the add tool.")
+    step1 = llm.bind_tools([add], tool_choice="required").invoke([question])  # step 1: the model calls the tool
+    (call,) = step1.tool_calls
+    assert call["name"] == "add" and set(call["args"]) == {"a", "b"}
+    result = add.invoke(call["args"])
+    final = llm.bind_tools([add]).invoke([question, step1, ToolMessage(str(result), tool_call_id=call["id"])])
+    assert isinstance(final.content, str)  # step 2: it answers (or calls again) from the tool's result
+    assert final.content or final.tool_calls
