@@ -32,7 +32,7 @@ import mlx.core as mx
 
 from mlx_tune.server.errors import ApiError
 from mlx_tune.server.mixing import RowRoute, RowRouter, install_row_shim
-from mlx_tune.server.prefix_cache import PrefixCache
+from mlx_tune.server.prefix_cache import PrefixCache, prefill
 from mlx_tune.server.sampling import make_request_processors, make_request_sampler, vocab_size
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,7 @@ class GenRequest:
     grammar: str | None = None  # llguidance grammar the answer must follow (structured output, tool calls)
     tools: Any = None  # the request's tools (the engine ignores them; responses parse calls)
     tool_syntax: Any = None
+    n: int = 1  # answers to the same prompt: rows sharing one prefill (through the prefix cache)
 
 
 @dataclass
@@ -77,6 +78,7 @@ class TokenInfo:
 class Delta:
     text: str
     logprobs: list[TokenInfo] = field(default_factory=list)
+    index: int = 0  # which of the request's n answers
 
 
 @dataclass
@@ -84,6 +86,7 @@ class Done:
     finish_reason: str  # "stop" | "length"
     prompt_tokens: int
     completion_tokens: int
+    index: int = 0
 
 
 @dataclass
@@ -97,17 +100,31 @@ Event = Delta | Done | Failed
 class Job:
     """One request in the engine; ``emit`` receives its events from the worker thread."""
 
-    def __init__(self, request: GenRequest, emit: Callable[[Event], None]):
+    def __init__(self, request: GenRequest, emit: Callable[[Event], None], *, parent: Job | None = None,
+                 index: int = 0):
         self.request = request
         self.emit = emit
-        self.cancelled = False
+        self.parent = parent
+        self.index = index
+        self.warm = False  # the first row of n: computes the shared prompt prefix for the others
+        self._cancelled = False
         self.finished = False
         self.uid: int | None = None
         self.text: TextStream | None = None
         self.completion_tokens = 0
         self.submitted = time.perf_counter()
 
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled or (self.parent is not None and self.parent.cancelled)
+
+    @cancelled.setter
+    def cancelled(self, value: bool) -> None:
+        self._cancelled = value
+
     def send(self, event: Event) -> None:
+        if isinstance(event, (Delta, Done)):
+            event.index = self.index
         try:
             self.emit(event)
         except Exception:  # the caller's loop is gone (client disconnected): nobody to tell
@@ -230,14 +247,21 @@ class Engine:
     def submit(self, request: GenRequest, emit: Callable[[Event], None]) -> Job:
         """Queue a request; ApiError 429 (with Retry-After) when the queue is full."""
         job = Job(request, emit)
+        rows = [job]
+        if request.n > 1:
+            from dataclasses import replace
+
+            rows = [Job(replace(request, n=1, seed=None if request.seed is None else request.seed + i), emit,
+                        parent=job, index=i) for i in range(request.n)]
+            rows[0].warm = True
         with self._cv:
             if self._stopping:
                 raise ApiError(503, "the server is shutting down", code="shutting_down")
-            if len(self._pending) >= self.max_queue:
+            if len(self._pending) + len(rows) > self.max_queue:
                 raise ApiError(429, f"the server is busy: {len(self._pending)} requests are waiting (max_queue); "
                                f"retry after {self.retry_after_s} s", code="queue_full",
                                headers={"Retry-After": str(self.retry_after_s)})
-            self._pending.append(job)
+            self._pending.extend(rows)
             self._cv.notify_all()
         return job
 
@@ -323,6 +347,8 @@ class Engine:
             if group is None:
                 group = self._groups[key] = _Group(req.adapter, mixed)
                 group.generator = self._new_generator(group)
+            if job.warm and len(req.prompt) > 1:
+                self._share_prefix(req)
             cache, cached = self.prefix.lookup(self._cache_key(req.adapter), req.prompt)
             reuse = {"caches": [cache], "all_tokens": [req.prompt[:cached]]} if cache is not None else {}
             try:
@@ -375,6 +401,16 @@ class Engine:
             if not group.jobs:
                 group.generator.close()
                 del self._groups[key]
+
+    def _share_prefix(self, req: GenRequest) -> None:
+        """Compute the prompt (all but its last token) once, into the prefix cache the n rows read."""
+        key = self._cache_key(req.adapter)
+        if self.prefix.lookup(key, req.prompt)[1] == len(req.prompt) - 1:
+            return
+        with self.registry.lock:
+            self.registry.activate(req.adapter)
+            cache = prefill(self.registry.model, req.prompt[:-1], self.prefill_step_size)
+        self.prefix.store(key, req.prompt[:-1], cache)
 
     def _cache_key(self, adapter: str | None) -> tuple:
         # A reloaded adapter of the same name is another adapter: its creation time tells them apart.

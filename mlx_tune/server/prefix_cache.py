@@ -104,3 +104,16 @@ class PrefixCache:
     def stats(self) -> dict:
         return {"entries": len(self.entries), "bytes": self.total, "hits": self.hits,
                 "reused_tokens": self.reused_tokens}
+
+
+def prefill(model, tokens: list[int], step: int = 512) -> list:
+    """A fresh KV cache of ``model`` holding ``tokens`` (computed ``step`` tokens at a time)."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    x = mx.array(tokens)[None]
+    for at in range(0, len(tokens), step):
+        model(x[:, at: at + step], cache=cache)
+        mx.eval([c.state for c in cache])
+    return cache

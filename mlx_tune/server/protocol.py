@@ -150,7 +150,7 @@ class Preparer:
             min_p=req.min_p or 0.0,
             stop=stops, seed=req.seed, logprobs=logprobs, logit_bias=bias,
             repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
-            frequency_penalty=req.frequency_penalty,
+            frequency_penalty=req.frequency_penalty, n=req.n,
         )
 
     def output_grammar(self, fmt: ResponseFormat | None) -> str | None:
@@ -184,8 +184,6 @@ class Preparer:
         return gen
 
     def completion(self, req: CompletionRequest) -> GenRequest:
-        if req.echo:
-            raise bad_request("echo: true is not supported", "echo")
         if req.suffix:
             raise bad_request("suffix: not supported (no fill-in-the-middle)", "suffix")
         gen = self.gen_request(req, self.completion_prompt(req), max_tokens=req.max_tokens, logprobs=req.logprobs)
@@ -207,6 +205,13 @@ def usage(done: Done) -> Usage:
                  total_tokens=done.prompt_tokens + done.completion_tokens)
 
 
+def total_usage(done: dict[int, Done]) -> Usage:
+    """The prompt once (its prefill is shared), the answers' tokens added up."""
+    prompt = done[0].prompt_tokens
+    completion = sum(d.completion_tokens for d in done.values())
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
 def _bytes(s: str) -> list[int]:
     return list(s.encode("utf-8"))
 
@@ -219,13 +224,17 @@ def chat_logprobs(infos: list[TokenInfo]) -> ChoiceLogprobs:
     ])
 
 
-def completion_logprobs(infos: list[TokenInfo], offset: int = 0) -> CompletionLogprobs:
-    offsets, at = [], offset
+def completion_logprobs(infos: list, offset: int = 0, first: str = "") -> CompletionLogprobs:
+    """Legacy completions logprobs; a ``None`` info is the echoed first prompt token ``first``."""
+    offsets, at, tokens, values, tops = [], offset, [], [], []
     for i in infos:
+        token = first if i is None else i.token
         offsets.append(at)
-        at += len(i.token)
-    return CompletionLogprobs(tokens=[i.token for i in infos], token_logprobs=[i.logprob for i in infos],
-                              top_logprobs=[dict(i.top) for i in infos], text_offset=offsets)
+        at += len(token)
+        tokens.append(token)
+        values.append(None if i is None else i.logprob)
+        tops.append(None if i is None else dict(i.top))
+    return CompletionLogprobs(tokens=tokens, token_logprobs=values, top_logprobs=tops, text_offset=offsets)
 
 
 class ResponseBuilder:
@@ -238,8 +247,10 @@ class ResponseBuilder:
 
     ARG_FRAGMENT = 24  # characters of arguments per streamed delta
 
-    def __init__(self, kind: str, model: str, want_logprobs: bool, include_usage: bool = False, gen=None):
+    def __init__(self, kind: str, model: str, want_logprobs: bool, include_usage: bool = False, gen=None,
+                 index: int = 0):
         self.kind = kind  # "chat" | "completion"
+        self.index = index  # which of the request's n answers this builder writes
         self.model = model
         self.id = new_id("chatcmpl" if kind == "chat" else "cmpl")
         self.created = int(time.time())
@@ -248,8 +259,16 @@ class ResponseBuilder:
         self.text: list[str] = []
         self.infos: list[TokenInfo] = []
         self.sent_chars = 0
+        self.first_token = ""
+        self.pending_echo: Delta | None = None
         syntax = getattr(gen, "tool_syntax", None)
         self.splitter = tools.CallSplitter(syntax, gen.tools) if syntax is not None and kind == "chat" else None
+
+    def echo(self, text: str, infos: list | None, first: str) -> None:
+        """Completions ``echo``: the prompt (and its tokens' logprobs) ahead of the answer."""
+        self.first_token = first
+        self.pending_echo = Delta(text, list(infos or []))
+        self.add(self.pending_echo)
 
     # non-streaming
     def add(self, delta: Delta) -> None:
@@ -271,12 +290,13 @@ class ResponseBuilder:
                     content = None
             message = AssistantMessage(content=content, tool_calls=[_wire_call(c) for c in calls] or None)
             reason = "tool_calls" if calls and done.finish_reason == "stop" else done.finish_reason
-            choice = ChatChoice(index=0, message=message, finish_reason=reason,
+            choice = ChatChoice(index=self.index, message=message, finish_reason=reason,
                                 logprobs=chat_logprobs(self.infos) if self.want_logprobs else None)
             return ChatCompletion(id=self.id, created=self.created, model=self.model, choices=[choice],
                                   usage=usage(done))
-        choice = CompletionChoice(index=0, text=text, finish_reason=done.finish_reason,
-                                  logprobs=completion_logprobs(self.infos) if self.want_logprobs else None)
+        choice = CompletionChoice(index=self.index, text=text, finish_reason=done.finish_reason,
+                                  logprobs=completion_logprobs(self.infos, first=self.first_token)
+                                  if self.want_logprobs else None)
         return Completion(id=self.id, created=self.created, model=self.model, choices=[choice], usage=usage(done))
 
     # streaming: each method returns SSE text (one or more events)
@@ -287,12 +307,13 @@ class ResponseBuilder:
 
     def first_chunk(self) -> str | None:
         if self.kind != "chat":
-            return None
-        choice = ChatChunkChoice(index=0, delta=WireDelta(role="assistant", content=""))
+            echo, self.pending_echo = self.pending_echo, None
+            return self.chunk(echo) if echo is not None else None
+        choice = ChatChunkChoice(index=self.index, delta=WireDelta(role="assistant", content=""))
         return self.sse(ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[choice]))
 
     def _chat_chunk(self, delta: WireDelta, finish_reason: str | None = None, infos=None) -> str:
-        choice = ChatChunkChoice(index=0, delta=delta, finish_reason=finish_reason,
+        choice = ChatChunkChoice(index=self.index, delta=delta, finish_reason=finish_reason,
                                  logprobs=chat_logprobs(infos) if self.want_logprobs and infos else None)
         return self.sse(ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[choice]))
 
@@ -328,16 +349,17 @@ class ResponseBuilder:
                 reason = "tool_calls" if self.splitter.calls and finish_reason == "stop" else finish_reason
                 return tail + self._chat_chunk(WireDelta(), reason)
             return self._chat_chunk(WireDelta(content=text) if delta else WireDelta(), finish_reason, infos)
-        choice = CompletionChoice(index=0, text=text, finish_reason=finish_reason,
-                                  logprobs=completion_logprobs(infos, self.sent_chars)
+        choice = CompletionChoice(index=self.index, text=text, finish_reason=finish_reason,
+                                  logprobs=completion_logprobs(infos, self.sent_chars, self.first_token)
                                   if self.want_logprobs and infos else None)
         out = Completion(id=self.id, created=self.created, model=self.model, choices=[choice])
         self.sent_chars += len(text)
         return self.sse(out)
 
-    def usage_chunk(self, done: Done) -> str:
+    def usage_chunk(self, done: Done, total: Usage | None = None) -> str:
         cls = ChatCompletionChunk if self.kind == "chat" else Completion
-        return self.sse(cls(id=self.id, created=self.created, model=self.model, choices=[], usage=usage(done)))
+        return self.sse(cls(id=self.id, created=self.created, model=self.model, choices=[],
+                            usage=total or usage(done)))
 
 
 def _wire_call(call: dict) -> ResponseToolCall:

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 DEFAULT_MAX_TOKENS = 512  # when a request gives neither max_tokens nor max_completion_tokens
 MAX_STOP_STRINGS = 16
 MAX_TOP_LOGPROBS = 20
+MAX_N = 8
 
 
 class _Request(BaseModel):
@@ -68,7 +69,7 @@ class SamplingFields(_Request):
     stop: Annotated[str, Field(min_length=1)] | StopList | None = Field(
         None, description="string(s) that end the answer; never part of the returned text")
     seed: int | None = Field(None, description="same seed and request give the same text")
-    n: Annotated[int, Field(ge=1, le=1, description="only 1 is supported")] = 1
+    n: Annotated[int, Field(ge=1, le=MAX_N, description="answers to generate (one prefill shared by them)")] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -187,8 +188,8 @@ class ChoiceLogprobs(_Response):
 
 class CompletionLogprobs(_Response):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]] | None = None
+    token_logprobs: list[float | None]  # None: the first echoed prompt token (nothing before it)
+    top_logprobs: list[dict[str, float] | None] | None = None
     text_offset: list[int]
 
 
