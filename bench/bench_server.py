@@ -196,6 +196,38 @@ def aggregate(server: Server, clients: int, per_client: int, max_tokens: int, eo
     return total / (time.perf_counter() - start)
 
 
+def system_prompt(seed: int, sentences: int = 80) -> str:
+    """About 1,000 tokens of instructions, different for each ``seed`` (a cold start each round)."""
+    topics = ["refunds", "shipping", "privacy", "accounts", "billing", "returns", "warranty", "support"]
+    return " ".join(f"Rule {seed}.{i}: when asked about {topics[i % len(topics)]}, answer politely, cite policy "
+                    f"section {i + seed}, and keep it under {20 + i % 7} words." for i in range(sentences))
+
+
+def first_token_s(server: Server, system: str, question: str, eos: int) -> float:
+    start = time.perf_counter()
+    with httpx.Client(timeout=600) as c, c.stream("POST", f"{server.url}/v1/chat/completions", json={
+            "model": server.model, "max_tokens": 4, "temperature": 0.0, "stream": True,
+            "logit_bias": {str(eos): -100.0},
+            "messages": [{"role": "system", "content": system}, {"role": "user", "content": question}]}) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                delta = (json.loads(line[6:]).get("choices") or [{}])[0].get("delta") or {}
+                if delta.get("content"):
+                    return time.perf_counter() - start
+    return float("nan")
+
+
+def prefix_reuse(server: Server, eos: int, rounds: int) -> tuple[float, float]:
+    """(median TTFT of a new 1,000-token system prompt, median TTFT when it repeats with a new question)."""
+    cold, warm = [], []
+    for k in range(rounds):
+        system = system_prompt(1000 + k)
+        cold.append(first_token_s(server, system, "How do refunds work?", eos))
+        warm.append(first_token_s(server, system, "And shipping to Canada?", eos))
+    return statistics.median(cold), statistics.median(warm)
+
+
 def switching(server: Server, requests: int, rounds: int, max_tokens: int, eos: int) -> tuple[float, float]:
     """(mean ms per request on one adapter, mean ms alternating two), interleaved rounds."""
     same, alternating = [], []
@@ -255,6 +287,11 @@ def main(argv: list[str] | None = None) -> int:
                 ttft, rate = single(server, max_tokens, eos, reps)
                 results[key].update(ttft_s=ttft, decode_tok_s=rate)
                 print(f"{server.label}: single request TTFT {ttft * 1000:.0f} ms, decode {rate:.1f} tok/s", flush=True)
+            for key, server in (("mlx_tune", ours), ("mlx_lm", rival)):
+                cold, warm = prefix_reuse(server, eos, 2 if args.quick else 3)
+                results[key].update(prefix_cold_s=cold, prefix_warm_s=warm)
+                print(f"{server.label}: 1,000-token system prompt TTFT {cold * 1000:.0f} ms, repeated "
+                      f"{warm * 1000:.0f} ms ({warm / cold:.2f}x)", flush=True)
             for clients in (1, 4, 16):
                 for key, server in (("mlx_tune", ours), ("mlx_lm", rival)):
                     tps = aggregate(server, clients, per_client, agg_tokens, eos)
@@ -289,6 +326,13 @@ def main(argv: list[str] | None = None) -> int:
             "name": f"server_aggregate_tok_s_{c}_clients_vs_mlx_lm", "measured": round(agg[c], 3), "target": want,
             "unit": "x", "rival": f"{rival_note}: {r[f'agg_{c}']:.1f} tok/s vs ours {o[f'agg_{c}']:.1f}",
             "pass": agg[c] >= want})
+    reuse = o["prefix_warm_s"] / o["prefix_cold_s"]
+    targets.append({"name": "server_prefix_cache_ttft_repeated_system_prompt", "measured": round(reuse, 3),
+                    "target": 0.25, "unit": "x of the first request (lower is better)",
+                    "rival": f"mlx_lm.server's prompt cache: {r['prefix_warm_s'] * 1000:.0f} ms repeated vs "
+                             f"{r['prefix_cold_s'] * 1000:.0f} ms first; ours {o['prefix_warm_s'] * 1000:.0f} vs "
+                             f"{o['prefix_cold_s'] * 1000:.0f} ms",
+                    "pass": reuse <= 0.25})
     targets.append({"name": "server_adapter_switch_overhead_per_request", "measured": round(overhead, 1),
                     "target": 50.0, "unit": "ms (lower is better)",
                     "rival": f"same adapter on every request: {same_ms:.0f} ms vs alternating {alt_ms:.0f} ms "

@@ -39,6 +39,7 @@ BENCHMARKS = [
     ("bench_train.py", [], ["--quick"], 3600, 600),
     ("bench_server.py", [], ["--quick"], 1800, 400),
     ("bench_studio.py", [], ["--quick"], 900, 300),
+    ("bench_grammar.py", [], ["--quick"], 1800, 600),
     ("bench_fuse.py", [], ["--quick"], 1200, 300),
     ("bench_memory.py", [], ["--quick"], 4 * 3600, 400),
     ("check_peft_interop.py", [], [], 600, 300),

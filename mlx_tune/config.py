@@ -171,6 +171,8 @@ class ServeConfig:
     max_queue: int = field(default=64, metadata={"doc": "queued requests before 429"})
     max_batch: int = field(default=16, metadata={"doc": "requests decoded together"})
     max_body_bytes: int = field(default=4_000_000, metadata={"doc": "request body limit (413 above)"})
+    prompt_cache_bytes: int = field(default=512 * 2**20, metadata={
+        "doc": "prompt prefix cache across requests, per adapter (0: off)"})
     cors_origins: list[str] = field(default_factory=list, metadata={"doc": "allowed CORS origins (off when empty)"})
     runs_dir: str | None = field(default=None, metadata={
         "doc": "training runs the studio lists at /studio#runs (default: output_dir's parent)"})
@@ -179,6 +181,8 @@ class ServeConfig:
         errs = []
         if not 0 <= self.port <= 65535:
             errs.append(f"serve.port: {self.port} must be in 0..65535")
+        if self.prompt_cache_bytes < 0:
+            errs.append(f"serve.prompt_cache_bytes: {self.prompt_cache_bytes} must be >= 0 (0 turns the cache off)")
         for name in ("max_loras", "max_lora_rank", "max_queue", "max_batch", "max_body_bytes"):
             if getattr(self, name) <= 0:
                 errs.append(f"serve.{name}: {getattr(self, name)} must be > 0")

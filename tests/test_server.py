@@ -220,7 +220,7 @@ def test_logprobs_chat_and_completion(http):
     ({"temperature": -1}, "temperature"),
     ({"temperature": "hot"}, "temperature"),
     ({"top_p": 2}, "top_p"),
-    ({"n": 2}, "n"),
+    ({"n": 9}, "n"),
     ({"stream": "yes"}, "stream"),
     ({"stop": 5}, "stop"),
     ({"seed": 1.5}, "seed"),
@@ -228,7 +228,7 @@ def test_logprobs_chat_and_completion(http):
     ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
     ({"model": 3}, "model"),
     ({"logit_bias": {"x": 1}}, "logit_bias"),
-    ({"response_format": {"type": "json_schema"}}, "response_format.type"),
+    ({"response_format": {"type": "json_schema"}}, "response_format.json_schema.schema"),
 ])
 def test_bad_values_are_400_naming_the_field(http, body, param):
     r = chat(http, **body)
@@ -354,8 +354,10 @@ def test_official_openai_client(server):
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="ghost", messages=[{"role": "user", "content": "x"}])
     with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model="base", messages=[{"role": "user", "content": "x"}], n=3)
+        client.chat.completions.create(model="base", messages=[{"role": "user", "content": "x"}], n=9)
     assert info.value.body["param"] == "n"
+    two = client.chat.completions.create(model="base", messages=[{"role": "user", "content": "x"}], n=2, max_tokens=3)
+    assert [c.index for c in two.choices] == [0, 1]
 
 
 def test_test_mlx_script_against_the_server(server, tmp_path):

@@ -139,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
             model, tokenizer, info, adapters=adapters, api_key=serve.api_key, adapters_root=serve.adapters_root,
             max_loras=serve.max_loras, max_lora_rank=serve.max_lora_rank, max_queue=serve.max_queue,
             max_batch=serve.max_batch, max_body_bytes=serve.max_body_bytes, cors_origins=serve.cors_origins,
+            prompt_cache_bytes=serve.prompt_cache_bytes,
         )
     except ApiError as exc:
         raise UserError(exc.message) from None

@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mlx_tune.server.engine import Delta, Done, Engine, Failed
 from mlx_tune.server.errors import ApiError
-from mlx_tune.server.protocol import Preparer, ResponseBuilder, context_window
+from mlx_tune.server.protocol import Preparer, ResponseBuilder, context_window, total_usage
 from mlx_tune.server.registry import ModelRegistry
 from mlx_tune.server.schemas import (
     AdapterCard,
@@ -193,15 +193,23 @@ def create_app(registry: ModelRegistry, engine: Engine, *, api_key: str | None =
                       running=s["running"])
 
     # -- generation ------------------------------------------------------------------------
-    async def generate(kind: str, req, gen, request: Request) -> object:
+    async def generate(kind: str, req, gen, request: Request, echo: tuple | None = None) -> object:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         job = engine.submit(gen, lambda event: loop.call_soon_threadsafe(queue.put_nowait, event))
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        builder = ResponseBuilder(kind, req.model, gen.logprobs is not None, include_usage)
+        # One builder per answer (n > 1), all under one response id.
+        builders = [ResponseBuilder(kind, req.model, gen.logprobs is not None, include_usage, gen, index=i)
+                    for i in range(gen.n)]
+        for b in builders[1:]:
+            b.id, b.created = builders[0].id, builders[0].created
+        if echo is not None:
+            for b in builders:
+                b.echo(*echo)
         if req.stream:
-            return StreamingResponse(_stream(builder, queue, job), media_type="text/event-stream",
+            return StreamingResponse(_stream(builders, queue, job), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        done: dict[int, Done] = {}
         try:
             checked = loop.time()
             while True:
@@ -215,32 +223,45 @@ def create_app(registry: ModelRegistry, engine: Engine, *, api_key: str | None =
                         job.cancel()
                         return JSONResponse({"error": "client disconnected"}, status_code=499)
                 if isinstance(event, Delta):
-                    builder.add(event)
+                    builders[event.index].add(event)
                 elif isinstance(event, Done):
-                    return builder.final(event)
+                    done[event.index] = event
+                    if len(done) == len(builders):
+                        return _merged(builders, done)
                 elif isinstance(event, Failed):
                     raise event.error
         finally:
             job.cancel()  # a no-op once finished; stops the work if the client went away
             engine.wake()
 
-    async def _stream(builder: ResponseBuilder, queue: asyncio.Queue, job):
+    def _merged(builders: list[ResponseBuilder], done: dict[int, Done]):
+        response = builders[0].final(done[0])
+        for i, b in enumerate(builders[1:], start=1):
+            response.choices.append(b.final(done[i]).choices[0])
+        if len(builders) > 1:
+            response.usage = total_usage(done)
+        return response
+
+    async def _stream(builders: list[ResponseBuilder], queue: asyncio.Queue, job):
         try:
-            first = builder.first_chunk()
-            if first:
-                yield first
-            while True:
+            for b in builders:
+                first = b.first_chunk()
+                if first:
+                    yield first
+            done: dict[int, Done] = {}
+            while len(done) < len(builders):
                 event = await queue.get()
                 if isinstance(event, Delta):
-                    yield builder.chunk(event)
+                    yield builders[event.index].chunk(event)
                 elif isinstance(event, Done):
-                    yield builder.chunk(None, event.finish_reason)
-                    if builder.include_usage:
-                        yield builder.usage_chunk(event)
-                    break
+                    done[event.index] = event
+                    yield builders[event.index].chunk(None, event.finish_reason)
                 elif isinstance(event, Failed):
-                    yield builder.sse(json.dumps(event.error.body()))
+                    yield builders[0].sse(json.dumps(event.error.body()))
                     break
+            else:
+                if builders[0].include_usage:
+                    yield builders[0].usage_chunk(done[0], total_usage(done))
             yield "data: [DONE]\n\n"
         finally:
             job.cancel()
@@ -252,7 +273,18 @@ def create_app(registry: ModelRegistry, engine: Engine, *, api_key: str | None =
 
     @app.post("/v1/completions", response_model=Completion, responses={**_ERRORS, **_STREAMABLE})
     async def completions(req: CompletionRequest, request: Request):
-        return await generate("completion", req, preparer.completion(req), request)
+        gen = preparer.completion(req)
+        echo = None
+        if req.echo:  # the prompt comes back first, with its own tokens' logprobs when asked
+            from mlx_tune.server.scoring import prompt_logprobs
+
+            infos = None
+            if req.logprobs is not None:
+                infos = await run_in_threadpool(engine.call, prompt_logprobs, registry, gen.adapter, gen.prompt,
+                                                req.logprobs)
+            text = req.prompt if isinstance(req.prompt, str) else registry.tokenizer.decode(gen.prompt)
+            echo = (text if isinstance(text, str) else text[0], infos, registry.tokenizer.decode(gen.prompt[:1]))
+        return await generate("completion", req, gen, request, echo)
 
     # -- adapters --------------------------------------------------------------------------
     def card(entry) -> AdapterCard:

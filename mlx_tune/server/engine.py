@@ -26,11 +26,14 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any
 
 import mlx.core as mx
 
 from mlx_tune.server.errors import ApiError
 from mlx_tune.server.mixing import RowRoute, RowRouter, install_row_shim
+from mlx_tune.server.prefix_cache import PrefixCache, prefill
+from mlx_tune.server.sampling import make_request_processors, make_request_sampler, vocab_size
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +59,10 @@ class GenRequest:
     repetition_penalty: float | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    grammar: str | None = None  # llguidance grammar the answer must follow (structured output, tool calls)
+    tools: Any = None  # the request's tools (the engine ignores them; responses parse calls)
+    tool_syntax: Any = None
+    n: int = 1  # answers to the same prompt: rows sharing one prefill (through the prefix cache)
 
 
 @dataclass
@@ -71,6 +78,7 @@ class TokenInfo:
 class Delta:
     text: str
     logprobs: list[TokenInfo] = field(default_factory=list)
+    index: int = 0  # which of the request's n answers
 
 
 @dataclass
@@ -78,6 +86,7 @@ class Done:
     finish_reason: str  # "stop" | "length"
     prompt_tokens: int
     completion_tokens: int
+    index: int = 0
 
 
 @dataclass
@@ -91,17 +100,31 @@ Event = Delta | Done | Failed
 class Job:
     """One request in the engine; ``emit`` receives its events from the worker thread."""
 
-    def __init__(self, request: GenRequest, emit: Callable[[Event], None]):
+    def __init__(self, request: GenRequest, emit: Callable[[Event], None], *, parent: Job | None = None,
+                 index: int = 0):
         self.request = request
         self.emit = emit
-        self.cancelled = False
+        self.parent = parent
+        self.index = index
+        self.warm = False  # the first row of n: computes the shared prompt prefix for the others
+        self._cancelled = False
         self.finished = False
         self.uid: int | None = None
         self.text: TextStream | None = None
         self.completion_tokens = 0
         self.submitted = time.perf_counter()
 
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled or (self.parent is not None and self.parent.cancelled)
+
+    @cancelled.setter
+    def cancelled(self, value: bool) -> None:
+        self._cancelled = value
+
     def send(self, event: Event) -> None:
+        if isinstance(event, (Delta, Done)):
+            event.index = self.index
         try:
             self.emit(event)
         except Exception:  # the caller's loop is gone (client disconnected): nobody to tell
@@ -162,45 +185,6 @@ class TextStream:
 
 
 # ---------------------------------------------------------------------------
-# Sampling
-# ---------------------------------------------------------------------------
-
-
-def make_request_sampler(req: GenRequest):
-    """mlx-lm's sampler chain; with a seed, the draw uses the request's own key sequence."""
-    from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_sampler
-
-    if req.temperature == 0:
-        return make_sampler(0.0)
-    if req.seed is None:
-        return make_sampler(req.temperature, top_p=req.top_p, min_p=req.min_p, top_k=req.top_k)
-    filters = []
-    if 0 < req.top_p < 1.0:
-        filters.append(lambda x: apply_top_p(x, req.top_p))
-    if req.min_p != 0.0:
-        filters.append(lambda x: apply_min_p(x, req.min_p))
-    if req.top_k > 0:
-        filters.append(lambda x: apply_top_k(x, req.top_k))
-    state = {"key": mx.random.key(req.seed & 0xFFFFFFFFFFFFFFFF)}
-    inv_temp = 1.0 / req.temperature
-
-    def sampler(logprobs: mx.array) -> mx.array:
-        for f in filters:
-            logprobs = f(logprobs)
-        state["key"], sub = mx.random.split(state["key"])
-        return mx.random.categorical(logprobs * inv_temp, key=sub)
-
-    return sampler
-
-
-def make_request_processors(req: GenRequest) -> list:
-    from mlx_lm.sample_utils import make_logits_processors
-
-    return make_logits_processors(req.logit_bias or None, req.repetition_penalty, 20, req.presence_penalty, 20,
-                                  req.frequency_penalty, 20)
-
-
-# ---------------------------------------------------------------------------
 # The engine
 # ---------------------------------------------------------------------------
 
@@ -222,7 +206,7 @@ class Engine:
     """Owns the model on one worker thread; ``submit`` is safe from any thread."""
 
     def __init__(self, registry, *, max_queue: int = 64, max_batch: int = 16, prefill_step_size: int = 512,
-                 retry_after_s: int = 1, mix_adapters: bool = True):
+                 retry_after_s: int = 1, mix_adapters: bool = True, prefix_cache_bytes: int = 512 * 2**20):
         self.registry = registry
         self.tokenizer = registry.tokenizer
         self.max_queue = max_queue
@@ -230,6 +214,7 @@ class Engine:
         self.prefill_step_size = prefill_step_size
         self.retry_after_s = retry_after_s
         self.eos_ids = set(self.tokenizer.eos_token_ids or ())
+        self.vocab_size = vocab_size(registry.model, self.tokenizer)
         self._pending: deque[Job] = deque()
         self._calls: deque[tuple[Callable, tuple, Future]] = deque()
         self._groups: dict[str | None, _Group] = {}
@@ -241,6 +226,7 @@ class Engine:
         # otherwise one batch per adapter, taking turns step by step.
         self.mixing = mix_adapters and install_row_shim()
         self.route = RowRoute()
+        self.prefix = PrefixCache(prefix_cache_bytes)
 
     # -- lifecycle --------------------------------------------------------------------
     def start(self) -> Engine:
@@ -261,14 +247,21 @@ class Engine:
     def submit(self, request: GenRequest, emit: Callable[[Event], None]) -> Job:
         """Queue a request; ApiError 429 (with Retry-After) when the queue is full."""
         job = Job(request, emit)
+        rows = [job]
+        if request.n > 1:
+            from dataclasses import replace
+
+            rows = [Job(replace(request, n=1, seed=None if request.seed is None else request.seed + i), emit,
+                        parent=job, index=i) for i in range(request.n)]
+            rows[0].warm = True
         with self._cv:
             if self._stopping:
                 raise ApiError(503, "the server is shutting down", code="shutting_down")
-            if len(self._pending) >= self.max_queue:
+            if len(self._pending) + len(rows) > self.max_queue:
                 raise ApiError(429, f"the server is busy: {len(self._pending)} requests are waiting (max_queue); "
                                f"retry after {self.retry_after_s} s", code="queue_full",
                                headers={"Retry-After": str(self.retry_after_s)})
-            self._pending.append(job)
+            self._pending.extend(rows)
             self._cv.notify_all()
         return job
 
@@ -354,10 +347,14 @@ class Engine:
             if group is None:
                 group = self._groups[key] = _Group(req.adapter, mixed)
                 group.generator = self._new_generator(group)
+            if job.warm and len(req.prompt) > 1:
+                self._share_prefix(req)
+            cache, cached = self.prefix.lookup(self._cache_key(req.adapter), req.prompt)
+            reuse = {"caches": [cache], "all_tokens": [req.prompt[:cached]]} if cache is not None else {}
             try:
                 (uid,) = group.generator.insert(
-                    [req.prompt], max_tokens=[req.max_tokens], samplers=[make_request_sampler(req)],
-                    logits_processors=[make_request_processors(req)],
+                    [req.prompt[cached:]], max_tokens=[req.max_tokens], samplers=[make_request_sampler(req)],
+                    logits_processors=[make_request_processors(req, self.tokenizer, self.vocab_size)], **reuse,
                 )
             except Exception:
                 self.registry.release(req.adapter)
@@ -405,9 +402,26 @@ class Engine:
                 group.generator.close()
                 del self._groups[key]
 
+    def _share_prefix(self, req: GenRequest) -> None:
+        """Compute the prompt (all but its last token) once, into the prefix cache the n rows read."""
+        key = self._cache_key(req.adapter)
+        if self.prefix.lookup(key, req.prompt)[1] == len(req.prompt) - 1:
+            return
+        with self.registry.lock:
+            self.registry.activate(req.adapter)
+            cache = prefill(self.registry.model, req.prompt[:-1], self.prefill_step_size)
+        self.prefix.store(key, req.prompt[:-1], cache)
+
+    def _cache_key(self, adapter: str | None) -> tuple:
+        # A reloaded adapter of the same name is another adapter: its creation time tells them apart.
+        entry = self.registry.entries.get(adapter) if adapter is not None else None
+        return (adapter, id(entry) if entry is not None else None)
+
     def _on_token(self, group: _Group, job: Job, r) -> None:
         job.completion_tokens += 1
         req = job.request
+        if r.finish_reason is not None and getattr(r, "prompt_cache", None) is not None and r.all_tokens:
+            self.prefix.store(self._cache_key(req.adapter), list(r.all_tokens), r.prompt_cache)
         if r.finish_reason == "stop" and r.token in self.eos_ids:
             text, _ = job.text.finish()
             return self._end(group, job, text, [], "stop", removed=True)

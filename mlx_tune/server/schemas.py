@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 DEFAULT_MAX_TOKENS = 512  # when a request gives neither max_tokens nor max_completion_tokens
 MAX_STOP_STRINGS = 16
 MAX_TOP_LOGPROBS = 20
+MAX_N = 8
 
 
 class _Request(BaseModel):
@@ -38,8 +39,16 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(_Request):
+    name: Annotated[str, Field(min_length=1, max_length=64)] = "response"
+    description: str | None = None
+    schema_: dict | None = Field(None, alias="schema", description="the JSON schema the answer follows")
+    strict: bool | None = Field(None, description="the answer always follows the schema (constrained decoding)")
+
+
 class ResponseFormat(_Request):
-    type: Literal["text", "json_object"] = "text"
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: JsonSchemaFormat | None = None
 
 
 class SamplingFields(_Request):
@@ -60,16 +69,50 @@ class SamplingFields(_Request):
     stop: Annotated[str, Field(min_length=1)] | StopList | None = Field(
         None, description="string(s) that end the answer; never part of the returned text")
     seed: int | None = Field(None, description="same seed and request give the same text")
-    n: Annotated[int, Field(ge=1, le=1, description="only 1 is supported")] = 1
+    n: Annotated[int, Field(ge=1, le=MAX_N, description="answers to generate (one prefill shared by them)")] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+
+
+class FunctionCall(_Request):
+    name: Annotated[str, Field(min_length=1)]
+    arguments: str = Field("", description="the arguments as a JSON string")
+
+
+class ToolCall(_Request):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
 
 
 class ChatMessage(_Request):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(None, description="an assistant turn's calls (history)")
+    tool_call_id: str | None = Field(None, description="the call a tool message answers")
+
+
+class FunctionDef(_Request):
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+    description: str | None = None
+    parameters: dict | None = Field(None, description="JSON schema of the arguments")
+    strict: bool | None = None
+
+
+class Tool(_Request):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class ToolChoiceFunction(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: ToolChoiceFunction
 
 
 class ContentPart(_Request):
@@ -84,6 +127,9 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool | None = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
     response_format: ResponseFormat | None = None
+    tools: Annotated[list[Tool], Field(max_length=128)] | None = None
+    tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
 
 class CompletionRequest(SamplingFields):
@@ -96,6 +142,7 @@ class CompletionRequest(SamplingFields):
     logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = Field(
         None, description="return this many top log-probabilities per token (0: only the chosen token's)")
     suffix: str | None = None
+    response_format: ResponseFormat | None = None
 
 
 class AdapterLoadRequest(_Request):
@@ -141,17 +188,29 @@ class ChoiceLogprobs(_Response):
 
 class CompletionLogprobs(_Response):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]] | None = None
+    token_logprobs: list[float | None]  # None: the first echoed prompt token (nothing before it)
+    top_logprobs: list[dict[str, float] | None] | None = None
     text_offset: list[int]
 
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
+
+
+class ResponseFunctionCall(_Response):
+    name: str
+    arguments: str
+
+
+class ResponseToolCall(_Response):
+    id: str
+    type: Literal["function"] = "function"
+    function: ResponseFunctionCall
 
 
 class AssistantMessage(_Response):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ResponseToolCall] | None = None
 
 
 class ChatChoice(_Response):
@@ -171,9 +230,22 @@ class ChatCompletion(_Response):
     system_fingerprint: str | None = None
 
 
+class DeltaFunction(_Response):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(_Response):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunction
+
+
 class Delta(_Response):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatChunkChoice(_Response):
