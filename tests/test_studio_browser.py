@@ -105,6 +105,18 @@ def test_the_studio_in_a_browser(browser, site, shots):
         assert "failed" not in card.get_attribute("class")
         assert card.find_element("css selector", ".output").get_attribute("textContent")  # a random model's bytes
         assert "tokens/s" in card.find_element("css selector", ".stats").text
+    # Structured output from the playground: every answer is JSON of the schema.
+    from selenium.webdriver.support.ui import Select
+
+    Select(css(d, "#format")[0]).select_by_value("json_schema")
+    schema = {"type": "object", "properties": {"mood": {"enum": ["calm", "busy"]}}, "required": ["mood"],
+              "additionalProperties": False}
+    css(d, "#schema")[0].send_keys(json.dumps(schema))
+    css(d, "#send")[0].click()
+    wait(d, lambda d: len(css(d, ".answer[data-done='1']")) == 2)
+    for card in css(d, ".answer"):
+        assert json.loads(card.find_element("css selector", ".output").get_attribute("textContent"))["mood"] in (
+            "calm", "busy")
     d.save_screenshot(str(shots / "studio-playground.png"))
 
     # Runs: the finished run's charts draw; its adapter loads with one click.

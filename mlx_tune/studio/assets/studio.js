@@ -138,6 +138,15 @@ async function streamAnswer(model, messages, params, card) {
           chunks += 1;
           out.textContent += delta.content;
         }
+        for (const call of (delta && delta.tool_calls) || []) {
+          if (first === null) first = performance.now();
+          // A call arrives as its name first, then its arguments in fragments.
+          out.textContent += call.function.name ? `${out.textContent ? "\n" : ""}→ ${call.function.name}(` : "";
+          out.textContent += call.function.arguments || "";
+          card.dataset.calls = String(Number(card.dataset.calls || 0) + (call.function.name ? 1 : 0));
+        }
+        const reason = msg.choices && msg.choices[0] && msg.choices[0].finish_reason;
+        if (reason === "tool_calls") out.textContent += ")";
       }
     }
   }
@@ -160,6 +169,20 @@ function send() {
   if (system) messages.push({ role: "system", content: system });
   messages.push({ role: "user", content: prompt });
   const params = { temperature: Number($("#temperature").value), max_tokens: Number($("#max-tokens").value) };
+  try {
+    const format = $("#format").value;
+    if (format === "json_object") params.response_format = { type: "json_object" };
+    if (format === "json_schema") {
+      params.response_format = { type: "json_schema", json_schema: { name: "studio", schema: JSON.parse($("#schema").value), strict: true } };
+    }
+    const tools = $("#tools").value.trim();
+    if (tools) {
+      params.tools = JSON.parse(tools);
+      params.tool_choice = $("#tool-choice").value;
+    }
+  } catch (e) {
+    return setStatus("schema or tools: not valid JSON (" + e.message + ")", true);
+  }
   const answers = $("#answers");
   answers.replaceChildren();
   setStatus("generating...");
