@@ -234,3 +234,39 @@ def test_langchain_agent_completes_a_two_step_tool_task(demo):
     final = llm.bind_tools([add]).invoke([question, step1, ToolMessage(str(result), tool_call_id=call["id"])])
     assert isinstance(final.content, str)  # step 2: it answers (or calls again) from the tool's result
     assert final.content or final.tool_calls
+
+
+def test_openai_client_n_and_penalties(tiny):
+    from openai import OpenAI
+
+    client, tokenizer = tiny
+    oa = OpenAI(base_url=str(client.base_url).rstrip("/") + "/v1", api_key="unused", max_retries=0)
+    bias = letter_bias(tokenizer, "ab")
+    plain = oa.chat.completions.create(model="base", messages=[{"role": "user", "content": "hi"}], max_tokens=16,
+                                       temperature=0, logit_bias=bias)
+    text = plain.choices[0].message.content
+    assert text and set(text) <= set("ab")
+    # A repeated letter is penalised more with each use: the greedy run of one letter breaks.
+    other = oa.chat.completions.create(model="base", messages=[{"role": "user", "content": "hi"}],
+                                       max_tokens=16, temperature=0, logit_bias=bias, frequency_penalty=2.0)
+    assert other.choices[0].message.content != text and set(other.choices[0].message.content) <= set("ab")
+    once = oa.chat.completions.create(model="base", messages=[{"role": "user", "content": "hi"}],
+                                      max_tokens=16, temperature=0, logit_bias=bias, presence_penalty=2.0)
+    assert set(once.choices[0].message.content) <= set("ab")
+    many = oa.chat.completions.create(model="base", messages=[{"role": "user", "content": "hi"}], max_tokens=8,
+                                      temperature=1.0, seed=5, n=3, logit_bias=bias)
+    assert [c.index for c in many.choices] == [0, 1, 2] and len({c.message.content for c in many.choices}) > 1
+
+
+@pytest.mark.slow
+def test_auto_tool_choice_lets_the_model_decide(demo):
+    client, _ = demo
+    r = client.chat.completions.create(model="base", temperature=0, max_tokens=64, tools=TOOLS, tool_choice="auto",
+                                       messages=[{"role": "system", "content": "Call a tool when one fits."}] + ASK)
+    choice = r.choices[0]
+    if choice.message.tool_calls:  # a call the model chose to make parses like a forced one
+        assert choice.finish_reason == "tool_calls"
+        for call in choice.message.tool_calls:
+            assert call.function.name in SCHEMAS and json.loads(call.function.arguments) is not None
+    else:
+        assert choice.finish_reason in ("stop", "length") and "<tool_call>" not in (choice.message.content or "")
