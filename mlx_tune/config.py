@@ -203,6 +203,9 @@ class FuseConfig:
         return []
 
 
+CHAT_TEMPLATE_NAMES = ("chatml", "llama3", "gemma", "mistral")  # mlx_tune.model.chat_templates.NAMED
+
+
 @dataclass
 class Config:
     """A whole run: model, quantization, adapter, data, training, outputs, serving."""
@@ -219,12 +222,22 @@ class Config:
     serve: ServeConfig = field(default_factory=ServeConfig, metadata={"doc": "server"})
     fuse: FuseConfig = field(default_factory=FuseConfig, metadata={"doc": "fusing and export"})
     trust_remote_code: bool = field(default=False, metadata={"doc": "allow a hub model's own tokenizer code"})
+    chat_template: str | None = field(
+        default=None, metadata={"doc": "for models without one: chatml, llama3, gemma, mistral or PATH.jinja"}
+    )
     source_path: str | None = field(default=None, metadata={"doc": "(set by the loader) the YAML file read"})
 
     def check(self) -> list[str]:
         errs = []
         if not str(self.model).strip():
             errs.append("model: is empty; give a hub repo id, a model folder or a .gguf file")
+        tpl = self.chat_template
+        if tpl is not None and tpl not in CHAT_TEMPLATE_NAMES:
+            if not tpl.endswith(".jinja"):
+                errs.append(f"chat_template: {tpl!r} is not a known template; use {', '.join(CHAT_TEMPLATE_NAMES)} "
+                            "or a path to a .jinja file")
+            elif not Path(tpl).expanduser().is_file():
+                errs.append(f"chat_template: {tpl} not found (a .jinja file path, relative to the current folder)")
         return errs
 
     @property

@@ -60,9 +60,11 @@ class Preparer:
             content = m.content if isinstance(m.content, str) or m.content is None else "".join(p.text for p in m.content)
             messages.append({"role": m.role, "content": content or ""})
         tok = self.tokenizer
-        if getattr(tok, "has_chat_template", False) or getattr(tok, "chat_template", None):
+        template = self.registry.chat_template(req.model)  # an adapter's own template wins
+        if template or getattr(tok, "has_chat_template", False) or getattr(tok, "chat_template", None):
             try:
-                ids = tok.apply_chat_template(messages, add_generation_prompt=True)
+                extra = {"chat_template": template} if template else {}
+                ids = tok.apply_chat_template(messages, add_generation_prompt=True, **extra)
             except Exception as exc:  # jinja templates raise for orders they do not accept
                 raise bad_request(f"messages: the model's chat template refused them ({exc})", "messages") from None
             if isinstance(ids, dict) or hasattr(ids, "input_ids"):
