@@ -24,9 +24,8 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer, info = load_model(args.model)
     print(f"loaded {info.kind} model in {info.load_seconds:.1f}s (quantization: {info.quantization})")
     if args.adapter:
-        from mlx_tune.adapters.manager import load_adapter
-
         from mlx_tune.adapters.files import read_adapter_template
+        from mlx_tune.adapters.manager import load_adapter
         from mlx_tune.model.chat_templates import set_chat_template
 
         load_adapter(model, args.adapter)
