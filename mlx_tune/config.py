@@ -91,6 +91,9 @@ class LoraConfig:
     use_rslora: bool = field(default=False, metadata={"doc": "rank-stabilised scale alpha / sqrt(r)"})
     use_dora: bool = field(default=False, metadata={"doc": "DoRA: learn a magnitude vector over the weight-normalised direction"})
     include_lm_head: bool = field(default=False, metadata={"doc": "with all-linear, also adapt the LM head"})
+    include_experts: bool = field(
+        default=True, metadata={"doc": "with all-linear, also adapt MoE expert layers (one LoRA per expert); routers stay frozen"}
+    )
 
     def check(self) -> list[str]:
         errs = lora_hyperparameter_problems(self.rank, self.alpha, self.dropout,

@@ -90,6 +90,13 @@ def export_peft(adapter_dir: str | Path, out_dir: str | Path) -> Path:
     config, weights, source = read_adapter(adapter_dir)
     if config.get("format") != ADAPTER_FORMAT:
         raise UserError(f"{source.parent}: not an mlx_tune adapter folder (adapter_config.json has no format {ADAPTER_FORMAT!r})")
+    stacked = sorted(k.rpartition(".")[0] for k, v in weights.items() if k.endswith(".lora_a") and v.ndim == 3)
+    if stacked:
+        # PEFT adapts per-expert nn.Linear modules, or (target_parameters) transformers' own fused
+        # expert tensors, whose layout differs from mlx-lm's SwitchLinear stacks: no faithful form.
+        raise UserError(f"{source.parent}: PEFT has no standard form for per-expert LoRA on MoE expert stacks "
+                        f"({stacked[0]}{f' and {len(stacked) - 1} more' if len(stacked) > 1 else ''}); "
+                        "use the mlx_tune adapter folder (mlx-lm reads it) or fuse the model")
     tensors = {}
     for key, value in weights.items():
         path, _, leaf = key.rpartition(".")
