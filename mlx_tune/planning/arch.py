@@ -11,12 +11,12 @@ block and of the embedding / LM head, the MoE blocks (``E`` routed experts of ML
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mlx_tune.errors import UserError
+from mlx_tune.model import hub
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo2", "granite", "phi3", "gemma", "gemma2",
                    "gemma3_text", "gemma3", "qwen3_moe", "mixtral", "gpt_oss")
@@ -237,13 +237,14 @@ def _hub_config(repo_id: str) -> SourceConfig:
             pass
     if repo_id in KNOWN_CONFIGS:
         return SourceConfig(dict(KNOWN_CONFIGS[repo_id]), "built-in published values")
-    if hf_hub_download is not None and os.environ.get("HF_HUB_OFFLINE") != "1":
-        try:
-            return SourceConfig(json.loads(Path(hf_hub_download(repo_id, "config.json", etag_timeout=5)).read_text()), "hub")
-        except Exception as exc:
-            reason = type(exc).__name__
-        else:  # pragma: no cover
-            reason = ""
+    if hf_hub_download is not None and not hub.offline():
+        reason = hub.unreachable_reason() or ""  # one quick request instead of huggingface-hub's retries
+        if not reason:
+            try:
+                return SourceConfig(json.loads(Path(hf_hub_download(repo_id, "config.json", etag_timeout=5)).read_text()),
+                                    "hub")
+            except Exception as exc:
+                reason = type(exc).__name__
     else:
         reason = "offline"
     known = ", ".join(sorted(KNOWN_CONFIGS))
