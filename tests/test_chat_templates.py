@@ -125,3 +125,26 @@ def test_fused_folder_and_gguf_carry_the_template(trained):
                         out.parent / "fused-gguf", log=lambda s: None).output
     field = gguf.GGUFReader(str(gguf_out)).fields["tokenizer.chat_template"]
     assert bytes(field.parts[field.data[0]]).decode() == CHATML
+
+
+def test_data_inspect_takes_the_same_template(bare):
+    from mlx_tune.data.inspect import inspect_data
+
+    root, folder = bare
+    with pytest.raises(UserError, match="--chat-template chatml"):
+        inspect_data(root / "data", str(folder), rows=1)
+    row = inspect_data(root / "data", str(folder), rows=1, chat_template="chatml")[0]
+    assert "<|im_start|>assistant\n" in "".join(s.text for s in row.segments) and row.prefix_ok
+
+
+def test_a_gemma3_base_trains_on_chat_data_with_the_gemma_template(tmp_path):
+    from mlx_tune.training.run import run_train
+
+    folder = save_tiny_folder(tmp_path / "gemma3", "gemma3_text", chat_template=False, sliding_window=8,
+                              sliding_window_pattern=2, query_pre_attn_scalar=16)
+    write_data(tmp_path / "data", n_train=8, n_valid=2)
+    cfg = load_config(workspace(tmp_path, folder, "g", iters=2, batch_size=2, packing=False, max_seq_length=160),
+                      ["chat_template=gemma"])  # byte tokens: the markers are many tokens here
+    run_train(cfg, log=lambda s: None)
+    assert (tmp_path / "g" / TEMPLATE_FILE).read_text() == NAMED["gemma"]
+    assert (tmp_path / "g" / "adapters.safetensors").is_file()

@@ -125,11 +125,14 @@ def use_chat_template(tokenizer, value: str | None) -> str | None:
     return text
 
 
-def require_chat_template(tokenizer, model: str, what: str) -> None:
-    """One-line UserError when chat data (``what``) meets a tokenizer with no template."""
+def require_chat_template(tokenizer, model: str, what: str, option: str = "chat_template:") -> None:
+    """One-line UserError when chat data (``what``) meets a tokenizer with no template.
+
+    ``option`` is how the caller's user supplies one (the config key, or a flag)."""
     if not has_chat_template(tokenizer):
+        where = " in the config" if option.endswith(":") else ""
         raise UserError(f"{model}: has no chat template, so the chat data in {what} cannot be rendered; "
-                        f"set chat_template: {' | '.join(NAMED)} | PATH.jinja in the config "
+                        f"set {option} {' | '.join(NAMED)} | PATH.jinja{where} "
                         "(or convert the data to completions / text with data_transform.py --to)")
 
 
