@@ -148,3 +148,18 @@ def test_a_gemma3_base_trains_on_chat_data_with_the_gemma_template(tmp_path):
     run_train(cfg, log=lambda s: None)
     assert (tmp_path / "g" / TEMPLATE_FILE).read_text() == NAMED["gemma"]
     assert (tmp_path / "g" / "adapters.safetensors").is_file()
+
+
+def test_serve_flag_and_peft_export_carry_the_template(trained, tmp_path):
+    import argparse
+
+    from mlx_tune.adapters.peft import export_peft
+    from mlx_tune.cli.serve import add_arguments, settings
+
+    cfg, out = trained
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert settings(parser.parse_args(["--model", "m", "--chat-template", "llama3"])).chat_template == "llama3"
+    with pytest.raises(UserError, match="--chat-template 'chatlm'"):
+        settings(parser.parse_args(["--model", "m", "--chat-template", "chatlm"]))
+    assert (export_peft(out, tmp_path / "peft") / TEMPLATE_FILE).read_text() == CHATML

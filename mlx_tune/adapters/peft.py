@@ -28,6 +28,7 @@ from mlx_tune.adapters.files import (
     ADAPTER_FORMAT,
     ADAPTER_WEIGHTS,
     adapter_dir,
+    read_adapter_template,
     read_json,
     read_mlx_tune_adapter,
     read_safetensors,
@@ -36,6 +37,7 @@ from mlx_tune.adapters.files import (
 from mlx_tune.atomic import write_file_atomic, write_text_atomic
 from mlx_tune.config import lora_hyperparameter_problems
 from mlx_tune.errors import UserError
+from mlx_tune.model.chat_templates import write_template
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
@@ -131,6 +133,9 @@ def export_peft(adapter_dir: str | Path, out_dir: str | Path) -> Path:
     metadata = {"format": "pt", _META_KEY: json.dumps(config, sort_keys=True)}
     write_file_atomic(out / PEFT_WEIGHTS, lambda p: mx.save_safetensors(str(p), tensors, metadata=metadata))
     write_text_atomic(out / PEFT_CONFIG, json.dumps(peft_config, indent=2, sort_keys=True) + "\n")
+    template = read_adapter_template(source.parent)
+    if template is not None:  # transformers reads chat_template.jinja beside the adapter's tokenizer files
+        write_template(out, template)
     return out
 
 
