@@ -197,6 +197,10 @@ def plan(arch: Arch, s: Settings, origin: str = "") -> Plan:
     lora_params = (adapted - moe_adapted) * per_block_lora + moe_adapted * per_moe_lora
     lora_state = lora_params * 4 * LORA_STATE_COPIES
     lora_update = lora_params * 4 * LORA_UPDATE_COPIES
+    expert_state = moe_adapted * arch.num_experts * lora_size(experts, expert_targets) * 4 * LORA_STATE_COPIES
+    if expert_state > 0.5 * lora_state > 0:
+        notes.append(f"per-expert LoRA holds {expert_state / GB:.2f} GB of the adapter state; "
+                     "lora.include_experts: false (or a smaller rank) leaves the experts frozen")
     if experts:
         notes.append(f"MoE: {arch.moe_layers} blocks of {arch.num_experts} experts (width {arch.moe_intermediate}), "
                      f"{arch.experts_per_tok} per token; experts "
