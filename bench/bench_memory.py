@@ -1,4 +1,4 @@
-"""Memory benchmark: the planner's predictions against measured training steps, and 7B in 32 GB.
+"""Memory benchmark: the planner's predictions against measured training steps, 7B in 32 GB, and 8B-32B.
 
 (a) Small configs (tiny, a medium-small synthetic llama, SmolLM2-135M) at 256/512/1024
     tokens with and without gradient checkpointing: measured MLX peak of a real step vs
@@ -13,11 +13,18 @@
     runs at a few GFLOP/s, so it is measured at 1 and 2 blocks (full width and vocabulary)
     and extrapolated linearly per block to the full depth; the output says so.
 
+(c) Bigger: Qwen3-14B and Qwen3-32B at 2048 tokens (targets under 16 and 32 GB) and
+    Llama-3.1-8B at 8192 tokens (under 16 GB), measured the same way (1-block real step at
+    full width and vocabulary plus the per-block bytes of the other blocks), planner within
+    15% of each, and one more full-depth check of the extension on Qwen3-14B at 512 tokens.
+    Part of the full run and of ``--only 7b`` (``--only big`` runs just these); ``--smoke``
+    runs the same code path on Qwen3-0.6B at 256 tokens (1 block and full depth, ~3 min).
+
 Every point runs in its own subprocess (memory is returned between points; peak RSS is per
 point) under ``mx.set_memory_limit`` and a watchdog that stops a point cleanly when the
 process grows past ``--max-gb`` (default 18 GB).
 
-    python bench/bench_memory.py [--quick] [--out FILE] [--only small|7b] [--max-gb 18]
+    python bench/bench_memory.py [--quick] [--out FILE] [--only small|7b|big] [--smoke] [--max-gb 18]
 """
 
 from __future__ import annotations
@@ -39,6 +46,11 @@ SMOLLM2 = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 MEDIUM = dict(hidden_size=512, num_hidden_layers=4, intermediate_size=1408, num_attention_heads=8,
               num_key_value_heads=4, head_dim=64, vocab_size=8192)
 SEVEN_B = ("mistralai/Mistral-7B-Instruct-v0.3", "meta-llama/Llama-3.1-8B-Instruct", "Qwen/Qwen2.5-7B-Instruct")
+QWEN3_14B, QWEN3_32B, SMOKE_MODEL = "Qwen/Qwen3-14B", "Qwen/Qwen3-32B", "Qwen/Qwen3-0.6B"
+FULL_SIZE = SEVEN_B + (QWEN3_14B, QWEN3_32B, SMOKE_MODEL)  # points built at full width from known_configs
+# (model, tokens) -> GB the full-depth MLX peak must stay under
+LIMITS = {**{(m, 2048): 10.0 for m in SEVEN_B}, **{(m, 4096): 16.0 for m in SEVEN_B},
+          (QWEN3_14B, 2048): 16.0, (QWEN3_32B, 2048): 32.0, (SEVEN_B[1], 8192): 16.0}
 TOLERANCE = 0.15
 ABS_TOLERANCE_GB = 0.02  # MLX's own buffers and allocator rounding at the smallest points
 
@@ -298,7 +310,20 @@ def seven_b_points(quick: bool) -> list[dict]:
     pts = [{"model": m, "seq": s, "layers": 1, "steps": 1} for s in (512, 2048, 4096) for m in (llama, qwen, mistral)]
     pts += [{"model": m, "seq": 512, "layers": 1, "rival": True} for m in (mistral, llama)]
     pts += [{"model": llama, "seq": 512, "steps": 1}]  # full depth: checks the per-block extension
-    return pts
+    return pts + big_points()
+
+
+def big_points(smoke: bool = False) -> list[dict]:
+    """Qwen3-14B / 32B at 2048 and Llama-3.1-8B at 8192 tokens (1 block + per-block bytes), and
+    a full-depth Qwen3-14B step at 512 tokens checking the extension on that architecture.
+    ``smoke``: the same path on Qwen3-0.6B at 256 tokens (1-block and full depth), quickly."""
+    if smoke:
+        return [{"model": SMOKE_MODEL, "seq": 256, "layers": 1, "steps": 1}, {"model": SMOKE_MODEL, "seq": 256, "steps": 1}]
+    return [{"model": QWEN3_14B, "seq": 2048, "layers": 1, "steps": 1},
+            {"model": QWEN3_32B, "seq": 2048, "layers": 1, "steps": 1},
+            {"model": SEVEN_B[1], "seq": 8192, "layers": 1, "steps": 1},
+            {"model": QWEN3_14B, "seq": 512, "layers": 1, "steps": 1},
+            {"model": QWEN3_14B, "seq": 512, "steps": 1}]
 
 
 def targets_from(results: list[dict]) -> list[dict]:
@@ -329,15 +354,16 @@ def targets_from(results: list[dict]) -> list[dict]:
              for r in results if r["point"].get("rival") and "per_block_gb" in r}
     for r in results:
         p = r["point"]
-        if p["model"] not in SEVEN_B or p.get("rival") or "per_block_gb" not in r:
+        if p["model"] not in FULL_SIZE or p.get("rival") or "per_block_gb" not in r:
             continue
         measured = full_depth(r)
         planned = plan(arch_from_config(KNOWN_CONFIGS[p["model"]]),
                        Settings(batch_size=1, seq_len=p["seq"], grad_checkpoint=True, backend="cpu")).mlx_peak / 1e9
         r["full_depth_gb"], r["full_depth_predicted_gb"] = measured, planned
-        limit = {2048: 10.0, 4096: 16.0}.get(p["seq"])
+        limit = LIMITS.get((p["model"], p["seq"]))
         name = p["model"].split("/")[-1]
-        targets.append({"name": f"7B QLoRA MLX peak {name} {p['seq']} tok (1-block step + per-block bytes)",
+        size = "7B" if p["model"] in SEVEN_B and p["seq"] <= 4096 else "big"
+        targets.append({"name": f"{size} QLoRA MLX peak {name} {p['seq']} tok (1-block step + per-block bytes)",
                         "measured": round(measured, 3), "target": limit, "unit": "GB",
                         "rival": round(rival[(p["model"], p["seq"])], 3) if (p["model"], p["seq"]) in rival else None,
                         "pass": measured < limit if limit else True})
@@ -350,7 +376,7 @@ def targets_from(results: list[dict]) -> list[dict]:
     for r in results:
         p = r["point"]
         key = (p["model"], p["seq"])
-        if p["model"] in SEVEN_B and not p.get("rival") and not p.get("layers") and "peak_gb" in r and key in extended:
+        if p["model"] in FULL_SIZE and not p.get("rival") and not p.get("layers") and "peak_gb" in r and key in extended:
             err = abs(extended[key] / r["peak_gb"] - 1)
             targets.append({"name": f"1-block extension vs a full-depth step {p['model'].split('/')[-1]} {p['seq']} tok",
                             "measured": round(err * 100, 1), "target": TOLERANCE * 100,
@@ -364,7 +390,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small configs at 256/512 and one 7B point at 512")
     ap.add_argument("--out", help="write the JSON report here (atomically)")
-    ap.add_argument("--only", choices=["small", "7b"], help="run one part only")
+    ap.add_argument("--only", choices=["small", "7b", "big"], help="run one part only (7b includes big)")
+    ap.add_argument("--smoke", action="store_true", help="with --only big: Qwen3-0.6B at 256 tokens instead")
     ap.add_argument("--max-gb", type=float, default=18.0, help="stop a point whose process grows past this")
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per point")
     ap.add_argument("--keep", action="store_true", help="keep the points already in --out and run the rest")
@@ -379,8 +406,11 @@ def main() -> int:
         for r in results:
             print(_fmt(r))
         return _finish(args, results)
-    points = [] if args.only == "7b" else small_points(args.quick)
-    points += [] if args.only == "small" else seven_b_points(args.quick)
+    if args.only == "big":
+        points = big_points(args.smoke)
+    else:
+        points = [] if args.only == "7b" else small_points(args.quick)
+        points += [] if args.only == "small" else seven_b_points(args.quick)
     results = []
     if args.keep and args.out and Path(args.out).is_file():
         results = [predict(r) for r in json.loads(Path(args.out).read_text())["results"] if "error" not in r]

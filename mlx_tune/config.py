@@ -91,6 +91,9 @@ class LoraConfig:
     use_rslora: bool = field(default=False, metadata={"doc": "rank-stabilised scale alpha / sqrt(r)"})
     use_dora: bool = field(default=False, metadata={"doc": "DoRA: learn a magnitude vector over the weight-normalised direction"})
     include_lm_head: bool = field(default=False, metadata={"doc": "with all-linear, also adapt the LM head"})
+    include_experts: bool = field(
+        default=True, metadata={"doc": "with all-linear, also adapt MoE expert layers (one LoRA per expert); routers stay frozen"}
+    )
 
     def check(self) -> list[str]:
         errs = lora_hyperparameter_problems(self.rank, self.alpha, self.dropout,
@@ -209,6 +212,9 @@ class FuseConfig:
         return []
 
 
+CHAT_TEMPLATE_NAMES = ("chatml", "llama3", "gemma", "mistral")  # mlx_tune.model.chat_templates.NAMED
+
+
 @dataclass
 class Config:
     """A whole run: model, quantization, adapter, data, training, outputs, serving."""
@@ -225,12 +231,22 @@ class Config:
     serve: ServeConfig = field(default_factory=ServeConfig, metadata={"doc": "server"})
     fuse: FuseConfig = field(default_factory=FuseConfig, metadata={"doc": "fusing and export"})
     trust_remote_code: bool = field(default=False, metadata={"doc": "allow a hub model's own tokenizer code"})
+    chat_template: str | None = field(
+        default=None, metadata={"doc": "for models without one: chatml, llama3, gemma, mistral or PATH.jinja"}
+    )
     source_path: str | None = field(default=None, metadata={"doc": "(set by the loader) the YAML file read"})
 
     def check(self) -> list[str]:
         errs = []
         if not str(self.model).strip():
             errs.append("model: is empty; give a hub repo id, a model folder or a .gguf file")
+        tpl = self.chat_template
+        if tpl is not None and tpl not in CHAT_TEMPLATE_NAMES:
+            if not tpl.endswith(".jinja"):
+                errs.append(f"chat_template: {tpl!r} is not a known template; use {', '.join(CHAT_TEMPLATE_NAMES)} "
+                            "or a path to a .jinja file")
+            elif not Path(tpl).expanduser().is_file():
+                errs.append(f"chat_template: {tpl} not found (a .jinja file path, relative to the current folder)")
         return errs
 
     @property

@@ -13,7 +13,7 @@ import pytest
 from gguf import GGMLQuantizationType as T
 
 from mlx_tune.config import QuantizeConfig
-from mlx_tune.errors import ModelLoadError
+from mlx_tune.errors import ModelLoadError, UserError
 from mlx_tune.model.loading import load_model
 from mlx_tune.testing.tiny import tiny_model
 from tests.gguf_writer import write_tiny_gguf
@@ -196,4 +196,69 @@ def test_offline_hub_id_fails_fast(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     with pytest.raises(ModelLoadError, match=r"someone/no-such-model: cannot download .*HF_HUB_OFFLINE"):
+        load_model("someone/no-such-model")
+
+
+class _SilentHub:
+    """A TCP listener that accepts connections and never answers: a hub behind a dead network."""
+
+    def __init__(self):
+        import socket
+        import threading
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.sock.settimeout(0.1)
+        self.accepted = []
+        self.stop = False
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self):
+        while not self.stop:
+            try:
+                conn, _ = self.sock.accept()
+                self.accepted.append(conn)
+            except OSError:
+                continue
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+
+    def close(self):
+        self.stop = True
+        self.thread.join()
+        for c in self.accepted:
+            c.close()
+        self.sock.close()
+
+
+def test_unreachable_hub_fails_in_one_line_after_one_request(monkeypatch, tmp_path):
+    """No retries: the silent endpoint sees exactly one connection, and the error names the
+    repo, the reason and the way out (a local path)."""
+    from mlx_tune.planning.arch import read_source_config
+
+    hub = _SilentHub()
+    url = hub.url
+    try:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        monkeypatch.setenv("HF_HOME", str(tmp_path))
+        monkeypatch.setenv("MLX_TUNE_HUB_TIMEOUT", "0.3")
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        with pytest.raises(ModelLoadError) as err:
+            load_model("someone/no-such-model")
+        msg = str(err.value)
+        assert "\n" not in msg and msg.startswith("someone/no-such-model: cannot download")
+        assert f"{hub.url} did not answer within 0.3 s" in msg and "local model folder" in msg
+        assert len(hub.accepted) == 1
+        with pytest.raises(UserError, match="did not answer within 0.3 s"):  # the planner's hub path too
+            read_source_config("someone/no-such-model")
+        assert len(hub.accepted) == 2
+    finally:
+        hub.close()
+    # A closed port (connection refused) ends the same way.
+    monkeypatch.setenv("HF_ENDPOINT", url)
+    with pytest.raises(ModelLoadError, match="did not answer .*local model folder"):
         load_model("someone/no-such-model")

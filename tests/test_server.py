@@ -455,7 +455,8 @@ def test_serve_settings_from_config_and_flags(tiny, tmp_path):
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     args = parser.parse_args([str(cfg), "serve.port=9123", "--max-loras", "3", "--adapter", f"cli={extra}"])
-    source, quantize, adapters, serve = settings(args)
+    source, quantize, adapters, serve, template = settings(args)
+    assert template is None
     assert source == str(folder) and quantize is None
     assert adapters == {"tuned": str(out), "extra": str(extra), "cli": str(extra)}
     assert serve.port == 9123 and serve.max_loras == 3 and serve.host == "127.0.0.1"

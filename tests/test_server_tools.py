@@ -1,7 +1,7 @@
 """Tool calls and structured outputs through the real server and the official openai client.
 
-The demo model (SmolLM2-135M-Instruct) with a ChatML template that shows tools, as
-``--chat-template`` gives it: named and required tool choice give calls whose arguments
+The demo model (SmolLM2-135M-Instruct) with the shipped ChatML template, which shows
+tools, as ``--chat-template chatml`` gives it: named and required tool choice give calls whose arguments
 validate against the function's schema, auto lets the model choose, calls stream as
 OpenAI's deltas, a tool round trip renders, and ``response_format`` json_schema /
 json_object answers validate. The tiny random model checks the cheap parts: template
@@ -38,13 +38,13 @@ ASK = [{"role": "user", "content": "What's the weather in Paris?"}]
 
 @pytest.fixture(scope="module")
 def demo(smollm2_path):
+    from mlx_tune.model.chat_templates import use_chat_template
     from mlx_tune.model.loading import load_model
     from mlx_tune.server import build_app
     from mlx_tune.server.fastpath import prepare_for_serving
-    from mlx_tune.testing.templates import CHATML_TOOLS
 
     model, tokenizer, info = load_model(smollm2_path)
-    tokenizer._tokenizer.chat_template = CHATML_TOOLS
+    use_chat_template(tokenizer, "chatml")  # what `mlx-tune serve --chat-template chatml` does
     prepare_for_serving(model)
     app, _, _ = build_app(model, tokenizer, info, max_batch=4)
     with serve_in_thread(app) as url:

@@ -28,6 +28,7 @@ from mlx_tune.adapters.inject import active_name, base_entries, block_paths, wra
 from mlx_tune.atomic import write_file_atomic, write_text_atomic
 from mlx_tune.config import lora_hyperparameter_problems
 from mlx_tune.errors import UserError
+from mlx_tune.model.chat_templates import TEMPLATE_FILE, read_template, write_template
 
 ADAPTER_WEIGHTS = "adapters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -83,8 +84,14 @@ def _layout(paths: list[str], blocks: list[str]) -> tuple[list[int], list[str], 
     return sorted(indices), sorted(keys), outside
 
 
-def save_adapter(model: nn.Module, out_dir: str | Path, lora_cfg=None, info=None, name: str | None = None) -> Path:
-    """Write adapter ``name`` (default: the active one) of ``model`` to ``out_dir``."""
+def save_adapter(model: nn.Module, out_dir: str | Path, lora_cfg=None, info=None, name: str | None = None,
+                 chat_template: str | None = None) -> Path:
+    """Write adapter ``name`` (default: the active one) of ``model`` to ``out_dir``.
+
+    ``chat_template`` (the Jinja text training rendered chats with, when the config supplied
+    one) is stored as ``chat_template.jinja`` and named in the config, so the server and
+    fuse render prompts exactly as training did.
+    """
     name = name or active_name(model)
     held = [(p, w.adapters[name]) for p, w in wrappers(model) if name in w.adapters]
     if not held:
@@ -126,6 +133,13 @@ def save_adapter(model: nn.Module, out_dir: str | Path, lora_cfg=None, info=None
         "base_quantization": base["quantization"],
         **fingerprint(model),
     }
+    template_path = Path(out_dir) / TEMPLATE_FILE
+    if chat_template is not None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        write_template(out_dir, chat_template)
+        cfg["chat_template_file"] = TEMPLATE_FILE
+    elif template_path.is_file():  # a previous run's template must not outlive it
+        template_path.unlink()
     if uniform:  # what mlx_lm.tuner.utils.load_adapters reads, so mlx-lm can use the adapter too
         cfg["fine_tune_type"] = first.kind
         cfg["num_layers"] = len(indices)
@@ -195,6 +209,16 @@ def _from_mlx_lm(config: dict) -> dict:
         "use_dora": config.get("fine_tune_type") == "dora",
         "use_rslora": False,
     }
+
+
+def read_adapter_template(folder: str | Path) -> str | None:
+    """The chat template an adapter folder carries (named by its config), or None."""
+    folder = Path(folder)
+    config_path = folder / ADAPTER_CONFIG
+    if not config_path.is_file():
+        return None
+    name = read_json(config_path).get("chat_template_file")
+    return read_template(folder) if name == TEMPLATE_FILE else None
 
 
 def adapter_config_problems(config: dict, where: Path) -> list[str]:

@@ -26,8 +26,10 @@ from mlx_tune.adapters.lora import (
     logical_shape,
     set_active,
 )
+from mlx_tune.adapters.switch import moe_routers, wrapper_class
 from mlx_tune.config import LoraConfig
 from mlx_tune.errors import UserError
+from mlx_tune.model.quant import is_switch_linear
 
 # ---------------------------------------------------------------------------
 # Finding modules
@@ -60,13 +62,15 @@ def active_name(model: nn.Module) -> str | None:
 
 
 def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """path -> layer for every adaptable linear (a wrapper counts as its base's path)."""
+    """path -> layer for every adaptable linear (a wrapper counts as its base's path).
+
+    MoE expert stacks (``SwitchLinear``, weight (experts, out, in)) count as linears."""
     found: dict[str, nn.Module] = {}
     wrapped = [p for p, _ in wrappers(model)]
     for path, module in model.named_modules():
         if not path or any(path.startswith(w + ".") for w in wrapped):
             continue
-        if isinstance(module, LoRALinear) or is_linear_like(module):
+        if isinstance(module, LoRALinear) or is_linear_like(module) or is_switch_linear(module):
             found[path] = module
     # A linear-like layer built from linear children (a storage wrapper) is adapted as a whole.
     return {p: m for p, m in sorted(found.items()) if not any(p.startswith(q + ".") for q in found)}
@@ -94,15 +98,22 @@ def ensure_wrapper(model: nn.Module, path: str, layer: nn.Module) -> LoRALinear:
     """``layer`` (at ``path``) as a ``LoRALinear``: itself if it is one, else wrapped in place."""
     if isinstance(layer, LoRALinear):
         return layer
-    wrapper = LoRALinear(layer)
+    wrapper = wrapper_class(layer)(layer)
     wrapper.train(model.training)
     set_module(model, path, wrapper)
     return wrapper
 
 
 def select_modules(model: nn.Module, lora_cfg) -> list[str]:
-    """Paths of the layers ``lora_cfg`` targets (see ``LoraConfig``); UserError if none or unknown."""
+    """Paths of the layers ``lora_cfg`` targets (see ``LoraConfig``); UserError if none or unknown.
+
+    MoE: ``all-linear`` takes the expert stacks too (unless ``include_experts`` is false) but
+    never the routers; a name reaches expert stacks by their own path (``switch_mlp.gate_proj``)
+    or their container's (``experts``, ``switch_mlp``), and a router only when named (``gate``).
+    """
     linears = linear_modules(model)
+    routers = moe_routers(linears)
+    experts = {p for p, m in linears.items() if is_switch_linear(getattr(m, "base", m))}
     blocks = block_paths(model)
     n = len(blocks) if lora_cfg.layers == "all" else min(int(lora_cfg.layers), len(blocks))
     chosen = tuple(b + "." for b in blocks[len(blocks) - n:])
@@ -112,7 +123,8 @@ def select_modules(model: nn.Module, lora_cfg) -> list[str]:
         targets = [targets]
 
     if targets == "all-linear":
-        selected = list(in_blocks)
+        skip = routers | (set() if getattr(lora_cfg, "include_experts", True) else experts)
+        selected = [p for p in in_blocks if p not in skip]
         if getattr(lora_cfg, "include_lm_head", False):
             if "lm_head" not in linears:
                 raise UserError("lora.include_lm_head: this model has no separate lm_head (its embeddings are tied)")
@@ -129,7 +141,10 @@ def select_modules(model: nn.Module, lora_cfg) -> list[str]:
             raise UserError(f"lora.target_modules: {targets!r} matches no linear module; paths look like {example!r}")
     else:
         def matches(path: str, name: str) -> bool:
-            return path == name or path.endswith("." + name)
+            if path == name or path.endswith("." + name):
+                return True
+            parent = path.rpartition(".")[0]  # an expert stack is reached through its container too
+            return path in experts and (parent == name or parent.endswith("." + name))
 
         unknown = [t for t in targets if not any(matches(p, t) for p in linears)]
         if unknown:
@@ -162,12 +177,24 @@ def inject(model: nn.Module, lora_cfg: LoraConfig, name: str = "default") -> Tra
     paths = select_modules(model, lora_cfg)
     if any(name in w.adapters for _, w in wrappers(model)):
         raise UserError(f"adapter {name!r} is already in the model; pick another name")
+    linears = linear_modules(model)
+    n_experts = sum(is_switch_linear(getattr(linears[p], "base", linears[p])) for p in paths)
+    if lora_cfg.use_dora and n_experts:
+        raise UserError("lora.use_dora: DoRA is not available on MoE expert layers; set lora.include_experts: false "
+                        "or name only non-expert target_modules")
     model.freeze()
     for path in paths:
         wrapper = ensure_wrapper(model, path, get_module(model, path))
         wrapper.add_adapter(name, lora_cfg.rank, lora_cfg.alpha, lora_cfg.dropout, lora_cfg.use_rslora, lora_cfg.use_dora)
     set_active(model, name)
-    return trainable_summary(model)
+    summary = trainable_summary(model)
+    if any(is_switch_linear(getattr(m, "base", m)) for m in linears.values()):  # an MoE model: say what was taken
+        taken = f"{n_experts} expert layers adapted (one LoRA per expert)" if n_experts else "expert layers not adapted"
+        if lora_cfg.target_modules == "all-linear":
+            taken = (f"all-linear: experts included, {taken}" if getattr(lora_cfg, "include_experts", True)
+                     else "all-linear: experts excluded (lora.include_experts: false)")
+        summary.note = f"{taken}; routers frozen" if not set(paths) & moe_routers(linears) else f"{taken}; routers adapted"
+    return summary
 
 
 @dataclass
@@ -179,6 +206,7 @@ class TrainableSummary:
     base_bytes: int
     adapter_bytes: int
     adapted_modules: int
+    note: str = ""  # e.g. what all-linear took on an MoE model
 
     @property
     def percent(self) -> float:
@@ -189,6 +217,7 @@ class TrainableSummary:
             f"trainable params: {self.trainable:,} || all params: {self.total:,} || "
             f"trainable%: {self.percent:.4f} || frozen base: {self.base_bytes / 2**20:.2f} MiB, "
             f"adapters: {self.adapter_bytes / 2**20:.2f} MiB over {self.adapted_modules} modules"
+            + (f" ({self.note})" if self.note else "")
         )
 
 

@@ -68,7 +68,7 @@ def is_packed(layer: nn.Module) -> bool:
     """A layer whose stored weight is not its logical weight (quantized, NF4, ...)."""
     return isinstance(layer, (nn.QuantizedLinear, nn.QuantizedEmbedding)) or (
         callable(getattr(layer, "dense_weight", None)) and type(layer) is not nn.Linear
-    )
+    ) or (quant.is_switch_linear(layer) and "scales" in layer)
 
 
 def logical_shape(layer: nn.Module) -> tuple[int, ...]:
@@ -76,6 +76,8 @@ def logical_shape(layer: nn.Module) -> tuple[int, ...]:
     if isinstance(layer, nn.QuantizedEmbedding):
         rows, packed = layer.weight.shape
         return rows, packed * 32 // layer.bits
+    if quant.is_switch_linear(layer):
+        return quant.switch_dims(layer)
     return tuple(linear_dims(layer))
 
 
@@ -175,9 +177,11 @@ class LoRALinear(nn.Module):
     active adapter's update is added (LoRA) or applied (DoRA), see the module docstring.
     """
 
+    accepts = staticmethod(is_linear_like)  # the base layers this wrapper can adapt
+
     def __init__(self, base: nn.Module):
         super().__init__()
-        if not is_linear_like(base):
+        if not self.accepts(base):
             raise TypeError(f"{type(base).__name__} is not a linear layer mlx_tune can adapt")
         self.base = base
         self.base.freeze()

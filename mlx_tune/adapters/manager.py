@@ -16,8 +16,9 @@ import mlx.nn as nn
 
 from mlx_tune.adapters.files import ADAPTER_CONFIG, adapter_config_problems, fingerprint
 from mlx_tune.adapters.inject import active_name, ensure_wrapper, linear_modules, set_module, wrappers
-from mlx_tune.adapters.lora import LoRALinear, linear_dims, set_active
+from mlx_tune.adapters.lora import set_active
 from mlx_tune.adapters.peft import read_adapter
+from mlx_tune.adapters.switch import adapter_shapes
 from mlx_tune.errors import UserError
 
 
@@ -55,8 +56,10 @@ def load_adapter(model: nn.Module, path: str | Path, name: str | None = None, ac
         if layer is None:
             problems.append(f"{module_path}: no such linear module in this model")
             continue
-        out_dims, in_dims = linear_dims(layer.base if isinstance(layer, LoRALinear) else layer)
-        expected = {"lora_a": (in_dims, rank), "lora_b": (rank, out_dims), "m": (out_dims,)}
+        expected = adapter_shapes(layer, rank)
+        if use_dora and "m" not in expected:
+            problems.append(f"{module_path}: a DoRA adapter cannot sit on an MoE expert layer")
+            continue
         for leaf in (s[1:] for s in suffixes):
             if leaf not in tensors:
                 problems.append(f"{module_path}.{leaf}: missing")

@@ -28,6 +28,7 @@ from mlx_tune.adapters.files import (
     ADAPTER_FORMAT,
     ADAPTER_WEIGHTS,
     adapter_dir,
+    read_adapter_template,
     read_json,
     read_mlx_tune_adapter,
     read_safetensors,
@@ -36,6 +37,7 @@ from mlx_tune.adapters.files import (
 from mlx_tune.atomic import write_file_atomic, write_text_atomic
 from mlx_tune.config import lora_hyperparameter_problems
 from mlx_tune.errors import UserError
+from mlx_tune.model.chat_templates import write_template
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
@@ -90,6 +92,13 @@ def export_peft(adapter_dir: str | Path, out_dir: str | Path) -> Path:
     config, weights, source = read_adapter(adapter_dir)
     if config.get("format") != ADAPTER_FORMAT:
         raise UserError(f"{source.parent}: not an mlx_tune adapter folder (adapter_config.json has no format {ADAPTER_FORMAT!r})")
+    stacked = sorted(k.rpartition(".")[0] for k, v in weights.items() if k.endswith(".lora_a") and v.ndim == 3)
+    if stacked:
+        # PEFT adapts per-expert nn.Linear modules, or (target_parameters) transformers' own fused
+        # expert tensors, whose layout differs from mlx-lm's SwitchLinear stacks: no faithful form.
+        raise UserError(f"{source.parent}: PEFT has no standard form for per-expert LoRA on MoE expert stacks "
+                        f"({stacked[0]}{f' and {len(stacked) - 1} more' if len(stacked) > 1 else ''}); "
+                        "use the mlx_tune adapter folder (mlx-lm reads it) or fuse the model")
     tensors = {}
     for key, value in weights.items():
         path, _, leaf = key.rpartition(".")
@@ -124,6 +133,9 @@ def export_peft(adapter_dir: str | Path, out_dir: str | Path) -> Path:
     metadata = {"format": "pt", _META_KEY: json.dumps(config, sort_keys=True)}
     write_file_atomic(out / PEFT_WEIGHTS, lambda p: mx.save_safetensors(str(p), tensors, metadata=metadata))
     write_text_atomic(out / PEFT_CONFIG, json.dumps(peft_config, indent=2, sort_keys=True) + "\n")
+    template = read_adapter_template(source.parent)
+    if template is not None:  # transformers reads chat_template.jinja beside the adapter's tokenizer files
+        write_template(out, template)
     return out
 
 

@@ -24,9 +24,14 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer, info = load_model(args.model)
     print(f"loaded {info.kind} model in {info.load_seconds:.1f}s (quantization: {info.quantization})")
     if args.adapter:
+        from mlx_tune.adapters.files import read_adapter_template
         from mlx_tune.adapters.manager import load_adapter
+        from mlx_tune.model.chat_templates import set_chat_template
 
         load_adapter(model, args.adapter)
+        template = read_adapter_template(args.adapter)  # render as the adapter was trained
+        if template is not None:
+            set_chat_template(tokenizer, template)
     if args.no_chat_template or not tokenizer.chat_template:
         prompt = tokenizer.encode(args.prompt)
     else:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import Any, NamedTuple
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
@@ -34,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-lora-rank", type=int, help="refuse adapters of a larger rank")
     parser.add_argument("--max-queue", type=int, help="waiting requests before 429")
     parser.add_argument("--max-batch", type=int, help="requests decoded together")
+    parser.add_argument("--chat-template", metavar="NAME|PATH.jinja",
+                        help="for a model without one: chatml, llama3, gemma, mistral or a .jinja file "
+                             "(default: the config's chat_template; adapters carrying a template use their own)")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -51,23 +55,32 @@ def _parse_adapters(items: list[str]) -> dict[str, str]:
     return out
 
 
-def settings(args: argparse.Namespace):
-    """(model source, quantize config, adapters {name: path}, ServeConfig) from a config and flags."""
+class Settings(NamedTuple):
+    source: str | None
+    quantize: Any
+    adapters: dict[str, str]
+    serve: Any  # ServeConfig
+    chat_template: str | None = None  # a name or .jinja path (checked when applied)
+
+
+def settings(args: argparse.Namespace) -> Settings:
+    """(model source, quantize config, adapters {name: path}, ServeConfig, chat template) from a config and flags."""
     from pathlib import Path
 
-    from mlx_tune.config import ServeConfig, load_config
+    from mlx_tune.config import CHAT_TEMPLATE_NAMES, ServeConfig, load_config
     from mlx_tune.errors import UserError
 
     if not args.config and not args.model:
         raise UserError("give a CONFIG.yaml or --model SOURCE (e.g. mlx-tune serve --model models/x.gguf)")
     adapters: dict[str, str] = {}
+    template = None
     if args.config:
         path, overrides = args.config[0], args.config[1:]
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise UserError(f"{bad[0]!r}: overrides are KEY=VALUE, e.g. serve.port=8081")
         cfg = load_config(path, overrides)
-        serve, source, quantize = cfg.serve, cfg.model, cfg.quantize
+        serve, source, quantize, template = cfg.serve, cfg.model, cfg.quantize, cfg.chat_template
         trained = Path(cfg.output_dir)
         if (trained / "adapters.safetensors").is_file():
             adapters[serve.adapter_name] = str(trained)
@@ -93,7 +106,10 @@ def settings(args: argparse.Namespace):
     errs = serve.check()
     if errs:
         raise UserError("; ".join(errs))
-    return source, quantize, adapters, serve
+    template = getattr(args, "chat_template", None) or template
+    if template is not None and template not in CHAT_TEMPLATE_NAMES and not template.endswith(".jinja"):
+        raise UserError(f"--chat-template {template!r}: use {', '.join(CHAT_TEMPLATE_NAMES)} or a .jinja file")
+    return Settings(source, quantize, adapters, serve, template)
 
 
 def studio_folders(args: argparse.Namespace, serve) -> dict[str, str]:
@@ -114,11 +130,12 @@ def run(args: argparse.Namespace) -> int:
     import logging
     import sys
 
-    source, quantize, adapters, serve = settings(args)
+    source, quantize, adapters, serve, template = settings(args)
 
     import uvicorn
 
     from mlx_tune.errors import UserError
+    from mlx_tune.model.chat_templates import use_chat_template
     from mlx_tune.model.loading import load_model
     from mlx_tune.server import build_app
     from mlx_tune.server.errors import ApiError
@@ -129,6 +146,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"warning: binding {serve.host} without an API key: anyone who can reach this port can use the "
               "model; pass --api-key KEY (or set MLX_TUNE_API_KEY)", file=sys.stderr)
     model, tokenizer, info = load_model(source, quantize)
+    use_chat_template(tokenizer, template)
     print(f"loaded {info.kind} model {source} in {info.load_seconds:.1f}s (quantization: {info.quantization})",
           file=sys.stderr)
     note = prepare_for_serving(model)

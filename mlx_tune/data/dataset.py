@@ -29,6 +29,19 @@ def detect_format(record: Any) -> str:
     return _NATURAL_FORMAT.get(detect_shape(record), "chat")
 
 
+def peek_format(path: str | Path) -> str | None:
+    """The trainer format of the first valid record of ``path`` (None: none, or no file)."""
+    if not Path(path).is_file():
+        return None
+    for _line, value, error in read_jsonl_records(path):
+        if error is None:
+            try:
+                return detect_format(value)
+            except RecordError:  # read_dataset reports bad records with their lines
+                continue
+    return None
+
+
 _METHODS = {"preference pairs": "dpo, orpo, simpo or cpo", "KTO rows": "kto", "prompt-only rows": "grpo"}
 
 

@@ -13,10 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlx_tune.data.dataset import read_training_file
+from mlx_tune.data.dataset import peek_format, read_training_file
 from mlx_tune.data.token_stats import load_tokenizer
 from mlx_tune.data.tokenize import tokenize_record
 from mlx_tune.errors import UserError
+from mlx_tune.model.chat_templates import require_chat_template, use_chat_template
 
 OPEN, CLOSE, CUT = "[[", "]]", "<<cut>>"
 GREEN, DIM, RESET = "\x1b[42;30m", "\x1b[2m", "\x1b[0m"
@@ -111,15 +112,21 @@ def inspect_rows(path: str | Path, tokenizer, *, rows: int = 3, max_seq_length: 
 
 
 def inspect_data(data_dir: str | Path, model: str, *, split: str = "train", rows: int = 3,
-                 max_seq_length: int | None = None, mask_prompt: bool = True) -> list[InspectedRow]:
-    """``inspect_rows`` of ``DATA_DIR/<split>.jsonl`` with ``model``'s tokenizer (checked before loading it)."""
+                 max_seq_length: int | None = None, mask_prompt: bool = True,
+                 chat_template: str | None = None) -> list[InspectedRow]:
+    """``inspect_rows`` of ``DATA_DIR/<split>.jsonl`` with ``model``'s tokenizer (checked before loading it);
+    ``chat_template`` (a name or .jinja path) for a model without one, as training's config key."""
     path = Path(data_dir) / f"{split}.jsonl"
     if not Path(data_dir).is_dir():
         raise UserError(f"{data_dir}: no such folder; give the folder data_transform.py wrote (train/valid/test.jsonl)")
     if not path.is_file():
         have = sorted(p.stem for p in Path(data_dir).glob("*.jsonl"))
         raise UserError(f"{path}: file not found; --split is one of: {', '.join(have) or 'none here'}")
-    return inspect_rows(path, load_tokenizer(model), rows=rows, max_seq_length=max_seq_length, mask_prompt=mask_prompt)
+    tokenizer = load_tokenizer(model)
+    use_chat_template(tokenizer, chat_template)
+    if peek_format(path) == "chat":
+        require_chat_template(tokenizer, model, str(path), "--chat-template")
+    return inspect_rows(path, tokenizer, rows=rows, max_seq_length=max_seq_length, mask_prompt=mask_prompt)
 
 
 def format_row(row: InspectedRow, colour: bool) -> str:

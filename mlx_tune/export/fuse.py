@@ -37,7 +37,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_tune.adapters.files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, fingerprint
+from mlx_tune.adapters.files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, fingerprint, read_adapter_template
 from mlx_tune.adapters.lora import LoRALinear
 from mlx_tune.adapters.manager import load_adapter
 from mlx_tune.adapters.peft import PEFT_WEIGHTS
@@ -49,6 +49,7 @@ from mlx_tune.export.gguf import check_exportable
 from mlx_tune.export.units import affine_params, units
 from mlx_tune.export.writers import DTYPES, write_gguf_file, write_safetensors_folder
 from mlx_tune.model import quant
+from mlx_tune.model.chat_templates import set_chat_template, use_chat_template
 
 REPORT_FILE = "fuse_report.json"
 NOISE_KL = 1e-5  # below this mean KL an adapter makes no measurable difference
@@ -348,6 +349,12 @@ def run_fuse(cfg: Config, opts: FuseOptions, out: str | Path | None = None, log:
     model, tokenizer, info = load_model(cfg.model, cfg.quantize, trust_remote_code=cfg.trust_remote_code)
     check_fingerprint(model, folder, cfg.model)
     load_adapter(model, folder)
+    # The template training used goes into the fused tokenizer files / GGUF metadata.
+    template = read_adapter_template(folder)
+    if template is not None:
+        set_chat_template(tokenizer, template)
+    else:
+        use_chat_template(tokenizer, cfg.chat_template)
     log(f"fuse: {cfg.model} + {folder} -> {target} ({opts.format}"
         f"{', ' + opts.gguf_type if opts.format == 'gguf' else ''}{', dense ' + opts.dtype if opts.dequantize else ''})")
     result = export(model, tokenizer, info, target, opts, data_dir=cfg.data, adapter=str(folder), log=log)

@@ -116,9 +116,15 @@ def units(model: nn.Module) -> list[Unit]:
 # ---------------------------------------------------------------------------
 
 
+def mlx_quantized(layer: nn.Module) -> bool:
+    """Stored in MLX's own quantized format (linear, embedding, or MoE expert stack)."""
+    return isinstance(layer, (nn.QuantizedLinear, nn.QuantizedEmbedding)) or (
+        quant.is_switch_linear(layer) and "scales" in layer)
+
+
 def affine_params(layer: nn.Module) -> dict | None:
     """bits / group size / mode to re-quantize ``layer``'s kind of storage as MLX affine."""
-    if isinstance(layer, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+    if mlx_quantized(layer):
         return {"group_size": layer.group_size, "bits": layer.bits, "mode": layer.mode}
     if is_packed(layer):  # NF4 and other protocol layers: MLX folders hold affine 4-bit
         block = getattr(layer, "block_size", 64)
@@ -156,7 +162,7 @@ def mlx_arrays(unit: Unit, dense: bool, dtype: mx.Dtype, keep: str | None) -> tu
             out[unit.name(key)] = unit.dense(key, dtype) if floating else v
         return out, None
     bias = layer.get("bias")
-    if unit.adapted or not isinstance(layer, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+    if unit.adapted or not mlx_quantized(layer):
         if unit.adapted and keep == "8bit":
             params = {**params, "bits": 8, "mode": "affine"}
         w = unit.dense("weight").astype(_scales_dtype(layer, dtype))

@@ -2,6 +2,7 @@
 
 Owns loading (``loading``), GGUF reading (``gguf``), affine storage, the quantized
 matmul and the frozen-layer protocol (``quant``), NF4 storage (``nf4``), whole-model
-quantization (``quantize``), the attention and head paths (``attention``) and published configs
-(``known_configs``). May import ``runtime``, ``config`` and ``errors``.
+quantization (``quantize``), the attention and head paths (``attention``), published configs
+(``known_configs``) and chat templates for models without one (``chat_templates``).
+May import ``runtime``, ``config``, ``atomic`` and ``errors``.
 """

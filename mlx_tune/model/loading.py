@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # mlx-lm's tokenizer module is imported late: it pulls in tra
 
 from mlx_tune.config import QuantizeConfig
 from mlx_tune.errors import ModelLoadError
+from mlx_tune.model import hub
 from mlx_tune.runtime import backend
 
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.tiktoken", "*.txt"]
@@ -69,7 +70,7 @@ def load_model(
     elif _looks_like_path(source):
         raise ModelLoadError(f"{source}: no such file or folder")
     else:
-        folder = _download(source)
+        folder = hub.download(source, _HUB_PATTERNS)  # fails within ~2 s when the hub is unreachable
         model, tokenizer, info = _load_folder(folder, source, "hub", trust_remote_code)
 
     if dequantize:
@@ -92,27 +93,6 @@ def _looks_like_path(source: str) -> bool:
         or source.endswith((".gguf", ".safetensors", ".json"))
         or os.sep != "/" and os.sep in source
     )
-
-
-def _download(repo_id: str) -> Path:
-    """Fetch a hub repo into huggingface-hub's normal cache; fail fast when offline."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError
-
-    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS, etag_timeout=5))
-    except HFValidationError:
-        raise ModelLoadError(f"{repo_id}: not a valid Hugging Face repo id (owner/name) nor an existing path") from None
-    except Exception as exc:  # network, auth, missing repo: all end the same way for the user
-        reason = type(exc).__name__
-        hint = (
-            "it is not in the local cache (HF_HUB_OFFLINE=1 is set)"
-            if offline
-            else "the Hugging Face Hub could not be reached or the repo does not exist; "
-            "check the name, log in for gated models, or set HF_HUB_OFFLINE=1 to use the local cache only"
-        )
-        raise ModelLoadError(f"{repo_id}: cannot download ({reason}): {hint}") from None
 
 
 def _read_config(path: Path) -> dict:

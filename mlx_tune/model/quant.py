@@ -189,10 +189,49 @@ class CPUQuantizedEmbedding(nn.QuantizedEmbedding):
 # ---------------------------------------------------------------------------
 
 
+def is_switch_linear(layer) -> bool:
+    """An MoE expert stack: mlx-lm's ``SwitchLinear`` / ``QuantizedSwitchLinear``, weight (experts, out, in).
+
+    Recognised by shape, not class, so this module does not import mlx-lm (and transformers).
+    """
+    if not isinstance(layer, nn.Module) or not isinstance(getattr(layer, "num_experts", None), int):
+        return False
+    weight = layer.get("weight")
+    return isinstance(weight, mx.array) and weight.ndim == 3
+
+
+def switch_dims(layer: nn.Module) -> tuple[int, int, int]:
+    """(experts, out, in) of an expert stack, without computing anything."""
+    experts, out_dims, stored_in = layer["weight"].shape
+    return experts, out_dims, (stored_in * 32 // layer.bits if "scales" in layer else stored_in)
+
+
+def _switch_dense(layer: nn.Module) -> mx.array:
+    if "scales" not in layer:
+        return layer["weight"].astype(mx.float32)
+    return mx.dequantize(layer["weight"], layer["scales"], layer.get("biases"), group_size=layer.group_size,
+                         bits=layer.bits, mode=layer.mode).astype(mx.float32)
+
+
+def _switch_like(layer: nn.Module, weight: mx.array, bias: mx.array | None) -> nn.Module:
+    from mlx_lm.models.switch_layers import SwitchLinear
+
+    experts, out_dims, in_dims = weight.shape
+    new = SwitchLinear(in_dims, out_dims, experts, bias=False)
+    new.weight = weight.astype(layer["scales"].dtype if "scales" in layer else layer["weight"].dtype)
+    if "scales" in layer:
+        new = new.to_quantized(group_size=layer.group_size, bits=layer.bits, mode=layer.mode)
+    if bias is not None:
+        new.bias = bias
+    return new
+
+
 def dense_weight(layer: nn.Module) -> mx.array:
-    """The layer's weight as a dense float32 (out, in) matrix."""
+    """The layer's weight as a dense float32 (out, in) matrix ((experts, out, in) for an expert stack)."""
     if hasattr(layer, "dense_weight"):
         return layer.dense_weight()
+    if is_switch_linear(layer):
+        return _switch_dense(layer)
     if isinstance(layer, nn.QuantizedLinear):
         return mx.dequantize(
             layer.weight, layer.scales, layer.get("biases"), group_size=layer.group_size, bits=layer.bits
@@ -206,6 +245,8 @@ def requantize_like(layer: nn.Module, weight: mx.array, bias: mx.array | None = 
     """A new layer of ``layer``'s kind (same storage format) holding ``weight`` (out, in)."""
     if hasattr(layer, "requantize_like"):
         return layer.requantize_like(weight, bias)
+    if is_switch_linear(layer):
+        return _switch_like(layer, weight, bias)
     out_dims, in_dims = weight.shape
     if isinstance(layer, nn.QuantizedLinear):
         new = nn.QuantizedLinear(in_dims, out_dims, bias=bias is not None, group_size=layer.group_size, bits=layer.bits)

@@ -16,7 +16,7 @@ import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
 from mlx_tune.model.nf4 import NF4Linear
-from mlx_tune.model.quant import AFFINE_GROUP_SIZES, dense_weight, prepare_for_backend
+from mlx_tune.model.quant import AFFINE_GROUP_SIZES, dense_weight, is_switch_linear, prepare_for_backend, switch_dims
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,8 @@ def quantize_model(model: nn.Module, qcfg, *, fast_cpu: bool = True) -> QuantSum
       block ``qcfg.group_size`` (+ double quantization); embeddings are stored affine 4-bit
       (group 64, or the block size when MLX supports it), so both modes differ only in the
       linear layers.
+    * MoE expert stacks (``SwitchLinear``) become mlx-lm's ``QuantizedSwitchLinear``, affine
+      like the embeddings (its ``gather_qmm`` has no NF4 form).
 
     Layers already quantized in another format (a GGUF's Q4_1 as affine g32, say) are
     re-quantized from their dense weight. Layers whose width is not a multiple of the
@@ -114,6 +116,9 @@ def quantize_model(model: nn.Module, qcfg, *, fast_cpu: bool = True) -> QuantSum
             width, need, build = input_dims(layer), group, make_linear
         elif isinstance(layer, EMBEDDING_TYPES):
             width, need, build = input_dims(layer), emb_group, lambda m, p: _affine_embedding(m, emb_group, emb_bits)
+        elif is_switch_linear(layer) and "scales" not in layer:  # MoE experts: mlx-lm's own quantized stack
+            width, need = layer["weight"].shape[-1], emb_group
+            build = lambda m, p: m.to_quantized(group_size=emb_group, bits=emb_bits)  # noqa: E731
         else:
             continue
         if width % need:
@@ -148,6 +153,9 @@ def _logical_params(module: nn.Module) -> int:
     if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
         out_dims = module["weight"].shape[0]
         return out_dims * input_dims(module) + sum(v.size for k, v in own.items() if k == "bias")
+    if is_switch_linear(module) and "scales" in module:
+        experts, out_dims, in_dims = switch_dims(module)
+        return experts * out_dims * in_dims + sum(v.size for k, v in own.items() if k == "bias")
     if isinstance(module, NF4Linear):
         return module.output_dims * module.input_dims + sum(v.size for k, v in own.items() if k == "bias")
     return sum(v.size for v in own.values())

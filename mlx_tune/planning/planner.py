@@ -35,6 +35,18 @@ or ``known_configs``) give every shape, and the peak of one LoRA training step i
   activations) plus the larger phase;
 * a fixed **runtime** overhead (Python, MLX, tokenizer, data) for the process total.
 
+**MoE blocks** (qwen3_moe, mixtral, gpt-oss): the MLP is ``E`` experts of width ``Fm`` stored
+as (E, out, in) stacks plus a ``D x E`` router, so the weights count all ``E`` experts; with
+experts targeted each expert stack holds ``E`` LoRAs (``E * r * (in + out)``); each token runs
+through ``k`` experts, so the MLP part of a block's activations is ``k`` expert MLPs
+(``4 k Fm`` plus ``2 k D`` for the gathered inputs and the outputs before their weighted
+sum) instead of ``4 F``, and the expert matmuls run as ``gather_qmm`` on the packed weights
+(no dense copy of the experts on the CPU path).
+
+**Sliding-window layers** (Gemma 2/3, gpt-oss): the attention computes the full causal
+``T x T`` scores under a window mask (mlx-lm's masks and ours), so a local layer costs what
+a global one does; once ``T`` exceeds the window a note says so.
+
 Constants marked *calibrated* were fitted to measured steps of the real training step
 (``trainer.Step`` over ``losses.loss_fn``, measured by ``mlx_tune.planning.probe`` in
 ``bench/bench_memory.py``).
@@ -45,7 +57,14 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, field
 
-from mlx_tune.planning.arch import ALL_LINEAR, Arch, SourceConfig, arch_from_config, read_source_config
+from mlx_tune.planning.arch import (
+    ALL_LINEAR,
+    EXPERT_LINEAR,
+    Arch,
+    SourceConfig,
+    arch_from_config,
+    read_source_config,
+)
 from mlx_tune.training import loss_shapes
 
 GB = 1e9
@@ -81,6 +100,7 @@ class Settings:
     lora_targets: tuple[str, ...] = ALL_LINEAR
     lora_layers: int | None = None  # None: all blocks
     dora: bool = False
+    lora_experts: bool = True  # MoE: the expert stacks are adapted (one LoRA per expert)
     backend: str = "cpu"  # "cpu" dequantizes for matmuls; "metal"/"cuda" use fused kernels
     activation_bytes: int | None = None  # None: the source dtype (fp32 4, fp16/bf16 2)
 
@@ -144,37 +164,77 @@ def plan(arch: Arch, s: Settings, origin: str = "") -> Plan:
     d, f, hq, hkv = arch.hidden, arch.intermediate, arch.q_width, arch.kv_width
     linears = arch.linears()
 
-    # Base weights.
-    block = sum(_quantized_bytes(o, i, s, dense, dense) for i, o in linears.values())
-    block += 2 * d * dense + (hq + 2 * hkv) * dense * arch.attention_bias + 2 * arch.head_dim * dense * arch.qk_norm
+    # Base weights: dense blocks, MoE blocks (attention, E experts, router), embeddings.
+    def stored(widths) -> float:
+        return sum(_quantized_bytes(o, i, s, dense, dense) for i, o in widths)
+
+    norms = 2 * d * dense + (hq + 2 * hkv) * dense * arch.attention_bias + 2 * arch.head_dim * dense * arch.qk_norm
+    block = stored(linears.values()) + norms
+    experts = arch.expert_linears() if arch.moe_layers else {}
+    moe_block = (stored(arch.attention_linears().values()) + norms
+                 + arch.num_experts * stored(experts.values()) + stored([(d, arch.num_experts)])) if experts else 0
     embed = _quantized_bytes(arch.vocab, d, s, dense, dense)
     head = 0 if arch.tied else _quantized_bytes(arch.vocab, d, s, dense, dense)
-    weights = arch.layers * block + embed + head + d * dense
+    weights = arch.dense_layers * block + arch.moe_layers * moe_block + embed + head + d * dense
 
-    # LoRA state: A (in x r) + B (r x out) per targeted linear, fp32.
+    # LoRA state: A (in x r) + B (r x out) per targeted linear, fp32; an expert stack holds E of them.
     targets = [n for n in linears if n in s.lora_targets]
-    unknown = sorted(set(s.lora_targets) - set(linears))
+    known = set(linears) | {"experts", "switch_mlp"}
+    unknown = sorted(set(s.lora_targets) - known)
     if unknown:
         notes.append(f"lora targets {', '.join(unknown)} are not linear layers of this architecture; ignored")
-    per_block_lora = sum(s.lora_rank * (linears[n][0] + linears[n][1]) + (linears[n][1] if s.dora else 0) for n in targets)
-    lora_params = _lora_layers(arch, s) * per_block_lora
+    moe_targets = [n for n in targets if n in arch.attention_linears()]
+    expert_targets = [n for n in EXPERT_LINEAR if s.lora_experts and experts and (
+        n in s.lora_targets or {"experts", "switch_mlp"} & set(s.lora_targets))]
+
+    def lora_size(widths: dict, names) -> int:
+        return sum(s.lora_rank * (widths[n][0] + widths[n][1]) + (widths[n][1] if s.dora else 0) for n in names)
+
+    per_block_lora = lora_size(linears, targets)
+    per_moe_lora = lora_size(linears, moe_targets) + arch.num_experts * lora_size(experts, expert_targets)
+    adapted = _lora_layers(arch, s)
+    moe_adapted = min(adapted, arch.moe_layers)  # MoE blocks are spread through the stack: count them first
+    lora_params = (adapted - moe_adapted) * per_block_lora + moe_adapted * per_moe_lora
     lora_state = lora_params * 4 * LORA_STATE_COPIES
     lora_update = lora_params * 4 * LORA_UPDATE_COPIES
+    expert_state = moe_adapted * arch.num_experts * lora_size(experts, expert_targets) * 4 * LORA_STATE_COPIES
+    if expert_state > 0.5 * lora_state > 0:
+        notes.append(f"per-expert LoRA holds {expert_state / GB:.2f} GB of the adapter state; "
+                     "lora.include_experts: false (or a smaller rank) leaves the experts frozen")
+    if experts:
+        notes.append(f"MoE: {arch.moe_layers} blocks of {arch.num_experts} experts (width {arch.moe_intermediate}), "
+                     f"{arch.experts_per_tok} per token; experts "
+                     + (f"adapted, one LoRA per expert ({', '.join(expert_targets)})" if expert_targets else "not adapted"))
 
     # Activations of one block for n_tok tokens (see the docstring).
-    per_token = a * (4 * d + 2 * hq + 2 * hkv + 4 * f) + 4 * s.lora_rank * len(targets)
-    if a < 4 and targets:  # LoRA's fp32 A promotes its input: one fp32 copy per adapted linear
-        per_token += 4 * sum(linears[n][0] for n in targets)
+    def block_tokens(mlp_elems: float, lora_names, lora_inputs: int) -> float:
+        per_token = a * (4 * d + 2 * hq + 2 * hkv + mlp_elems) + 4 * s.lora_rank * lora_names
+        if a < 4 and lora_names:  # LoRA's fp32 A promotes its input: one fp32 copy per adapted linear
+            per_token += 4 * lora_inputs
+        return ACTIVATION_FACTOR * n_tok * per_token
+
+    k = arch.experts_per_tok
+    dense_saved = block_tokens(4 * f, len(targets), sum(linears[n][0] for n in targets))
+    moe_saved = block_tokens(4 * k * arch.moe_intermediate + 2 * k * d + 2 * arch.num_experts,
+                             len(moe_targets) + k * len(expert_targets),
+                             sum(linears[n][0] for n in moe_targets) + k * sum(experts[n][0] for n in expert_targets)
+                             ) if experts else 0.0
     probs = a * s.batch_size * arch.heads * s.seq_len**2
     if s.backend == "cpu":  # block-causal attention computes only the blocks on or below the diagonal
         probs *= causal_block_fraction(s.seq_len)
-    saved_block = ACTIVATION_FACTOR * n_tok * per_token + PROBS_SAVED * probs
-    working = WORKING_PROBS * probs + WORKING_FLOWS * n_tok * a * (2 * d + 2 * f)
+    if arch.sliding_layers and s.seq_len > (arch.sliding_window or 0):
+        notes.append(f"{arch.sliding_layers} of {arch.layers} layers attend within a {arch.sliding_window}-token "
+                     "window; their scores are still computed over the whole causal row (masked), so they cost "
+                     "what global layers do")
+    mlp_width = max(f if arch.dense_layers else 0, k * arch.moe_intermediate if experts else 0)
+    saved_block = max(dense_saved if arch.dense_layers else 0.0, moe_saved) + PROBS_SAVED * probs
+    saved_all = (arch.dense_layers * dense_saved + arch.moe_layers * moe_saved + arch.layers * PROBS_SAVED * probs)
+    working = WORKING_PROBS * probs + WORKING_FLOWS * n_tok * a * (2 * d + 2 * mlp_width)
     if s.grad_checkpoint:
         kept, kept_label = arch.layers * n_tok * d * a, f"kept block inputs ({arch.layers} x tokens x hidden)"
         block_phase = saved_block + working
     else:
-        kept, kept_label = arch.layers * saved_block, f"saved activations ({arch.layers} blocks)"
+        kept, kept_label = saved_all, f"saved activations ({arch.layers} blocks)"
         block_phase = working
 
     # Loss phase, as ``losses`` runs it: on the CPU path a quantized head whose fp32 copy
@@ -184,7 +244,9 @@ def plan(arch: Arch, s: Settings, origin: str = "") -> Plan:
     head_w = arch.vocab * d * 4
     # Each block's dense weights are rebuilt by its recomputed forward and again by its
     # backward (both live for a while).
-    block_dense = BLOCK_DENSE_COPIES * arch.block_params() * 4 if on_cpu_path else 0
+    # (MoE blocks: the experts run as gather_qmm on packed weights, only attention is dense.)
+    widest = arch.block_params() if arch.dense_layers else sum(i * o for i, o in arch.attention_linears().values())
+    block_dense = BLOCK_DENSE_COPIES * widest * 4 if on_cpu_path else 0
     block_phase += block_dense
     hidden_copies = 2 * n_tok * d * 4  # fp32 hidden states in and their gradient out
     if on_cpu_path and loss_shapes.head_is_tiled(arch.vocab, d):
@@ -294,6 +356,7 @@ def settings_from_config(cfg, source: SourceConfig, backend: str | None = None) 
         lora_targets=targets,
         lora_layers=None if lora.layers == "all" else int(lora.layers),
         dora=lora.use_dora,
+        lora_experts=lora.include_experts or lora.target_modules != "all-linear",
         backend=backend or current_backend(),
     )
 
@@ -318,7 +381,9 @@ def format_plan(p: Plan, budget_bytes: float | None = None, fit: dict | None = N
     a, s = p.arch, p.settings
     quant = "dense" if s.bits is None else ("nf4" if s.nf4 else f"{s.bits}-bit") + f" g{s.group_size}"
     lines = [
-        f"model     {a.model_type}, {a.params() / 1e9:.2f} B params, {a.layers} layers, hidden {a.hidden}, "
+        f"model     {a.model_type}, {a.params() / 1e9:.2f} B params"
+        + (f" ({a.active_params() / 1e9:.2f} B active)" if a.moe_layers else "")
+        + f", {a.layers} layers, hidden {a.hidden}, "
         f"vocab {a.vocab}{' (tied)' if a.tied else ''}  [config: {p.origin}]",
         f"settings  batch {s.batch_size} x {s.seq_len} tokens, base {quant}, LoRA r={s.lora_rank} on "
         f"{len([t for t in s.lora_targets if t in a.linears()])} linears/block, grad checkpoint "

@@ -83,8 +83,8 @@ def mixable(wrappers, name: str | None) -> bool:
     """Whether rows on adapter ``name`` can share a pass (the base and plain LoRA can)."""
     if name is None:
         return True
-    kinds = {w.adapters[name].kind for w in wrappers if name in w.adapters}
-    return kinds <= {"lora"}
+    held = [w.adapters[name] for w in wrappers if name in w.adapters]
+    return all(a.kind == "lora" and getattr(a, "mixable", True) for a in held)
 
 
 class RowRouter:

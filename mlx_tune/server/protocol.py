@@ -64,8 +64,11 @@ class Preparer:
     def chat_prompt(self, req: ChatCompletionRequest, offer_tools: bool = False) -> list[int]:
         messages = [tools.history_message(m) for m in req.messages]
         tok = self.tokenizer
-        if getattr(tok, "has_chat_template", False) or getattr(tok, "chat_template", None):
+        template = self.registry.chat_template(req.model)  # an adapter's own template wins
+        if template or getattr(tok, "has_chat_template", False) or getattr(tok, "chat_template", None):
             extra = {"tools": tools.template_tools(req.tools)} if offer_tools else {}
+            if template:
+                extra["chat_template"] = template
             try:
                 ids = tok.apply_chat_template(messages, add_generation_prompt=True, **extra)
             except Exception as exc:  # jinja templates raise for orders they do not accept
@@ -85,10 +88,10 @@ class Preparer:
             return False, None, None
         if choice == "none":
             return False, None, None
-        if not tools.supports_tools(self.tokenizer):
+        if not tools.supports_tools(self.tokenizer, self.registry.chat_template(req.model)):
             raise bad_request("tools: this model's chat template has no tool support; serve it with "
                               "--chat-template (for example chatml) to use tools", "tools", "tools_unsupported")
-        fmt = tools.syntax(self.tokenizer)
+        fmt = tools.syntax(self.tokenizer, self.registry.chat_template(req.model))
         if choice in (None, "auto"):
             return True, None, fmt
         name = None if choice == "required" else choice.function.name

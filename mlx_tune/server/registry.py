@@ -20,6 +20,7 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
+from mlx_tune.adapters.files import read_adapter_template
 from mlx_tune.adapters.inject import wrappers
 from mlx_tune.adapters.manager import AdapterManager
 from mlx_tune.adapters.peft import read_adapter
@@ -36,6 +37,7 @@ class AdapterEntry:
     path: str
     rank: int | None
     created: int
+    chat_template: str | None = None  # the template the adapter was trained with, when it carries one
 
 
 class ModelRegistry:
@@ -67,6 +69,11 @@ class ModelRegistry:
         raise not_found(f"model '{model_name}' does not exist; served: {', '.join(self.model_names())}",
                         param="model", code="model_not_found")
 
+    def chat_template(self, model_name: str) -> str | None:
+        """The chat template ``model_name``'s adapter was trained with (None: the tokenizer's own)."""
+        adapter = self.resolve(model_name)
+        return self.entries[adapter].chat_template if adapter is not None else None
+
     def model_names(self) -> list[str]:
         return self.base_names + sorted(self.entries)
 
@@ -95,7 +102,11 @@ class ModelRegistry:
         if not folder.exists():
             raise not_found(f"adapter folder '{path}' does not exist", param="path", code="adapter_not_found")
         rank = self._check_rank(folder)
-        entry = AdapterEntry(name, str(folder), rank, int(time.time()))
+        try:
+            template = read_adapter_template(folder)
+        except UserError as exc:
+            raise ApiError(400, str(exc), param="path", code="bad_adapter") from None
+        entry = AdapterEntry(name, str(folder), rank, int(time.time()), template)
         with self.lock:
             self.entries[name] = entry
             try:

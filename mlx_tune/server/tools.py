@@ -41,25 +41,34 @@ def _generic_parse(text: str, tools=None) -> Any:
     return json.loads(text.strip())
 
 
-def template_text(tokenizer) -> str:
+def template_text(tokenizer, override: str | None = None) -> str:
     hf = getattr(tokenizer, "_tokenizer", tokenizer)
-    template = getattr(hf, "chat_template", None)
+    template = override or getattr(hf, "chat_template", None)
     return template if isinstance(template, str) else json.dumps(template or "")
 
 
-def supports_tools(tokenizer) -> bool:
-    """Whether the chat template renders a ``tools`` list (it names the variable)."""
-    return "tools" in template_text(tokenizer)
+def supports_tools(tokenizer, override: str | None = None) -> bool:
+    """Whether the chat template (an adapter's own, else the model's) renders a ``tools`` list."""
+    return "tools" in template_text(tokenizer, override)
 
 
-def syntax(tokenizer) -> ToolSyntax:
+class _TemplateView:
+    """What mlx-lm's parser inference reads of a tokenizer, with another chat template."""
+
+    def __init__(self, hf, template: str):
+        self.chat_template = template
+        self.get_vocab = hf.get_vocab
+
+
+def syntax(tokenizer, override: str | None = None) -> ToolSyntax:
     """The call syntax of the template's family (mlx-lm's parsers), else the generic JSON form."""
     hf = getattr(tokenizer, "_tokenizer", tokenizer)
     name = None
     try:
         from mlx_lm import tokenizer_utils
 
-        name = tokenizer_utils._infer_tool_parser(hf)  # mlx-lm's own choice for this template
+        # mlx-lm's own choice for this template
+        name = tokenizer_utils._infer_tool_parser(_TemplateView(hf, override) if override else hf)
     except Exception:
         name = None
     if name:

@@ -88,8 +88,12 @@ def tiny_model(model_type: str = "llama", seed: int = 0, **overrides) -> nn.Modu
     return model
 
 
-def save_tiny_folder(path: str | Path, model_type: str = "llama", seed: int = 0, **overrides) -> Path:
-    """Write a tiny model as a Hugging Face folder and return its path."""
+def save_tiny_folder(path: str | Path, model_type: str = "llama", seed: int = 0, *, chat_template: bool = True,
+                     **overrides) -> Path:
+    """Write a tiny model as a Hugging Face folder and return its path.
+
+    ``chat_template=False`` writes a tokenizer without a template, like most base models.
+    """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     cfg = tiny_config(model_type, **overrides)
@@ -101,5 +105,8 @@ def save_tiny_folder(path: str | Path, model_type: str = "llama", seed: int = 0,
         weights = model.sanitize(weights)
     mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "mlx"})
     (path / "config.json").write_text(json.dumps(cfg, indent=2))
-    tiny_hf_tokenizer().save_pretrained(str(path))
+    hf = tiny_hf_tokenizer()
+    if not chat_template:
+        hf.chat_template = None
+    hf.save_pretrained(str(path))
     return path

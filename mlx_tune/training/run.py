@@ -27,8 +27,10 @@ import mlx.core as mx
 from mlx_tune import adapters
 from mlx_tune.config import Config, config_to_dict
 from mlx_tune.data import batching, cache
+from mlx_tune.data.dataset import peek_format
 from mlx_tune.errors import UserError
 from mlx_tune.model import quant
+from mlx_tune.model.chat_templates import require_chat_template, use_chat_template
 from mlx_tune.model.loading import load_model
 from mlx_tune.training import checkpoint
 from mlx_tune.training.callbacks import MetricsLog, Progress, plot_losses
@@ -90,6 +92,9 @@ def run_train(cfg: Config, *, log: Callable[[str], None] = print) -> TrainResult
 
     model, tokenizer, info = load_model(cfg.model, cfg.quantize, trust_remote_code=cfg.trust_remote_code)
     say(f"model: {info.source} ({info.kind}, quantization {info.quantization}) loaded in {info.load_seconds:.1f}s")
+    template = use_chat_template(tokenizer, cfg.chat_template)
+    if peek_format(data_dir / "train.jsonl") == "chat":  # refuse before any step, not deep in transformers
+        require_chat_template(tokenizer, cfg.model, str(data_dir / "train.jsonl"))
     quant.prepare_for_backend(model)
     mx.random.seed(tc.seed)  # adapter init and dropout start from the seed
     say(str(adapters.inject(model, cfg.lora)))
@@ -152,7 +157,7 @@ def run_train(cfg: Config, *, log: Callable[[str], None] = print) -> TrainResult
         return result
 
     if rank == 0:
-        adapters.save_adapter(model, out, cfg.lora, info)
+        adapters.save_adapter(model, out, cfg.lora, info, chat_template=template)
     test = held_out("test") if tc.test else None
     if tc.test and test is None:
         say(f"train.test: no {data_dir / 'test.jsonl'}; test loss skipped")
