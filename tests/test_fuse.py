@@ -432,3 +432,25 @@ def test_smollm2_trained_adapter_fused_mlx_and_gguf_q8_answer_the_same(smollm2_p
         assert report["fused_vs_adapter"]["top1_agreement"] >= 0.9
         assert report["fused_vs_adapter"]["mean_kl"] < report["fused_vs_base"]["mean_kl"]
         assert report["greedy_match"] == 1.0, report["attempts"]
+
+
+def test_gguf_as_one_file_and_a_folder_with_a_modelfile(run, tmp_path):
+    from mlx_tune.errors import UserError
+    from mlx_tune.export.modelfile import family, modelfile
+
+    opts = FuseOptions(format="gguf", gguf_type="q8_0")
+    quiet = {"adapter": str(run["root"] / "run"), "log": lambda s: None}
+    one = export(run["model"], run["tok"], run["info"], tmp_path / "out" / "model.gguf", opts, **quiet)
+    assert one.output == tmp_path / "out" / "model.gguf" and one.output.is_file()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model.fuse_report.json", "model.gguf"]
+    model, tok, info = load_model(one.output)
+    assert info.kind == "gguf" and greedy_answers(model, tok) == run["reference"]
+    folder = export(run["model"], run["tok"], run["info"], tmp_path / "dir", opts, **quiet)
+    text = (tmp_path / "dir" / "Modelfile").read_text()
+    assert text.startswith("FROM ./model-q8_0.gguf\n") and 'PARAMETER stop "<|im_end|>"' in text
+    assert "{{ .Role }}" in text and family(run["tok"]._tokenizer.chat_template) == "chatml"
+    model, tok, _ = load_model(tmp_path / "dir")  # the folder holding one .gguf loads as that file
+    assert greedy_answers(model, tok) == run["reference"] and folder.output.suffix == ".gguf"
+    assert "ADAPTER ./a.gguf" in modelfile("m.gguf", None, adapter_file="a.gguf")
+    with pytest.raises(UserError, match="fuse.format=gguf"):
+        export(run["model"], run["tok"], run["info"], tmp_path / "x.gguf", FuseOptions(format="mlx"), **quiet)

@@ -27,6 +27,7 @@ The check: next-token distributions of the written output, loaded back with
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import time
@@ -46,6 +47,7 @@ from mlx_tune.config import Config
 from mlx_tune.errors import UserError
 from mlx_tune.export import fidelity
 from mlx_tune.export.gguf import check_exportable
+from mlx_tune.export.modelfile import modelfile
 from mlx_tune.export.units import affine_params, units
 from mlx_tune.export.writers import DTYPES, write_gguf_file, write_safetensors_folder
 from mlx_tune.model import quant
@@ -118,8 +120,27 @@ def check_target(target: Path, force: bool, adapter_dir: Path | None = None) -> 
                             "set fused_dir (or --out) to another folder")
     if target.exists() and not force:
         raise UserError(f"{target}: already exists; pass --force (or fuse.force=true) to replace it, or choose --out")
-    if target.exists() and not target.is_dir():
+    single = target.suffix.lower() == ".gguf"
+    if target.exists() and single and target.is_dir():
+        raise UserError(f"{target}: is a folder; a name ending in .gguf is the output file itself")
+    if target.exists() and not single and not target.is_dir():
         raise UserError(f"{target}: exists and is not a folder; choose another --out")
+
+
+def single_file(target: Path) -> bool:
+    """``fused_dir: out/model.gguf``: the output is that one file, not a folder."""
+    return Path(target).suffix.lower() == ".gguf"
+
+
+def report_path_of(target: Path) -> Path:
+    """Where the fuse report of an output lives: inside its folder, or beside a single file."""
+    target = Path(target)
+    return target.with_name(target.stem + ".fuse_report.json") if single_file(target) else target / REPORT_FILE
+
+
+def _template_of(tokenizer) -> str | None:
+    template = getattr(getattr(tokenizer, "_tokenizer", tokenizer), "chat_template", None)
+    return template if isinstance(template, str) else None
 
 
 def _temp_dir(target: Path) -> Path:
@@ -191,6 +212,8 @@ def export(model: nn.Module, tokenizer, info, target: str | Path, opts: FuseOpti
     start = time.perf_counter()
     target = Path(target)
     check_target(target, opts.force, Path(adapter) if adapter else None)
+    if single_file(target) and opts.format != "gguf":
+        raise UserError(f"{target}: a name ending in .gguf needs fuse.format=gguf (or name a folder)")
     check_before_writing(model, info, opts)
     quant.prepare_for_backend(model)
 
@@ -273,12 +296,20 @@ def export(model: nn.Module, tokenizer, info, target: str | Path, opts: FuseOpti
             "peak_memory_gb": round(max(peak, mx.get_peak_memory()) / 2**30, 4),
             "options": {k: getattr(opts, k) for k in FuseOptions.__dataclass_fields__},
         }
-        write_text_atomic(tmp / REPORT_FILE, json.dumps(report, indent=2) + "\n")
-        commit_dir(tmp, target)  # an old target (force) is moved aside first, then removed
+        if single_file(target):
+            # One .gguf file: it replaces the target in one rename; the report goes beside it.
+            report["output"] = str(target)
+            os.replace(tmp / Path(path).name, target)
+            write_text_atomic(report_path_of(target), json.dumps(report, indent=2) + "\n")
+        else:
+            if opts.format == "gguf":
+                write_text_atomic(tmp / "Modelfile", modelfile(Path(path).name, _template_of(tokenizer)))
+            write_text_atomic(tmp / REPORT_FILE, json.dumps(report, indent=2) + "\n")
+            commit_dir(tmp, target)  # an old target (force) is moved aside first, then removed
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    final_path = target / Path(path).name if opts.format == "gguf" else target
+    final_path = target if single_file(target) else target / Path(path).name if opts.format == "gguf" else target
     return FuseResult(report, final_path, fused_pair)
 
 
@@ -361,8 +392,7 @@ def run_fuse(cfg: Config, opts: FuseOptions, out: str | Path | None = None, log:
     result.report["load_seconds"] = round(info.load_seconds, 3)
     result.report["total_seconds"] = round(time.perf_counter() - start, 3)
     result.report["peak_memory_gb"] = max(result.report["peak_memory_gb"], round(mx.get_peak_memory() / 2**30, 4))
-    report_path = (target / REPORT_FILE)
-    write_json_atomic(report_path, result.report)
+    write_json_atomic(report_path_of(target), result.report)
     log(format_report(result.report))
     if not result.report["ok"]:
         print("fuse: the fused model does not keep the adapter; see the warnings above", file=sys.stderr)

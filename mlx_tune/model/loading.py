@@ -65,6 +65,9 @@ def load_model(
         if path.suffix.lower() != ".gguf":
             raise ModelLoadError(f"{path}: is a file but not a .gguf model; give a model folder, a .gguf file or a hub repo id")
         model, tokenizer, info = _load_gguf(path, quantize)
+    elif path.is_dir() and not (path / "config.json").is_file() and len(list(path.glob("*.gguf"))) == 1:
+        # A fused GGUF folder (the file, its Modelfile and fuse report): the one .gguf in it.
+        model, tokenizer, info = _load_gguf(next(path.glob("*.gguf")), quantize)
     elif path.is_dir():
         model, tokenizer, info = _load_folder(path, source, "folder", trust_remote_code)
     elif _looks_like_path(source):

@@ -85,7 +85,7 @@ def _reports(root: Path, folder: Path) -> tuple[Any, list[dict[str, Any]]]:
         data = _json_file(root, path)
         if not isinstance(data, dict):
             continue
-        if path.name == "fuse_report.json" and fuse is None:
+        if path.name.endswith("fuse_report.json") and fuse is None:  # in a fused folder, or beside a .gguf
             fuse = data
         elif "compare" in data or ("results" in data and "model" in data):
             tests.append({"file": str(path.relative_to(folder)), "report": data})
