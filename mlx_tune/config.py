@@ -103,6 +103,18 @@ class LoraConfig:
 
 
 @dataclass
+class MaskConfig:
+    """Which chat tokens are trained beyond ``mask_prompt`` (``data.masks`` applies it)."""
+
+    reasoning: Literal["keep", "drop_previous", "mask"] | None = field(
+        default=None, metadata={"doc": "think blocks: keep (trained), drop_previous (removed from earlier assistant "
+                                       "turns, as Qwen3's template does), mask (kept, not trained); null: as the "
+                                       "model's template does"})
+    tool_results: Literal["mask"] = field(default="mask", metadata={"doc": "tool messages are never trained"})
+    tool_calls: Literal["train", "mask"] = field(default="train", metadata={"doc": "the assistant's tool-call JSON"})
+
+
+@dataclass
 class TrainConfig:
     """The training loop, its data handling, checkpoints and memory limits."""
 
@@ -131,9 +143,21 @@ class TrainConfig:
     max_bad_steps: int = field(default=5, metadata={"doc": "stop after this many non-finite steps in a row"})
     memory_limit_gb: float | None = field(default=None, metadata={"doc": "MLX memory limit; fail clearly instead of swapping"})
     test: bool = field(default=False, metadata={"doc": "report test-set loss and perplexity at the end"})
+    best_metric: Literal["val_loss", "eval_accuracy"] | None = field(
+        default=None, metadata={"doc": "what 'best' means; null: eval_accuracy with eval.prompts, else val_loss"})
+    keep_best: bool = field(default=True, metadata={"doc": "output_dir's adapter is the best evaluated one "
+                                                           "(its checkpoint survives pruning)"})
+    early_stopping_patience: int | None = field(
+        default=None, metadata={"doc": "stop after this many evaluations without improvement (null: off)"})
+    early_stopping_min_delta: float = field(default=0.0, metadata={"doc": "smallest change that counts as improvement"})
+    mask: MaskConfig = field(default_factory=MaskConfig, metadata={"doc": "chat mask policies"})
 
     def check(self) -> list[str]:
         errs = []
+        if self.early_stopping_patience is not None and self.early_stopping_patience <= 0:
+            errs.append(f"train.early_stopping_patience: {self.early_stopping_patience} must be > 0 or null")
+        if self.early_stopping_min_delta < 0:
+            errs.append(f"train.early_stopping_min_delta: {self.early_stopping_min_delta} must be >= 0")
         if self.iters is None and self.epochs is None:
             errs.append("train.iters / train.epochs: give one of them (for example train.iters: 200)")
         if self.iters is not None and self.iters <= 0:
@@ -204,6 +228,28 @@ class FuseConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Prompts the live adapter answers during training (greedy, batched, in-process)."""
+
+    prompts: str | None = field(default=None, metadata={"doc": "test_mlx.py prompts file (null: no prompt evaluation)"})
+    max_prompts: int | None = field(default=None, metadata={"doc": "use the first N rows (null: all)"})
+    max_tokens: int = field(default=64, metadata={"doc": "tokens per answer"})
+    every: int | None = field(default=None, metadata={"doc": "steps between evaluations (null: train.steps_per_eval)"})
+    batch_size: int = field(default=16, metadata={"doc": "answers decoded together"})
+
+    def check(self) -> list[str]:
+        errs = []
+        for name in ("max_prompts", "max_tokens", "every", "batch_size"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                errs.append(f"eval.{name}: {value} must be > 0")
+        return errs
+
+
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+
+
+@dataclass
 class Config:
     """A whole run: model, quantization, adapter, data, training, outputs, serving."""
 
@@ -218,6 +264,9 @@ class Config:
     fused_dir: str | None = field(default=None, metadata={"doc": "fused model folder (default: OUTPUT_DIR/fused)"})
     serve: ServeConfig = field(default_factory=ServeConfig, metadata={"doc": "server"})
     fuse: FuseConfig = field(default_factory=FuseConfig, metadata={"doc": "fusing and export"})
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata={"doc": "prompt evaluation during training"})
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = field(
+        default_factory=list, metadata={"doc": "run trackers (optional extras: pip install 'mlx-tune[tracking]')"})
     trust_remote_code: bool = field(default=False, metadata={"doc": "allow a hub model's own tokenizer code"})
     source_path: str | None = field(default=None, metadata={"doc": "(set by the loader) the YAML file read"})
 
@@ -225,7 +274,17 @@ class Config:
         errs = []
         if not str(self.model).strip():
             errs.append("model: is empty; give a hub repo id, a model folder or a .gguf file")
+        if self.train is not None and self.eval is not None and self.train.best_metric == "eval_accuracy" \
+                and not self.eval.prompts:
+            errs.append("train.best_metric: eval_accuracy needs eval.prompts (a test_mlx.py prompts file)")
+        if len(set(self.report_to)) != len(self.report_to):
+            errs.append(f"report_to: {self.report_to} names a tracker twice")
         return errs
+
+    @property
+    def best_metric(self) -> str:
+        """``train.best_metric``, or its default: eval_accuracy with eval.prompts, else val_loss."""
+        return self.train.best_metric or ("eval_accuracy" if self.eval.prompts else "val_loss")
 
     @property
     def fused_path(self) -> Path:

@@ -83,8 +83,10 @@ def _layout(paths: list[str], blocks: list[str]) -> tuple[list[int], list[str], 
     return sorted(indices), sorted(keys), outside
 
 
-def save_adapter(model: nn.Module, out_dir: str | Path, lora_cfg=None, info=None, name: str | None = None) -> Path:
-    """Write adapter ``name`` (default: the active one) of ``model`` to ``out_dir``."""
+def save_adapter(model: nn.Module, out_dir: str | Path, lora_cfg=None, info=None, name: str | None = None,
+                 extra: dict | None = None) -> Path:
+    """Write adapter ``name`` (default: the active one) of ``model`` to ``out_dir``;
+    ``extra`` keys (training's ``step`` and metric value) go into adapter_config.json too."""
     name = name or active_name(model)
     held = [(p, w.adapters[name]) for p, w in wrappers(model) if name in w.adapters]
     if not held:
@@ -125,6 +127,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path, lora_cfg=None, info=None
         "base_model_type": base["model_type"],
         "base_quantization": base["quantization"],
         **fingerprint(model),
+        **(extra or {}),
     }
     if uniform:  # what mlx_lm.tuner.utils.load_adapters reads, so mlx-lm can use the adapter too
         cfg["fine_tune_type"] = first.kind
