@@ -106,10 +106,9 @@ class LoraConfig:
 class MaskConfig:
     """Which chat tokens are trained beyond ``mask_prompt`` (``data.masks`` applies it)."""
 
-    reasoning: Literal["keep", "drop_previous", "mask"] | None = field(
-        default=None, metadata={"doc": "think blocks: keep (trained), drop_previous (removed from earlier assistant "
-                                       "turns, as Qwen3's template does), mask (kept, not trained); null: as the "
-                                       "model's template does"})
+    reasoning: Literal["keep", "drop_previous", "mask"] | None = field(default=None, metadata={"doc": (
+        "think blocks: keep (trained), drop_previous (removed from earlier assistant turns, as Qwen3's template "
+        "does), mask (kept, not trained); null: as the model's template does")})
     tool_results: Literal["mask"] = field(default="mask", metadata={"doc": "tool messages are never trained"})
     tool_calls: Literal["train", "mask"] = field(default="train", metadata={"doc": "the assistant's tool-call JSON"})
 
@@ -145,8 +144,7 @@ class TrainConfig:
     test: bool = field(default=False, metadata={"doc": "report test-set loss and perplexity at the end"})
     best_metric: Literal["val_loss", "eval_accuracy"] | None = field(
         default=None, metadata={"doc": "what 'best' means; null: eval_accuracy with eval.prompts, else val_loss"})
-    keep_best: bool = field(default=True, metadata={"doc": "output_dir's adapter is the best evaluated one "
-                                                           "(its checkpoint survives pruning)"})
+    keep_best: bool = field(default=True, metadata={"doc": "output_dir's adapter is the best evaluated one"})
     early_stopping_patience: int | None = field(
         default=None, metadata={"doc": "stop after this many evaluations without improvement (null: off)"})
     early_stopping_min_delta: float = field(default=0.0, metadata={"doc": "smallest change that counts as improvement"})
@@ -238,15 +236,8 @@ class EvalConfig:
     batch_size: int = field(default=16, metadata={"doc": "answers decoded together"})
 
     def check(self) -> list[str]:
-        errs = []
-        for name in ("max_prompts", "max_tokens", "every", "batch_size"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                errs.append(f"eval.{name}: {value} must be > 0")
-        return errs
-
-
-TRACKERS = ("tensorboard", "wandb", "mlflow")
+        return [f"eval.{n}: {getattr(self, n)} must be > 0" for n in ("max_prompts", "max_tokens", "every", "batch_size")
+                if getattr(self, n) is not None and getattr(self, n) <= 0]
 
 
 @dataclass

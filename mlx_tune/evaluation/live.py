@@ -81,7 +81,7 @@ class LiveScorer:
                     a.latency_s = time.perf_counter() - start
             return emit
 
-        was_training = self.model.training
+        was_training, active = self.model.training, self.registry.manager.active
         self.model.eval()  # no dropout while answering
         try:
             for i, row in enumerate(rows):
@@ -90,6 +90,8 @@ class LiveScorer:
                 self.engine.submit(request, collect(i))
             self.engine.run_pending()
         finally:
+            # Switching adapters also switches which one is trainable: put the model back as it was.
+            self.registry.activate(active)
             self.model.train(was_training)
         return answers
 
@@ -124,3 +126,14 @@ def step_scorer(scorer: LiveScorer, rows: list[PromptRow], adapter: str, max_tok
         keys = ("line", "prompt", "expected", "output", "correct", "match", "completion_tokens")
         return row, [{k: r.get(k) for k in keys} for r in report["results"]]
     return score
+
+
+def score_models(model, tokenizer, info, adapters: dict[str, str], rows: list[PromptRow], *, max_tokens: int,
+                 max_batch: int = 16, base: bool = True) -> list[dict]:
+    """test_mlx.py reports for the base (``base``) and each adapter {name: folder}, in that order.
+
+    Every adapter is loaded beside the base once; each model's rows are decoded as one batch.
+    """
+    scorer = LiveScorer(model, tokenizer, info, adapters=adapters, max_batch=max_batch)
+    names: list[str | None] = ([None] if base else []) + list(adapters)
+    return [scorer.report(rows, name, max_tokens, label=name or "base") for name in names]

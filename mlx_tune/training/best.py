@@ -81,7 +81,7 @@ class EvalMonitor:
 
     def __init__(self, tracker: BestTracker, *, iters: int, every: int,
                  score_prompts: Callable[[int], tuple[dict, list[dict]]] | None = None,
-                 save_best: Callable[[Any], None] | None = None, sinks: list | None = None,
+                 save_best: Callable[[Any], object] | None = None, sinks: list | None = None,
                  samples=None, log: Callable[[str], None] = print):
         self.tracker, self.iters, self.every = tracker, iters, every
         self.score_prompts, self.save_best = score_prompts, save_best

@@ -32,6 +32,7 @@ import mlx.core as mx
 from mlx_tune import adapters
 from mlx_tune.config import Config, config_to_dict
 from mlx_tune.data import batching, cache
+from mlx_tune.data.masks import MaskPolicy
 from mlx_tune.errors import UserError
 from mlx_tune.model import quant
 from mlx_tune.model.loading import load_model
@@ -115,8 +116,8 @@ def run_train(cfg: Config, *, log: Callable[[str], None] = print) -> TrainResult
     if tc.grad_checkpoint:
         grad_checkpoint(model)
 
-    splits = cache.load_splits(data_dir, tokenizer, max_seq_length=tc.max_seq_length,
-                               mask_prompt=tc.mask_prompt, truncation=tc.truncation)
+    splits = cache.load_splits(data_dir, tokenizer, max_seq_length=tc.max_seq_length, mask_prompt=tc.mask_prompt,
+                               truncation=tc.truncation, mask_policy=MaskPolicy.of(tc.mask))
     for ds in splits.values():
         say(ds.stats.summary())
     pad_id = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0
@@ -191,7 +192,7 @@ def run_train(cfg: Config, *, log: Callable[[str], None] = print) -> TrainResult
     if state.stop_reason:
         say(f"stopped at step {state.step}: {state.stop_reason}")
 
-    kept = {"step": state.step}
+    kept: dict[str, object] = {"step": state.step}
     best_dir = ckpt_dir / f"step_{tracker.best_step:06d}" if tracker.best_step is not None else None
     if tc.keep_best and best_dir is not None:
         if checkpoint.is_complete(best_dir):
@@ -200,7 +201,7 @@ def run_train(cfg: Config, *, log: Callable[[str], None] = print) -> TrainResult
             say(f"keeping the best adapter: step {tracker.best_step}, {tracker.metric} {tracker.best_value:.6g}")
         else:
             say(f"train.keep_best: checkpoint {best_dir} is gone; keeping the last step's adapter")
-    result.kept_step = int(kept["step"])
+    result.kept_step = tracker.best_step if "metric" in kept else state.step
     if rank == 0:
         adapters.save_adapter(model, out, cfg.lora, info, extra=kept)
     test = held_out("test") if tc.test else None
