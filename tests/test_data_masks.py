@@ -275,3 +275,16 @@ def test_gpt_oss_channels(gpt_oss):
          "<|end|><|start|>assistant", False),
         ("<|channel|>final<|message|>You're welcome.<|return|>", True),
     ], MaskPolicy(reasoning="mask"))
+
+
+def test_data_inspect_shows_the_policy(tmp_path, qwen3):
+    import json
+
+    from mlx_tune.data.inspect import format_row, inspect_rows
+
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps({"messages": [agent_chat()[0], agent_chat()[3]]}) + "\n")
+    keep = format_row(inspect_rows(path, qwen3, rows=1, policy=MaskPolicy(reasoning="keep"))[0], colour=False)
+    mask = format_row(inspect_rows(path, qwen3, rows=1, policy=MaskPolicy(reasoning="mask"))[0], colour=False)
+    assert "[[<think>\nIt is sunny.\n</think>\n\nSunny, 18C.<|im_end|>]]" in keep
+    assert "<think>\nIt is sunny.\n</think>\n\n[[Sunny, 18C.<|im_end|>]]" in mask

@@ -179,3 +179,22 @@ def test_mlx_tune_eval_scores_base_and_adapter_side_by_side(tmp_path, tiny_folde
     cfg = yaml.safe_load(workspace(tmp_path, tiny_folder).read_text())
     assert main(["eval", "--model", cfg["model"]]) == 2  # no prompts: a one-line error
     assert "--prompts" in capsys.readouterr().err
+
+
+def test_server_cpu_layers_are_borrowed_while_answering_and_given_back():
+    import mlx.nn as nn
+
+    from mlx_tune.model import quant
+
+    model, tok = tiny_model(seed=2), tiny_tokenizer()
+    nn.quantize(model, group_size=32, bits=4)
+    quant.prepare_for_backend(model)
+    adapters.inject(model, LoraConfig(rank=4, alpha=8))
+    kinds = [(p, type(m)) for p, m in model.named_modules()]
+    rows = [parse_row({"prompt": f"count {i}", "expected": "x", "match": "contains"}, i) for i in range(3)]
+    scorer = LiveScorer(model, tok, swap_budget=2**30)
+    scorer.use_resident("default")
+    swapped = [a.output for a in scorer.answer(rows, "default", 5)]
+    assert [(p, type(m)) for p, m in model.named_modules()] == kinds
+    scorer.swap_budget = None
+    assert [a.output for a in scorer.answer(rows, "default", 5)] == swapped

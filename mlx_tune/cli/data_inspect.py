@@ -14,15 +14,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-seq-length", type=int, default=None, metavar="N",
                         help="mark where training would cut each row (train.max_seq_length)")
     parser.add_argument("--no-mask-prompt", action="store_true", help="train every token, as train.mask_prompt=false does")
+    parser.add_argument("--reasoning", choices=("keep", "drop_previous", "mask"), default=None,
+                        help="train.mask.reasoning (default: as the model's template does)")
+    parser.add_argument("--tool-calls", choices=("train", "mask"), default="train", help="train.mask.tool_calls")
     parser.add_argument("--colour", choices=("auto", "always", "never"), default="auto",
                         help="highlight trained tokens with ANSI colour (auto: when stdout is a terminal), else [[ ]]")
 
 
 def run(args: argparse.Namespace) -> int:
     from mlx_tune.data.inspect import format_row, inspect_data
+    from mlx_tune.data.masks import MaskPolicy
 
     rows = inspect_data(args.data_dir, args.model, split=args.split, rows=args.rows,
-                        max_seq_length=args.max_seq_length, mask_prompt=not args.no_mask_prompt)
+                        max_seq_length=args.max_seq_length, mask_prompt=not args.no_mask_prompt,
+                        policy=MaskPolicy(reasoning=args.reasoning, tool_calls=args.tool_calls))
     colour = args.colour == "always" or (args.colour == "auto" and sys.stdout.isatty())
     print("\n\n".join(format_row(r, colour) for r in rows))
     return 0

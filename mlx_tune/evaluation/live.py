@@ -12,14 +12,20 @@ template and the generation prompt, prompt rows as plain text.
 
 During training the model is the live one: its adapter (already in the model) is
 registered as resident under its own name, dropout is switched off while answering
-(``model.eval()``) and the previous mode is restored afterwards. Rows of the base and
-of several adapters (``mlx-tune eval``) share one forward pass where they can be mixed.
+(``model.eval()``) and the previous mode, active adapter and layers are restored
+afterwards. On the CPU backend the quantized base layers are swapped for the server's
+(``server.fastpath``: a cached fp32 copy for batched rows) while answering, within
+``swap_budget`` bytes of copies, and swapped back (the same arrays: nothing is copied
+into the trained model). ``mlx-tune eval`` prepares the model as ``mlx-tune serve`` does.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
+
+from mlx.utils import tree_unflatten
 
 from mlx_tune.evaluation.client import Answer
 from mlx_tune.evaluation.prompts import PromptRow, content_text
@@ -41,16 +47,32 @@ def encode_row(tokenizer, row: PromptRow) -> list[int]:
     return tokenizer.encode(text)
 
 
+@contextlib.contextmanager
+def serving_layers(model, budget: int):
+    """The server's CPU layers in ``model`` for the duration (``budget``: bytes of fp32 copies)."""
+    from mlx_tune.server.fastpath import SWAPS, prepare_for_serving
+
+    before = [(p, m) for p, m in model.named_modules() if type(m) in SWAPS]
+    if before:
+        prepare_for_serving(model, dense_budget_bytes=budget, measure=False)
+    try:
+        yield
+    finally:
+        if before:
+            model.update_modules(tree_unflatten(before))
+
+
 class LiveScorer:
     """Answers prompt rows with ``model`` (base or its adapters) on the calling thread."""
 
     def __init__(self, model, tokenizer, info=None, *, adapters: dict[str, str] | None = None,
-                 max_batch: int = 16, mix_adapters: bool = False):
+                 max_batch: int = 16, mix_adapters: bool = False, swap_budget: int | None = None):
         from mlx_tune.server.engine import Engine
         from mlx_tune.server.registry import ModelRegistry
 
         self.model = model
         self.tokenizer = tokenizer
+        self.swap_budget = swap_budget  # None: leave the layers as they are
         self.registry = ModelRegistry(model, tokenizer, info, max_loras=max(8, len(adapters or {}) + 1))
         for name, path in (adapters or {}).items():
             self.registry.add(name, path, trusted=True)
@@ -83,12 +105,14 @@ class LiveScorer:
 
         was_training, active = self.model.training, self.registry.manager.active
         self.model.eval()  # no dropout while answering
+        layers = serving_layers(self.model, self.swap_budget) if self.swap_budget is not None else contextlib.nullcontext()
         try:
-            for i, row in enumerate(rows):
-                request = GenRequest(prompt=encode_row(self.tokenizer, row), adapter=adapter,
-                                     max_tokens=max_tokens, temperature=0.0)
-                self.engine.submit(request, collect(i))
-            self.engine.run_pending()
+            with layers:
+                for i, row in enumerate(rows):
+                    request = GenRequest(prompt=encode_row(self.tokenizer, row), adapter=adapter,
+                                         max_tokens=max_tokens, temperature=0.0)
+                    self.engine.submit(request, collect(i))
+                self.engine.run_pending()
         finally:
             # Switching adapters also switches which one is trainable: put the model back as it was.
             self.registry.activate(active)
@@ -134,6 +158,9 @@ def score_models(model, tokenizer, info, adapters: dict[str, str], rows: list[Pr
 
     Every adapter is loaded beside the base once; each model's rows are decoded as one batch.
     """
-    scorer = LiveScorer(model, tokenizer, info, adapters=adapters, max_batch=max_batch)
+    from mlx_tune.server.fastpath import prepare_for_serving
+
+    prepare_for_serving(model)  # as `mlx-tune serve` does (a no-op off the CPU backend)
+    scorer = LiveScorer(model, tokenizer, info, adapters=adapters, max_batch=max_batch, mix_adapters=True)
     names: list[str | None] = ([None] if base else []) + list(adapters)
     return [scorer.report(rows, name, max_tokens, label=name or "base") for name in names]

@@ -136,6 +136,9 @@ def run_train(cfg: Config, *, log: Callable[[str], None] = print) -> TrainResult
     metrics = MetricsLog(out / "metrics.jsonl") if rank == 0 else None
     samples = MetricsLog(out / "eval_samples.jsonl") if rank == 0 and cfg.eval.prompts else None
     tracker = BestTracker(cfg.best_metric, tc.early_stopping_min_delta, tc.early_stopping_patience)
+    if tracker.metric == "val_loss" and "valid" not in splits and (tc.keep_best or tc.early_stopping_patience):
+        say(f"train.best_metric val_loss: no {data_dir / 'valid.jsonl'}, so no evaluation: "
+            "the last step's adapter is kept and early stopping is off")
     loop_state = LoopState()
     resumed_from = checkpoint.latest_checkpoint(ckpt_dir) if tc.resume else None
     if resumed_from is not None:
@@ -227,7 +230,8 @@ def _prompt_scorer(cfg: Config, model, tokenizer, info):
         return None
     from mlx_tune.evaluation.live import LiveScorer, step_scorer
 
-    scorer = LiveScorer(model, tokenizer, info, max_batch=cfg.eval.batch_size)
+    # 1 GiB of fp32 copies at most while answering: the training plan's peak barely moves.
+    scorer = LiveScorer(model, tokenizer, info, max_batch=cfg.eval.batch_size, swap_budget=2**30)
     name = adapters.active_name(model) or "default"
     scorer.use_resident(name)
     return step_scorer(scorer, eval_rows(cfg), name, cfg.eval.max_tokens)
