@@ -198,3 +198,29 @@ def test_server_cpu_layers_are_borrowed_while_answering_and_given_back():
     assert [(p, type(m)) for p, m in model.named_modules()] == kinds
     scorer.swap_budget = None
     assert [a.output for a in scorer.answer(rows, "default", 5)] == swapped
+
+
+def test_new_keys_are_validated_before_anything_loads(tmp_path):
+    from train_workspace import write_data
+
+    from mlx_tune.config import config_from_dict
+    from mlx_tune.errors import ConfigError, UserError
+    from mlx_tune.training.run import precheck
+
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({"model": "m", "train": {"iters": 1, "best_metric": "eval_accuracy", "early_stopping_patience": 0,
+                                                  "mask": {"reasoning": "hide"}}, "eval": {"every": 0},
+                          "report_to": ["tensorbord"]})
+    text = str(err.value)
+    for part in ("train.best_metric: eval_accuracy needs eval.prompts", "train.early_stopping_patience: 0 must be > 0",
+                 "train.mask.reasoning: 'hide' is not valid", "eval.every: 0 must be > 0", "report_to: ['tensorbord']"):
+        assert part in text
+    cfg = config_from_dict({"model": "m", "train": {"iters": 1}, "eval": {"prompts": "p.jsonl"}})
+    assert cfg.best_metric == "eval_accuracy"
+    assert config_from_dict({"model": "m", "train": {"iters": 1}}).best_metric == "val_loss"
+    bad = tmp_path / "p.jsonl"
+    bad.write_text('{"prompt": "x", "match": "tool_call", "expected": {"city": 1}}\n')
+    cfg = config_from_dict({"model": "not-loaded", "data": str(write_data(tmp_path / "d")), "train": {"iters": 1},
+                            "eval": {"prompts": str(bad)}})
+    with pytest.raises(UserError, match=r"p.jsonl:1: 'expected' for match tool_call"):
+        precheck(cfg)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import importlib.util
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -101,6 +102,13 @@ def _wandb_records(path: str):
             buf = b""
 
 
+def _has_exit(path: str) -> bool:
+    try:
+        return any(r.WhichOneof("record_type") == "exit" for r in _wandb_records(path))
+    except Exception:  # a record still being written
+        return False
+
+
 @pytest.mark.slow
 def test_wandb_offline_run(tmp_path, monkeypatch):
     _need("wandb")
@@ -108,6 +116,11 @@ def test_wandb_offline_run(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     out, _ = _run(tmp_path, "wandb")
     (path,) = glob.glob(str(out / "wandb" / "offline-run-*" / "run-*.wandb"))
+    deadline = time.monotonic() + 60
+    # wandb-core (its own process) may still be writing the file when finish() returns:
+    # read once its closing "exit" record is there.
+    while not _has_exit(path) and time.monotonic() < deadline:
+        time.sleep(0.2)
     history, config = {}, {}
     for rec in _wandb_records(path):
         kind = rec.WhichOneof("record_type")
