@@ -230,7 +230,8 @@ def _prompt_scorer(cfg: Config, model, tokenizer, info):
         return None
     from mlx_tune.evaluation.live import LiveScorer, step_scorer
 
-    # 1 GiB of fp32 copies at most while answering: the training plan's peak barely moves.
+    # While answering, at most 1 GiB of fp32 weight copies on top of training's memory (the
+    # planner does not count them); larger models dequantize per call instead.
     scorer = LiveScorer(model, tokenizer, info, max_batch=cfg.eval.batch_size, swap_budget=2**30)
     name = adapters.active_name(model) or "default"
     scorer.use_resident(name)
