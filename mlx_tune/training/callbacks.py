@@ -94,6 +94,11 @@ class Progress:
         if self.bar is not None:
             self.bar.write(msg)
 
+    def write(self, msg: str) -> None:
+        """A log line above the bar (rank 0 only)."""
+        if self.bar is not None:
+            self.bar.write(msg)
+
     def on_train_end(self, state: LoopState) -> None:
         if self.bar is not None:
             self.bar.close()

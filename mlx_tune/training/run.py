@@ -172,7 +172,7 @@ def run_train(cfg: Config, *, log: Callable[[str], None] = print) -> TrainResult
     sinks = [c for c in (metrics, progress, *trackers) if c is not None]
     monitor = EvalMonitor(tracker, iters=iters, every=cfg.eval.every or tc.steps_per_eval,
                           score_prompts=_prompt_scorer(cfg, model, tokenizer, info), sinks=sinks, samples=samples,
-                          save_best=ckpt.save if tc.keep_best else None, log=lambda msg: None)
+                          save_best=ckpt.save if tc.keep_best else None, log=progress.write)
     if loop_state.step == 0:
         monitor.evaluate_prompts(0)  # the baseline: what the untrained adapter (the base) answers
     callbacks = [c for c in (metrics, progress, monitor, ckpt, *trackers) if c is not None]
