@@ -10,17 +10,17 @@ The README's config reference is generated from these classes (``config_referenc
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
 
 from mlx_tune.errors import ConfigError
+from mlx_tune.typed_config import apply_overrides, build, parse_override, reference_table
+
+__all__ = ["apply_overrides", "parse_override"]  # re-exported: the override syntax belongs to the config
 
 # ---------------------------------------------------------------------------
 # Concerns
@@ -106,6 +106,17 @@ class LoraConfig:
 
 
 @dataclass
+class MaskConfig:
+    """Which chat tokens are trained beyond ``mask_prompt`` (``data.masks`` applies it)."""
+
+    reasoning: Literal["keep", "drop_previous", "mask"] | None = field(default=None, metadata={"doc": (
+        "think blocks: keep (trained), drop_previous (removed from earlier assistant turns, as Qwen3's template "
+        "does), mask (kept, not trained); null: as the model's template does")})
+    tool_results: Literal["mask"] = field(default="mask", metadata={"doc": "tool messages are never trained"})
+    tool_calls: Literal["train", "mask"] = field(default="train", metadata={"doc": "the assistant's tool-call JSON"})
+
+
+@dataclass
 class TrainConfig:
     """The training loop, its data handling, checkpoints and memory limits."""
 
@@ -134,9 +145,20 @@ class TrainConfig:
     max_bad_steps: int = field(default=5, metadata={"doc": "stop after this many non-finite steps in a row"})
     memory_limit_gb: float | None = field(default=None, metadata={"doc": "MLX memory limit; fail clearly instead of swapping"})
     test: bool = field(default=False, metadata={"doc": "report test-set loss and perplexity at the end"})
+    best_metric: Literal["val_loss", "eval_accuracy"] | None = field(
+        default=None, metadata={"doc": "what 'best' means; null: eval_accuracy with eval.prompts, else val_loss"})
+    keep_best: bool = field(default=True, metadata={"doc": "output_dir's adapter is the best evaluated one"})
+    early_stopping_patience: int | None = field(
+        default=None, metadata={"doc": "stop after this many evaluations without improvement (null: off)"})
+    early_stopping_min_delta: float = field(default=0.0, metadata={"doc": "smallest change that counts as improvement"})
+    mask: MaskConfig = field(default_factory=MaskConfig, metadata={"doc": "chat mask policies"})
 
     def check(self) -> list[str]:
         errs = []
+        if self.early_stopping_patience is not None and self.early_stopping_patience <= 0:
+            errs.append(f"train.early_stopping_patience: {self.early_stopping_patience} must be > 0 or null")
+        if self.early_stopping_min_delta < 0:
+            errs.append(f"train.early_stopping_min_delta: {self.early_stopping_min_delta} must be >= 0")
         if self.iters is None and self.epochs is None:
             errs.append("train.iters / train.epochs: give one of them (for example train.iters: 200)")
         if self.iters is not None and self.iters <= 0:
@@ -216,6 +238,21 @@ CHAT_TEMPLATE_NAMES = ("chatml", "llama3", "gemma", "mistral")  # mlx_tune.model
 
 
 @dataclass
+class EvalConfig:
+    """Prompts the live adapter answers during training (greedy, batched, in-process)."""
+
+    prompts: str | None = field(default=None, metadata={"doc": "test_mlx.py prompts file (null: no prompt evaluation)"})
+    max_prompts: int | None = field(default=None, metadata={"doc": "use the first N rows (null: all)"})
+    max_tokens: int = field(default=64, metadata={"doc": "tokens per answer"})
+    every: int | None = field(default=None, metadata={"doc": "steps between evaluations (null: train.steps_per_eval)"})
+    batch_size: int = field(default=16, metadata={"doc": "answers decoded together"})
+
+    def check(self) -> list[str]:
+        return [f"eval.{n}: {getattr(self, n)} must be > 0" for n in ("max_prompts", "max_tokens", "every", "batch_size")
+                if getattr(self, n) is not None and getattr(self, n) <= 0]
+
+
+@dataclass
 class Config:
     """A whole run: model, quantization, adapter, data, training, outputs, serving."""
 
@@ -230,6 +267,9 @@ class Config:
     fused_dir: str | None = field(default=None, metadata={"doc": "fused model folder (default: OUTPUT_DIR/fused)"})
     serve: ServeConfig = field(default_factory=ServeConfig, metadata={"doc": "server"})
     fuse: FuseConfig = field(default_factory=FuseConfig, metadata={"doc": "fusing and export"})
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata={"doc": "prompt evaluation during training"})
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = field(
+        default_factory=list, metadata={"doc": "run trackers (optional extras: pip install 'mlx-tune[tracking]')"})
     trust_remote_code: bool = field(default=False, metadata={"doc": "allow a hub model's own tokenizer code"})
     chat_template: str | None = field(
         default=None, metadata={"doc": "for models without one: chatml, llama3, gemma, mistral or PATH.jinja"}
@@ -247,155 +287,21 @@ class Config:
                             "or a path to a .jinja file")
             elif not Path(tpl).expanduser().is_file():
                 errs.append(f"chat_template: {tpl} not found (a .jinja file path, relative to the current folder)")
+        if self.train is not None and self.eval is not None and self.train.best_metric == "eval_accuracy" \
+                and not self.eval.prompts:
+            errs.append("train.best_metric: eval_accuracy needs eval.prompts (a test_mlx.py prompts file)")
+        if len(set(self.report_to)) != len(self.report_to):
+            errs.append(f"report_to: {self.report_to} names a tracker twice")
         return errs
+
+    @property
+    def best_metric(self) -> str:
+        """``train.best_metric``, or its default: eval_accuracy with eval.prompts, else val_loss."""
+        return self.train.best_metric or ("eval_accuracy" if self.eval.prompts else "val_loss")
 
     @property
     def fused_path(self) -> Path:
         return Path(self.fused_dir) if self.fused_dir else Path(self.output_dir) / "fused"
-
-
-# ---------------------------------------------------------------------------
-# Generic parsing and validation from type hints
-# ---------------------------------------------------------------------------
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " or ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (Union, types.UnionType):
-        return " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
-    if origin is list:
-        return f"list of {_type_name(typing.get_args(tp)[0])}"
-    if origin is dict:
-        return "mapping of names to paths"
-    if dataclasses.is_dataclass(tp):
-        return "mapping"
-    return {int: "integer", float: "number", str: "string", bool: "true/false"}.get(tp, str(tp))
-
-
-class _Bad(Exception):
-    pass
-
-
-def _coerce(value: Any, tp: Any, key: str, errs: list[str]) -> Any:
-    """Convert a YAML value to ``tp`` or raise _Bad; nested dataclasses collect into errs."""
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise _Bad
-        return _build(tp, value, key, errs)
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None:
-            if type(None) in args:
-                return None
-            raise _Bad
-        # Literal and exact types first, so "all" is not read as something else.
-        for arg in sorted((a for a in args if a is not type(None)), key=lambda a: typing.get_origin(a) is not Literal):
-            try:
-                return _coerce(value, arg, key, errs)
-            except _Bad:
-                continue
-        raise _Bad
-    if origin is Literal:
-        if value in typing.get_args(tp):
-            return value
-        raise _Bad
-    if origin is list:
-        if isinstance(value, str) or not isinstance(value, list):
-            raise _Bad
-        return [_coerce(v, typing.get_args(tp)[0], key, errs) for v in value]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise _Bad
-        return {str(k): _coerce(v, typing.get_args(tp)[1], key, errs) for k, v in value.items()}
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise _Bad
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise _Bad
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:  # YAML reads "1e-4" (no dot) as a string.
-                return float(value)
-            except ValueError:
-                raise _Bad from None
-        raise _Bad
-    if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise _Bad
-    raise _Bad
-
-
-def _build(cls: type, raw: dict, prefix: str, errs: list[str]) -> Any:
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs: dict[str, Any] = {}
-    for key, value in raw.items():
-        dotted = f"{prefix}{key}"
-        if key not in fields:
-            near = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.6)
-            hint = f"; did you mean '{prefix}{near[0]}'?" if near else f"; valid keys: {', '.join(fields)}"
-            errs.append(f"{dotted}: unknown key{hint}")
-            continue
-        try:
-            kwargs[key] = _coerce(value, hints[key], f"{dotted}.", errs)
-        except _Bad:
-            errs.append(f"{dotted}: {value!r} is not valid; expected {_type_name(hints[key])}")
-    missing = [
-        n for n, f in fields.items()
-        if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-    ]
-    for n in missing:
-        if f"{prefix}{n}" not in " ".join(errs):
-            errs.append(f"{prefix}{n}: required key is missing")
-    if missing:
-        return None
-    for n, f in fields.items():
-        # Absent sections still get their defaults checked (train needs iters or epochs).
-        if n not in kwargs and f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory):
-            kwargs[n] = _build(f.default_factory, {}, f"{prefix}{n}.", errs)
-    obj = cls(**kwargs)
-    if hasattr(obj, "check"):
-        errs.extend(obj.check())
-    return obj
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """``"train.iters=50"`` -> (["train", "iters"], 50); the value is read as YAML."""
-    if "=" not in text:
-        raise ConfigError(f"override {text!r}: expected KEY=VALUE, for example train.iters=50")
-    key, raw = text.split("=", 1)
-    if not key.strip():
-        raise ConfigError(f"override {text!r}: the key is empty")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        value = raw
-    return key.strip().split("."), value
-
-
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    for text in overrides:
-        path, value = parse_override(text)
-        node = raw
-        for part in path[:-1]:
-            if not isinstance(node.get(part), dict):
-                node[part] = {}
-            node = node[part]
-        node[path[-1]] = value
-    return raw
 
 
 def config_from_dict(raw: dict, source: str = "config") -> Config:
@@ -403,7 +309,7 @@ def config_from_dict(raw: dict, source: str = "config") -> Config:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of keys (model:, lora:, train:, ...)")
     errs: list[str] = []
-    cfg = _build(Config, raw, "", errs)
+    cfg = build(Config, raw, "", errs)
     if errs:
         lines = "\n  ".join(errs)
         raise ConfigError(f"{source}: {len(errs)} problem(s):\n  {lines}")
@@ -442,28 +348,4 @@ def config_to_dict(cfg: Any) -> Any:
 
 def config_reference() -> str:
     """A markdown table of every key, its type, default and meaning (for the README)."""
-    rows = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
-
-    def walk(cls: type, prefix: str) -> None:
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            if f.name == "source_path":
-                continue
-            tp = hints[f.name]
-            inner = [a for a in typing.get_args(tp) if isinstance(a, type) and dataclasses.is_dataclass(a)]
-            sub = tp if isinstance(tp, type) and dataclasses.is_dataclass(tp) else (inner[0] if inner else None)
-            if f.default is not dataclasses.MISSING:
-                default = f.default
-            elif f.default_factory is not dataclasses.MISSING:
-                default = f.default_factory()
-            else:
-                default = "(required)"
-            if sub is not None:
-                rows.append(f"| `{prefix}{f.name}` | mapping{' or null' if inner else ''} | | {f.metadata.get('doc', '')} |")
-                walk(sub, f"{prefix}{f.name}.")
-                continue
-            shown = "null" if default is None else (str(default).lower() if isinstance(default, bool) else default)
-            rows.append(f"| `{prefix}{f.name}` | {_type_name(tp)} | `{shown}` | {f.metadata.get('doc', '')} |")
-
-    walk(Config, "")
-    return "\n".join(rows)
+    return reference_table(Config)

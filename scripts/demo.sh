@@ -58,6 +58,12 @@ r = json.load(open(report))
 acc = r["accuracy"]
 names = r["models"]
 print(f"accuracy on held-out demo prompts: base {acc[names[0]]:.0%}  ->  tuned {acc[names[1]]:.0%}")
+rows = [json.loads(line) for line in open(f"{out}/metrics.jsonl")]
+curve = [(r["step"], r["eval_accuracy"]) for r in rows if r.get("eval_accuracy") is not None]
+if curve:
+    kept = json.load(open(f"{out}/adapter_config.json"))
+    print("eval accuracy during training: " + "  ".join(f"step {s}: {a:.0%}" for s, a in curve)
+          + f"  (adapter kept: step {kept.get('step')})")
 print(f"adapter:     {out}/adapters.safetensors (+ adapter_config.json, metrics.jsonl)")
 print(f"loss plot:   {out}/loss.png")
 print(f"fused model: {fused}")

@@ -13,8 +13,11 @@ Outputs (deterministic for a given --seed; committed to the repo):
   the raw input of ``data_transform.py`` in ``make demo``.
 * ``data/demo_prompts.jsonl``: held-out chats for ``test_mlx.py`` with ``expected`` and
   ``match: "exact"``; no review in it appears in the training data.
+* ``data/demo_eval_prompts.jsonl``: another held-out set, for ``eval.prompts`` (scored during
+  training, so keep-best never picks on the final test's prompts); half ``exact``, half
+  ``json`` (the verdict as a JSON value, whatever its spacing).
 
-    python scripts/make_demo_data.py [--seed 0] [--train 480] [--prompts 40]
+    python scripts/make_demo_data.py [--seed 0] [--train 480] [--prompts 40] [--eval-prompts 16]
 """
 
 from __future__ import annotations
@@ -96,6 +99,20 @@ def build(seed: int, n_train: int, n_prompts: int) -> tuple[list[dict], list[dic
     return train, held_out
 
 
+def build_eval(seed: int, n: int, exclude: set[str]) -> list[dict]:
+    """``n`` more held-out prompts (balanced), none in ``exclude`` (the other reviews)."""
+    rng = random.Random(seed + 1)
+    rows: list[dict] = []
+    while len(rows) < n:
+        label = ("positive", "negative")[len(rows) % 2]
+        text = review(rng, label)
+        if text not in exclude:
+            exclude.add(text)
+            rows.append({"messages": [{"role": "user", "content": f"{INSTRUCTION}\n\n{text}"}],
+                         "expected": answer(label), "match": ("exact", "json")[(len(rows) // 2) % 2]})
+    return rows
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -109,10 +126,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train", type=int, default=480, help="training records (before data_transform's split)")
     p.add_argument("--prompts", type=int, default=40, help="held-out prompts for test_mlx.py")
     p.add_argument("--out", type=Path, default=ROOT / "data", help="folder receiving demo_raw/ and demo_prompts.jsonl")
+    p.add_argument("--eval-prompts", type=int, default=16, help="held-out prompts for eval.prompts (training)")
     args = p.parse_args(argv)
     train, held_out = build(args.seed, args.train, args.prompts)
+    seen = {r["input"] for r in train} | {r["messages"][0]["content"].split("\n\n", 1)[1] for r in held_out}
     write_jsonl(args.out / "demo_raw" / "reviews.jsonl", train)
     write_jsonl(args.out / "demo_prompts.jsonl", held_out)
+    write_jsonl(args.out / "demo_eval_prompts.jsonl", build_eval(args.seed, args.eval_prompts, seen))
     print(f"wrote {len(train)} training records to {args.out / 'demo_raw' / 'reviews.jsonl'} and "
           f"{len(held_out)} held-out prompts to {args.out / 'demo_prompts.jsonl'}")
     return 0

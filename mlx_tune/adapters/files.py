@@ -85,12 +85,13 @@ def _layout(paths: list[str], blocks: list[str]) -> tuple[list[int], list[str], 
 
 
 def save_adapter(model: nn.Module, out_dir: str | Path, lora_cfg=None, info=None, name: str | None = None,
-                 chat_template: str | None = None) -> Path:
+                 chat_template: str | None = None, extra: dict | None = None) -> Path:
     """Write adapter ``name`` (default: the active one) of ``model`` to ``out_dir``.
 
     ``chat_template`` (the Jinja text training rendered chats with, when the config supplied
     one) is stored as ``chat_template.jinja`` and named in the config, so the server and
-    fuse render prompts exactly as training did.
+    fuse render prompts exactly as training did; ``extra`` keys (training's ``step`` and
+    metric value) go into adapter_config.json too.
     """
     name = name or active_name(model)
     held = [(p, w.adapters[name]) for p, w in wrappers(model) if name in w.adapters]
@@ -132,6 +133,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path, lora_cfg=None, info=None
         "base_model_type": base["model_type"],
         "base_quantization": base["quantization"],
         **fingerprint(model),
+        **(extra or {}),
     }
     template_path = Path(out_dir) / TEMPLATE_FILE
     if chat_template is not None:

@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("mlx_tune.cli.generate", "load a model (and adapter) and answer one prompt"),
     "data": ("mlx_tune.cli.data", "convert datasets (same as data_transform.py); `data inspect`: see rows as trained"),
     "runs": ("mlx_tune.cli.runs", "compare the training runs under a folder"),
+    "eval": ("mlx_tune.cli.eval", "score the base model and adapters in-process on a prompts file"),
 }
 # (command, first word) -> (module, help): a word that, right after the command, selects
 # another parser (``mlx-tune data inspect ...``); anything else goes to the command itself.

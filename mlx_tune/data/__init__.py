@@ -5,7 +5,9 @@ underneath); ``records`` knows the record shapes and what makes a record valid;
 ``render`` writes an example in a trainer format; ``dataset`` is the trainer's reading
 of its JSONL (through the same ``records``, so data_transform.py and the trainer agree
 on every record); ``preference`` knows preference pairs, KTO rows and prompt-only
-(GRPO) rows; ``transform`` is ``data_transform.py``: dedup, split, report.
+(GRPO) rows; ``transform`` is ``data_transform.py``: dedup, split, report; ``tokenize``
+turns records into ids and a loss mask, with ``masks`` deciding which chat tokens are
+trained (``train.mask``: reasoning, tool calls, tool results).
 """
 
 from mlx_tune.data.dataset import Dataset, detect_format, read_dataset

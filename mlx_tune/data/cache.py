@@ -11,6 +11,7 @@ options, and the ids and masks are kept as one ``.npz`` (no pickle) under
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -22,10 +23,11 @@ import numpy as np
 
 from mlx_tune.atomic import write_file_atomic
 from mlx_tune.data.dataset import read_training_file
+from mlx_tune.data.masks import MaskPolicy
 from mlx_tune.data.tokenize import eos_ids, tokenize_record
 from mlx_tune.errors import UserError
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: chat masks from masks.chat_mask (train.mask policies)
 
 
 def default_cache_dir() -> Path:
@@ -101,11 +103,12 @@ class TokenizedDataset:
         return np.array([len(x) - 1 for x in self.ids], dtype=np.int64)
 
 
-def _tokenize_file(path: Path, tokenizer, fmt: str | None, mask_prompt: bool) -> tuple[str, list, list, int]:
+def _tokenize_file(path: Path, tokenizer, fmt: str | None, mask_prompt: bool,
+                   policy: MaskPolicy | None = None) -> tuple[str, list, list, int]:
     fmt, records, _lines = read_training_file(path, fmt)
     ids, masks, mismatch = [], [], 0
     for rec in records:
-        i, m, ok = tokenize_record(tokenizer, rec, fmt, mask_prompt)
+        i, m, ok = tokenize_record(tokenizer, rec, fmt, mask_prompt, policy)
         ids.append(np.asarray(i, dtype=np.int32))
         masks.append(np.asarray(m, dtype=bool))
         mismatch += not ok
@@ -122,6 +125,7 @@ def load_dataset(
     fmt: str | None = None,
     cache_dir: str | Path | None = None,
     use_cache: bool = True,
+    mask_policy: MaskPolicy | None = None,
 ) -> TokenizedDataset:
     """Read, tokenise (or take from the cache), mask and cut one JSONL file.
 
@@ -135,7 +139,8 @@ def load_dataset(
     if not path.is_file():
         raise UserError(f"{path}: file not found")
     key = hashlib.sha256(
-        json.dumps([CACHE_VERSION, _file_hash(path), tokenizer_fingerprint(tokenizer), fmt, mask_prompt]).encode()
+        json.dumps([CACHE_VERSION, _file_hash(path), tokenizer_fingerprint(tokenizer), fmt, mask_prompt,
+                    dataclasses.astuple(mask_policy or MaskPolicy())]).encode()
     ).hexdigest()[:32]
     cache_file = Path(cache_dir or default_cache_dir()) / f"{path.stem}-{key}.npz"
     hit = False
@@ -150,7 +155,7 @@ def load_dataset(
         except (OSError, ValueError, KeyError):  # a damaged cache file is rebuilt, not trusted
             hit = False
     if not hit:
-        fmt_used, ids, masks, mismatch = _tokenize_file(path, tokenizer, fmt, mask_prompt)
+        fmt_used, ids, masks, mismatch = _tokenize_file(path, tokenizer, fmt, mask_prompt, mask_policy)
         if use_cache:
             offsets = np.cumsum([0] + [len(x) for x in ids]).astype(np.int64)
             meta = {"format": fmt_used, "prefix_mismatch": mismatch, "source": str(path)}
@@ -192,6 +197,7 @@ def load_splits(
     truncation: str = "truncate",
     cache_dir: str | Path | None = None,
     splits: Iterable[str] = ("train", "valid", "test"),
+    mask_policy: MaskPolicy | None = None,
 ) -> dict[str, TokenizedDataset]:
     """``{split: dataset}`` for the ``DIR/<split>.jsonl`` files present; train is required."""
     data_dir = Path(data_dir)
@@ -202,7 +208,7 @@ def load_splits(
         f = data_dir / f"{name}.jsonl"
         if f.is_file():
             out[name] = load_dataset(f, tokenizer, max_seq_length=max_seq_length, mask_prompt=mask_prompt,
-                                     truncation=truncation, cache_dir=cache_dir)
+                                     truncation=truncation, cache_dir=cache_dir, mask_policy=mask_policy)
         elif name == "train":
             raise UserError(f"data: {f} not found; run data_transform.py INPUT --out {data_dir}")
     return out

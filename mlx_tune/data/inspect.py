@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mlx_tune.data.dataset import peek_format, read_training_file
+from mlx_tune.data.masks import MaskPolicy
 from mlx_tune.data.token_stats import load_tokenizer
 from mlx_tune.data.tokenize import tokenize_record
 from mlx_tune.errors import UserError
@@ -94,7 +95,7 @@ def segments(tokenizer, ids: list[int], train: list[bool], kept: int) -> list[Se
 
 
 def inspect_rows(path: str | Path, tokenizer, *, rows: int = 3, max_seq_length: int | None = None,
-                 mask_prompt: bool = True) -> list[InspectedRow]:
+                 mask_prompt: bool = True, policy: MaskPolicy | None = None) -> list[InspectedRow]:
     """The first ``rows`` records of a JSONL split file, tokenized exactly as training does."""
     if rows < 1:
         raise UserError(f"--rows: {rows} must be at least 1")
@@ -103,7 +104,7 @@ def inspect_rows(path: str | Path, tokenizer, *, rows: int = 3, max_seq_length: 
     fmt, records, lines = read_training_file(path)
     out = []
     for record, line in zip(records[:rows], lines):
-        ids, train, ok = tokenize_record(tokenizer, record, fmt, mask_prompt)
+        ids, train, ok = tokenize_record(tokenizer, record, fmt, mask_prompt, policy)
         ids, train = [int(i) for i in ids], [bool(m) for m in train]
         row = InspectedRow(line, fmt, ids, train, [], max_seq_length, ok)
         row.segments = segments(tokenizer, ids, train, row.kept)
@@ -113,7 +114,7 @@ def inspect_rows(path: str | Path, tokenizer, *, rows: int = 3, max_seq_length: 
 
 def inspect_data(data_dir: str | Path, model: str, *, split: str = "train", rows: int = 3,
                  max_seq_length: int | None = None, mask_prompt: bool = True,
-                 chat_template: str | None = None) -> list[InspectedRow]:
+                 chat_template: str | None = None, policy: MaskPolicy | None = None) -> list[InspectedRow]:
     """``inspect_rows`` of ``DATA_DIR/<split>.jsonl`` with ``model``'s tokenizer (checked before loading it);
     ``chat_template`` (a name or .jinja path) for a model without one, as training's config key."""
     path = Path(data_dir) / f"{split}.jsonl"
@@ -126,7 +127,8 @@ def inspect_data(data_dir: str | Path, model: str, *, split: str = "train", rows
     use_chat_template(tokenizer, chat_template)
     if peek_format(path) == "chat":
         require_chat_template(tokenizer, model, str(path), "--chat-template")
-    return inspect_rows(path, tokenizer, rows=rows, max_seq_length=max_seq_length, mask_prompt=mask_prompt)
+    return inspect_rows(path, tokenizer, rows=rows, max_seq_length=max_seq_length, mask_prompt=mask_prompt,
+                        policy=policy)
 
 
 def format_row(row: InspectedRow, colour: bool) -> str:

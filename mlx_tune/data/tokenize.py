@@ -16,6 +16,8 @@ slots: ``inputs = ids[:-1]``, ``targets = ids[1:]``, ``loss_mask = train[1:]``.
 
 from __future__ import annotations
 
+from mlx_tune.data.masks import chat_mask
+
 
 def _template_ids(tokenizer, messages: list[dict], tools=None, gen: bool = False) -> list[int]:
     kwargs = {"tools": tools} if tools else {}
@@ -43,8 +45,13 @@ def eos_ids(tokenizer) -> set[int]:
     return ids
 
 
-def tokenize_chat(tokenizer, messages: list[dict], tools=None, mask_prompt: bool = True) -> tuple[list[int], list[bool], bool]:
+def tokenize_chat(tokenizer, messages: list[dict], tools=None, mask_prompt: bool = True,
+                  policy=None) -> tuple[list[int], list[bool], bool]:
     """(ids, train mask, prefix property held) for one chat.
+
+    With ``mask_prompt`` the spans come from ``masks.chat_mask`` under ``policy`` (a
+    ``masks.MaskPolicy``: reasoning, tool calls, tool results) where it applies; otherwise
+    from prefix renderings, as follows.
 
     For assistant turn i the trained span runs from the end of the rendering of
     ``messages[:i]`` with the generation prompt to the end of ``messages[:i+1]``, cut
@@ -52,6 +59,10 @@ def tokenize_chat(tokenizer, messages: list[dict], tools=None, mask_prompt: bool
     Where a prefix rendering is not a prefix of the full rendering (templates that rewrite
     earlier turns), the longest common prefix is used and the third value is False.
     """
+    if mask_prompt:
+        found = chat_mask(tokenizer, messages, tools, policy)
+        if found is not None:
+            return found
     full = _template_ids(tokenizer, messages, tools)
     if not mask_prompt:
         return full, [True] * len(full), True
@@ -73,14 +84,15 @@ def tokenize_chat(tokenizer, messages: list[dict], tools=None, mask_prompt: bool
     return full, train, ok
 
 
-def tokenize_record(tokenizer, record: dict, fmt: str, mask_prompt: bool = True) -> tuple[list[int], list[bool], bool]:
+def tokenize_record(tokenizer, record: dict, fmt: str, mask_prompt: bool = True,
+                    policy=None) -> tuple[list[int], list[bool], bool]:
     """(ids, train mask, prefix property held) for one record of trainer format ``fmt``."""
     if fmt == "chat":
-        return tokenize_chat(tokenizer, record["messages"], record.get("tools"), mask_prompt)
+        return tokenize_chat(tokenizer, record["messages"], record.get("tools"), mask_prompt, policy)
     if fmt == "completions":
         if getattr(tokenizer, "chat_template", None):
             msgs = [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["completion"]}]
-            return tokenize_chat(tokenizer, msgs, None, mask_prompt)
+            return tokenize_chat(tokenizer, msgs, None, mask_prompt, policy)
         prompt = tokenizer.encode(record["prompt"])
         ids = prompt + tokenizer.encode(record["completion"], add_special_tokens=False)
         if tokenizer.eos_token_id is not None:

@@ -4,6 +4,9 @@
 ``client`` talks OpenAI-compatible HTTP (httpx, no mlx: it also runs against Ollama or
 any remote server), ``report`` runs the rows, builds the JSON report and prints tables,
 and ``cli`` is the command line. The report's fields are documented in ``report``.
+``live`` answers the same rows in-process (the server's engine on a loaded model, no
+HTTP): evaluation during training and ``mlx-tune eval``; it imports ``server`` (and so
+mlx) only when used.
 """
 
 from mlx_tune.evaluation.cli import main

@@ -8,6 +8,12 @@ Each match mode is a function ``(output, expected) -> bool`` in ``MATCHERS``:
 - ``json``     the first JSON value in the answer (a fenced ```json block is unwrapped)
                equals the expected value; ``expected`` is a JSON text or a JSON value.
                Equality is structural and typed: ``1 == 1.0`` but ``true != 1``.
+- ``tool_call`` the answer is a tool call: ``expected`` is ``{"name": F, "arguments": {...}}``
+               (or a list of them, in order) and the calls parsed from the answer must have
+               the same names and (structurally) equal arguments. A call is a JSON object
+               ``{"name", "arguments" | "parameters"}`` or OpenAI's ``{"function": {"name",
+               "arguments"}}`` (arguments may be a JSON text), bare or inside
+               ``<tool_call>...</tool_call>`` tags (one per tag).
 
 ``check_expected`` validates an expected value for a mode once, when the prompts
 file is read, so a bad regex or JSON text is reported as ``file:line`` before any
@@ -84,11 +90,51 @@ def _json(output: str, expected: Any) -> bool:
     return found and json_equal(value, expected_json(expected))
 
 
+_TOOL_TAG = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
+
+
+def _as_call(value: Any) -> tuple[str, Any] | None:
+    """``(name, arguments)`` of one tool call object, None if it is not one."""
+    if not isinstance(value, dict):
+        return None
+    if isinstance(value.get("function"), dict):  # OpenAI's {"type": "function", "function": {...}}
+        value = value["function"]
+    name = value.get("name")
+    args = value.get("arguments", value.get("parameters", {}))
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except ValueError:
+            return None
+    return (name, args) if isinstance(name, str) else None
+
+
+def tool_calls(text: str) -> list[tuple[str, Any]]:
+    """Every tool call in a generated answer: one per ``<tool_call>`` tag, else the first JSON value."""
+    tagged = _TOOL_TAG.findall(text)
+    values = []
+    for chunk in tagged or [text]:
+        found, value = extract_json(chunk)
+        if found:
+            values.extend(value if isinstance(value, list) else [value])
+    calls = [_as_call(v) for v in values]
+    return [c for c in calls if c is not None]
+
+
+def _tool_call(output: str, expected: Any) -> bool:
+    want = expected_json(expected)
+    want_calls = [_as_call(w) for w in (want if isinstance(want, list) else [want])]
+    got = tool_calls(output)
+    return len(got) == len(want_calls) and all(
+        w is not None and g[0] == w[0] and json_equal(g[1], w[1]) for g, w in zip(got, want_calls))
+
+
 MATCHERS: dict[str, Callable[[str, Any], bool]] = {
     "exact": _exact,
     "contains": _contains,
     "regex": _regex,
     "json": _json,
+    "tool_call": _tool_call,
 }
 DEFAULT_MATCH = "exact"
 
@@ -116,11 +162,21 @@ def _check_json(expected: Any) -> None:
             ) from None
 
 
+def _check_tool_call(expected: Any) -> None:
+    _check_json(expected)
+    want = expected_json(expected)
+    for call in want if isinstance(want, list) else [want]:
+        if _as_call(call) is None:
+            raise ValueError("'expected' for match tool_call must be {\"name\": FUNCTION, \"arguments\": {...}} "
+                             "(or a list of them)")
+
+
 _CHECKS: dict[str, Callable[[Any], None]] = {
     "exact": _check_text,
     "contains": _check_text,
     "regex": _check_regex,
     "json": _check_json,
+    "tool_call": _check_tool_call,
 }
 
 

@@ -283,6 +283,19 @@ class Engine:
             self._cv.notify_all()
         return future.result(timeout)
 
+    def run_pending(self) -> None:
+        """Answer every queued request on the calling thread, then return (no worker thread).
+
+        In-process evaluation (``evaluation.live``) uses the same decoder and batching as the
+        server this way, on the thread that owns the model's arrays.
+        """
+        if self._thread is not None:
+            raise RuntimeError("run_pending: the engine's worker thread is running")
+        self._stream = mx.default_stream(mx.default_device())
+        while self._pending or self._groups:
+            self._admit()
+            self._step_all()
+
     def wake(self) -> None:
         with self._cv:
             self._cv.notify_all()

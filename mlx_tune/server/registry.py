@@ -116,6 +116,19 @@ class ModelRegistry:
                 raise
         return entry
 
+    def add_resident(self, name: str) -> AdapterEntry:
+        """Serve adapter ``name`` that is already in the model (trained in this process).
+
+        It has no folder to reload from, so it is never evicted.
+        """
+        if not any(name in w.adapters for w in self._wrappers):
+            raise ValueError(f"the model holds no adapter {name!r}")
+        entry = AdapterEntry(name, "", None, int(time.time()))
+        with self.lock:
+            self.entries[name] = entry
+            self.resident[name] = None
+        return entry
+
     def _check_rank(self, folder: Path) -> int | None:
         try:
             config, _, _ = read_adapter(folder)
@@ -153,7 +166,7 @@ class ModelRegistry:
             self.resident.move_to_end(name)
             return
         while len(self.resident) >= self.max_loras:
-            idle = next((n for n in self.resident if not self.busy[n]), None)
+            idle = next((n for n in self.resident if not self.busy[n] and self.entries[n].path), None)
             if idle is None:
                 raise ApiError(429, f"all {self.max_loras} resident adapters are serving requests (max_loras); "
                                "retry shortly", code="adapters_busy", headers={"Retry-After": "1"})

@@ -1,8 +1,10 @@
 """Training: batches in, a trained adapter out.
 
 Owns the losses, the loop, recompute (gradient checkpointing), callbacks (metrics,
-progress, plot), checkpoints and the library entry point. May import ``data``,
-``model``, ``adapters``, ``runtime``, ``config``, ``atomic`` and ``errors``.
+progress, plot), the best step / keep-best / early stopping (``best``), run trackers
+(``tracking``), checkpoints and the library entry point. May import ``data``, ``model``,
+``adapters``, ``runtime``, ``config``, ``atomic``, ``errors`` and ``evaluation`` (the eval
+prompts are answered by ``evaluation.live`` during training).
 
 The entry point is ``training.run.run_train(cfg)``; it is not re-exported here, so that
 importing a light module such as ``training.loss_shapes`` (the planner does) does not

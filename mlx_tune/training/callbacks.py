@@ -80,7 +80,22 @@ class Progress:
                                  mem=f"{row['peak_memory_gb']:.2f}GB", refresh=False)
 
     def on_eval(self, row: dict) -> None:
-        msg = f"step {row['step']}: val_loss {row['val_loss']:.4f} (ppl {row['val_perplexity']:.2f}, {row['val_time_s']:.1f}s)"
+        if "val_loss" in row:
+            msg = (f"step {row['step']}: val_loss {row['val_loss']:.4f} "
+                   f"(ppl {row['val_perplexity']:.2f}, {row['val_time_s']:.1f}s)")
+        elif "eval_accuracy" in row:
+            parts = [f"{k[len('eval_accuracy_'):]} {_pct(v)}" for k, v in row.items() if k.startswith("eval_accuracy_")]
+            msg = (f"step {row['step']}: eval_accuracy {_pct(row['eval_accuracy'])} over {row.get('eval_prompts')} prompts"
+                   + (f" ({', '.join(parts)})" if len(parts) > 1 else "") + f", {row.get('eval_time_s', 0):.1f}s")
+        elif "reason" in row:
+            msg = f"step {row['step']}: {row['reason']}"
+        else:
+            return
+        if self.bar is not None:
+            self.bar.write(msg)
+
+    def write(self, msg: str) -> None:
+        """A log line above the bar (rank 0 only)."""
         if self.bar is not None:
             self.bar.write(msg)
 
@@ -91,8 +106,13 @@ class Progress:
     on_interrupt = on_train_end
 
 
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
 def plot_losses(metrics_path: str | Path, out_path: str | Path) -> Path | None:
-    """Write ``loss.png`` (train and validation loss against step); None without matplotlib."""
+    """Write ``loss.png`` (train and validation loss, and eval accuracy on a right-hand axis,
+against step); None without matplotlib."""
     try:
         import matplotlib
 
@@ -103,6 +123,7 @@ def plot_losses(metrics_path: str | Path, out_path: str | Path) -> Path | None:
     rows = MetricsLog(metrics_path).rows()
     train_pts = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None and "step" in r]
     val_pts = [(r["step"], r["val_loss"]) for r in rows if r.get("val_loss") is not None and "step" in r]
+    acc_pts = [(r["step"], r["eval_accuracy"]) for r in rows if r.get("eval_accuracy") is not None and "step" in r]
     fig, ax = plt.subplots(figsize=(7, 4))
     if train_pts:
         ax.plot(*zip(*train_pts), label="train loss")
@@ -111,7 +132,15 @@ def plot_losses(metrics_path: str | Path, out_path: str | Path) -> Path | None:
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy")
     ax.grid(alpha=0.3)
-    ax.legend()
+    handles, labels = ax.get_legend_handles_labels()
+    if acc_pts:  # accuracy on its own axis (0..1), right-hand side
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*acc_pts), "s--", color="tab:green", label="eval accuracy")
+        ax2.set_ylabel("eval accuracy")
+        ax2.set_ylim(-0.02, 1.02)
+        h2, l2 = ax2.get_legend_handles_labels()
+        handles, labels = handles + h2, labels + l2
+    ax.legend(handles, labels)
     try:
         return write_file_atomic(out_path, lambda tmp: fig.savefig(tmp, dpi=100, bbox_inches="tight"))
     finally:

@@ -11,7 +11,8 @@ It is written into a hidden temporary folder, every file fsynced, then renamed i
 place (rename is atomic on one file system) and the parent fsynced (``mlx_tune.atomic``'s
 ``temp_dir_beside`` and ``commit_dir``). Only folders named
 ``step_<digits>`` that hold ``COMPLETE`` and the files it lists count, so a checkpoint
-cut by SIGKILL or a full disk is never picked up. The last ``keep`` are kept.
+cut by SIGKILL or a full disk is never picked up. The last ``keep`` are kept, and the
+best one (``training.best``) whatever its age.
 
 Restoring the model, optimizer, data stream and loop state to step k and running the
 same compiled step gives the same per-step losses as never stopping. The random key
@@ -96,8 +97,10 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def save_checkpoint(root: str | Path, step: int, model: nn.Module, optimizer, state: dict, keep: int = 3) -> Path:
-    """Write checkpoint ``step`` atomically under ``root`` and prune to the newest ``keep``.
+def save_checkpoint(root: str | Path, step: int, model: nn.Module, optimizer, state: dict, keep: int = 3,
+                    protect: frozenset[int] = frozenset()) -> Path:
+    """Write checkpoint ``step`` atomically under ``root`` and prune to the newest ``keep``
+    (and the steps in ``protect``: the best one).
 
     ``state`` is JSON-able data (loop state, data-stream state, config).
     """
@@ -124,15 +127,18 @@ def save_checkpoint(root: str | Path, step: int, model: nn.Module, optimizer, st
     # fsync every file and the folder, rename into place (the same step written again, by a
     # resumed run, is moved aside first and removed after), fsync the parent.
     commit_dir(tmp, final)
-    prune(root, keep)
+    prune(root, keep, protect)
     return final
 
 
-def prune(root: str | Path, keep: int) -> list[Path]:
-    """Delete all but the newest ``keep`` complete checkpoints, and stale temporary folders."""
+def prune(root: str | Path, keep: int, protect: frozenset[int] = frozenset()) -> list[Path]:
+    """Delete all but the newest ``keep`` complete checkpoints and those of the steps in
+    ``protect``, and stale temporary folders."""
     root = Path(root)
     removed = []
-    for _, path in checkpoint_steps(root)[:-keep] if keep > 0 else []:
+    for step, path in checkpoint_steps(root)[:-keep] if keep > 0 else []:
+        if step in protect:
+            continue
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
     for p in root.iterdir() if root.is_dir() else []:
@@ -150,6 +156,14 @@ def load_checkpoint(folder: str | Path, model: nn.Module, optimizer) -> dict:
     Call it before building the compiled step: ``mx.compile`` captures the optimizer's
     state dict, which this replaces.
     """
+    load_weights(folder, model)
+    optimizer.state = tree_unflatten(list(mx.load(str(Path(folder) / "optimizer.safetensors")).items()))
+    mx.eval(model.parameters(), optimizer.state)
+    return read_state(folder)
+
+
+def load_weights(folder: str | Path, model: nn.Module) -> None:
+    """Put checkpoint ``folder``'s trainable weights into ``model`` (the optimizer is left alone)."""
     folder = Path(folder)
     if not is_complete(folder):
         raise UserError(f"{folder}: not a complete checkpoint (no {MARKER} marker or a file is missing)")
@@ -165,9 +179,7 @@ def load_checkpoint(folder: str | Path, model: nn.Module, optimizer) -> dict:
             "train.resume needs the same model and lora settings, or start a new output_dir"
         )
     model.update(tree_unflatten(list(weights.items())))
-    optimizer.state = tree_unflatten(list(mx.load(str(folder / "optimizer.safetensors")).items()))
-    mx.eval(model.parameters(), optimizer.state)
-    return read_state(folder)
+    mx.eval(model.parameters())
 
 
 def read_state(folder: str | Path) -> dict:
@@ -184,9 +196,10 @@ class CheckpointCallback:
     """
 
     def __init__(self, root: str | Path, model: nn.Module, optimizer, every: int, keep: int,
-                 extra_state=lambda: {}, rank: int = 0):
+                 extra_state=lambda: {}, rank: int = 0, protect=lambda: frozenset()):
         self.root, self.model, self.optimizer = Path(root), model, optimizer
         self.every, self.keep, self.extra_state, self.rank = every, keep, extra_state, rank
+        self.protect = protect  # steps pruning must spare (the best checkpoint)
         self.last_saved: Path | None = None
         self.last_step = -1
 
@@ -195,7 +208,7 @@ class CheckpointCallback:
             return self.last_saved
         loop = {"step": loop_state.step, "bad_steps": loop_state.bad_steps, "trained_tokens": loop_state.trained_tokens}
         self.last_saved = save_checkpoint(self.root, loop_state.step, self.model, self.optimizer,
-                                          {"loop": loop, **self.extra_state()}, self.keep)
+                                          {"loop": loop, **self.extra_state()}, self.keep, self.protect())
         self.last_step = loop_state.step
         return self.last_saved
 

@@ -13,7 +13,8 @@ gradient of one batch A x W times larger (token-weighted mean cross-entropy).
 callbacks; everything else (checkpoints, metrics file, progress bar) is a callback
 (``training.callbacks``, ``training.checkpoint``): any object with some of
 ``on_report(row)``, ``on_eval(row)``, ``on_bad_step(row)``, ``on_step_end(state)``,
-``on_interrupt(state)``, ``on_train_end(state)``. Optimizers and schedules are
+``on_interrupt(state)``, ``on_train_end(state)``. A callback ends the run early and
+cleanly by setting ``state.stop_reason`` (early stopping: ``training.best``). Optimizers and schedules are
 ``training.optim``; per-block recompute is ``training.recompute``.
 
 ``loss_fn(model, batch) -> (mean_loss, n_trained_tokens)`` is called inside the
@@ -174,6 +175,7 @@ class LoopState:
     last_loss: float = float("nan")
     val_loss: float | None = None
     interrupted: bool = False
+    stop_reason: str | None = None  # a callback ended the run early on purpose (early stopping)
     extra: dict = field(default_factory=dict)
 
 
@@ -343,7 +345,7 @@ def train(model: nn.Module, optimizer: optim.Optimizer, batches: Iterable, loss_
         with _sigint_flag() as interrupted:
             if settings.eval_at_start and state.step == 0:
                 run_eval()
-            while state.step < settings.iters and not _agreed(interrupted.is_set(), group):
+            while state.step < settings.iters and state.stop_reason is None and not _agreed(interrupted.is_set(), group):
                 tic = time.perf_counter()
                 # Dropout keys depend on (seed, rank, step) only: resumable without saving a key.
                 mx.random.seed(step_key_seed(settings.seed, state.step + 1, group.rank()))
@@ -378,9 +380,11 @@ def train(model: nn.Module, optimizer: optim.Optimizer, batches: Iterable, loss_
                 if state.step % settings.steps_per_eval == 0 or last:
                     run_eval()
                 _emit(callbacks, "on_step_end", state)
+                if state.stop_reason is not None and window.tokens:  # the steps since the last report
+                    _emit(callbacks, "on_report", window.row(state, _lr(optimizer), peak, norm_v))
             if exhausted:
                 run_eval()
-            elif state.step < settings.iters:  # left early: Ctrl-C (on any rank)
+            elif state.step < settings.iters and state.stop_reason is None:  # left early: Ctrl-C (on any rank)
                 state.interrupted = True
                 _emit(callbacks, "on_interrupt", state)
     except RuntimeError as exc:

@@ -58,6 +58,9 @@ def _recomputed_class(cls: type) -> type:
     call = cls.__call__
 
     def __call__(self, *args, **kwargs):
+        if not self.training:  # evaluation / generation (a KV cache argument): no backward pass to save for
+            return call(self, *args, **kwargs)
+
         def inner(params, key, *args, **kwargs):
             self.update(params)
             outer, _block_keys.key = _block_keys.key, mx.stop_gradient(key)  # no vjp through RandomBits

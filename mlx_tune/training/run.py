@@ -2,7 +2,12 @@
 
 Config -> (checks) -> model -> backend fast path -> LoRA -> data -> loop -> adapter files.
 Writes into ``output_dir``: ``adapters.safetensors``, ``adapter_config.json``,
-``metrics.jsonl``, ``checkpoints/step_*`` and ``loss.png`` (with matplotlib).
+``metrics.jsonl``, ``checkpoints/step_*``, ``loss.png`` (with matplotlib) and, with
+``eval.prompts``, ``eval_samples.jsonl`` (every evaluation's answers).
+
+With ``train.keep_best`` (the default) the adapter written is the best evaluated one
+(``training.best``; its checkpoint survives pruning), else the last; ``adapter_config.json``
+records its ``step`` and metric value either way.
 
 Data parallel (one process per rank under ``mlx.launch``): ``train.batch_size`` is the
 global batch; each rank takes ``batch_size / world`` rows of its own shard (global
@@ -28,16 +33,19 @@ from mlx_tune import adapters
 from mlx_tune.config import Config, config_to_dict
 from mlx_tune.data import batching, cache
 from mlx_tune.data.dataset import peek_format
+from mlx_tune.data.masks import MaskPolicy
 from mlx_tune.errors import UserError
 from mlx_tune.model import quant
 from mlx_tune.model.chat_templates import require_chat_template, use_chat_template
 from mlx_tune.model.loading import load_model
 from mlx_tune.training import checkpoint
+from mlx_tune.training.best import BestTracker, EvalMonitor
 from mlx_tune.training.callbacks import MetricsLog, Progress, plot_losses
 from mlx_tune.training.loop import LoopSettings, LoopState, evaluate, train
 from mlx_tune.training.losses import batch_loss, eval_loss
 from mlx_tune.training.optim import build_optimizer
 from mlx_tune.training.recompute import grad_checkpoint
+from mlx_tune.training.tracking import open_trackers
 
 
 @dataclass
@@ -54,6 +62,8 @@ class TrainResult:
     test_loss: float | None = None
     test_perplexity: float | None = None
     test_tokens: int = 0
+    stop_reason: str | None = None  # why the run ended early (early stopping)
+    kept_step: int | None = None  # the step of the adapter written (the best one with train.keep_best)
 
     @property
     def interrupted(self) -> bool:
@@ -71,7 +81,17 @@ def precheck(cfg: Config) -> Path:
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir: {out} exists and is not a folder")
+    if cfg.eval.prompts:
+        eval_rows(cfg)
     return data
+
+
+def eval_rows(cfg: Config) -> list:
+    """The eval prompts (the first ``eval.max_prompts``), checked row by row (``file:line: reason``)."""
+    from mlx_tune.evaluation.prompts import read_prompts
+
+    rows = read_prompts(cfg.eval.prompts)  # type: ignore[arg-type]
+    return rows[: cfg.eval.max_prompts] if cfg.eval.max_prompts else rows
 
 
 def run_train(cfg: Config, *, log: Callable[[str], None] = print) -> TrainResult:
@@ -101,8 +121,8 @@ def run_train(cfg: Config, *, log: Callable[[str], None] = print) -> TrainResult
     if tc.grad_checkpoint:
         grad_checkpoint(model)
 
-    splits = cache.load_splits(data_dir, tokenizer, max_seq_length=tc.max_seq_length,
-                               mask_prompt=tc.mask_prompt, truncation=tc.truncation)
+    splits = cache.load_splits(data_dir, tokenizer, max_seq_length=tc.max_seq_length, mask_prompt=tc.mask_prompt,
+                               truncation=tc.truncation, mask_policy=MaskPolicy.of(tc.mask))
     for ds in splits.values():
         say(ds.stats.summary())
     pad_id = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0
@@ -119,6 +139,11 @@ def run_train(cfg: Config, *, log: Callable[[str], None] = print) -> TrainResult
     optimizer = build_optimizer(tc, iters)
 
     metrics = MetricsLog(out / "metrics.jsonl") if rank == 0 else None
+    samples = MetricsLog(out / "eval_samples.jsonl") if rank == 0 and cfg.eval.prompts else None
+    tracker = BestTracker(cfg.best_metric, tc.early_stopping_min_delta, tc.early_stopping_patience)
+    if tracker.metric == "val_loss" and "valid" not in splits and (tc.keep_best or tc.early_stopping_patience):
+        say(f"train.best_metric val_loss: no {data_dir / 'valid.jsonl'}, so no evaluation: "
+            "the last step's adapter is kept and early stopping is off")
     loop_state = LoopState()
     resumed_from = checkpoint.latest_checkpoint(ckpt_dir) if tc.resume else None
     if resumed_from is not None:
@@ -126,8 +151,10 @@ def run_train(cfg: Config, *, log: Callable[[str], None] = print) -> TrainResult
         stream.load_state_dict(_shifted(saved["data"], rank))
         loop = saved["loop"]
         loop_state = LoopState(step=loop["step"], bad_steps=loop["bad_steps"], trained_tokens=loop["trained_tokens"])
-        if metrics is not None:
-            metrics.truncate_after(loop_state.step)
+        tracker.load_state_dict(saved.get("best") or {})
+        for log_file in (metrics, samples):
+            if log_file is not None:
+                log_file.truncate_after(loop_state.step)
         say(f"resumed from {resumed_from} (step {loop_state.step} of {iters})")
     else:
         if tc.resume:
@@ -137,11 +164,23 @@ def run_train(cfg: Config, *, log: Callable[[str], None] = print) -> TrainResult
 
     def extra_state() -> dict:
         # The stream's position is rank 0's; the other ranks re-derive theirs from it.
-        return {"data": stream.state_dict(), "config": config_to_dict(cfg), "iters": iters}
+        return {"data": stream.state_dict(), "config": config_to_dict(cfg), "iters": iters,
+                "best": tracker.state_dict()}
+
+    def protected() -> frozenset[int]:
+        return frozenset([tracker.best_step]) if tc.keep_best and tracker.best_step is not None else frozenset()
 
     ckpt = checkpoint.CheckpointCallback(ckpt_dir, model, optimizer, tc.save_every, tc.keep_checkpoints,
-                                         extra_state, rank=rank)
-    callbacks = [c for c in (metrics, Progress(iters, loop_state.step, enabled=rank == 0), ckpt) if c is not None]
+                                         extra_state, rank=rank, protect=protected)
+    progress = Progress(iters, loop_state.step, enabled=rank == 0)
+    trackers = open_trackers(cfg, out, say) if rank == 0 else []
+    sinks = [c for c in (metrics, progress, *trackers) if c is not None]
+    monitor = EvalMonitor(tracker, iters=iters, every=cfg.eval.every or tc.steps_per_eval,
+                          score_prompts=_prompt_scorer(cfg, model, tokenizer, info), sinks=sinks, samples=samples,
+                          save_best=ckpt.save if tc.keep_best else None, log=progress.write)
+    if loop_state.step == 0:
+        monitor.evaluate_prompts(0)  # the baseline: what the untrained adapter (the base) answers
+    callbacks = [c for c in (metrics, progress, monitor, ckpt, *trackers) if c is not None]
     settings = LoopSettings(
         iters=iters, grad_accumulation=tc.grad_accumulation, grad_clip=tc.grad_clip,
         steps_per_report=tc.steps_per_report, steps_per_eval=tc.steps_per_eval, val_batches=tc.val_batches,
@@ -152,12 +191,27 @@ def run_train(cfg: Config, *, log: Callable[[str], None] = print) -> TrainResult
     start = time.perf_counter()
     state = train(model, optimizer, stream, batch_loss, settings, callbacks, loop_state,
                   val_batches=held_out("valid"), group=group, eval_loss_fn=eval_loss)
-    result = TrainResult(state, iters, rank, out, time.perf_counter() - start, last_checkpoint=ckpt.last_saved)
+    result = TrainResult(state, iters, rank, out, time.perf_counter() - start, last_checkpoint=ckpt.last_saved,
+                         stop_reason=state.stop_reason)
     if state.interrupted:
+        for t in trackers:
+            t.close()
         return result
+    if state.stop_reason:
+        say(f"stopped at step {state.step}: {state.stop_reason}")
 
+    kept: dict[str, object] = {"step": state.step}
+    best_dir = ckpt_dir / f"step_{tracker.best_step:06d}" if tracker.best_step is not None else None
+    if tc.keep_best and best_dir is not None:
+        if checkpoint.is_complete(best_dir):
+            checkpoint.load_weights(best_dir, model)  # every rank: the test loss below is the kept adapter's
+            kept = {"step": tracker.best_step, "metric": tracker.metric, tracker.metric: tracker.best_value}
+            say(f"keeping the best adapter: step {tracker.best_step}, {tracker.metric} {tracker.best_value:.6g}")
+        else:
+            say(f"train.keep_best: checkpoint {best_dir} is gone; keeping the last step's adapter")
+    result.kept_step = tracker.best_step if "metric" in kept else state.step
     if rank == 0:
-        adapters.save_adapter(model, out, cfg.lora, info, chat_template=template)
+        adapters.save_adapter(model, out, cfg.lora, info, chat_template=template, extra=kept)
     test = held_out("test") if tc.test else None
     if tc.test and test is None:
         say(f"train.test: no {data_dir / 'test.jsonl'}; test loss skipped")
@@ -170,7 +224,23 @@ def run_train(cfg: Config, *, log: Callable[[str], None] = print) -> TrainResult
             metrics.write({"step": state.step, "test_loss": loss, "test_perplexity": ppl, "test_tokens": n})
     if rank == 0:
         result.plot = plot_losses(out / "metrics.jsonl", out / "loss.png")
+        for t in trackers:
+            t.finish(config_to_dict(cfg), result.plot)
     return result
+
+
+def _prompt_scorer(cfg: Config, model, tokenizer, info):
+    """``score(step)`` for the eval prompts with the adapter being trained, or None without prompts."""
+    if not cfg.eval.prompts:
+        return None
+    from mlx_tune.evaluation.live import LiveScorer, step_scorer
+
+    # While answering, at most 1 GiB of fp32 weight copies on top of training's memory (the
+    # planner does not count them); larger models dequantize per call instead.
+    scorer = LiveScorer(model, tokenizer, info, max_batch=cfg.eval.batch_size, swap_budget=2**30)
+    name = adapters.active_name(model) or "default"
+    scorer.use_resident(name)
+    return step_scorer(scorer, eval_rows(cfg), name, cfg.eval.max_tokens)
 
 
 def _shifted(data_state: dict, rank: int) -> dict:
@@ -184,7 +254,7 @@ def _fresh_output(out: Path) -> None:
     """A new run (no resume) starts a new metrics file and drops an old run's checkpoints,
     which a later ``train.resume`` would otherwise mix in."""
     out.mkdir(parents=True, exist_ok=True)
-    old = [p for p in (out / "metrics.jsonl", out / "checkpoints") if p.exists()]
+    old = [p for p in (out / "metrics.jsonl", out / "eval_samples.jsonl", out / "checkpoints") if p.exists()]
     for p in old:
         shutil.rmtree(p) if p.is_dir() else p.unlink()
     if old:

@@ -42,6 +42,8 @@ class RunSummary:
     last_loss: float | None = None
     best_val_loss: float | None = None
     best_val_step: int | None = None
+    best_eval_accuracy: float | None = None  # highest eval_accuracy (eval.prompts), first step reaching it
+    best_eval_step: int | None = None
     tokens_per_sec: float | None = None
     peak_memory_gb: float | None = None
     malformed_lines: int = 0
@@ -138,6 +140,10 @@ def summarize_run(folder: Path, root: Path) -> RunSummary:
     val = [(_number(r["val_loss"]), r.get("step")) for r in rows if _number(r.get("val_loss")) is not None]
     if val:
         run.best_val_loss, run.best_val_step = min(val, key=lambda x: x[0])  # type: ignore[arg-type,return-value]
+    acc = [(_number(r["eval_accuracy"]), r.get("step")) for r in rows if _number(r.get("eval_accuracy")) is not None]
+    if acc:
+        best_acc = max(a for a, _ in acc)  # type: ignore[type-var]
+        run.best_eval_accuracy, run.best_eval_step = next((a, st) for a, st in acc if a == best_acc)
     speeds = [x for x in (_number(r.get("tokens_per_sec")) for r in train) if x is not None]
     run.tokens_per_sec = statistics.median(speeds) if speeds else None
     mems = [x for x in (_number(r.get("peak_memory_gb")) for r in rows) if x is not None]
@@ -184,6 +190,7 @@ def runs_as_dicts(runs: list[RunSummary]) -> list[dict]:
     return [{
         "run": r.name, "path": str(r.path), "steps": r.steps, "last_loss": r.last_loss,
         "best_val_loss": r.best_val_loss, "best_val_step": r.best_val_step,
+        "best_eval_accuracy": r.best_eval_accuracy, "best_eval_step": r.best_eval_step,
         "tokens_per_sec": r.tokens_per_sec, "peak_memory_gb": r.peak_memory_gb,
         "malformed_lines": r.malformed_lines, "config_source": r.config_source,
         "config_diff": {k: config_value(r, k) for k in keys},
@@ -207,14 +214,19 @@ def format_runs(runs: list[RunSummary], directory: str | Path = ".") -> str:
     if not runs:
         return f"no training runs under {directory} (no metrics.jsonl within {MAX_DEPTH} folder levels)"
     keys = differing_keys(runs)
-    header = ["run", "steps", "last loss", "best val (step)", "tok/s", "peak GB", *keys]
+    with_acc = any(r.best_eval_accuracy is not None for r in runs)  # the column only where eval.prompts ran
+    header = ["run", "steps", "last loss", "best val (step)", *(["best acc (step)"] if with_acc else []),
+              "tok/s", "peak GB", *keys]
     table = [header]
     for r in runs:
         best = ABSENT if r.best_val_loss is None else f"{_fmt(r.best_val_loss)} ({r.best_val_step})"
+        acc = [] if not with_acc else [ABSENT if r.best_eval_accuracy is None
+                                       else f"{100 * r.best_eval_accuracy:.1f}% ({r.best_eval_step})"]
         name = r.name + ("*" if r.malformed_lines else "")
         tok = ABSENT if r.tokens_per_sec is None else f"{r.tokens_per_sec:.0f}"
         mem = ABSENT if r.peak_memory_gb is None else f"{r.peak_memory_gb:.2f}"
-        table.append([name, _fmt(r.steps), _fmt(r.last_loss), best, tok, mem, *(_fmt(config_value(r, k)) for k in keys)])
+        table.append([name, _fmt(r.steps), _fmt(r.last_loss), best, *acc, tok, mem,
+                      *(_fmt(config_value(r, k)) for k in keys)])
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
              for row in table]
