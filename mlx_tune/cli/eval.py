@@ -55,9 +55,8 @@ def run(args: argparse.Namespace) -> int:
     max_tokens = args.max_tokens or ev.max_tokens
 
     from mlx_tune.evaluation.live import score_models
-    from mlx_tune.model.loading import load_model
-
     from mlx_tune.model.chat_templates import use_chat_template
+    from mlx_tune.model.loading import load_model
 
     model, tokenizer, info = load_model(source, quantize)
     use_chat_template(tokenizer, template)  # the config's chat_template, for a model without one
