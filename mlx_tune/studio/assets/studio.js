@@ -245,8 +245,8 @@ async function loadAdapter(run) {
   const name = adapterName(run);
   try {
     await apiJSON("/v1/adapters", { method: "POST", body: JSON.stringify({ name, path: runsRoot + "/" + run }) });
+    await loadModels(); // it reports the model count: the load's own message goes last
     setStatus(`loaded adapter '${name}'`);
-    await loadModels();
   } catch (e) {
     setStatus(`loading ${run}: ${e.message}`, true);
   }
