@@ -25,6 +25,9 @@ class Family:
     features: str = ""
     recurrent: bool = False  # state runs across tokens: packing falls back to unpacked rows
     slow: bool = False  # heavier tiny model: its test is marked slow
+    # The serve cell. "yes": the server's batched decoder answers concurrent requests of any
+    # lengths; else why not (an upstream mlx-lm limitation the tests pin down)
+    serve: str = "yes"
 
 
 def _moe(**kw) -> dict:
@@ -40,9 +43,11 @@ _FAMILIES = [
     Family("Qwen3", "qwen3", {}, "q/k norms"),
     Family("Qwen3 MoE", "qwen3_moe", _moe(decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True,
                                           tie_word_embeddings=False), "experts"),
-    Family("Gemma 2", "gemma2", {"num_key_value_heads": 1, "query_pre_attn_scalar": 16.0,
+    Family("Gemma 2", "gemma2", {"num_key_value_heads": 2, "query_pre_attn_scalar": 16.0,
                                  "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0},
-           "softcapped attention, MQA"),
+           "softcapped attention and logits",
+           # mlx-lm's gemma2 broadcasts a batched (B, 1, L, S) mask against (B, kv, repeats, L, S) scores
+           serve="one request at a time"),
     Family("Gemma 3", "gemma3_text", {"num_key_value_heads": 1, "sliding_window": WINDOW, "sliding_window_pattern": 2,
                                       "query_pre_attn_scalar": 16},
            "local/global layers (sliding window), MQA"),
@@ -79,3 +84,51 @@ _FAMILIES = [
 ]
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in _FAMILIES}
+
+
+# ---------------------------------------------------------------------------
+# The README table: every cell is a claim a test in tests/test_families.py asserts
+# ---------------------------------------------------------------------------
+
+COLUMNS = ("train", "pack", "GGUF in", "fuse", "GGUF out", "serve")
+TABLE_START, TABLE_END = "<!-- family-table:start -->", "<!-- family-table:end -->"
+
+
+def gguf_in_types() -> set[str]:
+    from mlx_tune.model.gguf import ARCHS
+
+    return set(ARCHS) | {a.model_type for a in ARCHS.values()}  # a Mistral GGUF is read as llama
+
+
+def gguf_out_types() -> set[str]:
+    from mlx_tune.export.gguf import ARCHS
+
+    return set(ARCHS)
+
+
+def cells(f: Family) -> dict[str, str]:
+    """The table row of ``f``: train, fuse and serve are tested for every family; pack is
+    exact packing, or unpacked rows after one warning; GGUF columns follow the readers and writers."""
+    return {
+        "train": "yes",
+        "pack": "unpacked rows" if f.recurrent else "yes",
+        "GGUF in": "yes" if f.model_type in gguf_in_types() else "-",
+        "fuse": "yes",
+        "GGUF out": "yes" if f.model_type in gguf_out_types() else "-",
+        "serve": f.serve,
+    }
+
+
+def table() -> str:
+    """The markdown table between the README's family-table markers."""
+    head = "| family (`model_type`) | what the tiny test model has | " + " | ".join(COLUMNS) + " |"
+    rule = "| --- | --- | " + " | ".join(":-:" for _ in COLUMNS) + " |"
+    rows = [f"| {f.name} (`{f.model_type}`) | {f.features} | " + " | ".join(cells(f).values()) + " |"
+            for f in _FAMILIES]
+    return "\n".join([head, rule, *rows])
+
+
+def readme_with_table(readme: str) -> str:
+    """``readme`` with the text between the family-table markers replaced by ``table()``."""
+    start, end = readme.index(TABLE_START) + len(TABLE_START), readme.index(TABLE_END)
+    return readme[:start] + "\n" + table() + "\n" + readme[end:]
