@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
 import inspect
 import sys
 from dataclasses import dataclass, field
@@ -99,7 +98,7 @@ def block_causal_attention(q, k, v, scale: float, mask: mx.array | None = None,
         lane_of[i] = s
         load[s] += bounds[i][1]
 
-    outs = [None] * n
+    outs: list[Any] = [None] * n
     for i, (s, e) in enumerate(bounds):
         lane = lanes[lane_of[i]]
         qi = q[:, :, :, s:e, :].reshape(B, Hkv, G * (e - s), D)
@@ -251,7 +250,7 @@ class PackedRoPE:
 
     def __call__(self, x, offset=0, *args, **kwargs):
         ctx = _ACTIVE.get()
-        call = super().__call__  # type: ignore[misc]
+        call = super().__call__
         if (ctx is None or ctx.positions is None or not isinstance(offset, int) or offset != 0 or x.ndim < 3
                 or x.shape[0] != ctx.batch or x.shape[-2] != ctx.length):
             return call(x, offset, *args, **kwargs)
@@ -309,10 +308,14 @@ def is_enabled(model) -> bool:
     return bool(getattr(model, _HOOKED, False))
 
 
-@functools.cache
+_takes: dict[type, bool] = {}
+
+
 def _takes_cache(cls: type) -> bool:
     # some bodies (mamba's) require the cache argument; None is "no cache" everywhere
-    return "cache" in inspect.signature(cls.__call__).parameters
+    if cls not in _takes:
+        _takes[cls] = "cache" in inspect.signature(cls.__call__).parameters
+    return _takes[cls]
 
 
 def hidden_states(model, inputs: mx.array, segment_ids: mx.array | None = None,

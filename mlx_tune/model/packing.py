@@ -17,6 +17,7 @@ rows with one warning line, never an error):
 from __future__ import annotations
 
 import mlx.core as mx
+import numpy as np
 
 from mlx_tune.errors import UserError
 from mlx_tune.model import attention
@@ -61,7 +62,7 @@ def _probe(model) -> str | None:
         alone = attention.hidden_states(model, row[:, _FIRST:])
         exact = packed.dtype == mx.float32  # else half-precision compute: rounding differs more
         packed, alone = packed.astype(mx.float32), alone.astype(mx.float32)
-        err, size = mx.abs(packed - alone).max().item(), mx.abs(alone).max().item()
+        err, size = np.array(mx.stack([mx.abs(packed - alone).max(), mx.abs(alone).max()])).tolist()
     except Exception as exc:  # noqa: BLE001 - an architecture the hooks break: fall back, do not fail
         return f"the packed forward of {model_type(model)} failed ({type(exc).__name__}: {str(exc)[:80]})"
     finally:
