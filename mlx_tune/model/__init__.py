@@ -2,6 +2,7 @@
 
 Owns loading (``loading``), GGUF reading (``gguf``), affine storage, the quantized
 matmul and the frozen-layer protocol (``quant``), NF4 storage (``nf4``), whole-model
-quantization (``quantize``), the attention and head paths (``attention``) and published configs
-(``known_configs``). May import ``runtime``, ``config`` and ``errors``.
+quantization (``quantize``), the packing-aware attention (``attention``), the model's
+body and head with its logit map (``head``), the packing proof (``packing``) and
+published configs (``known_configs``). May import ``runtime``, ``config`` and ``errors``.
 """
