@@ -12,6 +12,7 @@ ratio old / new is >= 1 when the new mechanism is no slower.
 
     scripts/python bench/bench_packing.py            # 7 rounds
     scripts/python bench/bench_packing.py --quick    # 3 rounds, fewer layers
+    scripts/python bench/bench_packing.py --vocab 4096   # the attention / body share of the step larger
 Prints a table and, last, the JSON targets for bench/run_all.py.
 """
 
@@ -98,6 +99,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--rows", type=int, default=2)
     ap.add_argument("--width", type=int, default=1024)
+    ap.add_argument("--vocab", type=int, default=None,
+                    help="smaller vocabulary: the loss (the same code in both) weighs less, the body more")
     args = ap.parse_args()
     reps = args.reps or (3 if args.quick else 7)
     layers = args.layers or (2 if args.quick else 4)
@@ -110,6 +113,8 @@ def main() -> None:
 
     results, targets = {}, []
     for model_type, shape in SHAPES.items():
+        if args.vocab:
+            shape["vocab_size"] = args.vocab
         batch = packed_batch(args.rows, args.width, shape["vocab_size"])
         arrays = batch_arrays(batch)
         steps = {}

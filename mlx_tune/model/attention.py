@@ -160,6 +160,7 @@ class _Packing:
     length: int
     mask: mx.array | None  # packed_mask(segment_ids); None: no packing (plain causal rows)
     positions: mx.array | None  # (B, L) position of each token inside its example
+    rank: int = 4  # the masks' rank: 4 (B, 1, L, L), or 5 (B, 1, 1, L, L) for attentions that score in 5-D
     built: list = field(default_factory=list)  # masks made here: known to include the causal part
 
     def combine(self, model_mask: Any) -> Any:
@@ -175,6 +176,8 @@ class _Packing:
         if isinstance(out, mx.array) and out.dtype == mx.bool_:
             if out.ndim < 4:  # (L, L) -> (1, 1, L, L), the shape the kernels take
                 out = out.reshape((1,) * (4 - out.ndim) + out.shape)
+            if self.rank == 5 and out.ndim == 4:  # (B, 1, 1, L, L): broadcasts over (B, kv, groups, L, L)
+                out = out.reshape(out.shape[0], 1, *out.shape[1:])
             self.built.append(out)
         return out
 
@@ -215,6 +218,8 @@ def _scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sin
     bias = None
     if mask is None or isinstance(mask, str) or ctx.is_built(mask):
         allowed = ctx.mask if mask is None or isinstance(mask, str) else mask
+        if allowed is not None and allowed.ndim == 5:  # a rank-5 mask of ours: (B, 1, 1, L, L)
+            allowed = allowed.reshape(allowed.shape[0], 1, L, L)
     elif ctx.mask is None:  # the model's own mask: nothing known about it, so the generic kernel
         return orig(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
     elif mask.dtype == mx.bool_:
@@ -262,6 +267,9 @@ class PackedRoPE:
 
 
 _rope_classes: dict[type, type] = {}
+# Model attribute: the rank of the packed masks this model's attention broadcasts right (set by
+# ``packing.packing_support``: gemma2 scores grouped queries as (B, kv, groups, L, S))
+MASK_RANK = "_mlx_tune_mask_rank"
 _HOOKED = "_mlx_tune_packing_hooks"
 
 
@@ -329,7 +337,8 @@ def hidden_states(model, inputs: mx.array, segment_ids: mx.array | None = None,
     """
     enable_packing(model)
     B, L = inputs.shape[:2]
-    ctx = _Packing(B, L, None if segment_ids is None else packed_mask(segment_ids), positions)
+    ctx = _Packing(B, L, None if segment_ids is None else packed_mask(segment_ids), positions,
+                   rank=getattr(model, MASK_RANK, 4))
     with restored_context(ctx):
         inner = body(model)
         return inner(inputs, cache=None) if _takes_cache(type(inner)) else inner(inputs)

@@ -7,11 +7,14 @@ rows with one warning line, never an error):
 1. layers whose state runs across tokens (Mamba/SSM, GatedDelta or linear-attention
    hybrids such as qwen3_next, RG-LRU): mlx-lm gives them an ``ArraysCache`` in
    ``make_cache()``; one example's state would flow into the next;
-2. the proof: a row packing two short examples, run through ``attention.hidden_states``
-   with their segments and restarted positions, must give the second example's hidden
-   states as it gives them alone (to float tolerance). This catches whatever the hooks
+2. the proof: two rows, each packing two short examples split differently, run through
+   ``attention.hidden_states`` with their segments and restarted positions, must give
+   every example's hidden states as it gives them alone (to float tolerance). This catches whatever the hooks
    cannot reach (an attention with its own mask, learned absolute positions) without a
-   list of architectures. It costs two forwards of a dozen tokens, once per model.
+   list of architectures. It also picks the rank of the packed masks: (B, 1, L, L), or
+   (B, 1, 1, L, L) for an attention that scores grouped queries as (B, kv, groups, L, S)
+   (gemma2), which would broadcast a rank-4 mask's batch against its KV heads. It costs a
+   few forwards of a dozen tokens, once per model.
 """
 
 from __future__ import annotations
@@ -49,20 +52,32 @@ def recurrent_reason(model) -> str | None:
     return None
 
 
-def _probe(model) -> str | None:
+def _probe_rows(vocab: int) -> tuple[mx.array, mx.array, mx.array, list[tuple[int, int, int]]]:
+    """Two rows split differently (so a mask applied to the wrong row shows), and where each example sits."""
+    n = _FIRST + _SECOND
+    ids = [[(7 * i + 3 + 11 * r) % max(2, min(vocab, 200)) for i in range(n)] for r in range(2)]
+    splits = [_FIRST, _SECOND - 2]  # row 1: examples of SECOND - 2 and FIRST + 2 tokens
+    seg = [[0] * k + [1] * (n - k) for k in splits]
+    pos = [list(range(k)) + list(range(n - k)) for k in splits]
+    where = [(r, 0, k) for r, k in enumerate(splits)] + [(r, k, n) for r, k in enumerate(splits)]
+    return mx.array(ids, dtype=mx.int32), mx.array(seg, dtype=mx.int32), mx.array(pos, dtype=mx.int32), where
+
+
+def _probe(model, rank: int) -> str | None:
     vocab = int(getattr(getattr(model, "args", None), "vocab_size", 0) or 64)
-    ids = [(7 * i + 3) % max(2, min(vocab, 200)) for i in range(_FIRST + _SECOND)]
-    row = mx.array([ids], dtype=mx.int32)
-    seg = mx.array([[0] * _FIRST + [1] * _SECOND], dtype=mx.int32)
-    pos = mx.array([list(range(_FIRST)) + list(range(_SECOND))], dtype=mx.int32)
+    rows, seg, pos, where = _probe_rows(vocab)
     was_training = model.training
     model.eval()  # no dropout in the comparison
+    object.__setattr__(model, attention.MASK_RANK, rank)
     try:
-        packed = attention.hidden_states(model, row, seg, pos)[:, _FIRST:]
-        alone = attention.hidden_states(model, row[:, _FIRST:])
+        packed = attention.hidden_states(model, rows, seg, pos)
         exact = packed.dtype == mx.float32  # else half-precision compute: rounding differs more
-        packed, alone = packed.astype(mx.float32), alone.astype(mx.float32)
-        err, size = np.array(mx.stack([mx.abs(packed - alone).max(), mx.abs(alone).max()])).tolist()
+        err = size = 0.0
+        for r, s, e in where:
+            alone = attention.hidden_states(model, rows[r:r + 1, s:e]).astype(mx.float32)
+            got = packed[r:r + 1, s:e].astype(mx.float32)
+            d, m = np.array(mx.stack([mx.abs(got - alone).max(), mx.abs(alone).max()])).tolist()
+            err, size = max(err, d), max(size, m)
     except Exception as exc:  # noqa: BLE001 - an architecture the hooks break: fall back, do not fail
         return f"the packed forward of {model_type(model)} failed ({type(exc).__name__}: {str(exc)[:80]})"
     finally:
@@ -80,7 +95,14 @@ def packing_support(model) -> str | None:
         return getattr(model, _REASON)
     try:
         attention.body(model)
-        reason = recurrent_reason(model) or _probe(model)
+        reason = recurrent_reason(model)
+        if reason is None:
+            # rank-4 masks first; attentions scoring grouped queries in 5-D (gemma2) need rank 5
+            reason = _probe(model, 4)
+            if reason is not None and _probe(model, 5) is None:
+                reason = None
+            elif reason is not None:
+                object.__setattr__(model, attention.MASK_RANK, 4)
     except UserError as exc:
         reason = str(exc)
     object.__setattr__(model, _REASON, reason)
