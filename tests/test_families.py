@@ -3,8 +3,8 @@
 Each family of ``mlx_tune.testing.families`` is built from its real mlx-lm class with a
 tiny random config (float32), given LoRA by the project's injection, and run through the
 compiled training step (``loop.Step`` over ``losses.batch_loss``): the loss sum, token
-count and every LoRA gradient of one packed row must equal those of its examples run
-alone. Families whose state runs across tokens must be refused packing (so training
+count and every LoRA gradient of a batch of packed rows must equal those of its examples
+run alone. Families whose state runs across tokens must be refused packing (so training
 falls back to unpacked rows) and their unpacked batch must equal the examples alone.
 """
 
@@ -32,7 +32,7 @@ from mlx_tune.training.losses import batch_loss
 # Backend-sensitive: `make test-accelerator` runs this file on the Metal/CUDA code path too.
 pytestmark = pytest.mark.accelerator
 
-LENGTHS = [9, 13, 7]  # tokens per example (a row of 26 slots + 3 of padding)
+LENGTHS = [9, 13, 7]  # tokens per example: longer than the families' sliding windows (5)
 
 
 def family_model(model_type: str, seed: int = 0) -> nn.Module:
@@ -72,9 +72,12 @@ def _compare(model, batch, alone_batches) -> None:
     assert not bad, f"gradients differ: {bad[:4]}"
 
 
-@pytest.mark.parametrize("model_type", [pytest.param(t, marks=pytest.mark.slow) if f.slow else t
-                                        for t, f in FAMILIES.items()])
-def test_packed_row_trains_as_its_examples_alone(model_type):
+def _family_params():
+    return [pytest.param(t, marks=pytest.mark.slow) if f.slow else t for t, f in FAMILIES.items()]
+
+
+@pytest.mark.parametrize("model_type", _family_params())
+def test_packed_rows_train_as_their_examples_alone(model_type):
     family = FAMILIES[model_type]
     model = family_model(model_type)
     ds = examples()
@@ -178,10 +181,6 @@ def test_a_base_model_trains_with_the_default_config(tmp_path, capsys, model_typ
     loss = [r["loss"] for r in rows if "loss" in r]
     assert len(loss) == 8 and all(np.isfinite(loss)) and loss[-1] < loss[0]
     assert (tmp_path / "out" / "adapters.safetensors").is_file()
-
-
-def _family_params():
-    return [pytest.param(t, marks=pytest.mark.slow) if f.slow else t for t, f in FAMILIES.items()]
 
 
 @pytest.mark.parametrize("model_type", _family_params())

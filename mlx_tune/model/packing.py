@@ -14,7 +14,7 @@ rows with one warning line, never an error):
    list of architectures. It also picks the rank of the packed masks: (B, 1, L, L), or
    (B, 1, 1, L, L) for an attention that scores grouped queries as (B, kv, groups, L, S)
    (gemma2), which would broadcast a rank-4 mask's batch against its KV heads. It costs a
-   few forwards of a dozen tokens, once per model.
+   two forwards of a few rows of a dozen tokens (four for gemma2), once per model.
 """
 
 from __future__ import annotations
@@ -72,11 +72,15 @@ def _probe(model, rank: int) -> str | None:
     try:
         packed = attention.hidden_states(model, rows, seg, pos)
         exact = packed.dtype == mx.float32  # else half-precision compute: rounding differs more
+        # every example alone, in one unpacked batch: left-aligned, so the causal mask keeps
+        # each from its padding
+        width = max(e - s for _, s, e in where)
+        alone_rows = mx.stack([mx.pad(rows[r, s:e], (0, width - (e - s))) for r, s, e in where])
+        alone = attention.hidden_states(model, alone_rows).astype(mx.float32)
         err = size = 0.0
-        for r, s, e in where:
-            alone = attention.hidden_states(model, rows[r:r + 1, s:e]).astype(mx.float32)
-            got = packed[r:r + 1, s:e].astype(mx.float32)
-            d, m = np.array(mx.stack([mx.abs(got - alone).max(), mx.abs(alone).max()])).tolist()
+        for i, (r, s, e) in enumerate(where):
+            ref, got = alone[i, :e - s], packed[r, s:e].astype(mx.float32)
+            d, m = np.array(mx.stack([mx.abs(got - ref).max(), mx.abs(ref).max()])).tolist()
             err, size = max(err, d), max(size, m)
     except Exception as exc:  # noqa: BLE001 - an architecture the hooks break: fall back, do not fail
         return f"the packed forward of {model_type(model)} failed ({type(exc).__name__}: {str(exc)[:80]})"
