@@ -9,12 +9,13 @@ rows with one warning line, never an error):
    ``make_cache()``; one example's state would flow into the next;
 2. the proof: two rows, each packing two short examples split differently, run through
    ``attention.hidden_states`` with their segments and restarted positions, must give
-   every example's hidden states as it gives them alone (to float tolerance). This catches whatever the hooks
-   cannot reach (an attention with its own mask, learned absolute positions) without a
-   list of architectures. It also picks the rank of the packed masks: (B, 1, L, L), or
-   (B, 1, 1, L, L) for an attention that scores grouped queries as (B, kv, groups, L, S)
-   (gemma2), which would broadcast a rank-4 mask's batch against its KV heads. It costs a
-   two forwards of a few rows of a dozen tokens (four for gemma2), once per model.
+   every example's hidden states as it gives them alone (to float tolerance). This
+   catches whatever the hooks cannot reach (an attention with its own mask, learned
+   absolute positions) without a list of architectures. It also picks the rank of the
+   packed masks: (B, 1, L, L), or (B, 1, 1, L, L) for an attention that scores grouped
+   queries as (B, kv, groups, L, S) (gemma2), which would broadcast a rank-4 mask's batch
+   against its KV heads. It costs two forwards of a few rows of a dozen tokens (four for
+   gemma2), once per model.
 """
 
 from __future__ import annotations
