@@ -59,7 +59,7 @@ _FAMILIES = [
     Family("Cohere", "cohere", {"layer_norm_eps": 1e-5, "logit_scale": 0.5, "use_qk_norm": True},
            "parallel block, LayerNorm, logit scale"),
     Family("StarCoder2", "starcoder2", {"norm_epsilon": 1e-5, "sliding_window": WINDOW, "tie_word_embeddings": True},
-           "LayerNorm, biases"),
+           "LayerNorm, biases, sliding window"),
     Family("SmolLM3", "smollm3", {"no_rope_layer_interval": 2}, "layers without RoPE"),
     Family("Mixtral", "mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2, "tie_word_embeddings": False},
            "experts"),
@@ -73,7 +73,7 @@ _FAMILIES = [
                                           "topk_method": "noaux_tc", "n_group": 1, "topk_group": 1},
            "MLA, experts"),
     Family("Cohere2", "cohere2", {"layer_norm_eps": 1e-5, "logit_scale": 0.5, "sliding_window": WINDOW,
-                                  "sliding_window_pattern": 2, "head_dim": 16}, "sliding window, parallel block"),
+                                  "sliding_window_pattern": 2, "head_dim": 16}, "local/global layers, parallel block"),
     Family("Qwen3-Next", "qwen3_next", _moe(
         linear_num_value_heads=2, linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16,
         linear_conv_kernel_dim=4, decoder_sparse_step=1, shared_expert_intermediate_size=32, mlp_only_layers=[],
