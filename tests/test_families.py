@@ -261,3 +261,36 @@ def test_readme_table_is_generated():
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
     assert readme == readme_with_table(readme), "README.md family table is stale: python scripts/family_table.py --write"
+
+
+@pytest.mark.parametrize("model_type", ["gemma2", "granite"])
+def test_tiled_quantized_head_with_a_logit_map(monkeypatch, model_type):
+    """A big quantized head, dequantized a vocabulary tile at a time, with the model's softcap
+    or scale: value and gradient equal plain autodiff through the model's own logits."""
+    from mlx_tune.model import head
+    from mlx_tune.model.quant import prepare_for_backend
+    from mlx_tune.runtime.backend import on_cpu
+    from mlx_tune.training import losses as L
+
+    model = tiny_model(model_type, seed=8, **FAMILIES[model_type].overrides)
+    nn.quantize(model, group_size=32, bits=4)
+    prepare_for_backend(model)
+    model.freeze()
+    monkeypatch.setattr(L, "DENSE_HEAD_BYTES", 0)
+    monkeypatch.setattr(L, "TILED_TOKENS", 16)
+    monkeypatch.setattr(L, "HEAD_TILE_BYTES", 128 * 64 * 4)  # 128-row tiles: 259 = 2 x 128 + 3
+    assert (L._tiled_head(model) is not None) == on_cpu()
+    rng = np.random.default_rng(3)
+    h = mx.array(rng.normal(size=(37, 64)).astype(np.float32) * 3)
+    t = mx.array(rng.integers(0, 259, size=(37,)).astype(np.int32))
+    m = mx.array((rng.random(37) > 0.3).astype(np.float32))
+
+    def plain(h):
+        z = head.logits(model, h).astype(mx.float32)
+        return ((mx.logsumexp(z, axis=-1) - mx.take_along_axis(z, t[:, None], axis=-1)[:, 0]) * m).sum()
+
+    v1, g1 = mx.value_and_grad(lambda h: L.masked_ce_sum(model, h, t, m))(h)
+    v2, g2 = mx.value_and_grad(plain)(h)
+    assert abs(v1.item() - v2.item()) <= 1e-5 * abs(v2.item())
+    assert _close(g1, g2, 1e-4)
+    assert abs(L.masked_ce_value(model, h, t, m).item() - v2.item()) <= 1e-5 * abs(v2.item())
