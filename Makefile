@@ -53,6 +53,7 @@ LINT_PATHS := mlx_tune tests bench scripts data_transform.py test_mlx.py
 # mypy checks the typed seams: config objects, the loading return type, runtime, atomic
 # writes, and the adapter, training and export entry points.
 TYPED := mlx_tune/config.py mlx_tune/typed_config.py mlx_tune/errors.py mlx_tune/atomic.py mlx_tune/runtime mlx_tune/model/loading.py \
+	mlx_tune/model/attention.py mlx_tune/model/head.py mlx_tune/model/packing.py \
 	mlx_tune/adapters/__init__.py mlx_tune/adapters/inject.py mlx_tune/adapters/files.py mlx_tune/adapters/manager.py \
 	mlx_tune/training/run.py mlx_tune/export/fuse.py \
 	mlx_tune/training/best.py mlx_tune/training/tracking.py mlx_tune/evaluation/live.py mlx_tune/data/masks.py

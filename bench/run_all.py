@@ -36,6 +36,7 @@ BENCHMARKS = [
     ("bench_data.py", [], ["--quick"], 900, 300),
     ("bench_qlora_step.py", [], ["--quick"], 1800, 400),
     ("bench_attention_loss.py", [], ["--quick"], 900, 200),
+    ("bench_packing.py", [], ["--quick"], 1800, 600),
     ("bench_train.py", [], ["--quick"], 3600, 600),
     ("bench_server.py", [], ["--quick"], 1800, 400),
     ("bench_studio.py", [], ["--quick"], 900, 300),

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_tune.errors import UserError
 from mlx_tune.model import attention as A
 from mlx_tune.testing.tiny import tiny_model
 
@@ -125,10 +124,27 @@ def test_lora_injected_after_enable_packing_is_used():
     assert not mx.allclose(A.forward(model, x), base, atol=1e-4).item()
 
 
-def test_unsupported_architecture_fails_clearly():
-    class Fake:
-        model_type = "gpt_bigcode"
+def test_block_causal_with_sinks_bias_and_other_value_width_equals_fused_sdpa():
+    q, k, _ = _qkv(L=90)
+    v = mx.random.normal((2, 2, 90, 24))  # MLA: values wider than keys
+    seg, _ = _segments(2, 90, [40, 30])
+    mask = A.packed_mask(seg)
+    sinks = mx.random.normal((6,))
+    bias = 0.3 * mx.random.normal((2, 6, 90, 90))
+    full = mx.where(mask, bias, -mx.inf)
+    ref = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask=full, sinks=sinks)
+    for block, streams in [(32, 2), (90, 1)]:
+        out = A.block_causal_attention(q, k, v, 0.25, mask, block=block, streams=streams, bias=bias, sinks=sinks)
+        assert out.shape == (2, 6, 90, 24)
+        assert mx.allclose(out, ref, atol=1e-5).item()
 
-    assert "set train.packing: false" in A.unsupported_reason(Fake())
-    with pytest.raises(UserError, match="gpt_bigcode"):
-        A.enable_packing(Fake())
+
+def test_learned_absolute_positions_fall_back_not_fail():
+    """gpt2 adds a position table to its embeddings: positions cannot restart, so the proof
+    refuses packing (training falls back to unpacked rows) instead of raising."""
+    from mlx_tune.model.packing import packing_support
+
+    model = tiny_model("gpt2", n_embd=64, n_head=4, n_layer=2, n_positions=128, layer_norm_epsilon=1e-5,
+                       n_ctx=128)
+    reason = packing_support(model)
+    assert reason is not None and "does not compute what it computes alone" in reason

@@ -41,7 +41,7 @@ def test_chunked_ce_equals_full_ce_in_value_and_gradient(model_type, head_traina
     model = tiny_model(model_type, seed=4)
     model.freeze()
     if head_trainable:  # autodiff per chunk under mx.checkpoint
-        L._head_module(model).unfreeze()
+        L.head_module(model).unfreeze()
     rng = np.random.default_rng(0)
     h = mx.array(rng.normal(size=(3, 23, 64)).astype(np.float32))
     t = mx.array(rng.integers(0, 259, size=(3, 23)).astype(np.int32))

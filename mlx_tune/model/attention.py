@@ -1,18 +1,34 @@
-"""Packing-aware, backend-aware causal attention for mlx-lm decoder models.
+"""Packing-aware, backend-aware attention for every mlx-lm softmax-attention model.
 
 With packed rows, query i may see key j only when both belong to the same example and
-j <= i:  ``allowed[b, i, j] = (seg[b, i] == seg[b, j]) and (j <= i)``; rotary position
+the model's own mask allows it:
+
+    allowed[b, i, j] = (seg[b, i] == seg[b, j]) and (j <= i) and model_mask[i, j]
+
+(``model_mask``: causal, or causal within a sliding window), and rotary position
 embeddings use each token's position inside its example (``positions``), so a packed
-example computes exactly what it computes alone.
+example computes what it computes alone.
 
-``enable_packing(model)`` swaps the class of every block's ``self_attn`` for a subclass
-that adds this path and otherwise calls the original ``__call__`` (generation with a KV
-cache, a plain mask): parameters, their names and LoRA injection are untouched.
-``hidden_states(model, inputs, segment_ids, positions)`` runs embedding, blocks and final
-norm like mlx-lm's ``LlamaModel.__call__`` but hands the packing info to every block as
-its ``mask`` argument (a dict), so it is an ordinary call argument under ``mx.compile``.
+No architecture is copied. mlx-lm's model files build their masks with
+``create_attention_mask`` / ``create_causal_mask`` and attend with
+``scaled_dot_product_attention``, all three from ``mlx_lm.models.base``;
+``enable_packing(model)`` rebinds those names, in the model files the model is built
+from, to wrappers, and gives the model's RoPE modules (``nn.RoPE`` and the classes of
+``mlx_lm.models.rope_utils``) a subclass. Outside ``hidden_states`` every wrapper calls
+the original unchanged (generation, a KV cache, other models). Inside, a context
+(``_ACTIVE``) holds the batch's segment mask and positions as arrays of the traced call,
+so under ``mx.compile`` they are ordinary inputs, never captured constants:
 
-Backends: on Metal / CUDA the masked attention is ``mx.fast.scaled_dot_product_attention``.
+- the mask builders return the model's mask AND the segment mask, a boolean
+  (B, 1, L, L) (hand-written attentions such as gemma2's softcapped one use it as is);
+- the attention runs the backend's kernel with that mask, attention sinks (gpt_oss)
+  and additive score masks (deepseek's MLA) included;
+- RoPE rotates each token at its own position (one length-1 "sequence" per token, its
+  offset the position). Other rotary code keeps row positions, which gives the same
+  attention (a rotary score depends on i - j only, and i - j is the same inside an
+  example); learned absolute position tables cannot restart (``packing`` proves it).
+
+Backends: on Metal / CUDA the attention is ``mx.fast.scaled_dot_product_attention``.
 On the CPU, where ``exp`` is the wall, ``block_causal_attention`` is exact and cheaper:
 query block i only scores key blocks 0..i (the rest of a causal row is masked, so never
 computed, ~(n+1)/2n of the work for n blocks), and the blocks are split over two CPU
@@ -22,21 +38,21 @@ streams so two softmaxes run at once.
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import inspect
+import sys
+from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
+import mlx.nn as nn
 
-from mlx_tune.errors import UserError
+from mlx_tune.model import head
+from mlx_tune.model.head import body, head_module, lm_head
 from mlx_tune.runtime.backend import cpu_streams, on_cpu
 
-# model_type -> module of its attention class (mistral is llama's code in mlx-lm).
-ARCHITECTURES = {
-    "llama": "mlx_lm.models.llama",
-    "mistral": "mlx_lm.models.llama",
-    "qwen2": "mlx_lm.models.qwen2",
-    "qwen3": "mlx_lm.models.qwen3",
-}
-_NEEDED = ("q_proj", "k_proj", "v_proj", "o_proj", "rope", "n_heads", "n_kv_heads", "scale")
+__all__ = ["attend", "block_causal_attention", "body", "enable_packing", "forward", "head_module",
+           "hidden_states", "lm_head", "packed_mask"]
 
 # CPU levers (module level so benchmarks and tests can turn them off).
 CPU_BLOCK: int | None = None  # query/key block; None: L / 8, at least 64
@@ -47,11 +63,14 @@ CPU_STREAMS = 2
 
 
 def block_causal_attention(q, k, v, scale: float, mask: mx.array | None = None,
-                           block: int | None = None, streams: int | None = None) -> mx.array:
-    """Exact causal softmax(q k^T * scale + mask) v, skipping key blocks above the diagonal.
+                           block: int | None = None, streams: int | None = None,
+                           bias: mx.array | None = None, sinks: mx.array | None = None) -> mx.array:
+    """Exact causal softmax(q k^T * scale + bias, masked) v, skipping key blocks above the diagonal.
 
-    q: (B, H, L, D); k, v: (B, Hkv, L, D) with H a multiple of Hkv (grouped queries);
-    mask: None (causal only) or a boolean (B or 1, 1, L, L) with the causal part included.
+    q: (B, H, L, D); k: (B, Hkv, L, D), v: (B, Hkv, L, Dv) with H a multiple of Hkv
+    (grouped queries); mask: None (causal only) or a boolean (B or 1, 1, L, L) with the
+    causal part included; bias: None or additive scores (B or 1, H or 1, L, L); sinks:
+    None or one logit per head (H,) that joins every row's softmax denominator.
     Query block i (rows i*bq..) scores keys 0..(i+1)*bq only: with n blocks,
     (n + 1) / 2n of the scores and their exps. The blocks' softmaxes are dealt out to
     ``streams`` CPU streams balancing their cost (block i costs i + 1).
@@ -59,9 +78,12 @@ def block_causal_attention(q, k, v, scale: float, mask: mx.array | None = None,
     B, H, L, D = q.shape
     block = block or CPU_BLOCK or max(64, -(-L // 8))
     streams = streams or CPU_STREAMS
-    Hkv = k.shape[1]
+    Hkv, Dv = k.shape[1], v.shape[-1]
     G = H // Hkv
     q = (q * scale).reshape(B, Hkv, G, L, D)
+    if bias is not None:  # (B', H', L, L) -> (B', Hkv', G', L, L), broadcast over the groups
+        bias = bias.reshape(bias.shape[0], Hkv if bias.shape[1] == H else 1, G if bias.shape[1] == H else 1, L, L)
+    sink = None if sinks is None else sinks.astype(q.dtype).reshape(1, Hkv, G, 1, 1)
     n = -(-L // block)
     if n == 1 and streams <= 1:
         block = L
@@ -76,7 +98,7 @@ def block_causal_attention(q, k, v, scale: float, mask: mx.array | None = None,
         lane_of[i] = s
         load[s] += bounds[i][1]
 
-    outs = [None] * n
+    outs: list[Any] = [None] * n
     for i, (s, e) in enumerate(bounds):
         lane = lanes[lane_of[i]]
         qi = q[:, :, :, s:e, :].reshape(B, Hkv, G * (e - s), D)
@@ -84,16 +106,23 @@ def block_causal_attention(q, k, v, scale: float, mask: mx.array | None = None,
         # Only the elementwise softmax goes to the lane: matmuls stay on the default
         # stream (BLAS is multi-threaded already; two concurrent sgemms fight for cores).
         with mx.stream(lane) if lane is not None else contextlib.nullcontext():
+            if bias is not None:
+                scores = scores + bias[..., s:e, :e].astype(scores.dtype)
             if mask is None:
                 # Only the diagonal block holds masked entries.
                 allowed = mx.arange(s, e)[:, None] >= mx.arange(e)[None, :]
             else:
                 allowed = mask[:, :, s:e, :e][:, :, None]  # (B, 1, 1, bq, e)
             scores = mx.where(allowed, scores, mx.array(-mx.inf, scores.dtype))
-            p = mx.softmax(scores, axis=-1, precise=True).reshape(B, Hkv, G * (e - s), e)
-        outs[i] = (p @ v[:, :, :e, :]).reshape(B, Hkv, G, e - s, D)
+            if sink is None:
+                p = mx.softmax(scores, axis=-1, precise=True)
+            else:  # the sink is one more logit in the softmax whose probability is dropped
+                sk = mx.broadcast_to(sink, (*scores.shape[:-1], 1))
+                p = mx.softmax(mx.concatenate([scores, sk], axis=-1), axis=-1, precise=True)[..., :e]
+            p = p.reshape(B, Hkv, G * (e - s), e)
+        outs[i] = (p @ v[:, :, :e, :]).reshape(B, Hkv, G, e - s, Dv)
     out = outs[0] if n == 1 else mx.concatenate(outs, axis=3)
-    return out.reshape(B, H, L, D)
+    return out.reshape(B, H, L, Dv)
 
 
 def packed_mask(segment_ids: mx.array) -> mx.array:
@@ -104,136 +133,218 @@ def packed_mask(segment_ids: mx.array) -> mx.array:
     return mx.logical_and(same, causal)[:, None]
 
 
-def attend(q, k, v, scale: float, mask: mx.array | None) -> mx.array:
-    """Causal attention (``mask`` None) or masked by a boolean (B, 1, L, L), per backend."""
+def attend(q, k, v, scale: float, mask: mx.array | None, bias: mx.array | None = None,
+           sinks: mx.array | None = None) -> mx.array:
+    """Causal attention (``mask`` None) or masked by a boolean (B, 1, L, L) that includes
+    the causal part, with optional additive ``bias`` scores and per-head ``sinks``, per backend."""
     if on_cpu():
-        return block_causal_attention(q, k, v, scale, mask)
-    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal" if mask is None else mask)
+        return block_causal_attention(q, k, v, scale, mask, bias=bias, sinks=sinks)
+    if bias is not None:
+        allowed = mask if mask is not None else mx.arange(q.shape[2])[:, None] >= mx.arange(k.shape[2])[None]
+        full: Any = mx.where(allowed, bias, mx.array(-mx.inf, bias.dtype)).astype(q.dtype)
+    else:
+        full = "causal" if mask is None else mask
+    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=full, sinks=sinks)
 
 
 # ---------------------------------------------------------------------------
-# The swapped attention class
+# The packing context and the wrappers consulted inside it
 # ---------------------------------------------------------------------------
 
 
-def _rope(rope, x: mx.array, positions: mx.array | None) -> mx.array:
-    """RoPE on (B, L, H, D) at each token's own position -> (B, H, L, D)."""
-    B, L, H, D = x.shape
-    if positions is None:
-        return rope(x.transpose(0, 2, 1, 3))
-    # mx.fast.rope takes one offset per leading index: make every token its own
-    # length-1 "sequence" whose offset is its position.
-    y = rope(x.reshape(B * L, H, 1, D), offset=positions.reshape(-1))
-    return y.reshape(B, L, H, D).transpose(0, 2, 1, 3)
+@dataclass
+class _Packing:
+    """What the wrappers read during one ``hidden_states`` call (arrays of that call)."""
+
+    batch: int
+    length: int
+    mask: mx.array | None  # packed_mask(segment_ids); None: no packing (plain causal rows)
+    positions: mx.array | None  # (B, L) position of each token inside its example
+    rank: int = 4  # the masks' rank: 4 (B, 1, L, L), or 5 (B, 1, 1, L, L) for attentions that score in 5-D
+    built: list = field(default_factory=list)  # masks made here: known to include the causal part
+
+    def combine(self, model_mask: Any) -> Any:
+        """The model's mask ("causal", None, a boolean or additive array) AND the segment mask."""
+        if self.mask is None:
+            out = model_mask
+        elif model_mask is None or isinstance(model_mask, str):
+            out = self.mask
+        elif model_mask.dtype == mx.bool_:
+            out = mx.logical_and(self.mask, model_mask)
+        else:
+            out = mx.where(self.mask, model_mask, mx.array(-mx.inf, model_mask.dtype))
+        if isinstance(out, mx.array) and out.dtype == mx.bool_:
+            if out.ndim < 4:  # (L, L) -> (1, 1, L, L), the shape the kernels take
+                out = out.reshape((1,) * (4 - out.ndim) + out.shape)
+            if self.rank == 5 and out.ndim == 4:  # (B, 1, 1, L, L): broadcasts over (B, kv, groups, L, L)
+                out = out.reshape(out.shape[0], 1, *out.shape[1:])
+            self.built.append(out)
+        return out
+
+    def is_built(self, mask: Any) -> bool:
+        return any(mask is m for m in self.built)
 
 
-class PackedAttention:
-    """Mixin put in front of an mlx-lm attention class by ``enable_packing``.
-
-    ``mask`` a dict from ``hidden_states`` -> the packing-aware path; anything else
-    (None, "causal", an array, a KV cache) -> the original ``__call__`` unchanged.
-    """
-
-    def __call__(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
-        if not isinstance(mask, dict) or cache is not None:
-            return super().__call__(x, mask, cache)
-        B, L, _ = x.shape
-        q = self.q_proj(x).reshape(B, L, self.n_heads, -1)
-        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1)
-        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        if hasattr(self, "q_norm"):  # qwen3: per-head RMSNorm before RoPE
-            q, k = self.q_norm(q), self.k_norm(k)
-        positions = mask.get("positions")
-        q, k = _rope(self.rope, q, positions), _rope(self.rope, k, positions)
-        out = attend(q, k, v, self.scale, mask.get("mask"))
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+_ACTIVE: contextvars.ContextVar[_Packing | None] = contextvars.ContextVar("mlx_tune_packing", default=None)
 
 
-_subclasses: dict[type, type] = {}
+def _originals() -> dict[str, Any]:
+    from mlx_lm.models import base
+
+    return {"create_attention_mask": base.create_attention_mask, "create_causal_mask": base.create_causal_mask,
+            "scaled_dot_product_attention": base.scaled_dot_product_attention}
 
 
-def _blocks(model) -> list:
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "pipeline_layers", None) or getattr(inner, "layers", None)
-    return list(layers or [])
+def _create_attention_mask(h, cache=None, window_size=None, return_array=False):
+    ctx, orig = _ACTIVE.get(), _originals()["create_attention_mask"]
+    if ctx is None or cache is not None or h.ndim < 2 or h.shape[1] != ctx.length:
+        return orig(h, cache, window_size=window_size, return_array=return_array)
+    return ctx.combine(orig(h, None, window_size=window_size, return_array=return_array or ctx.mask is not None))
 
 
-def unsupported_reason(model) -> str | None:
-    """Why ``enable_packing`` cannot handle ``model`` (None when it can)."""
-    mtype = getattr(model, "model_type", None) or getattr(getattr(model, "args", None), "model_type", None)
-    if mtype not in ARCHITECTURES:
-        return (f"packed attention supports model types {', '.join(sorted(ARCHITECTURES))}, not {mtype!r}; "
-                "set train.packing: false")
-    blocks = _blocks(model)
-    if not blocks:
-        return f"model type {mtype!r}: no transformer blocks found at model.model.layers"
-    for b in blocks:
-        attn = getattr(b, "self_attn", None)
-        base = type(attn).__mro__[2] if isinstance(attn, PackedAttention) else type(attn)
-        if attn is None or base.__module__ != ARCHITECTURES[mtype] or any(not hasattr(attn, a) for a in _NEEDED):
-            return f"model type {mtype!r}: unexpected attention module {type(attn).__name__}; set train.packing: false"
-        if getattr(b, "use_sliding", False):
-            return f"model type {mtype!r}: sliding-window layers are not supported by packing; set train.packing: false"
-    return None
+def _create_causal_mask(N, offset=0, window_size=None, right_padding=None, left_padding=None):
+    ctx, orig = _ACTIVE.get(), _originals()["create_causal_mask"]
+    mask = orig(N, offset, window_size=window_size, right_padding=right_padding, left_padding=left_padding)
+    if ctx is None or N != ctx.length or offset or right_padding is not None or left_padding is not None:
+        return mask
+    return ctx.combine(mask)
+
+
+def _scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sinks=None):
+    ctx, orig = _ACTIVE.get(), _originals()["scaled_dot_product_attention"]
+    L = queries.shape[-2]
+    if ctx is None or cache is not None or L != ctx.length or keys.shape[-2] != L or queries.ndim != 4:
+        return orig(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
+    bias = None
+    if mask is None or isinstance(mask, str) or ctx.is_built(mask):
+        allowed = ctx.mask if mask is None or isinstance(mask, str) else mask
+        if allowed is not None and allowed.ndim == 5:  # a rank-5 mask of ours: (B, 1, 1, L, L)
+            allowed = allowed.reshape(allowed.shape[0], 1, L, L)
+    elif ctx.mask is None:  # the model's own mask: nothing known about it, so the generic kernel
+        return orig(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
+    elif mask.dtype == mx.bool_:
+        allowed = mx.logical_and(ctx.mask, mask)
+    else:  # additive scores (deepseek's MLA passes its rotary part this way)
+        allowed, bias = ctx.mask, mask
+    return attend(queries, keys, values, scale, allowed, bias=bias, sinks=sinks)
+
+
+def packing_context() -> _Packing | None:
+    """The active packing context (None outside ``hidden_states``)."""
+    return _ACTIVE.get()
+
+
+@contextlib.contextmanager
+def restored_context(ctx: _Packing | None):
+    """Run with ``ctx`` active again: a block recomputed in the backward pass (``mx.checkpoint``)
+    runs after ``hidden_states`` returned, and must see the mask and positions its forward saw."""
+    token = _ACTIVE.set(ctx)
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+WRAPPERS = {"create_attention_mask": _create_attention_mask, "create_causal_mask": _create_causal_mask,
+            "scaled_dot_product_attention": _scaled_dot_product_attention}
+
+
+class PackedRoPE:
+    """Mixin put in front of a RoPE class: inside ``hidden_states`` with positions and no
+    cache offset, each token is rotated at its own position."""
+
+    def __call__(self, x, offset=0, *args, **kwargs):
+        ctx = _ACTIVE.get()
+        call = super().__call__
+        if (ctx is None or ctx.positions is None or not isinstance(offset, int) or offset != 0 or x.ndim < 3
+                or x.shape[0] != ctx.batch or x.shape[-2] != ctx.length):
+            return call(x, offset, *args, **kwargs)
+        # (B, ..., L, D) -> (B * L, ..., 1, D): one length-1 sequence per token, offset = its position
+        y = x.swapaxes(1, -2)
+        shape = y.shape
+        y = call(y.reshape(shape[0] * shape[1], *shape[2:-1], 1, shape[-1]), ctx.positions.reshape(-1), *args, **kwargs)
+        return y.reshape(shape).swapaxes(1, -2)
+
+
+_rope_classes: dict[type, type] = {}
+# Model attribute: the rank of the packed masks this model's attention broadcasts right (set by
+# ``packing.packing_support``: gemma2 scores grouped queries as (B, kv, groups, L, S))
+MASK_RANK = "_mlx_tune_mask_rank"
+_HOOKED = "_mlx_tune_packing_hooks"
+
+
+def _is_rope(module) -> bool:
+    cls = type(module)
+    if isinstance(module, PackedRoPE):
+        return False
+    # DynamicNTK computes its base from the offset in Python: it needs an int
+    return isinstance(module, nn.RoPE) or (cls.__module__ == "mlx_lm.models.rope_utils"
+                                           and cls.__name__ != "DynamicNTKScalingRoPE" and "RoPE" in cls.__name__)
 
 
 def enable_packing(model) -> None:
-    """Give every block's ``self_attn`` the packing-aware path (idempotent)."""
-    reason = unsupported_reason(model)
-    if reason:
-        raise UserError(reason)
-    for b in _blocks(model):
-        cls = type(b.self_attn)
-        if issubclass(cls, PackedAttention):
-            continue
-        if cls not in _subclasses:
-            _subclasses[cls] = type(f"Packed{cls.__name__}", (PackedAttention, cls), {})
-        b.self_attn.__class__ = _subclasses[cls]
+    """Install the wrappers for ``model``'s files and RoPE modules (idempotent, cheap after the first call)."""
+    if getattr(model, _HOOKED, False):
+        return
+    names: set[str] = set()
+    for m in [model, *model.modules()]:
+        names.update(c.__module__ for c in type(m).__mro__)
+        if _is_rope(m):
+            cls = type(m)
+            if cls not in _rope_classes:
+                _rope_classes[cls] = type(f"Packed{cls.__name__}", (PackedRoPE, cls), {})
+            m.__class__ = _rope_classes[cls]
+    originals = _originals()
+    for name in sorted(n for n in names if n.startswith("mlx_lm.models.") and n in sys.modules):
+        mod = sys.modules[name]
+        for fn, orig in originals.items():
+            if getattr(mod, fn, None) is orig:
+                setattr(mod, fn, WRAPPERS[fn])
+    object.__setattr__(model, _HOOKED, True)
 
 
 def disable_packing(model) -> None:
-    """Undo ``enable_packing``."""
-    for b in _blocks(model):
-        cls = type(b.self_attn)
-        if issubclass(cls, PackedAttention):
-            b.self_attn.__class__ = cls.__mro__[2]
+    """Give the RoPE modules their classes back (the file-level wrappers pass through outside a packed call)."""
+    for m in model.modules():
+        if isinstance(m, PackedRoPE):
+            m.__class__ = type(m).__mro__[2]
+    if getattr(model, _HOOKED, False):
+        object.__delattr__(model, _HOOKED)
 
 
 def is_enabled(model) -> bool:
-    blocks = _blocks(model)
-    return bool(blocks) and all(isinstance(getattr(b, "self_attn", None), PackedAttention) for b in blocks)
+    return bool(getattr(model, _HOOKED, False))
+
+
+_takes: dict[type, bool] = {}
+
+
+def _takes_cache(cls: type) -> bool:
+    # some bodies (mamba's) require the cache argument; None is "no cache" everywhere
+    if cls not in _takes:
+        _takes[cls] = "cache" in inspect.signature(cls.__call__).parameters
+    return _takes[cls]
 
 
 def hidden_states(model, inputs: mx.array, segment_ids: mx.array | None = None,
                   positions: mx.array | None = None) -> mx.array:
     """The final-norm hidden states (B, L, hidden) of an mlx-lm model, packing-aware.
 
-    Supported architectures go through the packing-aware attention (and its CPU levers);
-    others run ``model.model(inputs)`` unchanged, which is only right without packing.
+    Runs the model's own body with the packing context set: the backend's attention
+    kernel always, the segment mask and restarted positions when given. Whether a model
+    may be given packed rows is ``packing.packing_support``'s question (asked before
+    training); here it is trusted.
     """
-    if not is_enabled(model):
-        if unsupported_reason(model) is None:
-            enable_packing(model)
-        elif segment_ids is None and positions is None:
-            return model.model(inputs)
-        else:
-            raise UserError(unsupported_reason(model))
-    inner = model.model
-    h = inner.embed_tokens(inputs)
-    info = {"positions": positions, "mask": None if segment_ids is None else packed_mask(segment_ids)}
-    for layer in _blocks(model):
-        h = layer(h, info)
-    return inner.norm(h)
-
-
-def lm_head(model):
-    """The function hidden -> logits: ``lm_head`` or the tied embedding's ``as_linear``."""
-    if getattr(model, "lm_head", None) is not None:
-        return model.lm_head
-    return model.model.embed_tokens.as_linear
+    enable_packing(model)
+    B, L = inputs.shape[:2]
+    ctx = _Packing(B, L, None if segment_ids is None else packed_mask(segment_ids), positions,
+                   rank=getattr(model, MASK_RANK, 4))
+    with restored_context(ctx):
+        inner = body(model)
+        return inner(inputs, cache=None) if _takes_cache(type(inner)) else inner(inputs)
 
 
 def forward(model, inputs: mx.array, segment_ids: mx.array | None = None,
             positions: mx.array | None = None) -> mx.array:
     """Logits (B, L, vocab); for training use ``losses.loss_fn``, which never builds them whole."""
-    return lm_head(model)(hidden_states(model, inputs, segment_ids, positions))
+    return head.logits(model, hidden_states(model, inputs, segment_ids, positions))

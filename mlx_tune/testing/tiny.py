@@ -4,7 +4,8 @@
 chat template, built in memory (no network). ``tiny_model()`` builds a real mlx-lm
 architecture with random weights; ``save_tiny_folder()`` writes both as a Hugging
 Face style folder (config.json, model.safetensors, tokenizer files) that the loader
-reads like any downloaded model.
+reads like any downloaded model. Per-family overrides (sliding windows, sinks, MLA,
+experts, recurrent layers) are in ``families.FAMILIES``.
 """
 
 from __future__ import annotations

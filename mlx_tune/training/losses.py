@@ -2,9 +2,10 @@
 
     loss = sum_t m_t * (logsumexp(W h_t) - (W h_t)[y_t]) / sum_t m_t
 
-over the final hidden states h_t, targets y_t and loss mask m_t. The LM head W (``lm_head``
-or the tied embedding) is applied to ``chunk`` tokens at a time, with the logsumexp in
-float32 per chunk.
+over the final hidden states h_t, targets y_t and loss mask m_t (logits W h_t, or the
+model's own map of them, ``model.head.LogitMap``: a scale or a softcap). The LM head W
+(``lm_head`` or the tied embedding) is applied to ``chunk`` tokens at a time, with the
+logsumexp in float32 per chunk.
 
 With a frozen head (LoRA, QLoRA) the chunk's gradient is taken in the same pass, as
 ``dL/dh_t = m_t (softmax(W h_t) - onehot(y_t)) W``: each logit's ``exp`` is computed
@@ -24,7 +25,8 @@ from typing import NamedTuple
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from mlx_tune.model.attention import hidden_states, lm_head
+from mlx_tune.model.attention import hidden_states
+from mlx_tune.model.head import IDENTITY, LogitMap, apply_map, head_module, lm_head, logit_map
 from mlx_tune.runtime.backend import cpu_streams, on_cpu
 from mlx_tune.training import loss_shapes
 from mlx_tune.training.loss_shapes import DENSE_HEAD_BYTES, HEAD_TILE_BYTES, TILED_TOKENS, chunk_size_for
@@ -37,13 +39,8 @@ from mlx_tune.training.loss_shapes import DENSE_HEAD_BYTES, HEAD_TILE_BYTES, TIL
 CPU_STREAMS = 1
 
 
-def _head_module(model):
-    head = getattr(model, "lm_head", None)
-    return head if head is not None else model.model.embed_tokens
-
-
 def head_is_trainable(model) -> bool:
-    return bool(tree_flatten(_head_module(model).trainable_parameters()))
+    return bool(tree_flatten(head_module(model).trainable_parameters()))
 
 
 def _lanes(n_chunks: int):
@@ -80,7 +77,7 @@ def _dequantized(module) -> mx.array:
 
 def head_ops(model) -> HeadOps:
     """HeadOps of ``model``'s frozen head: a dense weight where cheap, else the module's own calls."""
-    module, head = _head_module(model), lm_head(model)
+    module, head = head_module(model), lm_head(model)
     tied = getattr(model, "lm_head", None) is None
     w, stored = None, module.get("weight")
     if "bias" not in module and isinstance(stored, mx.array):
@@ -113,7 +110,8 @@ def _row_dequantizer(module) -> Callable | None:
     return None
 
 
-def _tiled_ce(rows: Callable, vocab: int, h, targets, mask, tile: int, tokens: int, with_grad: bool = True):
+def _tiled_ce(rows: Callable, vocab: int, h, targets, mask, tile: int, tokens: int, with_grad: bool = True,
+              lm: LogitMap = IDENTITY):
     """(sum of masked CE, dL/dh) with the head dequantized ``tile`` vocabulary rows at a time.
 
     One pass over the tiles per ``tokens`` tokens, an online softmax: with the running max
@@ -122,7 +120,9 @@ def _tiled_ce(rows: Callable, vocab: int, h, targets, mask, tile: int, tokens: i
     ``dL/dh = mask (acc / Z - W_y)``. Each logit's ``exp`` is computed once and each tile
     of ``W`` is dequantized once per pass (the backward reuses ``dL/dh``). Tiles are
     chained with ``mx.depends`` so one tile's weight and logits are alive at a time.
-    ``with_grad=False`` (evaluation) skips ``acc`` and returns (loss, None).
+    ``with_grad=False`` (evaluation) skips ``acc`` and returns (loss, None). With a logit
+    map (``head.LogitMap``: scale, softcap) the logits are ``f(z)`` and each ``W_v`` enters
+    ``acc`` and the target term weighted by ``f'(z_v)``.
     """
     N, D = h.shape
     losses, grads = [], []
@@ -137,29 +137,29 @@ def _tiled_ce(rows: Callable, vocab: int, h, targets, mask, tile: int, tokens: i
             # dequantize after the previous tile is consumed
             (idx,) = mx.depends([mx.arange(v0, v1)], [acc if with_grad else z_sum])
             w = rows(idx)
-            z = hc @ w.T
+            z, dz = apply_map(hc @ w.T, lm)
             m_new = mx.maximum(m, mx.stop_gradient(z.max(axis=-1, keepdims=True)))
             rescale = mx.exp(m - m_new)
             ex = mx.exp(z - m_new)
             z_sum = z_sum * rescale + ex.sum(axis=-1, keepdims=True)
             if with_grad:
-                acc = acc * rescale + ex @ w
+                acc = acc * rescale + (ex * dz) @ w
             m = m_new
         w_y = rows(tc)
-        z_y = (hc * w_y).sum(axis=-1, keepdims=True)
+        z_y, dz_y = apply_map((hc * w_y).sum(axis=-1, keepdims=True), lm)
         losses.append(((m + mx.log(z_sum) - z_y)[:, 0] * mc).sum())
         if with_grad:
-            grads.append((mc[:, None] * (acc / z_sum - w_y)).astype(h.dtype))
+            grads.append((mc[:, None] * (acc / z_sum - dz_y * w_y)).astype(h.dtype))
     total = losses[0] if len(losses) == 1 else mx.sum(mx.stack(losses))
     if not with_grad:
         return total, None
     return total, grads[0] if len(grads) == 1 else mx.concatenate(grads, axis=0)
 
 
-def _tiled_fn(rows: Callable, vocab: int, tile: int, tokens: int):
+def _tiled_fn(rows: Callable, vocab: int, tile: int, tokens: int, lm: LogitMap):
     @mx.custom_function
     def ce(h, targets, mask):
-        return _tiled_ce(rows, vocab, h, targets, mask, tile, tokens)
+        return _tiled_ce(rows, vocab, h, targets, mask, tile, tokens, lm=lm)
 
     @ce.vjp
     def ce_vjp(primals, cotangents, outputs):
@@ -173,7 +173,7 @@ def _tiled_head(model):
     """(rows, vocab, hidden) when the loss should tile the frozen head, else None."""
     if not on_cpu():
         return None
-    module = _head_module(model)
+    module = head_module(model)
     if "scales" not in module and "absmax" not in module:
         return None
     rows = _row_dequantizer(module)
@@ -195,12 +195,13 @@ def _back(ops: HeadOps, x, g):
     return ops.back(g) if ops.back is not None else mx.vjp(ops.logits, [x], [g])[1][0]
 
 
-def _fused_ce(ops: HeadOps, h, targets, mask, chunk: int):
+def _fused_ce(ops: HeadOps, h, targets, mask, chunk: int, lm: LogitMap = IDENTITY):
     """(sum of masked CE, dL/dh) in one pass over the vocabulary, chunk by chunk.
 
     Per chunk: p = exp(z - max) / s, and dL/dh = m (p - onehot(y)) W
     = (m / s) * (exp(z - max) W) - m W[y]: the row scale goes after the matmul and the
     one-hot part is a row gather, so the only (chunk x vocab) passes are max, exp, sum.
+    With a logit map f (scale, softcap) the softmax is over f(z) and dL/dz = (p - onehot) f'(z).
     """
     N = h.shape[0]
     lanes = _lanes(-(-N // chunk))
@@ -212,7 +213,7 @@ def _fused_ce(ops: HeadOps, h, targets, mask, chunk: int):
         prev = last.get(lane)
         if prev is not None:  # free the previous chunk on this lane before making this one
             hc = mx.depends(hc, prev)
-        logits = ops.logits(hc).astype(mx.float32)
+        logits, dz = apply_map(ops.logits(hc).astype(mx.float32), lm)
         # The elementwise work goes to the lane, the matmuls stay on the default stream.
         with mx.stream(lane) if lane is not None else contextlib.nullcontext():
             top = mx.stop_gradient(logits.max(axis=-1, keepdims=True))
@@ -220,13 +221,20 @@ def _fused_ce(ops: HeadOps, h, targets, mask, chunk: int):
             ex = mx.exp(logits - top)  # the one exp over the chunk's logits
             z = ex.sum(axis=-1, keepdims=True)
             loss = ((top + mx.log(z) - tgt)[:, 0] * mc).sum()
+            # f'(z) at the target and over the chunk (a plain float without softcap)
+            dz_y = mx.take_along_axis(dz, tc[:, None], axis=-1) if isinstance(dz, mx.array) else dz
+            exd = ex if lm.identity else ex * dz
             if ops.rows is None:
-                # softmax - onehot(target) built in place (one more pass over the chunk)
-                g = ex * (mc[:, None] / z)
-                g = mx.put_along_axis(g, tc[:, None], mx.take_along_axis(g, tc[:, None], axis=-1) - mc[:, None], axis=-1)
+                # (softmax - onehot(target)) f'(z) built in place (one more pass over the chunk)
+                g = exd * (mc[:, None] / z)
+                g = mx.put_along_axis(g, tc[:, None],
+                                      mx.take_along_axis(g, tc[:, None], axis=-1) - mc[:, None] * dz_y, axis=-1)
         if ops.rows is not None:
             scale = (mc[:, None] / z).astype(hc.dtype)
-            dh = _back(ops, hc, ex.astype(hc.dtype)) * scale - mc[:, None].astype(hc.dtype) * ops.rows(tc).astype(hc.dtype)
+            w_y = ops.rows(tc).astype(hc.dtype)
+            if not lm.identity:
+                w_y = w_y * (dz_y.astype(hc.dtype) if isinstance(dz_y, mx.array) else dz_y)
+            dh = _back(ops, hc, exd.astype(hc.dtype)) * scale - mc[:, None].astype(hc.dtype) * w_y
         else:
             dh = _back(ops, hc, g.astype(hc.dtype))
         losses.append(loss)
@@ -236,10 +244,10 @@ def _fused_ce(ops: HeadOps, h, targets, mask, chunk: int):
     return total, grads[0] if len(grads) == 1 else mx.concatenate(grads, axis=0)
 
 
-def _fused_fn(ops: HeadOps, chunk: int):
+def _fused_fn(ops: HeadOps, chunk: int, lm: LogitMap):
     @mx.custom_function
     def ce(h, targets, mask):
-        return _fused_ce(ops, h, targets, mask, chunk)
+        return _fused_ce(ops, h, targets, mask, chunk, lm)
 
     @ce.vjp
     def ce_vjp(primals, cotangents, outputs):
@@ -251,12 +259,12 @@ def _fused_fn(ops: HeadOps, chunk: int):
 
 def _recomputed_ce(model, h, targets, mask, chunk: int):
     """Sum of masked CE by autodiff, each chunk under mx.checkpoint (trainable head)."""
-    module, head = _head_module(model), lm_head(model)
+    module, head, lm = head_module(model), lm_head(model), logit_map(model)
 
     def chunk_loss(params, hc, tc, mc):
         module.update(params)
         tc = mx.stop_gradient(tc)  # integer targets: no gradient to ask for
-        logits = head(hc).astype(mx.float32)
+        logits = apply_map(head(hc).astype(mx.float32), lm)[0]
         ce = mx.logsumexp(logits, axis=-1) - mx.take_along_axis(logits, tc[:, None], axis=-1)[:, 0]
         return (ce * mc).sum()
 
@@ -283,9 +291,9 @@ def masked_ce_sum(model, h: mx.array, targets: mx.array, mask: mx.array, chunk: 
     if tiled is not None:
         rows, vocab, hidden = tiled
         tile = _tile_rows(vocab, hidden, h.shape[0])
-        total, _ = _tiled_fn(rows, vocab, tile, TILED_TOKENS)(h, targets, mask)
+        total, _ = _tiled_fn(rows, vocab, tile, TILED_TOKENS, logit_map(model))(h, targets, mask)
         return total
-    total, _ = _fused_fn(head_ops(model), chunk)(h, targets, mask)
+    total, _ = _fused_fn(head_ops(model), chunk, logit_map(model))(h, targets, mask)
     return total
 
 
@@ -299,17 +307,18 @@ def masked_ce_value(model, h: mx.array, targets: mx.array, mask: mx.array) -> mx
     if tiled is not None:
         rows, vocab, hidden = tiled
         tile = _tile_rows(vocab, hidden, h.shape[0])
-        return _tiled_ce(rows, vocab, h, targets, mask, tile, TILED_TOKENS, with_grad=False)[0]
+        return _tiled_ce(rows, vocab, h, targets, mask, tile, TILED_TOKENS, with_grad=False, lm=logit_map(model))[0]
     head, chunk, total = lm_head(model), chunk_size_for(_vocab_size(model)), mx.array(0.0)
+    lm = logit_map(model)
     for s in range(0, h.shape[0], chunk):
-        logits = head(h[s:s + chunk]).astype(mx.float32)
+        logits = apply_map(head(h[s:s + chunk]).astype(mx.float32), lm)[0]
         ce = mx.logsumexp(logits, axis=-1) - mx.take_along_axis(logits, targets[s:s + chunk, None], axis=-1)[:, 0]
         total = total + (ce * mask[s:s + chunk]).sum()
     return total
 
 
 def _vocab_size(model) -> int:
-    m = _head_module(model)
+    m = head_module(model)
     w = getattr(m, "weight", None)
     if w is not None and getattr(m, "bits", None) is None and w.ndim == 2:
         return w.shape[0]

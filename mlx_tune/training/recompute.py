@@ -17,6 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlx_tune.errors import UserError
+from mlx_tune.model import attention
 
 
 class _BlockKeys(threading.local):
@@ -60,12 +61,14 @@ def _recomputed_class(cls: type) -> type:
     def __call__(self, *args, **kwargs):
         if not self.training:  # evaluation / generation (a KV cache argument): no backward pass to save for
             return call(self, *args, **kwargs)
+        packing = attention.packing_context()  # the backward's recompute runs after hidden_states returned
 
         def inner(params, key, *args, **kwargs):
             self.update(params)
             outer, _block_keys.key = _block_keys.key, mx.stop_gradient(key)  # no vjp through RandomBits
             try:
-                return call(self, *args, **kwargs)
+                with attention.restored_context(packing):
+                    return call(self, *args, **kwargs)
             finally:
                 _block_keys.key = outer
 

@@ -38,6 +38,7 @@ from mlx_tune.errors import UserError
 from mlx_tune.model import quant
 from mlx_tune.model.chat_templates import require_chat_template, use_chat_template
 from mlx_tune.model.loading import load_model
+from mlx_tune.model.packing import packing_support
 from mlx_tune.training import checkpoint
 from mlx_tune.training.best import BestTracker, EvalMonitor
 from mlx_tune.training.callbacks import MetricsLog, Progress, plot_losses
@@ -126,7 +127,12 @@ def run_train(cfg: Config, *, log: Callable[[str], None] = print) -> TrainResult
     for ds in splits.values():
         say(ds.stats.summary())
     pad_id = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0
-    local = dataclasses.replace(tc, batch_size=tc.batch_size // world)  # this rank's share of the batch
+    packing = tc.packing
+    if packing and (reason := packing_support(model)) is not None:
+        say(f"warning: train.packing: off for this model, training on unpacked rows: {reason}")
+        packing = False
+    # this rank's share of the batch
+    local = dataclasses.replace(tc, batch_size=tc.batch_size // world, packing=packing)
     stream = batching.stream_for(splits["train"], local, train=True, rank=rank, world_size=world, pad_id=pad_id)
 
     def held_out(name: str):
