@@ -7,10 +7,11 @@ every answer is valid.
    outlines-core's index build for the same schemas (its per-schema cost) where it is
    installed; xgrammar is not measured: it needs torch and triton, which the server
    cannot depend on.
-2. Through the server (`mlx-tune serve` as a process, fast path on): aggregate decode
-   tokens/s with every request under a json_schema vs the same requests free, at 1 and
-   16 clients (goal >= 0.85x), with the end-of-sequence token of free rows suppressed so
-   both write the same number of tokens where the schema allows.
+2. Through the server (`mlx-tune serve` as a process, fast path on): aggregate tokens/s
+   with every request under a json_schema vs the same requests free, at 1 and 16
+   clients (goal >= 0.85x); each free twin writes as many tokens as its constrained
+   answer had (max_tokens set to it, end-of-sequence suppressed), so both sides prefill
+   and decode the same amounts.
 3. Validity: every answer of the schema suite (nested objects, arrays, enums, numbers,
    optional and required keys) at temperature 0 and 1, parsed and checked with
    jsonschema (goal 100% of finished answers; answers cut by max_tokens are counted).
@@ -129,20 +130,31 @@ def request(name: str, schema: dict | None, temperature: float, seed: int, max_t
     return body
 
 
-def throughput(url: str, clients: int, rounds: int, constrained: bool) -> float:
+def throughput(url: str, clients: int, rounds: int, eos: int) -> tuple[float, float]:
+    """(json_schema tok/s, free tok/s) over the same requests with the same answer lengths.
+
+    The constrained requests run first; each free twin then gets ``max_tokens`` = the length
+    its constrained answer had, with the end-of-sequence token suppressed, so both sides
+    prefill the same prompts and decode the same number of tokens.
+    """
     names = list(SUITE)
-    bodies = []
-    for i in range(clients * rounds):
-        name = names[i % len(names)]
-        body = request(name, SUITE[name][0], 1.0, i, 48)
-        if not constrained:
-            del body["response_format"]
-        bodies.append(body)
-    with httpx.Client(base_url=url, timeout=600) as c, ThreadPoolExecutor(clients) as pool:
-        t = time.perf_counter()
-        tokens = sum(pool.map(lambda b: c.post("/v1/chat/completions", json=b).json()["usage"]["completion_tokens"],
-                              bodies))
-        return tokens / (time.perf_counter() - t)
+    bodies = [request(names[i % len(names)], SUITE[names[i % len(names)]][0], 1.0, i, 48)
+              for i in range(clients * rounds)]
+
+    def timed(batch: list[dict]) -> tuple[float, list[int]]:
+        with httpx.Client(base_url=url, timeout=600) as c, ThreadPoolExecutor(clients) as pool:
+            t = time.perf_counter()
+            lengths = list(pool.map(lambda b: c.post("/v1/chat/completions", json=b).json()["usage"]
+                                    ["completion_tokens"], batch))
+            return sum(lengths) / (time.perf_counter() - t), lengths
+
+    fixed, lengths = timed(bodies)
+    free_bodies = []
+    for b, n in zip(bodies, lengths):
+        free = {k: v for k, v in b.items() if k != "response_format"}
+        free_bodies.append({**free, "max_tokens": n, "logit_bias": {str(eos): -100.0}})
+    free, _ = timed(free_bodies)
+    return fixed, free
 
 
 def validity(url: str, repeats: int) -> dict:
@@ -175,6 +187,7 @@ def main() -> int:
     from mlx_tune.model.loading import load_model
 
     model, tokenizer, _ = load_model(MODEL)
+    eos = sorted(tokenizer.eos_token_ids)[0]
     costs = library_costs(tokenizer, model.args.vocab_size)
     del model
     print(json.dumps(costs, indent=1), flush=True)
@@ -184,8 +197,8 @@ def main() -> int:
         try:
             speed = {}
             for clients in (1, 16):
-                free = throughput(url, clients, rounds, False)
-                fixed = throughput(url, clients, rounds, True)
+                throughput(url, clients, 1, eos)  # warm-up: grammar compilation, kernel choice
+                fixed, free = throughput(url, clients, rounds, eos)
                 speed[clients] = (fixed, free)
                 print(f"{clients:>2} clients: json_schema {fixed:.1f} tok/s vs free {free:.1f} tok/s", flush=True)
             valid = validity(url, 2 if args.quick else 5)

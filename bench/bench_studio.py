@@ -10,9 +10,11 @@ measured three ways, one server process at a time:
   polling what the page polls (``/studio/api/run?since=N`` every 2 s, the runs list every
   10 s) over a 2,000-row ``metrics.jsonl`` that grows while the clients run.
 
-API load: ``--clients`` threads sending short chat completions (8 tokens, greedy) and
-``GET /v1/models``, for ``--seconds`` each. Target: API requests/s with the studio open
->= 0.95x the baseline. Prints the target objects as JSON last.
+API load: ``--clients`` threads sending short chat completions (8 tokens, greedy), then
+``GET /v1/models`` (the cheapest route, where routing overhead would show), for
+``--seconds`` each; the scenarios run in ``--rounds`` interleaved rounds (rotated, so none is always
+first) and each reports its median round. Target: API requests/s with the studio open >= 0.95x the baseline. Prints
+the target objects as JSON last.
 
     python bench/bench_studio.py [--quick] [--model PATH] [--json OUT]
 """
@@ -29,6 +31,7 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import socket  # noqa: E402
+import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
@@ -77,8 +80,8 @@ def start(model: Path, runs: Path, studio: bool, log: Path) -> tuple[subprocess.
     raise RuntimeError("server did not start")
 
 
-def api_load(url: str, clients: int, seconds: float) -> dict[str, float]:
-    """(chat requests/s, models requests/s) over ``seconds`` with ``clients`` threads of each kind."""
+def api_load(url: str, clients: int, seconds: float, kind: str) -> dict[str, float]:
+    """Requests/s of ``kind`` (chat completions or GET /v1/models) over ``seconds`` with ``clients`` threads."""
     stop = time.monotonic() + seconds
     counts = {"chat": 0, "models": 0}
     lock = threading.Lock()
@@ -99,7 +102,8 @@ def api_load(url: str, clients: int, seconds: float) -> dict[str, float]:
                 with lock:
                     counts["models"] += 1
 
-    threads = [threading.Thread(target=f) for f in [chat] * clients + [models] * clients]
+    # One kind of request at a time: mixing them measures how they starve each other, not the studio.
+    threads = [threading.Thread(target=f) for f in ([chat] if kind == "chat" else [models]) * clients]
     t0 = time.monotonic()
     for t in threads:
         t.start()
@@ -147,32 +151,40 @@ def main() -> int:
     p.add_argument("--clients", type=int, default=4)
     p.add_argument("--tabs", type=int, default=4)
     p.add_argument("--seconds", type=float, default=None)
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the three scenarios")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
-    seconds = args.seconds or (10.0 if args.quick else 30.0)
+    seconds = args.seconds or (6.0 if args.quick else 15.0)
     if not args.model.is_file():
         print(json.dumps([{"name": "studio_api_rps", "measured": None, "target": 0.95, "unit": "x", "rival": "",
                            "pass": False, "error": f"{args.model} missing: run make setup"}]))
         return 1
-    results = {}
+    results: dict[str, dict] = {}
+    rounds: dict[str, dict[str, list[float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         runs = Path(tmp) / "runs"
         run = make_run(runs)
-        for label, studio, tabs in (("no studio", False, 0), ("studio idle", True, 0),
-                                    (f"studio, {args.tabs} tabs polling", True, args.tabs)):
+        scenarios = (("no studio", False, 0), ("studio idle", True, 0), (f"studio, {args.tabs} tabs polling", True, args.tabs))
+        # Interleaved rounds, each starting one scenario later: drift and order hit every scenario alike.
+        order = [scenarios[(i + r) % 3] for r in range(args.rounds) for i in range(3)]
+        for label, studio, tabs in order:
             proc, url = start(args.model, runs, studio, Path(tmp) / "server.log")
             try:
-                api_load(url, args.clients, 2.0)  # warm-up
+                api_load(url, args.clients, 2.0, "chat")  # warm-up
                 until = threading.Event()
                 polls = studio_tabs(url, run, tabs, until) if tabs else []
-                results[label] = api_load(url, args.clients, seconds)
+                got = {kind: api_load(url, args.clients, seconds, kind)[kind] for kind in ("chat", "models")}
                 until.set()
-                results[label]["studio_polls"] = sum(polls)
+                for kind, rps in got.items():
+                    rounds.setdefault(label, {}).setdefault(kind, []).append(rps)
+                results[label] = {k: statistics.median(v) for k, v in rounds[label].items()}
+                results[label]["studio_polls"] = results[label].get("studio_polls", 0) + sum(polls)
             finally:
                 proc.terminate()
                 proc.wait(20)
-            print(f"{label:>26}: chat {results[label]['chat']:.2f} req/s, /v1/models {results[label]['models']:.1f} "
-                  f"req/s, studio polls {results[label]['studio_polls']}", flush=True)
+            print(f"{label:>26}: chat {got['chat']:.2f} req/s, /v1/models {got['models']:.1f} req/s, "
+                  f"studio polls {sum(polls)}", flush=True)
+    results = {label: results[label] for label, _, _ in scenarios}
     base = results["no studio"]
     targets = []
     for label in list(results)[1:]:
