@@ -124,3 +124,36 @@ def test_completions_echo_scores_the_prompt(folders):
                                             "temperature": 0, "stream": True})
         first = next(json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {"))
         assert first["choices"][0]["text"] == prompt
+
+
+def test_constrained_rows_on_different_adapters_decode_together(folders):
+    from concurrent.futures import ThreadPoolExecutor
+
+    import jsonschema
+
+    from mlx_tune.model.loading import load_model
+    from mlx_tune.server import build_app
+
+    base, adapter = folders
+    model, tokenizer, info = load_model(str(base))
+    app, _, engine = build_app(model, tokenizer, info, adapters={"ad": str(adapter)}, max_batch=8)
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
+              "required": ["n"], "additionalProperties": False}
+    fmt = {"response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": schema}}}
+    free = {"logit_bias": letter_bias(tokenizer), "max_tokens": 10}
+
+    def ask(c, model_name, extra):
+        return c.post("/v1/chat/completions", json={"model": model_name, "temperature": 0, "max_tokens": 16,
+                                                    "messages": [{"role": "user", "content": "go"}], **extra}).json()
+
+    with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=60) as c:
+        alone = {m: ask(c, m, free)["choices"][0]["message"]["content"] for m in ("base", "ad")}
+        jobs = [("ad", fmt), ("base", free), ("ad", free), ("base", fmt)] * 2
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            answers = list(pool.map(lambda j: ask(c, *j)["choices"][0]["message"]["content"], jobs))
+    for (model_name, extra), text in zip(jobs, answers):
+        if extra is fmt:
+            jsonschema.validate(json.loads(text), schema)
+        else:
+            assert text == alone[model_name]  # neither the masks nor the other adapter reach a free row
+    assert engine.mixing  # the rows shared one forward pass, each on its own adapter

@@ -33,7 +33,7 @@ import mlx.core as mx
 from mlx_tune.server.errors import ApiError
 from mlx_tune.server.mixing import RowRoute, RowRouter, install_row_shim
 from mlx_tune.server.prefix_cache import PrefixCache, prefill
-from mlx_tune.server.sampling import make_request_processors, make_request_sampler, vocab_size
+from mlx_tune.server.sampling import make_request_processors, make_request_sampler, top_alternatives, vocab_size
 
 log = logging.getLogger(__name__)
 
@@ -470,17 +470,9 @@ class Engine:
         job.send(event)
 
     def _token_info(self, token: int, logprobs: mx.array, top: int) -> TokenInfo:
-        decode = self.tokenizer.decode
         lp = logprobs.astype(mx.float32)
-        chosen = float(lp[token].item())
-        alternatives: list[tuple[str, float]] = []
-        if top > 0:
-            k = min(top, lp.shape[-1])
-            idx = mx.argpartition(-lp, k - 1)[:k]
-            values = lp[idx]
-            order = mx.argsort(-values)
-            alternatives = [(decode([int(i)]), float(v)) for i, v in zip(idx[order].tolist(), values[order].tolist())]
-        return TokenInfo(decode([token]), chosen, alternatives)
+        decode = self.tokenizer.decode
+        return TokenInfo(decode([token]), float(lp[token].item()), top_alternatives(lp, top, decode))
 
     def _fail_all(self, error: ApiError) -> None:
         for key, group in list(self._groups.items()):

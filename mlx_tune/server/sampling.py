@@ -51,3 +51,14 @@ def make_request_processors(req, tokenizer=None, vocab_size: int | None = None) 
         # Last: bias and penalties reshape the allowed tokens, never re-allow a masked one.
         processors.append(GrammarProcessor(req.grammar, tokenizer, vocab_size))
     return processors
+
+
+def top_alternatives(logprobs: mx.array, top: int, decode) -> list[tuple[str, float]]:
+    """The ``top`` most likely tokens of one row of log-probabilities, best first, as (text, logprob)."""
+    if top <= 0:
+        return []
+    k = min(top, logprobs.shape[-1])
+    idx = mx.argpartition(-logprobs, k - 1)[:k]
+    values = logprobs[idx]
+    order = mx.argsort(-values)
+    return [(decode([int(i)]), float(v)) for i, v in zip(idx[order].tolist(), values[order].tolist())]

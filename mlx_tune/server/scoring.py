@@ -11,6 +11,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from mlx_tune.server.engine import TokenInfo
+from mlx_tune.server.sampling import top_alternatives
 
 
 def prompt_logprobs(registry, adapter: str | None, ids: list[int], top: int) -> list[TokenInfo | None]:
@@ -28,12 +29,5 @@ def prompt_logprobs(registry, adapter: str | None, ids: list[int], top: int) -> 
     out: list[TokenInfo | None] = [None]
     for i in range(1, len(ids)):
         row = logprobs[i - 1]
-        alternatives: list[tuple[str, float]] = []
-        if top > 0:
-            k = min(top, row.shape[-1])
-            idx = mx.argpartition(-row, k - 1)[:k]
-            values = row[idx]
-            order = mx.argsort(-values)
-            alternatives = [(decode([int(j)]), float(v)) for j, v in zip(idx[order].tolist(), values[order].tolist())]
-        out.append(TokenInfo(decode([ids[i]]), float(row[ids[i]].item()), alternatives))
+        out.append(TokenInfo(decode([ids[i]]), float(row[ids[i]].item()), top_alternatives(row, top, decode)))
     return out
