@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -152,9 +153,20 @@ class TrainConfig:
         default=None, metadata={"doc": "stop after this many evaluations without improvement (null: off)"})
     early_stopping_min_delta: float = field(default=0.0, metadata={"doc": "smallest change that counts as improvement"})
     mask: MaskConfig = field(default_factory=MaskConfig, metadata={"doc": "chat mask policies"})
+    method: Literal["sft", "dpo", "orpo", "simpo", "cpo", "kto", "grpo"] = field(
+        default="sft", metadata={"doc": "objective: sft, preference pairs (dpo, orpo, simpo, cpo), kto, or grpo"})
+    finetune: Literal["lora", "full"] = field(
+        default="lora", metadata={"doc": "lora (an adapter) or full (every weight of a dense base)"})
+    trainable: list[str] = field(default_factory=list, metadata={
+        "doc": "regexes of module paths to train besides (lora) or instead of all (full) weights"})
 
     def check(self) -> list[str]:
         errs = []
+        for pattern in self.trainable:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                errs.append(f"train.trainable: {pattern!r} is not a regular expression ({exc})")
         if self.early_stopping_patience is not None and self.early_stopping_patience <= 0:
             errs.append(f"train.early_stopping_patience: {self.early_stopping_patience} must be > 0 or null")
         if self.early_stopping_min_delta < 0:
@@ -234,6 +246,91 @@ class FuseConfig:
         return []
 
 
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
+
+
+@dataclass
+class PreferenceConfig:
+    """Preference tuning (train.method dpo, orpo, simpo, cpo, kto), with TRL's names and defaults."""
+
+    beta: float = field(default=0.1, metadata={"doc": "temperature of the implicit reward (ORPO: the odds-ratio weight)"})
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = field(
+        default="sigmoid", metadata={"doc": "dpo: sigmoid (DPO), ipo, hinge or robust"})
+    label_smoothing: float = field(default=0.0, metadata={"doc": "dpo / cpo: assumed fraction of flipped labels"})
+    gamma: float = field(default=0.5, metadata={"doc": "simpo: target reward margin (TRL's simpo_gamma)"})
+    simpo_gamma: float | None = field(default=None, metadata={"doc": "TRL's name for gamma (overrides it when set)"})
+    cpo_alpha: float | None = field(default=None, metadata={
+        "doc": "weight of the chosen NLL term (null: 1.0 for cpo, 0.0 for simpo)"})
+    desirable_weight: float = field(default=1.0, metadata={"doc": "kto: weight of desirable rows"})
+    undesirable_weight: float = field(default=1.0, metadata={"doc": "kto: weight of undesirable rows"})
+    reference: str | None = field(default=None, metadata={
+        "doc": "reference model: null = the base (adapter disabled), or an ADAPTER_DIR that stays frozen"})
+    precompute_reference: bool = field(default=False, metadata={
+        "doc": "compute reference log-probs once per dataset (cached beside the token cache)"})
+
+    @property
+    def simpo_margin(self) -> float:
+        return self.gamma if self.simpo_gamma is None else self.simpo_gamma
+
+    def check(self) -> list[str]:
+        errs = []
+        if self.beta <= 0:
+            errs.append(f"preference.beta: {self.beta} must be > 0 (TRL's default is 0.1)")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            errs.append(f"preference.label_smoothing: {self.label_smoothing} must be in [0, 0.5)")
+        for name in ("desirable_weight", "undesirable_weight"):
+            if getattr(self, name) <= 0:
+                errs.append(f"preference.{name}: {getattr(self, name)} must be > 0")
+        if self.cpo_alpha is not None and self.cpo_alpha < 0:
+            errs.append(f"preference.cpo_alpha: {self.cpo_alpha} must be >= 0")
+        if self.reference is not None and not (Path(self.reference).expanduser() / "adapters.safetensors").is_file():
+            errs.append(f"preference.reference: {self.reference} has no adapters.safetensors (an adapter folder)")
+        return errs
+
+
+@dataclass
+class GrpoConfig:
+    """Online RL from rewards (train.method grpo), with TRL's names and defaults."""
+
+    reward_functions: list[str] = field(default_factory=list, metadata={
+        "doc": "FILE.py:FUNC or builtin:NAME, each f(prompts, completions, **columns) -> list[float]"})
+    reward_weights: list[float] | None = field(default=None, metadata={"doc": "one weight per function (null: all 1)"})
+    num_generations: int = field(default=8, metadata={"doc": "completions sampled per prompt (the group)"})
+    max_completion_length: int = field(default=256, metadata={"doc": "tokens per completion"})
+    temperature: float = field(default=1.0, metadata={"doc": "sampling temperature"})
+    top_p: float = field(default=1.0, metadata={"doc": "nucleus sampling"})
+    beta: float = field(default=0.0, metadata={"doc": "KL weight to the reference (adapter disabled); 0: no KL"})
+    epsilon: float = field(default=0.2, metadata={"doc": "lower clip of the policy ratio"})
+    epsilon_high: float | None = field(default=None, metadata={"doc": "upper clip (null: epsilon)"})
+    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = field(default="dapo", metadata={"doc": "loss normalisation"})
+    scale_rewards: Literal["group", "batch", "none"] = field(default="group", metadata={
+        "doc": "divide advantages by the reward std of the group, the batch, or not at all"})
+    mask_truncated_completions: bool = field(default=False, metadata={"doc": "no loss on completions cut at max length"})
+    steps_per_generation: int | None = field(default=None, metadata={
+        "doc": "optimizer steps per generation batch (null: train.grad_accumulation)"})
+
+    def check(self) -> list[str]:
+        errs = []
+        if self.num_generations < 2:
+            errs.append(f"grpo.num_generations: {self.num_generations} must be >= 2 (advantages compare a group)")
+        for name in ("max_completion_length", "temperature", "epsilon"):
+            if getattr(self, name) <= 0:
+                errs.append(f"grpo.{name}: {getattr(self, name)} must be > 0")
+        if not 0 < self.top_p <= 1:
+            errs.append(f"grpo.top_p: {self.top_p} must be in (0, 1]")
+        if self.beta < 0:
+            errs.append(f"grpo.beta: {self.beta} must be >= 0")
+        if self.steps_per_generation is not None and self.steps_per_generation <= 0:
+            errs.append(f"grpo.steps_per_generation: {self.steps_per_generation} must be > 0 or null")
+        for spec in self.reward_functions:
+            if not spec.startswith("builtin:") and (":" not in spec or not spec.rsplit(":", 1)[0].endswith(".py")):
+                errs.append(f"grpo.reward_functions: {spec!r} must be FILE.py:FUNCTION or builtin:NAME")
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_functions):
+            errs.append(f"grpo.reward_weights: {len(self.reward_weights)} weights for "
+                        f"{len(self.reward_functions)} reward functions; give one per function")
+        return errs
+
+
 CHAT_TEMPLATE_NAMES = ("chatml", "llama3", "gemma", "mistral")  # mlx_tune.model.chat_templates.NAMED
 
 
@@ -268,6 +365,9 @@ class Config:
     serve: ServeConfig = field(default_factory=ServeConfig, metadata={"doc": "server"})
     fuse: FuseConfig = field(default_factory=FuseConfig, metadata={"doc": "fusing and export"})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"doc": "prompt evaluation during training"})
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig, metadata={
+        "doc": "preference tuning (train.method dpo, orpo, simpo, cpo, kto)"})
+    grpo: GrpoConfig = field(default_factory=GrpoConfig, metadata={"doc": "GRPO (train.method grpo)"})
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = field(
         default_factory=list, metadata={"doc": "run trackers (optional extras: pip install 'mlx-tune[tracking]')"})
     trust_remote_code: bool = field(default=False, metadata={"doc": "allow a hub model's own tokenizer code"})
@@ -290,6 +390,9 @@ class Config:
         if self.train is not None and self.eval is not None and self.train.best_metric == "eval_accuracy" \
                 and not self.eval.prompts:
             errs.append("train.best_metric: eval_accuracy needs eval.prompts (a test_mlx.py prompts file)")
+        if self.train is not None and self.grpo is not None and self.train.method == "grpo" \
+                and not self.grpo.reward_functions:
+            errs.append("grpo.reward_functions: train.method grpo needs at least one (FILE.py:FUNC or builtin:NAME)")
         if len(set(self.report_to)) != len(self.report_to):
             errs.append(f"report_to: {self.report_to} names a tracker twice")
         return errs
