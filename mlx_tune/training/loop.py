@@ -17,8 +17,9 @@ callbacks; everything else (checkpoints, metrics file, progress bar) is a callba
 cleanly by setting ``state.stop_reason`` (early stopping: ``training.best``). Optimizers and schedules are
 ``training.optim``; per-block recompute is ``training.recompute``.
 
-``loss_fn(model, batch) -> (mean_loss, n_trained_tokens)`` is called inside the
-compiled step with a batch whose array fields (inputs, targets, loss_mask,
+``loss_fn(model, batch) -> (mean_loss, n_trained_tokens)`` (or ``(mean_loss, weight,
+{metric: mean})``: a preference loss weighs pairs, and its reward metrics reach the
+metrics rows, validation's as ``val_<metric>``) is called inside the compiled step with a batch whose array fields (inputs, targets, loss_mask,
 segment_ids, positions) are traced arrays; it must not read Python-int fields.
 """
 
@@ -87,32 +88,34 @@ class Step:
         world = group.size() if group is not None else 1
 
         def summed_loss(model, arrays):
-            loss, ntoks = loss_fn(model, _traced_batch(arrays))
+            loss, ntoks, extras = split_loss(loss_fn(model, _traced_batch(arrays)))
             ntoks = ntoks.astype(mx.float32)
-            return loss.astype(mx.float32) * ntoks, ntoks
+            return loss.astype(mx.float32) * ntoks, ntoks, {k: v.astype(mx.float32) * ntoks for k, v in extras.items()}
 
         value_and_grad = nn.value_and_grad(model, summed_loss)
 
         @partial(mx.compile, inputs=self.state, outputs=self.state)
         def accumulate(arrays, acc):
-            (loss_sum, ntoks), grads = value_and_grad(model, arrays)
+            (loss_sum, ntoks, extras), grads = value_and_grad(model, arrays)
             if acc is not None:
                 loss_sum, ntoks = loss_sum + acc[0], ntoks + acc[1]
                 grads = tree_map(mx.add, grads, acc[2])
-            return loss_sum, ntoks, grads
+                extras = tree_map(mx.add, extras, acc[3])
+            return loss_sum, ntoks, grads, extras
 
         @mx.compile
-        def finish(loss_sum, ntoks, grads):
+        def finish(loss_sum, ntoks, grads, extras):
             if world > 1:  # sum over ranks, then one division: the global batch's mean
                 loss_sum, ntoks = mx.distributed.all_sum(loss_sum, group=group), mx.distributed.all_sum(ntoks, group=group)
                 grads = tree_map(lambda g: mx.distributed.all_sum(g, group=group), grads)
+                extras = tree_map(lambda g: mx.distributed.all_sum(g, group=group), extras)
             denom = mx.maximum(ntoks, 1.0)
             grads = tree_map(lambda g: g / denom, grads)
             norm = global_norm(grads)
             if grad_clip is not None:
                 scale = mx.minimum(1.0, grad_clip / (norm + 1e-6))
                 grads = tree_map(lambda g: g * scale.astype(g.dtype), grads)
-            return loss_sum / denom, ntoks, grads, norm
+            return loss_sum / denom, ntoks, grads, norm, tree_map(lambda v: v / denom, extras)
 
         @partial(mx.compile, inputs=self.state, outputs=self.state)
         def apply(grads):
@@ -140,24 +143,43 @@ def _compiled_eval(model: nn.Module, loss_fn: Callable) -> Callable:
 def evaluate(model: nn.Module, batches: Iterable, loss_fn: Callable, max_batches: int = 0,
              group: Any = None) -> tuple[float, int]:
     """Token-weighted mean loss over ``batches`` (all of them when max_batches is 0), all ranks."""
+    loss, n, _ = evaluate_metrics(model, batches, loss_fn, max_batches, group)
+    return loss, n
+
+
+def evaluate_metrics(model: nn.Module, batches: Iterable, loss_fn: Callable, max_batches: int = 0,
+                     group: Any = None) -> tuple[float, int, dict[str, float]]:
+    """``evaluate`` plus the loss's extra metrics (``split_loss``), weighted the same way."""
     was_training = model.training
     model.eval()
     fn = _compiled_eval(model, loss_fn)
-    total, count = mx.array(0.0), mx.array(0.0)
+    total, count, sums = mx.array(0.0), mx.array(0.0), None
     try:
         for i, batch in enumerate(batches):
             if max_batches and i >= max_batches:
                 break
-            loss, ntoks = fn(batch_arrays(batch))
+            loss, ntoks, extras = split_loss(fn(batch_arrays(batch)))
+            ntoks = ntoks.astype(mx.float32)
             total = total + loss.astype(mx.float32) * ntoks
             count = count + ntoks
-            mx.eval(total, count)
+            weighted = {k: v.astype(mx.float32) * ntoks for k, v in extras.items()}
+            sums = weighted if sums is None else tree_map(mx.add, sums, weighted)
+            mx.eval(total, count, sums)
     finally:
         model.train(was_training)
+    sums = sums or {}
     if group is not None and group.size() > 1:
         total, count = mx.distributed.all_sum(total, group=group), mx.distributed.all_sum(count, group=group)
+        sums = {k: mx.distributed.all_sum(v, group=group) for k, v in sums.items()}
     n = int(count.item())
-    return (total.item() / n if n else float("nan")), n
+    metrics = {k: (v.item() / n if n else float("nan")) for k, v in sums.items()}
+    return (total.item() / n if n else float("nan")), n, metrics
+
+
+def split_loss(out: tuple) -> tuple[mx.array, mx.array, dict[str, mx.array]]:
+    """``(loss, weight)`` or ``(loss, weight, {metric: value})`` from a loss function: metrics
+    (reward accuracy, margins) are means over the same weight (tokens, pairs) as the loss."""
+    return (out[0], out[1], out[2]) if len(out) > 2 else (out[0], out[1], {})
 
 
 # ---------------------------------------------------------------------------
@@ -254,11 +276,14 @@ class _Window:
     loss_tokens: float = 0.0
     tokens: int = 0
     seconds: float = 0.0
+    extras: dict = field(default_factory=dict)  # metric -> weighted sum (weight: loss_tokens)
 
-    def add(self, loss: float, loss_tokens: float, tokens: int, seconds: float) -> None:
+    def add(self, loss: float, loss_tokens: float, tokens: int, seconds: float, extras: dict | None = None) -> None:
         if math.isfinite(loss):
             self.loss += loss * loss_tokens
             self.loss_tokens += loss_tokens
+            for k, v in (extras or {}).items():
+                self.extras[k] = self.extras.get(k, 0.0) + v * loss_tokens
         self.tokens += tokens
         self.seconds += seconds
 
@@ -271,6 +296,7 @@ class _Window:
             "peak_memory_gb": peak_gb,
             "trained_tokens": state.trained_tokens,
             "grad_norm": grad_norm,
+            **{k: v / self.loss_tokens for k, v in self.extras.items() if self.loss_tokens},
         }
 
 
@@ -334,11 +360,12 @@ def train(model: nn.Module, optimizer: optim.Optimizer, batches: Iterable, loss_
         if val_batches is None:
             return
         tic = time.perf_counter()
-        val_loss, n = evaluate(model, val_batches(), eval_loss_fn or loss_fn, settings.val_batches, group)
+        val_loss, n, extras = evaluate_metrics(model, val_batches(), eval_loss_fn or loss_fn, settings.val_batches,
+                                               group)
         state.val_loss = val_loss
-        _emit(callbacks, "on_eval", {"step": state.step, "val_loss": val_loss,
-                                     "val_perplexity": _ppl(val_loss), "val_tokens": n,
-                                     "val_time_s": round(time.perf_counter() - tic, 3)})
+        row = {"step": state.step, "val_loss": val_loss, "val_perplexity": _ppl(val_loss), "val_tokens": n,
+               **{f"val_{k}": v for k, v in extras.items()}}
+        _emit(callbacks, "on_eval", {**row, "val_time_s": round(time.perf_counter() - tic, 3)})
 
     window, exhausted = _Window(), False
     try:
@@ -354,8 +381,8 @@ def train(model: nn.Module, optimizer: optim.Optimizer, batches: Iterable, loss_
                     log.warning("the batch stream ended after %d steps", state.step)
                     exhausted = True
                     break
-                loss, ntoks, grads, norm = step.finish(*acc)
-                mx.eval(loss, ntoks, grads, norm)
+                loss, ntoks, grads, norm, extras = step.finish(*acc)
+                mx.eval(loss, ntoks, grads, norm, extras)
                 # Sync point: skipping needs the values on the host. Every rank sees the same
                 # all-summed numbers, so every rank decides the same.
                 loss_v, norm_v = loss.item(), norm.item()
@@ -366,7 +393,8 @@ def train(model: nn.Module, optimizer: optim.Optimizer, batches: Iterable, loss_
                     n_tokens = int(mx.distributed.all_sum(mx.array(n_tokens), group=group).item())
                 state.trained_tokens += n_tokens
                 state.last_loss = loss_v
-                window.add(loss_v, ntoks.item(), n_tokens, time.perf_counter() - tic)
+                window.add(loss_v, ntoks.item(), n_tokens, time.perf_counter() - tic,
+                           {k: v.item() for k, v in extras.items()})
                 peak = mx.get_peak_memory() / 2**30
                 if settings.memory_limit_gb and peak > settings.memory_limit_gb:
                     raise TrainingStopped(
