@@ -266,3 +266,52 @@ def test_smollm2_packed_loss_and_lora_gradients_equal_the_plain_computation(smol
     (l2, _), g2 = nn.value_and_grad(model, L.full_loss_reference)(model, *args)
     assert abs(l1.item() - l2.item()) <= 1e-5 * abs(l2.item())
     _close_trees(g1, g2, atol=1e-5, rtol=1e-3)
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_head_only_on_trained_positions_changes_nothing(chat_data, packing):
+    """The head runs on the gathered trained positions only (chat data: most slots are
+    prompt or padding): loss and LoRA gradients equal the ungathered computation."""
+    model = _lora_model("llama")
+    batch = next(BatchStream(chat_data, 3, 160, packing=packing, seed=0))
+    assert batch.gather is not None and batch.gather.size < batch.inputs.size
+    assert batch.gather.size >= batch.n_trained
+    (l1, n1), g1 = nn.value_and_grad(model, L.batch_loss)(model, batch)
+    (l2, n2), g2 = nn.value_and_grad(model, L.loss_fn)(model, *batch.arrays())  # no gather
+    assert n1.item() == n2.item() == batch.n_trained
+    assert abs(l1.item() - l2.item()) <= 1e-5 * abs(l2.item())
+    _close_trees(g1, g2, atol=2e-6, rtol=1e-4)
+    assert abs(L.eval_loss(model, batch)[0].item() - l2.item()) <= 1e-5 * abs(l2.item())
+
+
+@pytest.mark.parametrize("head", ["dense", "trainable", "tiled"])
+def test_token_ce_equals_plain_per_token_ce(monkeypatch, head):
+    """Per-token CE (what sequence log-probs sum) in value and in its gradient for any
+    cotangent, on the fused, trainable and vocabulary-tiled heads, and forward-only."""
+    from mlx_tune.model.quant import prepare_for_backend
+
+    model = tiny_model("llama", seed=8)
+    if head == "tiled":
+        nn.quantize(model, group_size=32, bits=4)
+        prepare_for_backend(model)
+        monkeypatch.setattr(L, "DENSE_HEAD_BYTES", 0)
+        monkeypatch.setattr(L, "TILED_TOKENS", 16)
+        monkeypatch.setattr(L, "HEAD_TILE_BYTES", 256 * 64 * 4)
+    model.freeze()
+    if head == "trainable":
+        L.head_module(model).unfreeze()
+    rng = np.random.default_rng(3)
+    h = mx.array(rng.normal(size=(41, 64)).astype(np.float32))
+    t = mx.array(rng.integers(0, 259, size=(41,)).astype(np.int32))
+    w = mx.array(rng.normal(size=(41,)).astype(np.float32))  # any cotangent
+
+    def plain(h):
+        logits = L.lm_head(model)(h).astype(mx.float32)
+        return mx.logsumexp(logits, axis=-1) - mx.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
+
+    ce, ref = L.token_ce(model, h, t), plain(h)
+    assert ce.shape == (41,) and mx.allclose(ce, ref, atol=1e-5, rtol=1e-5).item()
+    assert mx.allclose(L.token_ce(model, h, t, with_grad=False), ref, atol=1e-5, rtol=1e-5).item()
+    g1 = mx.grad(lambda h: (L.token_ce(model, h, t) * w).sum())(h)
+    g2 = mx.grad(lambda h: (plain(h) * w).sum())(h)
+    assert mx.allclose(g1, g2, atol=1e-5, rtol=1e-4).item(), mx.abs(g1 - g2).max().item()

@@ -50,6 +50,32 @@ def pack(lengths: np.ndarray, capacity: int) -> list[list[int]]:
     return rows
 
 
+# Gather the trained positions for the vocabulary head when fewer than this share of a
+# batch's slots carries a loss (chat data: prompts and padding are most of a batch); the
+# gathered count is rounded up to a few sizes so the compiled step sees few shapes.
+GATHER_BELOW = 0.75
+
+
+def gather_size(n: int) -> int:
+    """``n`` rounded up to 64, 128, 192, ... then steps of about 25%: few distinct shapes."""
+    b = 64
+    while b < n:
+        b = max(b + 64, -(-int(b * 1.25) // 64) * 64)
+    return b
+
+
+def gather_index(mask: np.ndarray) -> np.ndarray | None:
+    """Flat indices of the trained slots of ``mask``, padded to ``gather_size`` with an
+    untrained slot (so padding adds nothing); None when most slots are trained."""
+    flat = mask.reshape(-1)
+    idx = np.flatnonzero(flat > 0)
+    size = gather_size(len(idx))
+    if len(idx) >= GATHER_BELOW * flat.size or size >= flat.size:
+        return None
+    pad = int(np.flatnonzero(flat <= 0)[0])
+    return np.concatenate([idx, np.full(size - len(idx), pad)]).astype(np.int32)
+
+
 def _pad_to(n: int, multiple: int, cap: int) -> int:
     return min(cap, -(-n // multiple) * multiple)
 
@@ -65,6 +91,7 @@ class Batch:
     positions: Any = None
     n_tokens: int = 0
     n_trained: int = 0
+    gather: Any = None  # flat indices of the trained slots (``gather_index``), or None
 
     def arrays(self) -> tuple:
         """(inputs, targets, loss_mask, segment_ids, positions) for ``losses.loss_fn``."""
@@ -94,10 +121,11 @@ def collate(dataset: TokenizedDataset, rows: list[list[int]], width: int, packed
             t += n
         pos[b, t:] = np.arange(width - t)  # padding: its own segment, causal among itself
     n_tokens = int((seg != PAD_SEGMENT).sum())
+    gather = gather_index(mask)
     return Batch(
         inputs=mx.array(inputs), targets=mx.array(targets), loss_mask=mx.array(mask),
         segment_ids=mx.array(seg) if packed else None, positions=mx.array(pos) if packed else None,
-        n_tokens=n_tokens, n_trained=int(mask.sum()),
+        n_tokens=n_tokens, n_trained=int(mask.sum()), gather=None if gather is None else mx.array(gather),
     )
 
 

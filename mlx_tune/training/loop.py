@@ -47,7 +47,7 @@ from mlx_tune.errors import UserError
 
 log = logging.getLogger(__name__)
 
-BATCH_ARRAYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
+BATCH_ARRAYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions", "gather")
 
 
 class TrainingStopped(UserError):

@@ -111,7 +111,7 @@ def _row_dequantizer(module) -> Callable | None:
 
 
 def _tiled_ce(rows: Callable, vocab: int, h, targets, mask, tile: int, tokens: int, with_grad: bool = True,
-              lm: LogitMap = IDENTITY):
+              lm: LogitMap = IDENTITY, per_token: bool = False):
     """(sum of masked CE, dL/dh) with the head dequantized ``tile`` vocabulary rows at a time.
 
     One pass over the tiles per ``tokens`` tokens, an online softmax: with the running max
@@ -147,10 +147,11 @@ def _tiled_ce(rows: Callable, vocab: int, h, targets, mask, tile: int, tokens: i
             m = m_new
         w_y = rows(tc)
         z_y, dz_y = apply_map((hc * w_y).sum(axis=-1, keepdims=True), lm)
-        losses.append(((m + mx.log(z_sum) - z_y)[:, 0] * mc).sum())
+        ce = (m + mx.log(z_sum) - z_y)[:, 0] * mc
+        losses.append(ce if per_token else ce.sum())
         if with_grad:
             grads.append((mc[:, None] * (acc / z_sum - dz_y * w_y)).astype(h.dtype))
-    total = losses[0] if len(losses) == 1 else mx.sum(mx.stack(losses))
+    total = _total(losses, per_token)
     if not with_grad:
         return total, None
     return total, grads[0] if len(grads) == 1 else mx.concatenate(grads, axis=0)
@@ -195,7 +196,14 @@ def _back(ops: HeadOps, x, g):
     return ops.back(g) if ops.back is not None else mx.vjp(ops.logits, [x], [g])[1][0]
 
 
-def _fused_ce(ops: HeadOps, h, targets, mask, chunk: int, lm: LogitMap = IDENTITY):
+def _total(parts: list, per_token: bool) -> mx.array:
+    """Chunks' losses as one array: their sum, or (per_token) the tokens' losses in order."""
+    if len(parts) == 1:
+        return parts[0]
+    return mx.concatenate(parts) if per_token else mx.sum(mx.stack(parts))
+
+
+def _fused_ce(ops: HeadOps, h, targets, mask, chunk: int, lm: LogitMap = IDENTITY, per_token: bool = False):
     """(sum of masked CE, dL/dh) in one pass over the vocabulary, chunk by chunk.
 
     Per chunk: p = exp(z - max) / s, and dL/dh = m (p - onehot(y)) W
@@ -220,7 +228,8 @@ def _fused_ce(ops: HeadOps, h, targets, mask, chunk: int, lm: LogitMap = IDENTIT
             tgt = mx.take_along_axis(logits, tc[:, None], axis=-1)
             ex = mx.exp(logits - top)  # the one exp over the chunk's logits
             z = ex.sum(axis=-1, keepdims=True)
-            loss = ((top + mx.log(z) - tgt)[:, 0] * mc).sum()
+            loss = (top + mx.log(z) - tgt)[:, 0] * mc
+            loss = loss if per_token else loss.sum()
             # f'(z) at the target and over the chunk (a plain float without softcap)
             dz_y = mx.take_along_axis(dz, tc[:, None], axis=-1) if isinstance(dz, mx.array) else dz
             exd = ex if lm.identity else ex * dz
@@ -240,7 +249,7 @@ def _fused_ce(ops: HeadOps, h, targets, mask, chunk: int, lm: LogitMap = IDENTIT
         losses.append(loss)
         grads.append(dh.astype(h.dtype))  # a float32 head makes float32 products; h may be bf16
         last[lane] = [loss, dh]
-    total = losses[0] if len(losses) == 1 else mx.sum(mx.stack(losses))
+    total = _total(losses, per_token)
     return total, grads[0] if len(grads) == 1 else mx.concatenate(grads, axis=0)
 
 
@@ -257,25 +266,22 @@ def _fused_fn(ops: HeadOps, chunk: int, lm: LogitMap):
     return ce
 
 
-def _recomputed_ce(model, h, targets, mask, chunk: int):
-    """Sum of masked CE by autodiff, each chunk under mx.checkpoint (trainable head)."""
+def _recomputed_ce(model, h, targets, mask, chunk: int, per_token: bool = False):
+    """Sum of masked CE (or, per_token, each token's) by autodiff, each chunk under
+    mx.checkpoint (trainable head)."""
     module, head, lm = head_module(model), lm_head(model), logit_map(model)
 
     def chunk_loss(params, hc, tc, mc):
         module.update(params)
         tc = mx.stop_gradient(tc)  # integer targets: no gradient to ask for
         logits = apply_map(head(hc).astype(mx.float32), lm)[0]
-        ce = mx.logsumexp(logits, axis=-1) - mx.take_along_axis(logits, tc[:, None], axis=-1)[:, 0]
-        return (ce * mc).sum()
+        ce = (mx.logsumexp(logits, axis=-1) - mx.take_along_axis(logits, tc[:, None], axis=-1)[:, 0]) * mc
+        return ce if per_token else ce.sum()
 
     fn = mx.checkpoint(chunk_loss)
     params = module.trainable_parameters()
-    total = None
-    for s in range(0, h.shape[0], chunk):
-        e = min(h.shape[0], s + chunk)
-        part = fn(params, h[s:e], targets[s:e], mask[s:e])
-        total = part if total is None else total + part
-    return total
+    parts = [fn(params, h[s:s + chunk], targets[s:s + chunk], mask[s:s + chunk]) for s in range(0, h.shape[0], chunk)]
+    return _total(parts, per_token)
 
 
 def masked_ce_sum(model, h: mx.array, targets: mx.array, mask: mx.array, chunk: int | None = None) -> mx.array:
@@ -317,6 +323,61 @@ def masked_ce_value(model, h: mx.array, targets: mx.array, mask: mx.array) -> mx
     return total
 
 
+def _per_token_fn(compute: Callable):
+    """``compute(h, targets) -> (CE_t (N,), G (N, hidden))`` as a function of h whose vjp
+    is ``cotangent_t * G_t``: G_t = dCE_t/dh_t, made in the forward pass (one exp per logit)."""
+    @mx.custom_function
+    def ce(h, targets):
+        return compute(h, targets)
+
+    @ce.vjp
+    def ce_vjp(primals, cotangents, outputs):
+        h, targets = primals
+        return outputs[1] * cotangents[0][:, None].astype(h.dtype), mx.zeros_like(targets)
+
+    return ce
+
+
+def token_ce(model, h: mx.array, targets: mx.array, with_grad: bool = True) -> mx.array:
+    """Per-token cross-entropy CE_t = logsumexp(W h_t) - (W h_t)[y_t] = -log p(y_t | h_t), shape (N,),
+    for rows h (N, hidden) and targets (N,): what sequence log-probabilities (preference
+    methods, GRPO) are summed from. Same heads and memory bounds as ``masked_ce_sum``;
+    ``with_grad=False`` is forward only (a reference model, validation)."""
+    h = h.reshape(-1, h.shape[-1])
+    targets = targets.reshape(-1)
+    ones = mx.ones(targets.shape, dtype=mx.float32)
+    lm = logit_map(model)
+    chunk = chunk_size_for(_vocab_size(model))
+    tiled = _tiled_head(model)
+    if with_grad and head_is_trainable(model):
+        return _recomputed_ce(model, h, targets, ones, chunk, per_token=True)
+    if tiled is not None:
+        rows, vocab, hidden = tiled
+        tile = _tile_rows(vocab, hidden, h.shape[0])
+        if not with_grad:
+            return _tiled_ce(rows, vocab, h, targets, ones, tile, TILED_TOKENS, with_grad=False, lm=lm, per_token=True)[0]
+        return _per_token_fn(lambda x, t: _tiled_ce(rows, vocab, x, t, ones, tile, TILED_TOKENS, lm=lm,
+                                                    per_token=True))(h, targets)[0]
+    if not with_grad:
+        head, parts = lm_head(model), []
+        for s in range(0, h.shape[0], chunk):
+            logits = apply_map(head(h[s:s + chunk]).astype(mx.float32), lm)[0]
+            parts.append(mx.logsumexp(logits, axis=-1) - mx.take_along_axis(logits, targets[s:s + chunk, None], axis=-1)[:, 0])
+        return mx.stop_gradient(_total(parts, True))
+    ops = head_ops(model)
+    return _per_token_fn(lambda x, t: _fused_ce(ops, x, t, ones, chunk, lm, per_token=True))(h, targets)[0]
+
+
+def gathered(h: mx.array, targets: mx.array, mask: mx.array, gather: mx.array | None):
+    """(h, targets, mask) flattened to tokens, and cut to the positions ``gather`` lists
+    (the ones that carry a loss, from ``data.batching.collate``): the vocabulary head then
+    runs only where a loss is taken. Padding entries point at untrained slots (mask 0)."""
+    h, targets, mask = h.reshape(-1, h.shape[-1]), targets.reshape(-1), mask.reshape(-1)
+    if gather is None:
+        return h, targets, mask
+    return h[gather], targets[gather], mask[gather]
+
+
 def _vocab_size(model) -> int:
     m = head_module(model)
     w = getattr(m, "weight", None)
@@ -328,22 +389,24 @@ def _vocab_size(model) -> int:
 
 def loss_fn(model, inputs: mx.array, targets: mx.array, loss_mask: mx.array,
             segment_ids: mx.array | None = None, positions: mx.array | None = None,
-            chunk: int | None = None):
+            chunk: int | None = None, gather: mx.array | None = None):
     """(mean CE over trained tokens, number of trained tokens) for one batch.
 
     Use with ``nn.value_and_grad(model, loss_fn)(model, *batch.arrays())``; packing info
-    (``segment_ids``, ``positions``) goes to the attention as call arguments.
+    (``segment_ids``, ``positions``) goes to the attention as call arguments; ``gather``
+    (trained positions) limits the head to them.
     """
     h = hidden_states(model, inputs, segment_ids, positions)
     n = loss_mask.astype(mx.float32).sum()
-    total = masked_ce_sum(model, h, targets, loss_mask, chunk)
+    total = masked_ce_sum(model, *gathered(h, targets, loss_mask, gather), chunk=chunk)
     return total / mx.maximum(n, 1.0), n
 
 
 def batch_loss(model, batch):
     """``loss_fn`` (packing-aware attention, chunked cross-entropy) over a batch's arrays:
     the training loss of ``mlx-tune train`` (``loop.train``'s ``loss_fn`` signature)."""
-    return loss_fn(model, batch.inputs, batch.targets, batch.loss_mask, batch.segment_ids, batch.positions)
+    return loss_fn(model, batch.inputs, batch.targets, batch.loss_mask, batch.segment_ids, batch.positions,
+                   gather=getattr(batch, "gather", None))
 
 
 def eval_loss(model, batch):
@@ -352,7 +415,8 @@ def eval_loss(model, batch):
     vocabulary-sized matmul per token, wasted when nothing is trained)."""
     h = hidden_states(model, batch.inputs, batch.segment_ids, batch.positions)
     mask = batch.loss_mask.astype(mx.float32)
-    total = masked_ce_value(model, h, batch.targets, mask)
+    hg, tg, mg = gathered(h, batch.targets, mask, getattr(batch, "gather", None))
+    total = masked_ce_value(model, hg, tg, mg)
     n = mask.sum()
     return total / mx.maximum(n, 1.0), n
 
