@@ -76,7 +76,8 @@ def gather_index(mask: np.ndarray) -> np.ndarray | None:
     return np.concatenate([idx, np.full(size - len(idx), pad)]).astype(np.int32)
 
 
-def _pad_to(n: int, multiple: int, cap: int) -> int:
+def pad_to(n: int, multiple: int, cap: int) -> int:
+    """``n`` rounded up to ``multiple``, at most ``cap``."""
     return min(cap, -(-n // multiple) * multiple)
 
 
@@ -141,7 +142,7 @@ class BatchStream:
 
     def __init__(
         self,
-        dataset: TokenizedDataset,
+        dataset: Any,
         batch_size: int,
         max_seq_length: int,
         *,
@@ -239,12 +240,15 @@ class BatchStream:
         if not self.loop and g >= self.n_batches:
             raise StopIteration
         self._next += self.world_size
-        rows = self.batch_rows(g)
+        return self.collate_rows(self.batch_rows(g))
+
+    def collate_rows(self, rows: list[list[int]]) -> Any:
+        """The Batch of these rows (a subclass batches other units: ``data.pair_batches``)."""
         if self.packing:
             width = self.max_seq_length
         else:
             longest = max((len(self.dataset.ids[r[0]]) - 1 for r in rows if r), default=1)
-            width = _pad_to(longest, self.pad_multiple, self.max_seq_length)
+            width = pad_to(longest, self.pad_multiple, self.max_seq_length)
         return collate(self.dataset, rows, width, self.packing, self.pad_id)
 
 

@@ -50,7 +50,8 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return h.hexdigest()
 
 
-def _file_hash(path: Path) -> str:
+def file_hash(path: Path) -> str:
+    """sha256 of a file's bytes (the token cache keys on content, not on names or times)."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -139,7 +140,7 @@ def load_dataset(
     if not path.is_file():
         raise UserError(f"{path}: file not found")
     key = hashlib.sha256(
-        json.dumps([CACHE_VERSION, _file_hash(path), tokenizer_fingerprint(tokenizer), fmt, mask_prompt,
+        json.dumps([CACHE_VERSION, file_hash(path), tokenizer_fingerprint(tokenizer), fmt, mask_prompt,
                     dataclasses.astuple(mask_policy or MaskPolicy())]).encode()
     ).hexdigest()[:32]
     cache_file = Path(cache_dir or default_cache_dir()) / f"{path.stem}-{key}.npz"

@@ -47,7 +47,9 @@ from mlx_tune.errors import UserError
 
 log = logging.getLogger(__name__)
 
-BATCH_ARRAYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions", "gather")
+BATCH_ARRAYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions", "gather",
+                # preference unit batches (data.pair_batches)
+                "gslot", "slot_tokens", "unit_weight", "labels", "ref_logps")
 
 
 class TrainingStopped(UserError):

@@ -324,16 +324,18 @@ def masked_ce_value(model, h: mx.array, targets: mx.array, mask: mx.array) -> mx
 
 
 def _per_token_fn(compute: Callable):
-    """``compute(h, targets) -> (CE_t (N,), G (N, hidden))`` as a function of h whose vjp
-    is ``cotangent_t * G_t``: G_t = dCE_t/dh_t, made in the forward pass (one exp per logit)."""
+    """``compute(h, targets, ones) -> (CE_t (N,), G (N, hidden))`` as a function of h whose
+    vjp is ``cotangent_t * G_t``: G_t = dCE_t/dh_t, made in the forward pass (one exp per
+    logit). Every array it reads is an argument (``mx.compile`` traces custom functions
+    by their inputs)."""
     @mx.custom_function
-    def ce(h, targets):
-        return compute(h, targets)
+    def ce(h, targets, ones):
+        return compute(h, targets, ones)
 
     @ce.vjp
     def ce_vjp(primals, cotangents, outputs):
-        h, targets = primals
-        return outputs[1] * cotangents[0][:, None].astype(h.dtype), mx.zeros_like(targets)
+        h, targets, ones = primals
+        return outputs[1] * cotangents[0][:, None].astype(h.dtype), mx.zeros_like(targets), mx.zeros_like(ones)
 
     return ce
 
@@ -356,8 +358,8 @@ def token_ce(model, h: mx.array, targets: mx.array, with_grad: bool = True) -> m
         tile = _tile_rows(vocab, hidden, h.shape[0])
         if not with_grad:
             return _tiled_ce(rows, vocab, h, targets, ones, tile, TILED_TOKENS, with_grad=False, lm=lm, per_token=True)[0]
-        return _per_token_fn(lambda x, t: _tiled_ce(rows, vocab, x, t, ones, tile, TILED_TOKENS, lm=lm,
-                                                    per_token=True))(h, targets)[0]
+        return _per_token_fn(lambda x, t, w: _tiled_ce(rows, vocab, x, t, w, tile, TILED_TOKENS, lm=lm,
+                                                       per_token=True))(h, targets, ones)[0]
     if not with_grad:
         head, parts = lm_head(model), []
         for s in range(0, h.shape[0], chunk):
@@ -365,7 +367,7 @@ def token_ce(model, h: mx.array, targets: mx.array, with_grad: bool = True) -> m
             parts.append(mx.logsumexp(logits, axis=-1) - mx.take_along_axis(logits, targets[s:s + chunk, None], axis=-1)[:, 0])
         return mx.stop_gradient(_total(parts, True))
     ops = head_ops(model)
-    return _per_token_fn(lambda x, t: _fused_ce(ops, x, t, ones, chunk, lm, per_token=True))(h, targets)[0]
+    return _per_token_fn(lambda x, t, w: _fused_ce(ops, x, t, w, chunk, lm, per_token=True))(h, targets, ones)[0]
 
 
 def gathered(h: mx.array, targets: mx.array, mask: mx.array, gather: mx.array | None):

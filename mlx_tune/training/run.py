@@ -32,6 +32,7 @@ import mlx.core as mx
 from mlx_tune import adapters
 from mlx_tune.config import Config, config_to_dict
 from mlx_tune.data import batching, cache
+from mlx_tune.data.pair_batches import pair_stream_for
 from mlx_tune.data.dataset import peek_format
 from mlx_tune.data.masks import MaskPolicy
 from mlx_tune.errors import UserError
@@ -45,6 +46,9 @@ from mlx_tune.training.callbacks import MetricsLog, Progress, plot_losses
 from mlx_tune.training.loop import LoopSettings, LoopState, evaluate, train
 from mlx_tune.training.losses import batch_loss, eval_loss
 from mlx_tune.training.optim import build_optimizer
+from mlx_tune.training.preference import (PREFERENCE_METHODS, load_pair_splits, method_loss,
+                                          precomputed_references)
+from mlx_tune.training.preference_losses import needs_reference
 from mlx_tune.training.recompute import grad_checkpoint
 from mlx_tune.training.tracking import open_trackers
 
@@ -122,8 +126,15 @@ def run_train(cfg: Config, *, log: Callable[[str], None] = print) -> TrainResult
     if tc.grad_checkpoint:
         grad_checkpoint(model)
 
-    splits = cache.load_splits(data_dir, tokenizer, max_seq_length=tc.max_seq_length, mask_prompt=tc.mask_prompt,
-                               truncation=tc.truncation, mask_policy=MaskPolicy.of(tc.mask))
+    preference = tc.method in PREFERENCE_METHODS
+    if preference:
+        splits = load_pair_splits(data_dir, tokenizer, tc)
+        stream_for: Callable = pair_stream_for
+        train_loss, held_out_loss = method_loss(tc.method, cfg.preference), method_loss(tc.method, cfg.preference, False)
+    else:
+        splits = cache.load_splits(data_dir, tokenizer, max_seq_length=tc.max_seq_length, mask_prompt=tc.mask_prompt,
+                                   truncation=tc.truncation, mask_policy=MaskPolicy.of(tc.mask))
+        stream_for, train_loss, held_out_loss = batching.stream_for, batch_loss, eval_loss
     for ds in splits.values():
         say(ds.stats.summary())
     pad_id = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0
@@ -133,12 +144,25 @@ def run_train(cfg: Config, *, log: Callable[[str], None] = print) -> TrainResult
         packing = False
     # this rank's share of the batch
     local = dataclasses.replace(tc, batch_size=tc.batch_size // world, packing=packing)
-    stream = batching.stream_for(splits["train"], local, train=True, rank=rank, world_size=world, pad_id=pad_id)
+
+    def make_stream(ds, train: bool = False):
+        return stream_for(ds, local, train=train, rank=rank, world_size=world, pad_id=pad_id)
+
+    refs = {}
+    if preference and cfg.preference.precompute_reference and needs_reference(tc.method):
+        refs = precomputed_references(model, splits, make_stream, f"{info.source}|{info.quantization}", say)
+    stream = make_stream(splits["train"], train=True)
+    stream.ref = refs.get("train")
 
     def held_out(name: str):
         if name not in splits:
             return None
-        return lambda: batching.stream_for(splits[name], local, train=False, rank=rank, world_size=world, pad_id=pad_id)
+
+        def fresh():
+            s = make_stream(splits[name])
+            s.ref = refs.get(name)
+            return s
+        return fresh
 
     # the config requires iters or epochs
     iters = tc.iters or max(1, math.ceil((tc.epochs or 1) * len(stream) / tc.grad_accumulation))
@@ -195,8 +219,8 @@ def run_train(cfg: Config, *, log: Callable[[str], None] = print) -> TrainResult
     say(f"training {iters} steps: {tc.batch_size} x {tc.max_seq_length} tokens per batch, "
         f"{tc.grad_accumulation} micro-batch(es) per step, {world} rank(s), {len(stream)} batches per epoch")
     start = time.perf_counter()
-    state = train(model, optimizer, stream, batch_loss, settings, callbacks, loop_state,
-                  val_batches=held_out("valid"), group=group, eval_loss_fn=eval_loss)
+    state = train(model, optimizer, stream, train_loss, settings, callbacks, loop_state,
+                  val_batches=held_out("valid"), group=group, eval_loss_fn=held_out_loss)
     result = TrainResult(state, iters, rank, out, time.perf_counter() - start, last_checkpoint=ckpt.last_saved,
                          stop_reason=state.stop_reason)
     if state.interrupted:
@@ -222,7 +246,7 @@ def run_train(cfg: Config, *, log: Callable[[str], None] = print) -> TrainResult
     if tc.test and test is None:
         say(f"train.test: no {data_dir / 'test.jsonl'}; test loss skipped")
     if test is not None:
-        loss, n = evaluate(model, test(), eval_loss, 0, group)
+        loss, n = evaluate(model, test(), held_out_loss, 0, group)
         ppl = math.exp(min(loss, 700.0))
         result.test_loss, result.test_perplexity, result.test_tokens = loss, ppl, n
         say(f"test loss {loss:.4f}, perplexity {ppl:.2f} over {n} tokens")

@@ -1,0 +1,186 @@
+"""Preference pairs and KTO rows as token sequences, cached like SFT data.
+
+A pair ``(prompt, chosen, rejected)`` becomes two sequences, each the prompt followed by
+one side, rendered as the chat template renders a conversation (``tokenize.tokenize_record``:
+a ``chat`` record for conversational rows, a ``completions`` record for string rows, which
+goes through the chat template when the tokenizer has one). Only a side's response
+tokens are marked for the loss, so both sides are scored after the same prompt.
+
+A KTO row ``(prompt, completion, label)`` becomes its own sequence plus a *mismatched*
+one, the prompt followed by the next row's completion (row ``i + 1`` mod ``N``): the
+policy and reference log-probs of those give KTO's KL estimate, as TRL's
+``KTOTrainer`` builds its ``KL_completion`` column from shifted completions.
+
+``units[k]`` lists the sequences of unit k: ``(chosen, rejected)`` or ``(completion,
+mismatched)``; ``labels`` holds KTO's labels. Each sequence is cut to ``max_seq_length``
+slots like an SFT example; a unit whose side has no response token left is dropped and
+counted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from mlx_tune.atomic import write_file_atomic
+from mlx_tune.data.cache import CACHE_VERSION, DataStats, default_cache_dir, file_hash, tokenizer_fingerprint
+from mlx_tune.data.masks import MaskPolicy
+from mlx_tune.data.preference import convert_preference
+from mlx_tune.data.readers import read_jsonl_records
+from mlx_tune.data.records import RecordError
+from mlx_tune.data.tokenize import tokenize_record
+from mlx_tune.errors import UserError
+
+KINDS = ("pairs", "kto")
+
+
+@dataclass
+class PairDataset:
+    """Sequences (ids, response mask) and the units (pairs, KTO rows) made of them."""
+
+    ids: list[np.ndarray]
+    train: list[np.ndarray]
+    units: list[tuple[int, int]]
+    kind: str  # "pairs" or "kto"
+    labels: np.ndarray | None = None  # kto: 1.0 desirable, 0.0 undesirable, per unit
+    stats: DataStats = field(default_factory=DataStats)
+    key: str = ""  # the token cache key (what precomputed reference log-probs are keyed on)
+
+    def __len__(self) -> int:
+        return len(self.units)
+
+    def lengths(self) -> np.ndarray:
+        """Slots each unit takes: both its sequences' n - 1."""
+        return np.array([sum(len(self.ids[s]) - 1 for s in u) for u in self.units], dtype=np.int64)
+
+
+def _side_record(row: dict, side) -> tuple[dict, str]:
+    """The SFT record (and its format) of the prompt followed by one answer."""
+    if "messages" in row:
+        return {"messages": list(row["messages"]) + list(side)}, "chat"
+    if row.get("system"):
+        msgs = [{"role": "system", "content": row["system"]}, {"role": "user", "content": row["prompt"]}]
+        return {"messages": msgs + [{"role": "assistant", "content": side}]}, "chat"
+    return {"prompt": row["prompt"], "completion": side}, "completions"
+
+
+def _prompt_key(row: dict) -> str:
+    return json.dumps(row.get("messages") or [row.get("system"), row.get("prompt")], sort_keys=True)
+
+
+def read_units(path: Path, tokenizer, policy: MaskPolicy | None = None):
+    """(kind, [(ids, mask) per side], labels, prompt_mismatch) for every row of ``path``;
+    a bad row raises one ``UserError`` naming ``file:line``."""
+    kinds, sides, labels, errors = set(), [], [], []
+    for line, value, error in read_jsonl_records(path):
+        if error is None:
+            try:
+                row, shape, _key, _pkey = convert_preference(value)
+            except RecordError as exc:
+                error = str(exc)
+        if error is not None:
+            errors.append(f"{path}:{line}: {error}")
+            continue
+        kind = "kto" if shape.startswith("kto") else "pairs"
+        kinds.add(kind)
+        answers = (row["completion"],) if kind == "kto" else (row["chosen"], row["rejected"])
+        toks = []
+        for answer in answers:
+            rec, fmt = _side_record(row, answer)
+            ids, mask, _ok = tokenize_record(tokenizer, rec, fmt, True, policy)
+            toks.append((np.asarray(ids, dtype=np.int32), np.asarray(mask, dtype=bool)))
+        sides.append(toks)
+        labels.append(float(row["label"]) if kind == "kto" else 1.0)
+    if errors:
+        more = f"\n... and {len(errors) - 20} more" if len(errors) > 20 else ""
+        raise UserError(f"{path}: {len(errors)} bad preference row(s) (data_transform.py --to preference "
+                        "fixes or skips them):\n" + "\n".join(errors[:20]) + more)
+    if len(kinds) > 1:
+        raise UserError(f"{path}: mixes preference pairs and KTO rows; keep one kind per file")
+    if not sides:
+        raise UserError(f"{path}: no records (the file is empty); run data_transform.py --to preference to build it")
+    return kinds.pop(), sides, labels
+
+
+def _mismatched(own: tuple, other: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """The prompt of ``own`` followed by the response of ``other`` (KTO's KL sequences)."""
+    ids, mask = own
+    start = int(np.argmax(mask)) if mask.any() else len(ids)
+    o_ids, o_mask = other
+    o_start = int(np.argmax(o_mask)) if o_mask.any() else len(o_ids)
+    return np.concatenate([ids[:start], o_ids[o_start:]]), np.concatenate([mask[:start], o_mask[o_start:]])
+
+
+def load_pairs(path: str | Path, tokenizer, *, max_seq_length: int, truncation: str = "truncate",
+               cache_dir: str | Path | None = None, use_cache: bool = True,
+               mask_policy: MaskPolicy | None = None) -> PairDataset:
+    """Read, tokenise (or take from the token cache) and cut a preference JSONL file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    key = hashlib.sha256(json.dumps(["pairs", CACHE_VERSION, file_hash(path), tokenizer_fingerprint(tokenizer),
+                                     repr(mask_policy or MaskPolicy())]).encode()).hexdigest()[:32]
+    cache_file = Path(cache_dir or default_cache_dir()) / f"{path.stem}-pairs-{key}.npz"
+    hit = False
+    if use_cache and cache_file.is_file():
+        try:
+            with np.load(cache_file, allow_pickle=False) as z:
+                offsets, flat_ids, flat_mask, labels = z["offsets"], z["ids"], z["train"], z["labels"]
+                kind = str(z["kind"])
+            ids, masks = np.split(flat_ids, offsets[1:-1]), np.split(flat_mask.astype(bool), offsets[1:-1])
+            per = 1 if kind == "kto" else 2
+            sides = [[(ids[per * k + j], masks[per * k + j]) for j in range(per)] for k in range(len(labels))]
+            hit = True
+        except (OSError, ValueError, KeyError):  # a damaged cache file is rebuilt, not trusted
+            hit = False
+    if not hit:
+        kind, sides, label_list = read_units(path, tokenizer, mask_policy)
+        labels = np.asarray(label_list, dtype=np.float32)
+        if use_cache:
+            flat = [s for unit in sides for s in unit]
+            arrays = {"offsets": np.cumsum([0] + [len(i) for i, _ in flat]).astype(np.int64),
+                      "ids": np.concatenate([i for i, _ in flat]).astype(np.int32),
+                      "train": np.concatenate([m for _, m in flat]).astype(np.uint8),
+                      "labels": labels, "kind": np.array(kind)}
+            write_file_atomic(cache_file, lambda tmp: np.savez(tmp, **arrays))
+    if kind == "kto":  # each row's mismatched sequence: its prompt, the next row's completion
+        sides = [[u[0], _mismatched(u[0], sides[(k + 1) % len(sides)][0])] for k, u in enumerate(sides)]
+    ds = _cut(path, kind, sides, labels, max_seq_length, truncation, hit)
+    ds.key = f"{key}:{max_seq_length}:{truncation}"
+    return ds
+
+
+def _cut(path: Path, kind: str, sides: list, labels: np.ndarray, max_seq_length: int, truncation: str,
+         hit: bool) -> PairDataset:
+    stats = DataStats(path=str(path), format=f"preference {kind}", cache_hit=hit)
+    ids, train, units, kept = [], [], [], []
+    for k, unit in enumerate(sides):
+        cut = []
+        for i, m in unit:
+            if len(i) - 1 > max_seq_length:
+                if truncation == "drop":
+                    break
+                i, m = i[: max_seq_length + 1], m[: max_seq_length + 1]
+            cut.append((i, m))
+        if len(cut) < len(unit):
+            stats.dropped_long += 1
+            continue
+        if any(len(i) < 2 or not m[1:].any() for i, m in cut):
+            stats.dropped_untrained += 1
+            continue
+        stats.truncated += any(len(i) < len(u[0]) for (i, _), u in zip(cut, unit))
+        units.append((len(ids), len(ids) + 1))
+        kept.append(k)
+        for i, m in cut:
+            ids.append(i)
+            train.append(m)
+            stats.tokens += len(i) - 1
+            stats.trained += int(m[1:].sum())
+    stats.examples = len(units)
+    if not units:
+        raise UserError(f"{path}: no usable pair ({stats.summary()}); raise train.max_seq_length")
+    return PairDataset(ids, train, units, kind, labels[kept] if kind == "kto" else None, stats)
