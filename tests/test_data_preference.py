@@ -239,7 +239,7 @@ def test_trainer_refuses_preference_and_prompt_files_in_one_line(tmp_path, recor
         read_dataset(path)
     msg = str(exc.value)
     assert "\n" not in msg and msg.startswith(f"{path}:1: this file holds {kind}")
-    assert "train.method" in msg and "not available yet" in msg
+    assert "set train.method: " in msg and "SFT cannot train on" in msg
 
 
 def test_trainer_still_reads_sft_files(tmp_path):

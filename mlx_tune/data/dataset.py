@@ -42,7 +42,7 @@ def peek_format(path: str | Path) -> str | None:
     return None
 
 
-_METHODS = {"preference pairs": "dpo, orpo, simpo or cpo", "KTO rows": "kto", "prompt-only rows": "grpo"}
+_METHODS = {"preference pairs": "dpo (or orpo, simpo, cpo)", "KTO rows": "kto", "prompt-only rows": "grpo"}
 
 
 def _refuse(path, line: int, record: Any) -> None:
@@ -50,8 +50,8 @@ def _refuse(path, line: int, record: Any) -> None:
     kind = trainer_kind(record)
     if kind is not None:
         to = "prompts" if kind.startswith("prompt") else "preference"
-        raise UserError(f"{path}:{line}: this file holds {kind} (data_transform.py --to {to}); "
-                        f"train.method {_METHODS[kind]} for them is not available yet (SFT needs chat, completions or text rows)")
+        raise UserError(f"{path}:{line}: this file holds {kind} (data_transform.py --to {to}), which SFT cannot "
+                        f"train on; set train.method: {_METHODS[kind]} (SFT needs chat, completions or text rows)")
 
 
 class Dataset(NamedTuple):

@@ -29,7 +29,7 @@ import numpy as np
 from mlx_tune.atomic import write_file_atomic
 from mlx_tune.data.cache import CACHE_VERSION, DataStats, default_cache_dir, file_hash, tokenizer_fingerprint
 from mlx_tune.data.masks import MaskPolicy
-from mlx_tune.data.preference import convert_preference
+from mlx_tune.data.preference import convert_preference, detect_mode
 from mlx_tune.data.readers import read_jsonl_records
 from mlx_tune.data.records import RecordError
 from mlx_tune.data.tokenize import tokenize_record
@@ -77,6 +77,10 @@ def read_units(path: Path, tokenizer, policy: MaskPolicy | None = None):
     a bad row raises one ``UserError`` naming ``file:line``."""
     kinds, sides, labels, errors = set(), [], [], []
     for line, value, error in read_jsonl_records(path):
+        if error is None and not sides and not errors and detect_mode(value) != "preference":
+            raise UserError(f"{path}:{line}: not a preference row (it needs 'chosen' and 'rejected', or 'completion' "
+                            "and 'label' for KTO); convert pairs with data_transform.py --to preference, or set "
+                            "train.method: sft for SFT data")
         if error is None:
             try:
                 row, shape, _key, _pkey = convert_preference(value)
@@ -113,6 +117,14 @@ def _mismatched(own: tuple, other: tuple) -> tuple[np.ndarray, np.ndarray]:
     o_ids, o_mask = other
     o_start = int(np.argmax(o_mask)) if o_mask.any() else len(o_ids)
     return np.concatenate([ids[:start], o_ids[o_start:]]), np.concatenate([mask[:start], o_mask[o_start:]])
+
+
+def needs_chat_template(path: str | Path) -> bool:
+    """Whether the first row of a preference file is conversational (message lists)."""
+    for _line, value, error in read_jsonl_records(path):
+        return error is None and isinstance(value, dict) and any(
+            isinstance(value.get(k), list) for k in ("messages", "prompt", "chosen", "completion"))
+    return False
 
 
 def load_pairs(path: str | Path, tokenizer, *, max_seq_length: int, truncation: str = "truncate",

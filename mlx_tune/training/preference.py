@@ -29,6 +29,7 @@ import numpy as np
 
 from mlx_tune.adapters.lora import LoRALinear
 from mlx_tune.data.pairs import load_pairs
+from mlx_tune.errors import UserError
 from mlx_tune.model.attention import hidden_states
 from mlx_tune.training.losses import token_ce
 from mlx_tune.training.preference_losses import KtoLogps, PairLogps, kto_loss, needs_reference, pair_loss
@@ -112,15 +113,22 @@ def reference_logps(model, stream, n_sequences: int, progress: Callable[[int], N
 
 
 def load_pair_splits(data_dir: Path, tokenizer, tc) -> dict:
-    """``{split: PairDataset}`` for the ``DIR/<split>.jsonl`` files present (train required)."""
+    """``{split: PairDataset}`` for the ``DIR/<split>.jsonl`` files present (train required):
+    pairs for dpo, orpo, simpo and cpo, KTO rows for kto."""
     from mlx_tune.data.masks import MaskPolicy
 
     out = {}
+    want = "kto" if tc.method == "kto" else "pairs"
     for name in ("train", "valid", "test"):
         f = data_dir / f"{name}.jsonl"
         if f.is_file():
-            out[name] = load_pairs(f, tokenizer, max_seq_length=tc.max_seq_length, truncation=tc.truncation,
-                                   mask_policy=MaskPolicy.of(tc.mask))
+            ds = out[name] = load_pairs(f, tokenizer, max_seq_length=tc.max_seq_length, truncation=tc.truncation,
+                                        mask_policy=MaskPolicy.of(tc.mask))
+            if ds.kind != want:
+                held = "KTO rows (completion + label)" if ds.kind == "kto" else "preference pairs (chosen + rejected)"
+                fix = "kto" if ds.kind == "kto" else "dpo, orpo, simpo or cpo"
+                raise UserError(f"{f}: holds {held}, which train.method {tc.method} cannot train on; "
+                                f"set train.method: {fix}")
     return out
 
 

@@ -33,6 +33,7 @@ from mlx_tune import adapters
 from mlx_tune.config import Config, config_to_dict
 from mlx_tune.data import batching, cache
 from mlx_tune.data.pair_batches import pair_stream_for
+from mlx_tune.data.pairs import needs_chat_template
 from mlx_tune.data.dataset import peek_format
 from mlx_tune.data.masks import MaskPolicy
 from mlx_tune.errors import UserError
@@ -118,7 +119,10 @@ def run_train(cfg: Config, *, log: Callable[[str], None] = print) -> TrainResult
     model, tokenizer, info = load_model(cfg.model, cfg.quantize, trust_remote_code=cfg.trust_remote_code)
     say(f"model: {info.source} ({info.kind}, quantization {info.quantization}) loaded in {info.load_seconds:.1f}s")
     template = use_chat_template(tokenizer, cfg.chat_template)
-    if peek_format(data_dir / "train.jsonl") == "chat":  # refuse before any step, not deep in transformers
+    if tc.method in PREFERENCE_METHODS:
+        if needs_chat_template(data_dir / "train.jsonl"):
+            require_chat_template(tokenizer, cfg.model, str(data_dir / "train.jsonl"))
+    elif peek_format(data_dir / "train.jsonl") == "chat":  # refuse before any step, not deep in transformers
         require_chat_template(tokenizer, cfg.model, str(data_dir / "train.jsonl"))
     quant.prepare_for_backend(model)
     mx.random.seed(tc.seed)  # adapter init and dropout start from the seed
