@@ -112,7 +112,8 @@ def _pct(value: float | None) -> str:
 
 def plot_losses(metrics_path: str | Path, out_path: str | Path) -> Path | None:
     """Write ``loss.png`` (train and validation loss, and eval accuracy on a right-hand axis,
-against step); None without matplotlib."""
+against step; preference runs add a panel of reward accuracy and margin); None without
+matplotlib."""
     try:
         import matplotlib
 
@@ -121,16 +122,21 @@ against step); None without matplotlib."""
     except ImportError:
         return None
     rows = MetricsLog(metrics_path).rows()
-    train_pts = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None and "step" in r]
-    val_pts = [(r["step"], r["val_loss"]) for r in rows if r.get("val_loss") is not None and "step" in r]
-    acc_pts = [(r["step"], r["eval_accuracy"]) for r in rows if r.get("eval_accuracy") is not None and "step" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
+
+    def points(key: str) -> list:
+        return [(r["step"], r[key]) for r in rows if r.get(key) is not None and "step" in r]
+
+    train_pts, val_pts, acc_pts = points("loss"), points("val_loss"), points("eval_accuracy")
+    reward_acc, margin = points("reward_accuracy"), points("reward_margin")
+    preference = bool(reward_acc or margin)
+    fig, axes = plt.subplots(1, 2 if preference else 1, figsize=(12 if preference else 7, 4))
+    ax = axes[0] if preference else axes
     if train_pts:
         ax.plot(*zip(*train_pts), label="train loss")
     if val_pts:
         ax.plot(*zip(*val_pts), "o-", label="validation loss")
     ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy")
+    ax.set_ylabel("preference loss" if preference else "cross-entropy")
     ax.grid(alpha=0.3)
     handles, labels = ax.get_legend_handles_labels()
     if acc_pts:  # accuracy on its own axis (0..1), right-hand side
@@ -141,6 +147,23 @@ against step); None without matplotlib."""
         h2, l2 = ax2.get_legend_handles_labels()
         handles, labels = handles + h2, labels + l2
     ax.legend(handles, labels)
+    if preference:  # reward accuracy (0..1) and margin, train and validation
+        right = axes[1]
+        for key, style, label in (("reward_accuracy", "-", "reward accuracy"), ("val_reward_accuracy", "o-", "validation")):
+            if points(key):
+                right.plot(*zip(*points(key)), style, label=label)
+        right.set_ylim(-0.02, 1.02)
+        right.set_xlabel("step")
+        right.set_ylabel("reward accuracy")
+        right.grid(alpha=0.3)
+        twin = right.twinx()
+        for key, style, label in (("reward_margin", "--", "reward margin"), ("val_reward_margin", "s--", "val margin")):
+            if points(key):
+                twin.plot(*zip(*points(key)), style, color="tab:red", label=label)
+        twin.set_ylabel("reward margin")
+        h1, l1 = right.get_legend_handles_labels()
+        h2, l2 = twin.get_legend_handles_labels()
+        right.legend(h1 + h2, l1 + l2, loc="upper left")
     try:
         return write_file_atomic(out_path, lambda tmp: fig.savefig(tmp, dpi=100, bbox_inches="tight"))
     finally:
