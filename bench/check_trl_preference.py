@@ -181,7 +181,9 @@ def _kto_case(torch, np, case, seed):
     rng = np.random.default_rng(seed + 2)
     labels = np.array(case["labels"], np.int64)
     ref = (T_np * completion[:, 1:]).sum(1) + rng.normal(0, 0.5, R).astype(np.float32)
-    ref_kl = (kl_T * kl_cm[:, 1:]).sum(1) - np.abs(rng.normal(0, 0.5, R)).astype(np.float32)
+    # policy above the reference on the KL rows (KL estimate > 0), or below it (TRL clamps the estimate at 0)
+    kl_shift = np.abs(rng.normal(0, 0.5, R)).astype(np.float32) * case.get("kl_sign", 1)
+    ref_kl = (kl_T * kl_cm[:, 1:]).sum(1) - kl_shift
     k = case["kwargs"]
 
     T = torch.tensor(T_np, requires_grad=True)
@@ -234,6 +236,8 @@ KTO_CASES = [
      "labels": [1, 0, 1, 1, 0, 0, 1, 0]},
     {"name": "kto weights 1.33/1", "kwargs": {"beta": 0.5, "desirable_weight": 1.33, "undesirable_weight": 1.0},
      "labels": [1, 1, 1, 0, 1, 1, 0, 1]},
+    {"name": "kto kl<0 (clamped)", "kwargs": {"beta": 0.2, "desirable_weight": 1.0, "undesirable_weight": 1.2},
+     "labels": [0, 1, 0, 1, 1, 0, 0, 1], "kl_sign": -1},
     {"name": "kto desirable only", "kwargs": {"beta": 0.1, "desirable_weight": 1.0, "undesirable_weight": 1.0},
      "labels": [1] * 8},
     {"name": "kto undesirable only", "kwargs": {"beta": 0.1, "desirable_weight": 1.0, "undesirable_weight": 1.0},
