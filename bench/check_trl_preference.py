@@ -11,9 +11,11 @@ through a stand-in model whose two-class logits give exactly T at the label (so 
 reduced to the per-sequence sums and counts ``pair_loss`` / ``kto_loss`` take. Loss, the
 gradient dLoss/dT (every token) and the logged metrics must agree within 1e-4 relative.
 
-Part 2 (model): the tiny llama of ``mlx_tune.testing.tiny`` loaded by transformers in torch
-and by mlx-lm; per-sequence response log-prob sums for a few (prompt, chosen, rejected)
-token lists, and the DPO loss and its gradient norm wrt the per-sequence sums on them.
+Part 2 (model): the tiny llama of ``mlx_tune.testing.tiny`` saved as a Hugging Face folder,
+loaded by transformers in torch and built by mlx-lm with the same weights; three (prompt,
+chosen, rejected) token lists in one right-padded batch; per-token log-probs from each
+framework's model, then TRL's loss code (the same stand-in) vs ``pair_loss``: loss, the
+gradient norm over all weights and the worst per-tensor gradient difference, within 1e-4.
 
 Needs torch + trl + transformers next to mlx (``make bench-rivals`` builds .venv-rivals):
 
@@ -97,14 +99,13 @@ def _trainer(cls, torch, **attrs):
     return trainer
 
 
-def _trl_pairs(torch, case, T_np, attention, completion, ref):
-    """TRL's loss, dLoss/dT and metrics for a pair method on the stacked [chosen; rejected] batch."""
+def _trl_pair_loss(torch, case, T, attention, completion, ref):
+    """TRL's (loss, metrics) of a pair method on per-token log-probs T of the stacked [chosen; rejected] rows."""
     from trl.experimental.cpo import CPOTrainer
     from trl.experimental.orpo import ORPOTrainer
     from trl.trainer.dpo_trainer import DPOTrainer
 
-    T = torch.tensor(T_np, requires_grad=True)
-    P = T_np.shape[0] // 2
+    P = T.shape[0] // 2
     ids = torch.zeros(attention.shape, dtype=torch.long)
     am, cm = torch.tensor(attention), torch.tensor(completion)
     method, k = case["method"], case["kwargs"]
@@ -137,34 +138,43 @@ def _trl_pairs(torch, case, T_np, attention, completion, ref):
                           loss_type="simpo" if method == "simpo" else "sigmoid", alpha=0.0,
                           simpo_gamma=k.get("gamma", 0.5), cpo_alpha=k["cpo_alpha"], pad_token_id=0)
         loss, metrics = tr.get_batch_loss_metrics(model, batch, train_eval="train")
+    return loss, {METRIC_NAMES[n]: float(v) for n, v in metrics.items() if n in METRIC_NAMES}
+
+
+def _trl_pairs(torch, case, T_np, attention, completion, ref):
+    """TRL's loss, dLoss/dT and metrics on fixed per-token log-probs."""
+    T = torch.tensor(T_np, requires_grad=True)
+    loss, metrics = _trl_pair_loss(torch, case, T, attention, completion, ref)
     loss.backward()
-    return float(loss), T.grad.numpy(), {METRIC_NAMES[n]: float(v) for n, v in metrics.items() if n in METRIC_NAMES}
+    return float(loss), T.grad.numpy(), metrics
 
 
-def _ours_pairs(case, T_np, attention, completion, ref):
+def _ours_pair_loss(case, T, attention, completion, ref):
+    """mlx_tune's (loss, metrics): T reduced to what the plumbing hands ``pair_loss``."""
     import mlx.core as mx
 
     from mlx_tune.config import PreferenceConfig
     from mlx_tune.training.preference_losses import PairLogps, pair_loss
 
-    P = T_np.shape[0] // 2
-    k = dict(case["kwargs"])
-    cfg = PreferenceConfig(**k)
+    P = T.shape[0] // 2
     resp = mx.array(completion[:, 1:].astype("float32"))
     nll_mask = mx.array(attention[:, 1:].astype("float32"))  # TRL's ORPO: prompt and response
+    sums, counts = (T * resp).sum(1), resp.sum(1)
+    orpo = case["method"] == "orpo"
+    lp = PairLogps(sums[:P], sums[P:], counts[:P], counts[P:],
+                   mx.array(ref[0]) if ref else None, mx.array(ref[1]) if ref else None, mx.ones((P,)),
+                   chosen_nll=-(T * nll_mask).sum(1)[:P] if orpo else None,
+                   nll_tokens=nll_mask.sum(1)[:P] if orpo else None)
+    return pair_loss(case["method"], PreferenceConfig(**case["kwargs"]), lp)
 
-    def f(T):
-        sums, counts = (T * resp).sum(1), resp.sum(1)
-        orpo = case["method"] == "orpo"
-        lp = PairLogps(sums[:P], sums[P:], counts[:P], counts[P:],
-                       mx.array(ref[0]) if ref else None, mx.array(ref[1]) if ref else None, mx.ones((P,)),
-                       chosen_nll=-(T * nll_mask).sum(1)[:P] if orpo else None,
-                       nll_tokens=nll_mask.sum(1)[:P] if orpo else None)
-        loss, metrics = pair_loss(case["method"], cfg, lp)
-        return loss, metrics
 
-    (loss, metrics), grad = mx.value_and_grad(f)(mx.array(T_np))
-    return float(loss), __import__("numpy").array(grad), {n: float(v) for n, v in metrics.items()}
+def _ours_pairs(case, T_np, attention, completion, ref):
+    import mlx.core as mx
+    import numpy as np
+
+    (loss, metrics), grad = mx.value_and_grad(
+        lambda T: _ours_pair_loss(case, T, attention, completion, ref))(mx.array(T_np))
+    return float(loss), np.array(grad), {n: float(v) for n, v in metrics.items()}
 
 
 def _kto_case(torch, np, case, seed):
@@ -283,62 +293,86 @@ def part_losses(torch, np) -> list[dict]:
     return rows
 
 
-def part_model(torch, np) -> dict:
-    """Per-sequence response log-prob sums of the tiny llama: transformers (torch) vs mlx_tune (MLX)."""
+MODEL_PAIRS = [([5, 17, 99, 3], [250, 42, 7, 8], [120, 33]),
+               ([1, 2, 3, 4, 5, 6], [60, 61], [70, 71, 72, 73, 74]),
+               ([200, 201], [11, 12, 13], [21, 22, 23])]
+
+
+def _model_batch(np):
+    """[chosen rows; rejected rows] of MODEL_PAIRS, right-padded with token 0."""
+    rows = [p + c for p, c, _ in MODEL_PAIRS] + [p + r for p, _, r in MODEL_PAIRS]
+    prompts = [len(p) for p, _, _ in MODEL_PAIRS] * 2
+    L = max(map(len, rows))
+    ids = np.zeros((len(rows), L), np.int64)
+    attention, completion = np.zeros_like(ids), np.zeros_like(ids)
+    for i, (row, p) in enumerate(zip(rows, prompts)):
+        ids[i, :len(row)] = row
+        attention[i, :len(row)] = 1
+        completion[i, p:len(row)] = 1
+    return ids, attention, completion
+
+
+def part_model(torch, np) -> list[dict]:
+    """The tiny llama in transformers (torch) and in mlx_tune (MLX), same weights and pairs.
+
+    Per-token log-probs from each framework's model, then TRL's loss code (torch) and
+    ``pair_loss`` (MLX): log-prob sums, loss and the gradient norm over all weights.
+    """
     import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
     from transformers import AutoModelForCausalLM
 
-    from mlx_tune.config import PreferenceConfig
     from mlx_tune.model.attention import forward
     from mlx_tune.testing.tiny import save_tiny_folder, tiny_model
-    from mlx_tune.training.preference_losses import PairLogps, pair_loss
 
-    pairs = [([5, 17, 99, 3], [250, 42, 7, 8], [120, 33]),
-             ([1, 2, 3, 4, 5, 6], [60, 61], [70, 71, 72, 73, 74]),
-             ([200, 201], [11, 12, 13], [21, 22, 23])]
-
-    def mlx_sums(model, prompt, resp):
-        toks = prompt + resp
-        logits = forward(model, mx.array([toks[:-1]])).astype(mx.float32)[0]
-        logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        idx = mx.array(toks[1:])
-        per = mx.take_along_axis(logp, idx[:, None], axis=-1)[:, 0]
-        return float(per[len(prompt) - 1:].sum())
-
-    def torch_sums(model, prompt, resp):
-        toks = torch.tensor([prompt + resp])
-        with torch.no_grad():
-            logp = torch.log_softmax(model(toks).logits[0, :-1].float(), dim=-1)
-        per = logp.gather(1, toks[0, 1:, None])[:, 0]
-        return float(per[len(prompt) - 1:].sum())
-
+    ids, attention, completion = _model_batch(np)
+    P = len(MODEL_PAIRS)
     with tempfile.TemporaryDirectory() as tmp:
         folder = save_tiny_folder(Path(tmp) / "tiny", "llama", seed=0)
         hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
-        model = tiny_model("llama", seed=0)
-        ours = np.array([[mlx_sums(model, p, c), mlx_sums(model, p, r)] for p, c, r in pairs], np.float32)
-        theirs = np.array([[torch_sums(hf, p, c), torch_sums(hf, p, r)] for p, c, r in pairs], np.float32)
-    # DPO against a reference a little away from the policy, in mlx_tune and in TRL's formula
-    ref = ours - np.float32(0.3) * np.arange(ours.size, dtype=np.float32).reshape(ours.shape)
-    counts = np.array([[len(c), len(r)] for _, c, r in pairs], np.float32)
+    model = tiny_model("llama", seed=0)
+    t_ids, t_att = torch.tensor(ids), torch.tensor(attention)
 
-    def ours_loss(s):
-        lp = PairLogps(s[:, 0], s[:, 1], mx.array(counts[:, 0]), mx.array(counts[:, 1]), mx.array(ref[:, 0]),
-                       mx.array(ref[:, 1]), mx.ones((len(pairs),)))
-        return pair_loss("dpo", PreferenceConfig(), lp)[0]
+    def torch_T():
+        logp = torch.log_softmax(hf(t_ids, attention_mask=t_att).logits[:, :-1].float(), dim=-1)
+        return logp.gather(2, t_ids[:, 1:, None])[..., 0] * t_att[:, 1:]
 
-    loss_m, grad_m = mx.value_and_grad(ours_loss)(mx.array(ours))
-    s = torch.tensor(theirs, requires_grad=True)
-    d = (s[:, 0] - torch.tensor(ref[:, 0])) - (s[:, 1] - torch.tensor(ref[:, 1]))
-    loss_t = -torch.nn.functional.logsigmoid(0.1 * d).mean()
-    loss_t.backward()
-    row = {"case": "tiny llama logps + dpo", "max_abs_logps_diff": float(np.abs(ours - theirs).max()),
-           "logps_rel": _rel(ours, theirs, np), "trl_formula_loss": float(loss_t), "mlx_tune_loss": float(loss_m),
-           "loss_rel": _rel(float(loss_m), float(loss_t), np),
-           "grad_norm_torch": float(s.grad.norm()), "grad_norm_mlx_tune": float(np.linalg.norm(np.array(grad_m)))}
-    row["grad_norm_rel"] = _rel(row["grad_norm_mlx_tune"], row["grad_norm_torch"], np)
-    row["pass"] = bool(row["logps_rel"] <= RTOL and row["loss_rel"] <= RTOL and row["grad_norm_rel"] <= RTOL)
-    return row
+    def mlx_T():
+        logits = forward(model, mx.array(ids)).astype(mx.float32)[:, :-1]
+        logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        return mx.take_along_axis(logp, mx.array(ids[:, 1:, None]), axis=-1)[..., 0] * mx.array(attention[:, 1:])
+
+    resp = completion[:, 1:]
+    with torch.no_grad():
+        sums_t = (torch_T() * torch.tensor(resp)).sum(1).numpy()
+    sums_m = np.array((mlx_T() * mx.array(resp)).sum(1))
+    # a reference a little away from the policy
+    ref_all = sums_m - np.float32(0.3) * np.arange(2 * P, dtype=np.float32)
+    ref = (ref_all[:P], ref_all[P:])
+    rows = []
+    for case in PAIR_CASES:
+        if case.get("via_cpo"):
+            continue
+        r = ref if case["method"] == "dpo" else None
+        hf.zero_grad()
+        loss_t, _ = _trl_pair_loss(torch, case, torch_T(), attention, completion, r)
+        loss_t.backward()
+        g_t = {n: p.grad.numpy() for n, p in hf.named_parameters() if p.grad is not None}
+        loss_m, g_m = nn.value_and_grad(
+            model, lambda case=case, r=r: _ours_pair_loss(case, mlx_T(), attention, completion, r)[0])()
+        g_m = {n: np.array(g) for n, g in tree_flatten(g_m)}
+        norm_t = float(np.sqrt(sum((g.astype(np.float64) ** 2).sum() for g in g_t.values())))
+        norm_m = float(np.sqrt(sum((g.astype(np.float64) ** 2).sum() for g in g_m.values())))
+        worst = max(float(np.linalg.norm(g_m[n] - g_t[n]) / max(np.linalg.norm(g_t[n]), 1e-12)) for n in g_t)
+        row = {"case": f"model {case['name']}", "trl_loss": float(loss_t), "mlx_tune_loss": float(loss_m),
+               "loss_rel": _rel(float(loss_m), float(loss_t), np), "grad_norm": norm_t,
+               "grad_rel": _rel(norm_m, norm_t, np), "worst_tensor_grad_rel": worst,
+               "same_weights": sorted(g_t) == sorted(g_m),
+               "logps_max_abs_diff": float(np.abs(sums_m - sums_t).max())}
+        row["pass"] = bool(row["loss_rel"] <= RTOL and row["grad_rel"] <= RTOL and worst <= RTOL and row["same_weights"])
+        rows.append(row)
+    return rows
 
 
 def main() -> int:
@@ -360,15 +394,18 @@ def main() -> int:
         print(f"{r['case']:28s} {r['trl_loss']:12.6f} {r['mlx_tune_loss']:12.6f} {r['loss_rel']:9.1e} "
               f"{r['grad_norm']:9.4f} {r['grad_rel']:9.1e} {r['metric_rel']:9.1e}  {len(r['metrics_compared'])} "
               f"{'ok' if r['pass'] else 'FAIL'}")
-    model_row = part_model(torch, np)
-    print(f"{model_row['case']}: max |logps diff| {model_row['max_abs_logps_diff']:.2e} (rel {model_row['logps_rel']:.1e}),"
-          f" dpo loss rel {model_row['loss_rel']:.1e}, grad norm rel {model_row['grad_norm_rel']:.1e} "
-          f"{'ok' if model_row['pass'] else 'FAIL'}")
-    failed = [r["case"] for r in rows + [model_row] if not r["pass"]]
+    model_rows = part_model(torch, np)
+    print(f"{'tiny llama (torch vs MLX)':28s} {'TRL loss':>12s} {'mlx_tune':>12s} {'loss rel':>9s} {'|dW|':>9s} "
+          f"{'|dW| rel':>9s} {'worst W':>9s}  max |logps diff| {model_rows[0]['logps_max_abs_diff']:.1e}")
+    for r in model_rows:
+        print(f"{r['case']:28s} {r['trl_loss']:12.6f} {r['mlx_tune_loss']:12.6f} {r['loss_rel']:9.1e} "
+              f"{r['grad_norm']:9.4f} {r['grad_rel']:9.1e} {r['worst_tensor_grad_rel']:9.1e}  "
+              f"{'ok' if r['pass'] else 'FAIL'}")
+    failed = [r["case"] for r in rows + model_rows if not r["pass"]]
     import transformers
     write_json_atomic(RESULTS, {"trl": trl.__version__, "torch": torch.__version__,
                                 "transformers": transformers.__version__, "tolerance_rel": RTOL,
-                                "losses": rows, "model": model_row, "pass": not failed})
+                                "losses": rows, "model": model_rows, "pass": not failed})
     print(f"TRL preference agreement: {'pass' if not failed else 'FAIL ' + ', '.join(failed)} ({RESULTS.name})")
     return 0 if not failed else 1
 
