@@ -56,7 +56,8 @@ TYPED := mlx_tune/config.py mlx_tune/typed_config.py mlx_tune/errors.py mlx_tune
 	mlx_tune/model/attention.py mlx_tune/model/head.py mlx_tune/model/packing.py \
 	mlx_tune/adapters/__init__.py mlx_tune/adapters/inject.py mlx_tune/adapters/files.py mlx_tune/adapters/manager.py \
 	mlx_tune/training/run.py mlx_tune/export/fuse.py \
-	mlx_tune/training/best.py mlx_tune/training/tracking.py mlx_tune/evaluation/live.py mlx_tune/data/masks.py
+	mlx_tune/training/best.py mlx_tune/training/tracking.py mlx_tune/evaluation/live.py mlx_tune/data/masks.py \
+	mlx_tune/training/preference_losses.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check $(LINT_PATHS)

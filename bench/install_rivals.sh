@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
 # Rivals for the benchmarks, in their own environment (.venv-rivals) so the project's
-# .venv stays lean: PyTorch (CPU), transformers and PEFT. Benchmarks find it by path
+# .venv stays lean: PyTorch (CPU), transformers, PEFT and TRL. Benchmarks find it by path
 # (MLX_TUNE_RIVALS_PYTHON overrides) and report "skipped" where it is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py="${PYTHON:-python3}"
 [ -x .venv-rivals/bin/python ] || "$py" -m venv .venv-rivals
 .venv-rivals/bin/python -m pip install --quiet --upgrade pip
-# A pinned CPU build where a wheel of it is at hand; plain "torch" elsewhere.
-.venv-rivals/bin/python -m pip install --quiet "torch==2.13.0" 2>/dev/null || .venv-rivals/bin/python -m pip install --quiet torch
-.venv-rivals/bin/python -m pip install --quiet transformers peft safetensors numpy gguf
+# A pinned CPU build where a wheel of it is at hand (a local one in /opt/wheels first); plain "torch" elsewhere.
+wheel=$(ls /opt/wheels/torch-*.whl 2>/dev/null | head -n 1 || true)
+if [ -n "$wheel" ]; then
+    .venv-rivals/bin/python -m pip install --quiet "$wheel"
+else
+    .venv-rivals/bin/python -m pip install --quiet "torch==2.13.0" 2>/dev/null || .venv-rivals/bin/python -m pip install --quiet torch
+fi
+# trl: the reference semantics of the preference losses (bench/check_trl_preference.py).
+.venv-rivals/bin/python -m pip install --quiet transformers peft trl safetensors numpy gguf
 # mlx_tune itself too, so interop checks (bench/check_*.py) can compare both sides in one process.
 .venv-rivals/bin/python -m pip install --quiet -e .
-echo "rivals ready: $(.venv-rivals/bin/python -c 'import torch, peft, transformers; print("torch", torch.__version__, "peft", peft.__version__, "transformers", transformers.__version__)')"
+echo "rivals ready: $(.venv-rivals/bin/python -c 'import torch, peft, transformers, trl; print("torch", torch.__version__, "peft", peft.__version__, "transformers", transformers.__version__, "trl", trl.__version__)')"

@@ -27,9 +27,9 @@ sys.path.insert(0, str(ROOT))
 
 from mlx_tune.atomic import write_text_atomic  # noqa: E402
 
-# Interop checks need torch + peft + transformers beside mlx_tune: the rivals' Python.
+# Interop checks need torch + peft + transformers (+ trl) beside mlx_tune: the rivals' Python.
 RIVALS_PYTHON = [os.environ.get("MLX_TUNE_RIVALS_PYTHON"), str(ROOT / ".venv-rivals" / "bin" / "python")]
-NEEDS_RIVALS = {"check_peft_interop.py"}
+NEEDS_RIVALS = {"check_peft_interop.py", "check_trl_preference.py"}
 
 # (script, extra args for the full run, extra args for --quick, timeout seconds full / quick)
 BENCHMARKS = [
@@ -44,6 +44,7 @@ BENCHMARKS = [
     ("bench_fuse.py", [], ["--quick"], 1200, 300),
     ("bench_memory.py", [], ["--quick"], 4 * 3600, 400),
     ("check_peft_interop.py", [], [], 600, 300),
+    ("check_trl_preference.py", [], [], 600, 300),
 ]
 
 
