@@ -187,3 +187,22 @@ def test_dpo_run_learns_the_preference_and_resumes_exactly_after_sigkill(tmp_pat
     first, last = np.mean([r["reward_margin"] for r in train_rows[:4]]), np.mean([r["reward_margin"] for r in train_rows[-4:]])
     assert last > first and val_rows[-1]["val_loss"] < val_rows[0]["val_loss"] == pytest.approx(np.log(2), abs=1e-4)
     assert (tmp_path / "full" / "adapters.safetensors").is_file()
+
+
+def test_orpo_batches_gather_the_chosen_prompt_for_its_nll(pair_data):
+    """ORPO's NLL runs over the whole chosen sequence (TRL): those slots' every-token sums
+    equal the plain log-prob of all their targets; response sums are unchanged."""
+    from mlx_tune.training.preference import slot_sums
+
+    model = _lora()
+    plain_batch = next(PairStream(pair_data, 2, 64, packing=True, seed=0))
+    batch = next(PairStream(pair_data, 2, 64, packing=True, seed=0, nll_prompt=True))
+    resp, whole = slot_sums(model, batch)
+    np.testing.assert_allclose(np.array(resp), np.array(slot_logps(model, plain_batch)), rtol=1e-5, atol=1e-4)
+    for k, s in enumerate(batch.slot_seqs):
+        if s < 0:
+            continue
+        ids = pair_data.ids[s]
+        want = _plain_logp(model, ids, np.ones(len(ids), bool)) if k % 2 == 0 else _plain_logp(model, ids, pair_data.train[s])
+        assert abs(whole[k].item() - want.item()) < 1e-3, k
+        assert batch.slot_all_tokens[k].item() == (len(ids) - 1 if k % 2 == 0 else pair_data.train[s][1:].sum())

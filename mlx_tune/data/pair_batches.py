@@ -31,7 +31,9 @@ class UnitBatch:
     positions: Any
     gather: Any  # (G,) flat indices of response tokens (padding: index 0)
     gslot: Any  # (G,) their sequence slot (padding: S)
+    gresp: Any  # (G,) 1.0 for a response token, 0.0 for a prompt token (gathered only for an NLL over it)
     slot_tokens: Any  # (S,) response tokens per slot
+    slot_all_tokens: Any  # (S,) gathered tokens per slot (response, plus the prompt where gathered)
     unit_weight: Any  # (P,) 1.0 for a real unit, 0.0 for an empty slot
     labels: Any = None  # (P,) kto labels
     ref_logps: Any = None  # (S,) precomputed reference log-probs
@@ -48,8 +50,11 @@ def _slots(n: int) -> int:
 
 
 def collate_units(ds: PairDataset, rows: list[list[int]], packed: bool, width: int, pad_id: int = 0,
-                  ref: np.ndarray | None = None) -> UnitBatch:
-    """A UnitBatch of ``rows`` (lists of unit indices; packed: several per row)."""
+                  ref: np.ndarray | None = None, nll_prompt: bool = False) -> UnitBatch:
+    """A UnitBatch of ``rows`` (lists of unit indices; packed: several per row).
+
+    ``nll_prompt`` also gathers the chosen sequences' prompt tokens (ORPO's NLL term runs
+    over the whole chosen sequence, as TRL's ``ORPOTrainer`` takes it)."""
     import mlx.core as mx
 
     units = [u for row in rows for u in row]
@@ -85,12 +90,28 @@ def collate_units(ds: PairDataset, rows: list[list[int]], packed: bool, width: i
             seg[b, t:t + n], pos[b, t:t + n], slot[b, t:t + n] = s, np.arange(n), sl
             t += n
         pos[b, t:] = np.arange(width - t)
-    flat = mask.reshape(-1)
-    idx = np.flatnonzero(flat > 0)
+    flat, flat_slot = mask.reshape(-1), slot.reshape(-1)
+    if nll_prompt:  # every real position of a chosen (even) slot, prompt included
+        slot_all = np.full((B, width), 2 * P, dtype=np.int32)
+        for b, row in enumerate(phys):
+            t = 0
+            for sl, i in row:
+                n = len(ds.ids[i]) - 1
+                slot_all[b, t:t + n] = sl
+                t += n
+        flat_all = slot_all.reshape(-1)
+        keep = (flat > 0) | ((flat_all < 2 * P) & (flat_all % 2 == 0))
+        flat_slot = np.where(flat > 0, flat_slot, flat_all)
+    else:
+        keep = flat > 0
+    idx = np.flatnonzero(keep)
     size = gather_size(len(idx))
-    gather = np.concatenate([idx, np.zeros(size - len(idx), dtype=idx.dtype)]).astype(np.int32)
-    gslot = np.concatenate([slot.reshape(-1)[idx], np.full(size - len(idx), 2 * P)]).astype(np.int32)
-    slot_tokens = np.bincount(gslot, minlength=2 * P + 1)[: 2 * P].astype(np.float32)
+    pad = size - len(idx)
+    gather = np.concatenate([idx, np.zeros(pad, dtype=idx.dtype)]).astype(np.int32)
+    gslot = np.concatenate([flat_slot[idx], np.full(pad, 2 * P)]).astype(np.int32)
+    gresp = np.concatenate([(flat[idx] > 0), np.zeros(pad, dtype=bool)]).astype(np.float32)
+    slot_tokens = np.bincount(gslot, weights=gresp, minlength=2 * P + 1)[: 2 * P].astype(np.float32)
+    slot_all_tokens = np.bincount(gslot, minlength=2 * P + 1)[: 2 * P].astype(np.float32)
     weight = np.zeros(P, dtype=np.float32)
     weight[: len(units)] = 1.0
     labels = None
@@ -103,10 +124,11 @@ def collate_units(ds: PairDataset, rows: list[list[int]], packed: bool, width: i
     return UnitBatch(
         inputs=mx.array(inputs), targets=mx.array(targets), loss_mask=mx.array(mask),
         segment_ids=mx.array(seg) if packed else None, positions=mx.array(pos) if packed else None,
-        gather=mx.array(gather), gslot=mx.array(gslot), slot_tokens=mx.array(slot_tokens),
+        gather=mx.array(gather), gslot=mx.array(gslot), gresp=mx.array(gresp), slot_tokens=mx.array(slot_tokens),
+        slot_all_tokens=mx.array(slot_all_tokens),
         unit_weight=mx.array(weight), labels=None if labels is None else mx.array(labels),
         ref_logps=None if ref_logps is None else mx.array(ref_logps),
-        n_tokens=int((seg != PAD_SEGMENT).sum()), n_trained=len(idx), slot_seqs=tuple(int(x) for x in slot_seqs),
+        n_tokens=int((seg != PAD_SEGMENT).sum()), n_trained=int(gresp.sum()), slot_seqs=tuple(int(x) for x in slot_seqs),
     )
 
 
@@ -117,9 +139,10 @@ class PairStream(BatchStream):
     without. ``ref`` (per sequence) fills ``ref_logps`` once reference log-probs are known.
     """
 
-    def __init__(self, dataset: PairDataset, batch_size: int, max_seq_length: int, **kw):
+    def __init__(self, dataset: PairDataset, batch_size: int, max_seq_length: int, *, nll_prompt: bool = False,
+                 **kw):
         super().__init__(dataset, batch_size, 2 * max_seq_length, **kw)
-        self.seq_length = max_seq_length
+        self.seq_length, self.nll_prompt = max_seq_length, nll_prompt
         self.ref: np.ndarray | None = None
 
     def collate_rows(self, rows: list[list[int]]) -> UnitBatch:
@@ -129,11 +152,13 @@ class PairStream(BatchStream):
             ds = self.dataset
             longest = max((len(ds.ids[s]) - 1 for r in rows if r for s in ds.units[r[0]]), default=1)
             width = pad_to(longest, self.pad_multiple, self.seq_length)
-        return collate_units(self.dataset, rows, self.packing, width, self.pad_id, self.ref)
+        return collate_units(self.dataset, rows, self.packing, width, self.pad_id, self.ref, self.nll_prompt)
 
 
 def pair_stream_for(dataset: PairDataset, train_cfg, *, train: bool = True, rank: int = 0, world_size: int = 1,
                     pad_id: int = 0) -> PairStream:
-    """A PairStream configured from a ``TrainConfig`` (as ``batching.stream_for``)."""
+    """A PairStream configured from a ``TrainConfig`` (as ``batching.stream_for``); ORPO
+    gathers the chosen prompts too (its NLL term)."""
     return PairStream(dataset, train_cfg.batch_size, train_cfg.max_seq_length, packing=train_cfg.packing,
-                      seed=train_cfg.seed, shuffle=train, loop=train, rank=rank, world_size=world_size, pad_id=pad_id)
+                      seed=train_cfg.seed, shuffle=train, loop=train, rank=rank, world_size=world_size, pad_id=pad_id,
+                      nll_prompt=train_cfg.method == "orpo")

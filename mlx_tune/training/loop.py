@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 
 BATCH_ARRAYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions", "gather",
                 # preference unit batches (data.pair_batches)
-                "gslot", "slot_tokens", "unit_weight", "labels", "ref_logps")
+                "gslot", "gresp", "slot_tokens", "slot_all_tokens", "unit_weight", "labels", "ref_logps")
 
 
 class TrainingStopped(UserError):

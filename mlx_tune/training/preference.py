@@ -54,14 +54,20 @@ def adapters_disabled(model):
         model.train(was_training)
 
 
-def slot_logps(model, batch, with_grad: bool = True) -> mx.array:
-    """(S,) response log-prob sums per sequence slot of a UnitBatch."""
+def slot_sums(model, batch, with_grad: bool = True) -> tuple[mx.array, mx.array]:
+    """(S,) response log-prob sums per sequence slot of a UnitBatch, and (S,) log-prob sums
+    over every gathered token of the slot (the prompt too, where it was gathered)."""
     h = hidden_states(model, batch.inputs, batch.segment_ids, batch.positions)
     h = h.reshape(-1, h.shape[-1])[batch.gather]
     lp = -token_ce(model, h, batch.targets.reshape(-1)[batch.gather], with_grad=with_grad)
     S = batch.slot_tokens.shape[0]
     onehot = (batch.gslot[None, :] == mx.arange(S, dtype=batch.gslot.dtype)[:, None]).astype(mx.float32)
-    return onehot @ lp
+    return onehot @ (lp * batch.gresp), onehot @ lp
+
+
+def slot_logps(model, batch, with_grad: bool = True) -> mx.array:
+    """(S,) response log-prob sums per sequence slot of a UnitBatch."""
+    return slot_sums(model, batch, with_grad)[0]
 
 
 def reference_slot_logps(model, batch) -> mx.array:
@@ -76,7 +82,7 @@ def method_loss(method: str, cfg, with_grad: bool = True) -> Callable:
     ref_needed = needs_reference(method)
 
     def loss(model, batch):
-        pol = slot_logps(model, batch, with_grad)
+        pol, whole = slot_sums(model, batch, with_grad)
         ref = reference_slot_logps(model, batch) if ref_needed else None
         w = batch.unit_weight
         if method == "kto":
@@ -87,7 +93,10 @@ def method_loss(method: str, cfg, with_grad: bool = True) -> Callable:
             lp = PairLogps(chosen=pol[0::2], rejected=pol[1::2], chosen_tokens=batch.slot_tokens[0::2],
                            rejected_tokens=batch.slot_tokens[1::2],
                            ref_chosen=None if ref is None else ref[0::2],
-                           ref_rejected=None if ref is None else ref[1::2], weight=w)
+                           ref_rejected=None if ref is None else ref[1::2], weight=w,
+                           # ORPO: the NLL over the whole chosen sequence (prompt gathered too)
+                           chosen_nll=-whole[0::2] if method == "orpo" else None,
+                           nll_tokens=batch.slot_all_tokens[0::2] if method == "orpo" else None)
             value, metrics = pair_loss(method, cfg, lp)
         # The weight is counted as (w > 0), not w.sum(): the loss normalises by its own
         # w.sum(), and mx.compile (0.30) fails with "_Map_base::at" when a step output is an
