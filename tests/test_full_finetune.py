@@ -230,3 +230,74 @@ def test_full_gradient_with_a_tied_embedding_matches_plain_autodiff():
     assert set(g) == set(want) and "model.embed_tokens.weight" in g
     for k in want:
         np.testing.assert_allclose(np.array(g[k]), np.array(want[k]), rtol=1e-4, atol=1e-6, err_msg=k)
+
+
+def _measure_full_here(trainable: tuple[str, ...]) -> int:
+    """MLX peak of a full (or partial) training step of test_memory's MEDIUM llama, fp32, checkpointed."""
+    import mlx.optimizers as optim
+    from test_memory import MEDIUM
+
+    from mlx_tune.adapters.trainable import match_modules, unfreeze_modules
+    from mlx_tune.training import loop, recompute
+    from mlx_tune.training.losses import batch_loss
+
+    model = tiny_model("llama", **MEDIUM)
+    model.freeze()
+    if trainable:
+        unfreeze_modules(model, match_modules(model, list(trainable)), lora=False)
+    else:
+        model.unfreeze()
+    recompute.grad_checkpoint(model)
+    mx.eval(model.parameters())
+    step = loop.Step(model, optim.AdamW(1e-4), batch_loss)
+    ids = mx.random.randint(0, MEDIUM["vocab_size"], (1, 257))
+    arrays = {"inputs": ids[:, :-1], "targets": ids[:, 1:], "loss_mask": mx.ones((1, 256))}
+    for _ in range(2):  # the second step has the optimizer state in place
+        mx.eval(step.state)
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        loss_sum, ntoks, grads = step.accumulate(arrays, None)
+        loss, _, grads, _ = step.finish(loss_sum, ntoks, grads)
+        step.apply(grads)
+        mx.eval(step.state, loss)
+    return mx.get_peak_memory()
+
+
+@pytest.mark.accelerator
+@pytest.mark.parametrize("trainable", [(), ("model.embed_tokens", ".*norm")])
+def test_planner_predicts_a_full_step_within_15_percent(trainable):
+    from test_memory import MEDIUM
+
+    from mlx_tune.planning.arch import arch_from_config
+    from mlx_tune.planning.planner import Settings, plan
+    from mlx_tune.runtime.backend import planning_backend
+    from mlx_tune.testing.tiny import tiny_config
+
+    code = f"from tests.test_full_finetune import _measure_full_here; print(_measure_full_here({trainable!r}))"
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env())
+    assert r.returncode == 0, r.stderr[-2000:]
+    measured = int(r.stdout.split()[-1])
+    p = plan(arch_from_config(tiny_config("llama", **MEDIUM)),
+             Settings(batch_size=1, seq_len=256, bits=None, finetune="full", trainable=trainable,
+                      backend=planning_backend()))
+    assert 0.85 <= measured / p.mlx_peak <= 1.15, (measured, p.mlx_peak, p.parts)
+
+
+def test_plan_of_a_7b_full_fine_tune_counts_masters_grads_and_adamw(monkeypatch):
+    from mlx_tune.config import config_from_dict
+    from mlx_tune.planning.planner import GB, plan_config
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    base = {"model": "mistralai/Mistral-7B-Instruct-v0.3", "train": {"iters": 1, "max_seq_length": 2048,
+                                                                  "batch_size": 1, "grad_checkpoint": True}}
+    lora = plan_config(config_from_dict(base), backend="metal")
+    full = plan_config(config_from_dict({**base, "quantize": None, "train": {**base["train"], "finetune": "full"}}),
+                       backend="metal")
+    n = full.arch.params()
+    assert full.parts["base weights"] / n == pytest.approx(4, rel=0.01)  # fp32 masters
+    assert full.parts["trained weights: fp32 grads + 2 optimizer state(s)"] / n == pytest.approx(12, rel=0.01)
+    assert "LoRA params + grads + AdamW" not in full.parts and full.total > 140 * GB > 10 * GB > lora.total
+    part = plan_config(config_from_dict({**base, "quantize": None, "train": {
+        **base["train"], "finetune": "full", "trainable": ["model.embed_tokens", ".*norm"]}}), backend="metal")
+    assert part.parts["trained weights: fp32 grads + 2 optimizer state(s)"] / 12 == pytest.approx(
+        32768 * 4096 + 65 * 4096, rel=1e-6)

@@ -25,6 +25,7 @@ import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -57,7 +58,8 @@ def check_config(cfg: Config) -> None:
 
 
 def _dtype_name(model: nn.Module) -> str:
-    counts = Counter(v.dtype for _, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating))
+    arrays = [v for _, v in cast("list[tuple[str, mx.array]]", tree_flatten(model.parameters()))]
+    counts = Counter(v.dtype for v in arrays if mx.issubdtype(v.dtype, mx.floating))
     common = counts.most_common(1)[0][0] if counts else mx.float32
     return {mx.float16: "float16", mx.bfloat16: "bfloat16"}.get(common, "float32")
 
@@ -82,7 +84,7 @@ def prepare(model: nn.Module, info, cfg: Config) -> Setup:
         else:
             model.unfreeze()
         summary = ""
-    trained = dict(tree_flatten(model.trainable_parameters()))
+    trained: dict[str, mx.array] = dict(tree_flatten(model.trainable_parameters()))
     source = {k: v.dtype for k, v in trained.items()}
     masters = [(k, v.astype(mx.float32)) for k, v in trained.items() if v.dtype in HALF]
     if masters:
