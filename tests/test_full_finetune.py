@@ -131,9 +131,15 @@ def test_full_resume_after_an_interruption_is_exact(full_run, tmp_path):
 
 
 def test_partial_finetune_changes_only_the_matching_modules(tmp_path, tiny_folder):
+    """With gradient checkpointing and eval prompts answered by the model being trained."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"messages": [{"role": "user", "content": "What is 1 plus 2?"}],
+                                   "expected": "3", "match": "contains"}) + "\n")
     config = workspace(tmp_path, tiny_folder, "part", finetune="full", iters=4, learning_rate=1e-2,
-                       trainable=["model.embed_tokens", r".*norm"])
-    _train(config)
+                       trainable=["model.embed_tokens", r".*norm"], grad_checkpoint=True)
+    _train(config, f"eval.prompts={prompts}", "eval.every=2", "eval.max_tokens=4")
+    rows = [json.loads(x) for x in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "eval_accuracy" in r] == [0, 2, 4]
     before, after = _weights(tiny_folder), _weights(tmp_path / "part" / "model")
     changed = {k for k in before if not mx.array_equal(before[k], after[k]).item()}
     expected = {k for k in before if k.startswith("model.embed_tokens.") or k.endswith("norm.weight")}
@@ -160,6 +166,18 @@ def test_lora_with_trainable_modules_saves_loads_and_fuses_them(tmp_path, tiny_f
     params = dict(tree_flatten(model.parameters()))
     for k in norms:
         assert mx.array_equal(params[k], saved[k]).item(), k
+
+    from mlx_tune.adapters import export_peft, import_peft
+
+    peft = export_peft(out, tmp_path / "peft")
+    peft_cfg = json.loads((peft / "adapter_config.json").read_text())
+    assert peft_cfg["modules_to_save"] == ["input_layernorm", "norm", "post_attention_layernorm"]
+    assert mx.array_equal(mx.load(str(peft / "adapter_model.safetensors"))["base_model.model.model.norm.weight"],
+                          saved["model.norm.weight"]).item()
+    back = import_peft(peft, tmp_path / "back")
+    assert json.loads((back / "adapter_config.json").read_text())["trained_weights"] == norms
+    again = mx.load(str(back / "adapters.safetensors"))
+    assert set(again) == set(saved) and all(mx.array_equal(again[k], saved[k]).item() for k in saved)
 
     fused = tmp_path / "fused"
     assert main(["fuse", str(config), "fuse.format=hf", "fuse.dtype=float32", "--out", str(fused)]) == 0
