@@ -69,6 +69,8 @@ def test_full_finetune_lowers_the_loss_and_changes_every_weight(full_run):
     for k in before:
         assert after[k].dtype == mx.bfloat16, k  # written back in the source dtype
         assert not mx.array_equal(before[k], after[k]).item(), f"{k} did not change"
+    masters = mx.load(str(full_run["out"] / "checkpoints" / "step_000012" / "adapter.safetensors"))
+    assert set(masters) == set(before) and all(v.dtype == mx.float32 for v in masters.values())  # fp32 masters
     meta = json.loads((out / "mlx_tune_training.json").read_text())
     assert meta["finetune"] == "full" and meta["step"] == 12
 

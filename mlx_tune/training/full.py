@@ -52,6 +52,9 @@ class Setup:
 
 def check_config(cfg: Config) -> None:
     """Refuse a full fine-tune of a base the config quantizes, before loading anything."""
+    if cfg.train.dequantize and cfg.quantize is not None:
+        raise UserError("train.dequantize: true loads the source dense, but quantize: is set (the default is "
+                        "4-bit) and would quantize it again; set quantize: null")
     if cfg.train.finetune == "full" and cfg.quantize is not None:
         raise UserError("train.finetune: full trains dense weights but quantize: is set (the default is 4-bit); "
                         "set quantize: null (a quantized source also needs train.dequantize: true)")
