@@ -12,11 +12,12 @@ Each trained weight costs, besides its forward use (``training.full``)::
     master   4 bytes (fp32; the stored half copy it replaces is not kept)
     gradient 4 bytes (fp32)
     states   4 bytes x k   (AdamW / Adam: k = 2, m and v; SGD: 0; Adafactor: ~0, factored)
-    update   4 bytes x (1 + k)   (the step's new weights and states, alive with the old ones)
+    update   4 bytes x (1 + k) x 0.85   (the step's new weights and states, most of them
+                                         alive with the old ones: calibrated, ``planner``)
 
-so a full AdamW fine-tune needs about 28 bytes per weight before activations (calibrated
-on a measured step: ``tests/test_full_finetune.py``; mixed-precision trainers that keep a
-half copy for the forward and donate buffers reach about 16-18).
+so a full AdamW fine-tune needs about 26 bytes per weight before activations (checked
+against a measured step in ``tests/test_full_finetune.py``; mixed-precision trainers that
+keep a half copy for the forward and update in place reach about 16-18).
 """
 
 from __future__ import annotations
