@@ -36,7 +36,7 @@ from mlx_tune.adapters.lora import is_packed
 from mlx_tune.adapters.trainable import match_modules, trained_base_weights, unfreeze_modules
 from mlx_tune.config import Config
 from mlx_tune.errors import UserError
-from mlx_tune.export.full import model_dir, write_model_folder
+from mlx_tune.export.full import TRAINING_FILE, model_dir, write_model_folder
 
 HALF = (mx.float16, mx.bfloat16)
 
@@ -120,7 +120,7 @@ def save_outputs(model: nn.Module, tokenizer, info, cfg: Config, setup: Setup, *
 def _drop_other_output(out: Path, finetune: str) -> None:
     """An earlier run's output of the other kind must not outlive it (serve and fuse would pick it)."""
     if finetune == "lora":
-        if model_dir(out).is_dir():
+        if (model_dir(out) / TRAINING_FILE).is_file():  # only a folder a full run wrote
             shutil.rmtree(model_dir(out))
         return
     for name in (adapters.ADAPTER_CONFIG, adapters.ADAPTER_WEIGHTS):  # the config first: it marks a complete folder
