@@ -283,6 +283,7 @@ def _measure_full_here(trainable: tuple[str, ...]) -> int:
     return mx.get_peak_memory()
 
 
+@pytest.mark.slow
 @pytest.mark.accelerator
 @pytest.mark.parametrize("trainable", [(), ("model.embed_tokens", ".*norm")])
 def test_planner_predicts_a_full_step_within_15_percent(trainable):
