@@ -55,9 +55,11 @@ LINT_PATHS := mlx_tune tests bench scripts data_transform.py test_mlx.py
 TYPED := mlx_tune/config.py mlx_tune/typed_config.py mlx_tune/errors.py mlx_tune/atomic.py mlx_tune/runtime mlx_tune/model/loading.py \
 	mlx_tune/model/attention.py mlx_tune/model/head.py mlx_tune/model/packing.py \
 	mlx_tune/adapters/__init__.py mlx_tune/adapters/inject.py mlx_tune/adapters/files.py mlx_tune/adapters/manager.py \
-	mlx_tune/training/run.py mlx_tune/export/fuse.py \
+	mlx_tune/training/run.py mlx_tune/export/fuse.py mlx_tune/adapters/trainable.py mlx_tune/training/full.py \
+	mlx_tune/export/full.py mlx_tune/planning/full.py \
 	mlx_tune/training/best.py mlx_tune/training/tracking.py mlx_tune/evaluation/live.py mlx_tune/data/masks.py \
-	mlx_tune/training/preference_losses.py
+	mlx_tune/training/preference_losses.py mlx_tune/training/preference.py mlx_tune/data/pairs.py \
+	mlx_tune/data/pair_batches.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check $(LINT_PATHS)

@@ -159,6 +159,8 @@ class TrainConfig:
         default="lora", metadata={"doc": "lora (an adapter) or full (every weight of a dense base)"})
     trainable: list[str] = field(default_factory=list, metadata={
         "doc": "regexes of module paths to train besides (lora) or instead of all (full) weights"})
+    dequantize: bool = field(default=False, metadata={
+        "doc": "load a quantized source as dense weights (full fine-tuning of a quantized model; with quantize: null)"})
 
     def check(self) -> list[str]:
         errs = []

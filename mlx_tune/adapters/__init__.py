@@ -3,7 +3,8 @@
 Owns the layers (``lora``: ``from_base``, ``__call__``, ``fuse``), injection into a
 loaded model (``inject``), the adapter folder format (``files``: save / read,
 fingerprint), Hugging Face PEFT interop and reading either kind of folder (``peft``),
-and loading, removing, merging and switching adapters on one model (``manager``).
+loading, removing, merging and switching adapters on one model (``manager``), and base
+modules trained by name beside an adapter (``trainable``).
 The rule for rank / alpha / dropout is ``mlx_tune.config.lora_hyperparameter_problems``.
 May import ``model``, ``runtime``, ``config``, ``atomic`` and ``errors``.
 

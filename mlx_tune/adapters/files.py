@@ -85,13 +85,16 @@ def _layout(paths: list[str], blocks: list[str]) -> tuple[list[int], list[str], 
 
 
 def save_adapter(model: nn.Module, out_dir: str | Path, lora_cfg=None, info=None, name: str | None = None,
-                 chat_template: str | None = None, extra: dict | None = None) -> Path:
+                 chat_template: str | None = None, extra: dict | None = None,
+                 base_weights: dict[str, mx.array] | None = None) -> Path:
     """Write adapter ``name`` (default: the active one) of ``model`` to ``out_dir``.
 
     ``chat_template`` (the Jinja text training rendered chats with, when the config supplied
     one) is stored as ``chat_template.jinja`` and named in the config, so the server and
     fuse render prompts exactly as training did; ``extra`` keys (training's ``step`` and
-    metric value) go into adapter_config.json too.
+    metric value) go into adapter_config.json too. ``base_weights`` (base modules trained
+    beside the adapter, ``adapters.trainable``) are stored under the model's names and
+    listed as ``trained_weights``.
     """
     name = name or active_name(model)
     held = [(p, w.adapters[name]) for p, w in wrappers(model) if name in w.adapters]
@@ -107,6 +110,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path, lora_cfg=None, info=None
         weights[f"{path}.lora_b"] = adapter.lora_b
         if adapter.kind == "dora":
             weights[f"{path}.m"] = adapter.m
+    weights.update(base_weights or {})
     paths = [p for p, _ in held]
     blocks = block_paths(model)
     indices, keys, outside = _layout(paths, blocks)
@@ -133,6 +137,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path, lora_cfg=None, info=None
         "base_model_type": base["model_type"],
         "base_quantization": base["quantization"],
         **fingerprint(model),
+        **({"trained_weights": sorted(base_weights)} if base_weights else {}),
         **(extra or {}),
     }
     template_path = Path(out_dir) / TEMPLATE_FILE

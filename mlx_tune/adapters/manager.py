@@ -19,6 +19,7 @@ from mlx_tune.adapters.inject import active_name, ensure_wrapper, linear_modules
 from mlx_tune.adapters.lora import set_active
 from mlx_tune.adapters.peft import read_adapter
 from mlx_tune.adapters.switch import adapter_shapes
+from mlx_tune.adapters.trainable import apply_base_weights, base_weight_problems
 from mlx_tune.errors import UserError
 
 
@@ -34,6 +35,12 @@ def load_adapter(model: nn.Module, path: str | Path, name: str | None = None, ac
     if problems:
         raise UserError("; ".join(problems))
     rank, use_dora = int(config["rank"]), bool(config.get("use_dora", False))
+    # Base modules trained beside the adapter (train.trainable): they replace the base's weights.
+    trained = {k: weights[k] for k in config.get("trained_weights") or [] if k in weights}
+    problems += [f"{k}: listed in trained_weights, not in the file" for k in config.get("trained_weights") or []
+                 if k not in weights]
+    problems += base_weight_problems(model, trained)
+    weights = {k: v for k, v in weights.items() if k not in trained}
     suffixes = (".lora_a", ".lora_b", ".m") if use_dora else (".lora_a", ".lora_b")
     by_module: dict[str, dict[str, mx.array]] = {}
     for key, value in weights.items():
@@ -82,6 +89,8 @@ def load_adapter(model: nn.Module, path: str | Path, name: str | None = None, ac
         for leaf, value in tensors.items():
             setattr(adapter, leaf, value)
     mx.eval([w.adapters[name].parameters() for _, w in wrappers(model) if name in w.adapters])
+    if trained:
+        apply_base_weights(model, trained)
     if activate:
         set_active(model, name)
     return name

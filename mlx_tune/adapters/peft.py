@@ -100,6 +100,9 @@ def export_peft(adapter_dir: str | Path, out_dir: str | Path) -> Path:
                         f"({stacked[0]}{f' and {len(stacked) - 1} more' if len(stacked) > 1 else ''}); "
                         "use the mlx_tune adapter folder (mlx-lm reads it) or fuse the model")
     tensors = {}
+    trained = sorted(config.get("trained_weights") or [])  # base modules trained beside the adapter
+    for key in trained:  # PEFT's modules_to_save: saved under the base model's own names
+        tensors[PREFIX + key] = weights.pop(key)
     for key, value in weights.items():
         path, _, leaf = key.rpartition(".")
         if leaf not in _LEAVES:
@@ -123,7 +126,7 @@ def export_peft(adapter_dir: str | Path, out_dir: str | Path) -> Path:
         "fan_in_fan_out": False,
         "inference_mode": True,
         "init_lora_weights": True,
-        "modules_to_save": None,
+        "modules_to_save": sorted({k.rpartition(".")[0].rpartition(".")[2] for k in trained}) or None,
         "rank_pattern": {},
         "alpha_pattern": {},
         "revision": None,
@@ -158,17 +161,19 @@ def peft_to_mlx(peft_dir: str | Path) -> tuple[dict, dict[str, mx.array]]:
     for key in ("rank_pattern", "alpha_pattern"):
         if pc.get(key):
             problems.append(f"{key}: per-module ranks/alphas are not supported")
-    if pc.get("modules_to_save"):
-        problems.append(f"modules_to_save: {pc['modules_to_save']} (fully trained modules) are not supported")
     problems += lora_hyperparameter_problems(pc.get("r"), pc.get("lora_alpha"), pc.get("lora_dropout") or 0.0,
                                              names=("r", "lora_alpha", "lora_dropout"), sep=": ")
     if problems:
         raise UserError(f"{config_file}: " + "; ".join(problems))
     raw, metadata = read_safetensors(weights_file)
     weights: dict[str, mx.array] = {}
+    trained: dict[str, mx.array] = {}  # modules_to_save: whole base weights, under the base's names
     bad = []
     for key, value in raw.items():
         m = _PEFT_KEY.match(key)
+        if m is None and pc.get("modules_to_save") and key.startswith(PREFIX):
+            trained[key[len(PREFIX):]] = value
+            continue
         if m is None:
             bad.append(key)
             continue
@@ -209,7 +214,11 @@ def peft_to_mlx(peft_dir: str | Path) -> tuple[dict, dict[str, mx.array]]:
         "scale": float(alpha) / (rank ** 0.5 if pc.get("use_rslora") else rank),
         "modules": modules,
     })
-    return config, weights
+    if trained:
+        config["trained_weights"] = sorted(trained)
+    else:
+        config.pop("trained_weights", None)
+    return config, {**weights, **trained}
 
 
 def import_peft(peft_dir: str | Path, out_dir: str | Path) -> Path:

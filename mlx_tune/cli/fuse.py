@@ -39,7 +39,16 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, flag_overrides(args))  # every bad key / value reported before loading
 
+    from pathlib import Path
+
+    from mlx_tune.adapters import ADAPTER_WEIGHTS
+    from mlx_tune.export.full import export_full, full_output
     from mlx_tune.export.fuse import FuseOptions, run_fuse
 
-    run_fuse(cfg, FuseOptions.from_config(cfg.fuse), out=args.out)
+    opts = FuseOptions.from_config(cfg.fuse)
+    folder = full_output(cfg.output_dir)
+    if folder is not None and not (Path(cfg.output_dir) / ADAPTER_WEIGHTS).is_file():  # a full fine-tune
+        export_full(folder, Path(args.out) if args.out else cfg.fused_path, opts, data_dir=cfg.data)
+        return 0
+    run_fuse(cfg, opts, out=args.out)
     return 0  # a fidelity warning is printed; the output is still the best that could be written

@@ -84,6 +84,8 @@ def settings(args: argparse.Namespace) -> Settings:
         trained = Path(cfg.output_dir)
         if (trained / "adapters.safetensors").is_file():
             adapters[serve.adapter_name] = str(trained)
+        elif (trained / "model" / "config.json").is_file():  # a full fine-tune: its model is the base
+            source = str(trained / "model")
         adapters.update(serve.adapters or {})
     else:
         serve, source, quantize = ServeConfig(), None, None

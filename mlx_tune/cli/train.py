@@ -48,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
     plot = result.plot
     val = f", validation loss {state.val_loss:.4f}" if state.val_loss is not None else ""
     print(f"done: {state.step} steps in {result.seconds:.1f}s, last loss {state.last_loss:.4f}{val}; "
-          f"adapter in {result.output_dir}" + (f", plot {plot}" if plot else " (no matplotlib: loss.png skipped)"),
+          + (f"model in {result.output_dir / 'model'}" if cfg.train.finetune == "full" else f"adapter in {result.output_dir}")
+          + (f", plot {plot}" if plot else " (no matplotlib: loss.png skipped)"),
           flush=True)
     return 0

@@ -140,7 +140,7 @@ def accuracy_metrics(report: dict[str, Any]) -> dict[str, float | None]:
     return out
 
 
-def step_scorer(scorer: LiveScorer, rows: list[PromptRow], adapter: str, max_tokens: int):
+def step_scorer(scorer: LiveScorer, rows: list[PromptRow], adapter: str | None, max_tokens: int):
     """``score(step) -> (metrics row, answers)`` for the eval prompts during training."""
     def score(step: int) -> tuple[dict, list[dict]]:
         tic = time.perf_counter()

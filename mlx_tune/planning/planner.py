@@ -35,6 +35,12 @@ or ``known_configs``) give every shape, and the peak of one LoRA training step i
   activations) plus the larger phase;
 * a fixed **runtime** overhead (Python, MLX, tokenizer, data) for the process total.
 
+**Full and partial fine-tuning** (``train.finetune: full``, ``train.trainable``): no adapter;
+each trained weight is an fp32 master (in the base weights) with an fp32 gradient, the
+optimizer's fp32 states (AdamW: 2) and the update's new copies of both, about 26 bytes per
+weight with AdamW (``planning.full``, which also matches the regexes to module paths); a full
+fine-tune computes in fp32 (its activations are 4 bytes an element).
+
 **MoE blocks** (qwen3_moe, mixtral, gpt-oss): the MLP is ``E`` experts of width ``Fm`` stored
 as (E, out, in) stacks plus a ``D x E`` router, so the weights count all ``E`` experts; with
 experts targeted each expert stack holds ``E`` LoRAs (``E * r * (in + out)``); each token runs
@@ -65,6 +71,7 @@ from mlx_tune.planning.arch import (
     arch_from_config,
     read_source_config,
 )
+from mlx_tune.planning.full import OPTIMIZER_STATES, head_trained, trained_params
 from mlx_tune.training import loss_shapes
 
 GB = 1e9
@@ -84,6 +91,10 @@ LORA_STATE_COPIES = 4.0  # params, grads, AdamW m and v (fp32)
 LORA_UPDATE_COPIES = 1.0  # the update writes new params and moments, mostly into donated buffers
 WORKING_PROBS = 2.0  # gradient of the softmax probabilities and of the scores
 WORKING_FLOWS = 4.0  # calibrated: gradients flowing through a block (and their fp32 LoRA copies)
+# calibrated: share of a full fine-tune's new weights and moments alive with the old ones (full
+# AdamW steps measured / planned: tests/test_memory.py's MEDIUM llama 1.07 (0.97 without
+# checkpointing), its embeddings + norms 1.13, its top block 1.03; SmolLM2-135M at 2 x 128 0.90)
+TRAINED_UPDATE_COPIES = 0.85
 
 
 @dataclass
@@ -103,6 +114,9 @@ class Settings:
     lora_experts: bool = True  # MoE: the expert stacks are adapted (one LoRA per expert)
     backend: str = "cpu"  # "cpu" dequantizes for matmuls; "metal"/"cuda" use fused kernels
     activation_bytes: int | None = None  # None: the source dtype (fp32 4, fp16/bf16 2)
+    finetune: str = "lora"  # "full": no adapter, the base weights train (all, or the trainable ones)
+    trainable: tuple[str, ...] = ()  # train.trainable regexes (planning.full)
+    optimizer_states: int = 2  # fp32 states per trained weight (AdamW: m and v)
 
 
 @dataclass
@@ -156,9 +170,16 @@ def causal_block_fraction(seq_len: int) -> float:
 
 
 def plan(arch: Arch, s: Settings, origin: str = "") -> Plan:
-    """Predicted peak memory of one LoRA training step (see the module docstring)."""
+    """Predicted peak memory of one training step (see the module docstring)."""
+    from dataclasses import replace
+
     notes: list[str] = []
-    a = s.activation_bytes or arch.dtype_bytes
+    full = s.finetune == "full"
+    if full and s.bits is not None:
+        notes.append("train.finetune full trains a dense base: planned dense (set quantize: null; a quantized "
+                     "source needs train.dequantize: true)")
+        s = replace(s, bits=None, nf4=False)
+    a = s.activation_bytes or (4 if full and not s.trainable else arch.dtype_bytes)
     dense = arch.dtype_bytes
     n_tok = s.batch_size * s.seq_len
     d, f, hq, hkv = arch.hidden, arch.intermediate, arch.q_width, arch.kv_width
@@ -187,6 +208,9 @@ def plan(arch: Arch, s: Settings, origin: str = "") -> Plan:
     expert_targets = [n for n in EXPERT_LINEAR if s.lora_experts and experts and (
         n in s.lora_targets or {"experts", "switch_mlp"} & set(s.lora_targets))]
 
+    if full:  # no adapter: the trained base weights are counted below
+        targets, moe_targets, expert_targets = [], [], []
+
     def lora_size(widths: dict, names) -> int:
         return sum(s.lora_rank * (widths[n][0] + widths[n][1]) + (widths[n][1] if s.dora else 0) for n in names)
 
@@ -197,6 +221,14 @@ def plan(arch: Arch, s: Settings, origin: str = "") -> Plan:
     lora_params = (adapted - moe_adapted) * per_block_lora + moe_adapted * per_moe_lora
     lora_state = lora_params * 4 * LORA_STATE_COPIES
     lora_update = lora_params * 4 * LORA_UPDATE_COPIES
+    n_trained = trained_params(arch, s.finetune, s.trainable) if full or s.trainable else 0
+    weights += n_trained * max(0, 4 - dense)  # fp32 masters in place of the stored copies
+    trained_state = n_trained * 4 * (1 + s.optimizer_states)
+    # The update writes new weights and moments while the old ones are alive (most of them).
+    lora_update += n_trained * 4 * (1 + s.optimizer_states) * TRAINED_UPDATE_COPIES
+    if n_trained:
+        notes.append(f"{n_trained / 1e6:,.1f} M base weights trained ({100 * n_trained / max(arch.params(), 1):.1f}%): "
+                     f"fp32 masters, gradients and {s.optimizer_states} optimizer state(s) each")
     expert_state = moe_adapted * arch.num_experts * lora_size(experts, expert_targets) * 4 * LORA_STATE_COPIES
     if expert_state > 0.5 * lora_state > 0:
         notes.append(f"per-expert LoRA holds {expert_state / GB:.2f} GB of the adapter state; "
@@ -268,13 +300,16 @@ def plan(arch: Arch, s: Settings, origin: str = "") -> Plan:
             loss_parts["loss phase: dense dequantized head (CPU path)"] = HEAD_DENSE_COPIES * head_w
             notes.append("CPU backend: quantized matmuls run as dequantize + fp32 sgemm (the head's dense "
                          f"weight, {arch.vocab} x {d} fp32, is alive while the loss runs)")
+    if (full or s.trainable) and head_trained(arch, s.finetune, s.trainable):  # calibrated: chunk sums in flight
+        loss_parts["loss phase: trained head's fp32 gradient (chunk sums)"] = 2 * head_w
     loss_phase = sum(loss_parts.values())
 
-    parts = {
-        "base weights": weights,
-        "LoRA params + grads + AdamW": lora_state,
-        kept_label: kept,
-    }
+    parts = {"base weights": weights}
+    if not full:
+        parts["LoRA params + grads + AdamW"] = lora_state
+    if n_trained:
+        parts[f"trained weights: fp32 grads + {s.optimizer_states} optimizer state(s)"] = trained_state
+    parts[kept_label] = kept
     # The loss (first in the backward) and the block-by-block backward are not alive together;
     # the peak is whichever phase is larger, on top of what lives throughout.
     if loss_phase >= block_phase:
@@ -336,7 +371,9 @@ def default_budget_bytes() -> float:
 def settings_from_config(cfg, source: SourceConfig, backend: str | None = None) -> Settings:
     """``Settings`` from a validated ``mlx_tune.config.Config``."""
     q = cfg.quantize
-    if q is not None:
+    if cfg.train.dequantize and q is None:
+        bits, group, nf4 = None, 64, False
+    elif q is not None:
         bits, group, nf4 = q.bits, q.group_size, q.mode == "nf4"
     elif source.quantization:
         bits, group, nf4 = source.quantization["bits"], source.quantization["group_size"], False
@@ -358,6 +395,9 @@ def settings_from_config(cfg, source: SourceConfig, backend: str | None = None) 
         dora=lora.use_dora,
         lora_experts=lora.include_experts or lora.target_modules != "all-linear",
         backend=backend or current_backend(),
+        finetune=cfg.train.finetune,
+        trainable=tuple(cfg.train.trainable),
+        optimizer_states=OPTIMIZER_STATES.get(cfg.train.optimizer, 2),
     )
 
 
@@ -385,8 +425,11 @@ def format_plan(p: Plan, budget_bytes: float | None = None, fit: dict | None = N
         + (f" ({a.active_params() / 1e9:.2f} B active)" if a.moe_layers else "")
         + f", {a.layers} layers, hidden {a.hidden}, "
         f"vocab {a.vocab}{' (tied)' if a.tied else ''}  [config: {p.origin}]",
-        f"settings  batch {s.batch_size} x {s.seq_len} tokens, base {quant}, LoRA r={s.lora_rank} on "
-        f"{len([t for t in s.lora_targets if t in a.linears()])} linears/block, grad checkpoint "
+        f"settings  batch {s.batch_size} x {s.seq_len} tokens, base {quant}, "
+        + (("full fine-tune" + (f" of {', '.join(s.trainable)}" if s.trainable else " (every weight)"))
+           if s.finetune == "full" else f"LoRA r={s.lora_rank} on {len([t for t in s.lora_targets if t in a.linears()])}"
+           f" linears/block" + (f" + {', '.join(s.trainable)}" if s.trainable else ""))
+        + ", grad checkpoint "
         f"{'on' if s.grad_checkpoint else 'off'}, backend {s.backend}",
         "",
     ]

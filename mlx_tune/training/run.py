@@ -1,7 +1,8 @@
 """Training as a library call: ``run_train(cfg) -> TrainResult``.
 
 Config -> (checks) -> model -> backend fast path -> LoRA -> data -> loop -> adapter files.
-Writes into ``output_dir``: ``adapters.safetensors``, ``adapter_config.json``,
+Writes into ``output_dir``: ``adapters.safetensors``, ``adapter_config.json`` (with
+``train.finetune: full`` the model folder ``model/`` instead: ``training.full``),
 ``metrics.jsonl``, ``checkpoints/step_*``, ``loss.png`` (with matplotlib) and, with
 ``eval.prompts``, ``eval_samples.jsonl`` (every evaluation's answers).
 
@@ -41,7 +42,7 @@ from mlx_tune.model import quant
 from mlx_tune.model.chat_templates import require_chat_template, use_chat_template
 from mlx_tune.model.loading import load_model
 from mlx_tune.model.packing import packing_support
-from mlx_tune.training import checkpoint
+from mlx_tune.training import checkpoint, full
 from mlx_tune.training.best import BestTracker, EvalMonitor
 from mlx_tune.training.callbacks import MetricsLog, Progress, plot_losses
 from mlx_tune.training.loop import LoopSettings, LoopState, evaluate, train
@@ -107,6 +108,7 @@ def run_train(cfg: Config, *, log: Callable[[str], None] = print) -> TrainResult
     saved and no adapter written; ``train.resume=true`` continues it.
     """
     data_dir = precheck(cfg)
+    full.check_config(cfg)
     tc = cfg.train
     group = mx.distributed.init()
     rank, world = group.rank(), group.size()
@@ -116,7 +118,8 @@ def run_train(cfg: Config, *, log: Callable[[str], None] = print) -> TrainResult
     out = Path(cfg.output_dir)
     ckpt_dir = out / "checkpoints"
 
-    model, tokenizer, info = load_model(cfg.model, cfg.quantize, trust_remote_code=cfg.trust_remote_code)
+    model, tokenizer, info = load_model(cfg.model, cfg.quantize, dequantize=tc.dequantize,
+                                        trust_remote_code=cfg.trust_remote_code)
     say(f"model: {info.source} ({info.kind}, quantization {info.quantization}) loaded in {info.load_seconds:.1f}s")
     template = use_chat_template(tokenizer, cfg.chat_template)
     if tc.method in PREFERENCE_METHODS:
@@ -126,7 +129,8 @@ def run_train(cfg: Config, *, log: Callable[[str], None] = print) -> TrainResult
         require_chat_template(tokenizer, cfg.model, str(data_dir / "train.jsonl"))
     quant.prepare_for_backend(model)
     mx.random.seed(tc.seed)  # adapter init and dropout start from the seed
-    say(str(adapters.inject(model, cfg.lora)))
+    setup = full.prepare(model, info, cfg)  # the adapter, and/or the base weights train.finetune/trainable name
+    say(setup.summary)
     if tc.grad_checkpoint:
         grad_checkpoint(model)
 
@@ -245,7 +249,7 @@ def run_train(cfg: Config, *, log: Callable[[str], None] = print) -> TrainResult
             say(f"train.keep_best: checkpoint {best_dir} is gone; keeping the last step's adapter")
     result.kept_step = tracker.best_step if "metric" in kept else state.step
     if rank == 0:
-        adapters.save_adapter(model, out, cfg.lora, info, chat_template=template, extra=kept)
+        full.save_outputs(model, tokenizer, info, cfg, setup, template=template, kept=kept)
     test = held_out("test") if tc.test else None
     if tc.test and test is None:
         say(f"train.test: no {data_dir / 'test.jsonl'}; test loss skipped")
@@ -272,8 +276,9 @@ def _prompt_scorer(cfg: Config, model, tokenizer, info):
     # While answering, at most 1 GiB of fp32 weight copies on top of training's memory (the
     # planner does not count them); larger models dequantize per call instead.
     scorer = LiveScorer(model, tokenizer, info, max_batch=cfg.eval.batch_size, swap_budget=2**30)
-    name = adapters.active_name(model) or "default"
-    scorer.use_resident(name)
+    name = adapters.active_name(model) or ("default" if adapters.wrappers(model) else None)
+    if name is not None:  # a full fine-tune answers with the model itself
+        scorer.use_resident(name)
     return step_scorer(scorer, eval_rows(cfg), name, cfg.eval.max_tokens)
 
 
