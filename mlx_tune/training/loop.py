@@ -66,7 +66,7 @@ def batch_arrays(batch: Any) -> dict[str, mx.array]:
     return {k: v for k in BATCH_ARRAYS if (v := getattr(batch, k, None)) is not None}
 
 
-def _traced_batch(arrays: dict) -> SimpleNamespace:
+def traced_batch(arrays: dict) -> SimpleNamespace:
     """What ``loss_fn`` sees: every array field (None where the batch has none)."""
     return SimpleNamespace(**{**dict.fromkeys(BATCH_ARRAYS), **arrays})
 
@@ -90,7 +90,7 @@ class Step:
         world = group.size() if group is not None else 1
 
         def summed_loss(model, arrays):
-            loss, ntoks, extras = split_loss(loss_fn(model, _traced_batch(arrays)))
+            loss, ntoks, extras = split_loss(loss_fn(model, traced_batch(arrays)))
             ntoks = ntoks.astype(mx.float32)
             return loss.astype(mx.float32) * ntoks, ntoks, {k: v.astype(mx.float32) * ntoks for k, v in extras.items()}
 
@@ -138,7 +138,7 @@ def _compiled_eval(model: nn.Module, loss_fn: Callable) -> Callable:
     """``loss_fn`` compiled over the model's state (weights are inputs, not constants)."""
     key = (id(model), id(loss_fn))
     if key not in _eval_fns:
-        _eval_fns[key] = mx.compile(lambda arrays: loss_fn(model, _traced_batch(arrays)), inputs=[model.state])
+        _eval_fns[key] = mx.compile(lambda arrays: loss_fn(model, traced_batch(arrays)), inputs=[model.state])
     return _eval_fns[key]
 
 

@@ -31,6 +31,7 @@ from mlx_tune.adapters.lora import LoRALinear
 from mlx_tune.data.pairs import load_pairs
 from mlx_tune.errors import UserError
 from mlx_tune.model.attention import hidden_states
+from mlx_tune.training.loop import batch_arrays, traced_batch
 from mlx_tune.training.losses import token_ce
 from mlx_tune.training.preference_losses import KtoLogps, PairLogps, kto_loss, needs_reference, pair_loss
 
@@ -111,8 +112,9 @@ def reference_logps(model, stream, n_sequences: int, progress: Callable[[int], N
     adapter-free model over ``stream`` (a non-looping, unshuffled PairStream)."""
     out = np.zeros(n_sequences, dtype=np.float32)
     with adapters_disabled(model):
+        fn = mx.compile(lambda arrays: slot_logps(model, traced_batch(arrays), with_grad=False), inputs=[model.state])
         for batch in stream:
-            vals = np.array(slot_logps(model, batch, with_grad=False), dtype=np.float32)
+            vals = np.array(fn(batch_arrays(batch)), dtype=np.float32)
             for slot, seq in enumerate(batch.slot_seqs):
                 if seq >= 0:
                     out[seq] = vals[slot]

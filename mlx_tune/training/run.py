@@ -157,8 +157,14 @@ def run_train(cfg: Config, *, log: Callable[[str], None] = print) -> TrainResult
         return stream_for(ds, local, train=train, rank=rank, world_size=world, pad_id=pad_id)
 
     refs = {}
-    if preference and cfg.preference.precompute_reference and needs_reference(tc.method):
-        refs = precomputed_references(model, splits, make_stream, f"{info.source}|{info.quantization}", say)
+    if preference and needs_reference(tc.method):
+        # Switching the adapter off gives the reference only when the adapter is all that trains.
+        fixed = tc.finetune == "full" or bool(tc.trainable)
+        if fixed and not cfg.preference.precompute_reference:
+            say("preference: base weights train (train.finetune full / train.trainable), so the reference "
+                "log-probs are computed once from the starting weights (preference.precompute_reference)")
+        if fixed or cfg.preference.precompute_reference:
+            refs = precomputed_references(model, splits, make_stream, f"{info.source}|{info.quantization}", say)
     stream = make_stream(splits["train"], train=True)
     stream.ref = refs.get("train")
 
