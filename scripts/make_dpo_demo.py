@@ -14,6 +14,7 @@ import random
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+N_PAIRS = 200
 PROSE = [
     "The sentiment of this review is {label}.",
     "This review is {label}. The customer {verb} the product.",
@@ -25,7 +26,9 @@ PROSE = [
 def main() -> None:
     rnd = random.Random(0)
     out = []
-    for line in (ROOT / "data/demo_raw/reviews.jsonl").read_text(encoding="utf-8").splitlines():
+    # The first 200 reviews: enough for the preference, small enough that the reference
+    # pass and 30 steps fit in a few minutes on a laptop CPU.
+    for line in (ROOT / "data/demo_raw/reviews.jsonl").read_text(encoding="utf-8").splitlines()[:N_PAIRS]:
         row = json.loads(line)
         label = json.loads(row["output"])["sentiment"]
         other = "negative" if label == "positive" else "positive"

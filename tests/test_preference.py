@@ -206,3 +206,47 @@ def test_orpo_batches_gather_the_chosen_prompt_for_its_nll(pair_data):
         want = _plain_logp(model, ids, np.ones(len(ids), bool)) if k % 2 == 0 else _plain_logp(model, ids, pair_data.train[s])
         assert abs(whole[k].item() - want.item()) < 1e-3, k
         assert batch.slot_all_tokens[k].item() == (len(ids) - 1 if k % 2 == 0 else pair_data.train[s][1:].sum())
+
+
+def test_an_adapter_reference_stays_frozen_under_the_new_one_and_saves_as_one(tmp_path, tiny_folder):
+    """preference.reference: DPO on top of an SFT adapter. At step 0 the policy equals the
+    reference (val loss ln 2); the saved adapter alone reproduces base + reference + new."""
+    from mlx_tune.adapters import save_adapter
+    from mlx_tune.adapters.manager import load_adapter
+    from mlx_tune.adapters.stack import REFERENCE, build_stacked, load_reference, remove_stacked
+    from mlx_tune.model.loading import load_model
+
+    sft, _, info = load_model(str(tiny_folder), None)
+    inject(sft, LoraConfig(rank=4, alpha=8.0, target_modules=["q_proj", "v_proj"]))
+    mx.random.seed(3)
+    sft.update(tree_map(lambda p: mx.random.normal(p.shape) * 0.1, sft.trainable_parameters()))
+    save_adapter(sft, tmp_path / "sft", None, info)
+
+    model, _, info = load_model(str(tiny_folder), None)
+    inject(model, LoraConfig(rank=2, alpha=4.0))  # all linears: more layers than the reference
+    model.update(tree_map(lambda p: mx.random.normal(p.shape) * 0.1, model.trainable_parameters()))
+    assert load_reference(model, tmp_path / "sft") > 0
+    names = {k for k, _ in tree_flatten(model.trainable_parameters())}
+    assert names and not any(REFERENCE in k for k in names)  # the reference is frozen
+    x = mx.array([[1, 5, 9, 14, 3, 7]])
+    want = model(x)
+    rank = build_stacked(model, "default")
+    assert rank == 6
+    save_adapter(model, tmp_path / "dpo", None, info, name="stacked")
+    remove_stacked(model)
+    np.testing.assert_allclose(np.array(model(x)), np.array(want), rtol=1e-6)
+    fresh, _, _ = load_model(str(tiny_folder), None)
+    load_adapter(fresh, tmp_path / "dpo")
+    np.testing.assert_allclose(np.array(fresh(x)), np.array(want), rtol=1e-4, atol=1e-4)
+
+    data = tmp_path / "data"
+    _write(data / "train.jsonl", _pairs(8))
+    _write(data / "valid.jsonl", _pairs(4, seed=1))
+    res = run_train(workspace(tmp_path, tiny_folder, "out", method="dpo", iters=2, steps_per_eval=2),
+                    f"preference.reference={tmp_path / 'sft'}")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "frozen under the new adapter" in res.stdout
+    rows = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["step"] == 0 and rows[0]["val_loss"] == pytest.approx(np.log(2), abs=1e-5)
+    saved = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert saved["stacked_on"] == str(tmp_path / "sft") and saved["rank"] == 4 + 4

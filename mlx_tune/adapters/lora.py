@@ -188,6 +188,9 @@ class LoRALinear(nn.Module):
         self.adapters: dict[str, LoRAAdapter] = {}
         self.active: str | None = None
         self.enabled = True
+        # Adapters applied under the active one whatever ``enabled`` says: a frozen
+        # reference (preference.reference) that the trained adapter stacks on.
+        self.frozen: tuple[str, ...] = ()
 
     @classmethod
     def from_base(cls, layer: nn.Module, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0,
@@ -234,6 +237,8 @@ class LoRALinear(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         y = self.base(x)
+        for name in self.frozen:
+            y = self.adapters[name](x, y, self.base)
         adapter = self.adapter
         return y if adapter is None else adapter(x, y, self.base)
 

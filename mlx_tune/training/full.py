@@ -33,10 +33,12 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_tune import adapters
 from mlx_tune.adapters.lora import is_packed
+from mlx_tune.adapters.stack import STACKED, build_stacked, remove_stacked
 from mlx_tune.adapters.trainable import match_modules, trained_base_weights, unfreeze_modules
 from mlx_tune.config import Config
 from mlx_tune.errors import UserError
 from mlx_tune.export.full import TRAINING_FILE, model_dir, write_model_folder
+from mlx_tune.training.preference import PREFERENCE_METHODS
 
 HALF = (mx.float16, mx.bfloat16)
 
@@ -111,6 +113,16 @@ def save_outputs(model: nn.Module, tokenizer, info, cfg: Config, setup: Setup, *
     _drop_other_output(out, cfg.train.finetune)
     if cfg.train.finetune == "lora":
         extra = {k: v.astype(setup.source_dtypes.get(k, v.dtype)) for k, v in trained_base_weights(model).items()}
+        if cfg.preference.reference and cfg.train.method in PREFERENCE_METHODS:
+            # The trained adapter and the frozen one it stacks on, saved as one adapter.
+            active = adapters.active_name(model) or "default"
+            rank = build_stacked(model, active)
+            try:
+                return adapters.save_adapter(model, out, None, info, name=STACKED, chat_template=template,
+                                             extra={**kept, "name": active, "stacked_on": cfg.preference.reference,
+                                                    "stacked_rank": rank}, base_weights=extra or None)
+            finally:
+                remove_stacked(model)
         return adapters.save_adapter(model, out, cfg.lora, info, chat_template=template, extra=kept,
                                      base_weights=extra or None)
     meta = {"finetune": "full", "trainable": cfg.train.trainable or "all", "base_model": info.source, **kept}

@@ -31,12 +31,14 @@ from pathlib import Path
 import mlx.core as mx
 
 from mlx_tune import adapters
+from mlx_tune.adapters.stack import load_reference
 from mlx_tune.config import Config, config_to_dict
 from mlx_tune.data import batching, cache
-from mlx_tune.data.pair_batches import pair_stream_for
-from mlx_tune.data.pairs import needs_chat_template
+from mlx_tune.data.cache import file_hash
 from mlx_tune.data.dataset import peek_format
 from mlx_tune.data.masks import MaskPolicy
+from mlx_tune.data.pair_batches import pair_stream_for
+from mlx_tune.data.pairs import needs_chat_template
 from mlx_tune.errors import UserError
 from mlx_tune.model import quant
 from mlx_tune.model.chat_templates import require_chat_template, use_chat_template
@@ -48,8 +50,7 @@ from mlx_tune.training.callbacks import MetricsLog, Progress, plot_losses
 from mlx_tune.training.loop import LoopSettings, LoopState, evaluate, train
 from mlx_tune.training.losses import batch_loss, eval_loss
 from mlx_tune.training.optim import build_optimizer
-from mlx_tune.training.preference import (PREFERENCE_METHODS, load_pair_splits, method_loss,
-                                          precomputed_references)
+from mlx_tune.training.preference import PREFERENCE_METHODS, load_pair_splits, method_loss, precomputed_references
 from mlx_tune.training.preference_losses import needs_reference
 from mlx_tune.training.recompute import grad_checkpoint
 from mlx_tune.training.tracking import open_trackers
@@ -131,6 +132,14 @@ def run_train(cfg: Config, *, log: Callable[[str], None] = print) -> TrainResult
     mx.random.seed(tc.seed)  # adapter init and dropout start from the seed
     setup = full.prepare(model, info, cfg)  # the adapter, and/or the base weights train.finetune/trainable name
     say(setup.summary)
+    reference_id = f"{info.source}|{info.quantization}"
+    if tc.method in PREFERENCE_METHODS and cfg.preference.reference:
+        if tc.finetune == "full":
+            raise UserError("preference.reference: an adapter reference needs train.finetune: lora (a full "
+                            "fine-tune starts from the base; fuse the reference adapter into it instead)")
+        layers = load_reference(model, cfg.preference.reference)
+        reference_id += "|" + file_hash(Path(cfg.preference.reference) / "adapters.safetensors")
+        say(f"preference.reference: {cfg.preference.reference} frozen under the new adapter on {layers} layers")
     if tc.grad_checkpoint:
         grad_checkpoint(model)
 
@@ -164,7 +173,7 @@ def run_train(cfg: Config, *, log: Callable[[str], None] = print) -> TrainResult
             say("preference: base weights train (train.finetune full / train.trainable), so the reference "
                 "log-probs are computed once from the starting weights (preference.precompute_reference)")
         if fixed or cfg.preference.precompute_reference:
-            refs = precomputed_references(model, splits, make_stream, f"{info.source}|{info.quantization}", say)
+            refs = precomputed_references(model, splits, make_stream, reference_id, say)
     stream = make_stream(splits["train"], train=True)
     stream.ref = refs.get("train")
 
