@@ -173,7 +173,8 @@ def run_train(cfg: Config, *, log: Callable[[str], None] = print) -> TrainResult
             say("preference: base weights train (train.finetune full / train.trainable), so the reference "
                 "log-probs are computed once from the starting weights (preference.precompute_reference)")
         if fixed or cfg.preference.precompute_reference:
-            refs = precomputed_references(model, splits, make_stream, reference_id, say)
+            used = {k: v for k, v in splits.items() if k != "test" or tc.test}
+            refs = precomputed_references(model, used, make_stream, reference_id, say)
     stream = make_stream(splits["train"], train=True)
     stream.ref = refs.get("train")
 
