@@ -382,8 +382,11 @@ def settings_from_config(cfg, source: SourceConfig, backend: str | None = None) 
     lora = cfg.lora
     targets = ALL_LINEAR if lora.target_modules == "all-linear" else (
         tuple(lora.target_modules) if isinstance(lora.target_modules, list) else (lora.target_modules,))
+    # A preference unit is two sequences (chosen and rejected, or a KTO row and its
+    # mismatched one) of up to max_seq_length each; the reference forward stores nothing.
+    rows = cfg.train.batch_size * (2 if cfg.train.method in ("dpo", "orpo", "simpo", "cpo", "kto") else 1)
     return Settings(
-        batch_size=cfg.train.batch_size,
+        batch_size=rows,
         seq_len=cfg.train.max_seq_length,
         grad_checkpoint=cfg.train.grad_checkpoint,
         bits=bits,
@@ -413,6 +416,9 @@ def plan_config(cfg, backend: str | None = None) -> Plan:
     source = read_source_config(cfg.model)
     arch = arch_from_config(source.config, str(cfg.model))
     p = plan(arch, settings_from_config(cfg, source, backend), origin=source.origin)
+    if cfg.train.method in ("dpo", "orpo", "simpo", "cpo", "kto"):
+        p.notes.append(f"train.method {cfg.train.method}: the batch is {cfg.train.batch_size} units of two sequences "
+                       f"(planned as {p.settings.batch_size} rows); the reference pass stores no activations")
     return p
 
 
