@@ -418,7 +418,7 @@ class Engine:
     def _share_prefix(self, req: GenRequest) -> None:
         """Compute the prompt (all but its last token) once, into the prefix cache the n rows read."""
         key = self._cache_key(req.adapter)
-        if self.prefix.lookup(key, req.prompt)[1] == len(req.prompt) - 1:
+        if self.prefix.peek(key, req.prompt) == len(req.prompt) - 1:
             return
         with self.registry.lock:
             self.registry.activate(req.adapter)

@@ -51,6 +51,24 @@ class PrefixCache:
 
     def lookup(self, adapter: str | None, prompt: list[int]) -> tuple[list | None, int]:
         """(a private copy of the best cache trimmed to the shared prefix, its length) or (None, 0)."""
+        best, best_n = self._best(adapter, prompt)
+        if best is None:
+            return None, 0
+        self.entries.move_to_end(best)
+        cache = copy.deepcopy(self.entries[best].cache)
+        extra = len(best[1]) - best_n
+        if extra:
+            for c in cache:
+                c.trim(extra)
+        self.hits += 1
+        self.reused_tokens += best_n
+        return cache, best_n
+
+    def peek(self, adapter: str | None, prompt: list[int]) -> int:
+        """How many prompt tokens ``lookup`` would reuse, without copying or counting a hit."""
+        return self._best(adapter, prompt)[1]
+
+    def _best(self, adapter: str | None, prompt: list[int]) -> tuple[tuple | None, int]:
         if not self.max_bytes:
             return None, 0
         target = prompt[:-1]
@@ -66,15 +84,7 @@ class PrefixCache:
                 best, best_n = key, n
         if best is None or best_n < MIN_REUSE:
             return None, 0
-        self.entries.move_to_end(best)
-        cache = copy.deepcopy(self.entries[best].cache)
-        extra = len(best[1]) - best_n
-        if extra:
-            for c in cache:
-                c.trim(extra)
-        self.hits += 1
-        self.reused_tokens += best_n
-        return cache, best_n
+        return best, best_n
 
     def store(self, adapter: str | None, tokens: list[int], cache: list) -> None:
         if not self.max_bytes or len(tokens) < MIN_REUSE or not cache:
