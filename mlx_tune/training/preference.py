@@ -144,7 +144,7 @@ def load_pair_splits(data_dir: Path, tokenizer, tc) -> dict:
 
 
 def precomputed_references(model, splits: dict, make_stream: Callable, fingerprint: str,
-                           log: Callable[[str], None]) -> dict[str, np.ndarray]:
+                           log: Callable[[str], None], show: bool = True) -> dict[str, np.ndarray]:
     """``{split: reference log-prob per sequence}``, from the cache beside the token cache
     (keyed by the split's token cache key and ``fingerprint``: model, quantization) or
     computed once with the adapter off."""
@@ -165,7 +165,12 @@ def precomputed_references(model, splits: dict, make_stream: Callable, fingerpri
             except (OSError, ValueError):  # damaged: recompute
                 pass
         tic = time.perf_counter()
-        ref = reference_logps(model, make_stream(ds, train=False), len(ds.ids))
+        stream = make_stream(ds, train=False)
+        from tqdm import tqdm
+
+        with tqdm(total=len(stream), desc=f"reference {name}", unit="batch", dynamic_ncols=True, leave=False,
+                  disable=not show) as bar:
+            ref = reference_logps(model, stream, len(ds.ids), progress=bar.update)
         write_file_atomic(path, lambda tmp, ref=ref: np.save(tmp, ref))
         out[name] = ref
         log(f"reference log-probs of {name}: {len(ds)} units in {time.perf_counter() - tic:.1f}s (cached)")

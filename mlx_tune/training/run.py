@@ -174,7 +174,7 @@ def run_train(cfg: Config, *, log: Callable[[str], None] = print) -> TrainResult
                 "log-probs are computed once from the starting weights (preference.precompute_reference)")
         if fixed or cfg.preference.precompute_reference:
             used = {k: v for k, v in splits.items() if k != "test" or tc.test}
-            refs = precomputed_references(model, used, make_stream, reference_id, say)
+            refs = precomputed_references(model, used, make_stream, reference_id, say, show=rank == 0)
     stream = make_stream(splits["train"], train=True)
     stream.ref = refs.get("train")
 
