@@ -250,3 +250,17 @@ def test_an_adapter_reference_stays_frozen_under_the_new_one_and_saves_as_one(tm
     assert rows[0]["step"] == 0 and rows[0]["val_loss"] == pytest.approx(np.log(2), abs=1e-5)
     saved = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert saved["stacked_on"] == str(tmp_path / "sft") and saved["rank"] == 4 + 4
+
+
+def test_dpo_with_full_fine_tuning_uses_reference_logps_from_the_start(tmp_path, tiny_folder):
+    data = tmp_path / "data"
+    _write(data / "train.jsonl", _pairs(8))
+    _write(data / "valid.jsonl", _pairs(4, seed=1))
+    res = run_train(workspace(tmp_path, tiny_folder, "out", method="dpo", finetune="full", iters=3, steps_per_eval=3,
+                              learning_rate=1e-3), f"train.seed=5")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "computed once from the starting weights" in res.stdout
+    rows = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in rows if "val_loss" in r]
+    assert val[0]["val_loss"] == pytest.approx(np.log(2), abs=1e-5) and val[-1]["val_loss"] != val[0]["val_loss"]
+    assert (tmp_path / "out" / "model" / "config.json").is_file()
