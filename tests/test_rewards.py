@@ -35,6 +35,8 @@ def test_weighted_nansum_skips_none(tmp_path):
     total, per = score(rewards, ["p", "p"], ['{"a": 1}', "nope"], {})
     assert math.isnan(per[0, 0])
     np.testing.assert_allclose(total, [3.0, 1.0])  # TRL: nansum(per * weights)
+    total, _ = score(rewards[:1], ["p", "p"], ["a", "b"], {})
+    assert math.isnan(total[0]) and total[1] == 1.0  # every function None: unscorable
 
 
 @pytest.mark.parametrize("body,needle", [

@@ -308,7 +308,8 @@ def _values(reward: Reward, got: Any, n: int) -> list[float]:
 def score(rewards: Sequence[Reward], prompts: list, completions: list, columns: dict[str, list]
           ) -> tuple[np.ndarray, np.ndarray]:
     """``(total (n,), per_function (n, k))``: every function on every completion, then
-    ``nansum(per_function * weights, axis=1)``; per_function keeps the NaNs (None)."""
+    ``nansum(per_function * weights, axis=1)``; per_function keeps the NaNs (None), and a
+    row that every function left None is NaN in ``total`` too (TRL's unscorable row)."""
     n = len(completions)
     per = np.full((n, len(rewards)), np.nan, dtype=np.float64)
     for j, r in enumerate(rewards):
@@ -320,4 +321,6 @@ def score(rewards: Sequence[Reward], prompts: list, completions: list, columns: 
             raise UserError(f"grpo.reward_functions: {r.spec} raised {type(exc).__name__}: {exc}") from None
         per[:, j] = _values(r, got, n)
     weights = np.array([r.weight for r in rewards], dtype=np.float64)
-    return np.nansum(per * weights, axis=1), per
+    total = np.nansum(per * weights, axis=1)
+    total[np.isnan(per).all(axis=1)] = np.nan  # TRL: unscorable (every function None), no baseline, advantage 0
+    return total, per
