@@ -3,8 +3,9 @@
 Owns the losses, the loop, recompute (gradient checkpointing), callbacks (metrics,
 progress, plot), the best step / keep-best / early stopping (``best``), run trackers
 (``tracking``), checkpoints and the library entry point. May import ``data``, ``model``,
-``adapters``, ``runtime``, ``config``, ``atomic``, ``errors`` and ``evaluation`` (the eval
-prompts are answered by ``evaluation.live`` during training).
+``adapters``, ``runtime``, ``config``, ``atomic``, ``errors``, ``evaluation`` (the eval
+prompts are answered by ``evaluation.live`` during training) and, for GRPO (``grpo``,
+``grpo_loss``, ``grpo_rollout``, ``rewards``), ``server``'s sampler and tool-call parser.
 
 The entry point is ``training.run.run_train(cfg)``; it is not re-exported here, so that
 importing a light module such as ``training.loss_shapes`` (the planner does) does not

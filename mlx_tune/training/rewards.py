@@ -172,12 +172,16 @@ def make_length_penalty(max_len: int) -> RewardFn:
     return length_penalty
 
 
+def _json_call(text: str, tools: Any = None) -> Any:
+    return json.loads(text.strip())  # the generic form's parser (server.tools), for a tokenizer-less context
+
+
 def make_tool_call_valid(ctx: RewardContext) -> RewardFn:
     from mlx_tune.server import tools as server_tools
 
     if ctx._syntax is None:
         ctx._syntax = server_tools.syntax(ctx.tokenizer) if ctx.tokenizer is not None else \
-            server_tools.ToolSyntax(*server_tools.GENERIC, lambda text, tools=None: json.loads(text.strip()), "json")
+            server_tools.ToolSyntax(*server_tools.GENERIC, _json_call, "json")
     try:
         import jsonschema
     except ImportError:
