@@ -16,7 +16,9 @@ EOS token that ends a completion is part of it (TRL trains on it too).
 
 ``completion_logps``: rows ``prompt + completion`` right-padded to one length (causal
 attention, so padding after a row changes nothing before it); ``log p(c_j) =
-logits[p + j - 1, c_j] - logsumexp(logits[p + j - 1])`` at the completion positions only.
+logits[p + j - 1, c_j] - logsumexp(logits[p + j - 1])``, the head applied to the hidden
+states of the completion positions only. Each distinct prompt is prefilled once for all its
+generations (the KV cache copied per row, as the server's ``n`` answers share one prefill).
 ``reference`` disables every LoRA layer (``LoRALinear.enabled = False``) for the reference
 model of the KL term.
 """
@@ -133,7 +135,9 @@ def sample(model, tokenizer, prompts: list[list[int]], seeds: list[int], *, max_
             samplers = [make_request_sampler(GenRequest(prompt=p, adapter=None, max_tokens=max_tokens,
                                                         temperature=temperature, top_p=top_p, seed=s))
                         for p, s in zip(prompts, seeds)]
-            uids = gen.insert(prompts, max_tokens=[max_tokens] * len(prompts), samplers=samplers)
+            caches = _shared_prefills(model, prompts)
+            uids = gen.insert([p[len(c[1]):] for p, c in zip(prompts, caches)], max_tokens=[max_tokens] * len(prompts),
+                              samplers=samplers, caches=[c[0] for c in caches], all_tokens=[c[1] for c in caches])
             where = {uid: i for i, uid in enumerate(uids)}
             left = len(uids)
             while left:
@@ -146,6 +150,23 @@ def sample(model, tokenizer, prompts: list[list[int]], seeds: list[int], *, max_
     finally:
         model.train(was_training)
     return [c if c is not None else Completion([], False) for c in out]
+
+
+def _shared_prefills(model, prompts: list[list[int]]) -> list[tuple[list, list[int]]]:
+    """``(KV cache, tokens in it)`` per row: each distinct prompt (all but its last token) is
+    computed once and copied into each of its rows, as the server does for ``n`` answers."""
+    import copy
+
+    from mlx_tune.server.prefix_cache import prefill
+
+    done: dict[tuple[int, ...], list] = {}
+    out = []
+    for p in prompts:
+        key = tuple(p[:-1])
+        if key not in done:
+            done[key] = prefill(model, list(key)) if key else []
+        out.append((copy.deepcopy(done[key]) if key else None, list(key)))
+    return out  # type: ignore[return-value]
 
 
 def pad_rows(prompts: list[list[int]], completions: list[list[int]], pad_id: int = 0
@@ -168,10 +189,13 @@ def pad_rows(prompts: list[list[int]], completions: list[list[int]], pad_id: int
 
 def completion_logps(model, tokens: mx.array, completion_ids: mx.array, gather: mx.array) -> mx.array:
     """``log p(completion token j | everything before it)`` per row, (B, T) float32."""
-    from mlx_tune.model.attention import forward
+    from mlx_tune.model import head
+    from mlx_tune.model.attention import hidden_states
 
-    logits = forward(model, tokens[:, :-1] if tokens.shape[1] > 1 else tokens)
-    picked = mx.take_along_axis(logits, gather[:, :, None], axis=1).astype(mx.float32)  # (B, T, V)
+    h = hidden_states(model, tokens[:, :-1] if tokens.shape[1] > 1 else tokens)
+    # The head only where a completion token is predicted: no logits for the prompt positions.
+    h = mx.take_along_axis(h, gather[:, :, None], axis=1)
+    picked = head.logits(model, h).astype(mx.float32)  # (B, T, V)
     chosen = mx.take_along_axis(picked, completion_ids[:, :, None], axis=-1)[..., 0]
     return chosen - mx.logsumexp(picked, axis=-1)
 
