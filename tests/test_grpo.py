@@ -36,12 +36,14 @@ def _workspace(tmp: Path, tiny_folder: Path, **train) -> Path:
             row = {"prompt": f"say a {i}", "answer": "skip" if i == 5 else "a"} if i % 2 else \
                 {"messages": [{"role": "user", "content": f"write a {i}"}], "answer": "a"}
             f.write(json.dumps(row) + "\n")
+    with open(data / "test.jsonl", "w") as f:
+        f.write(json.dumps({"prompt": "held out", "answer": "a"}) + "\n")
     (tmp / "reward.py").write_text(REWARD)
     cfg = {"model": str(tiny_folder), "quantize": None,
            "lora": {"rank": 4, "alpha": 8, "dropout": 0.1, "target_modules": "all-linear"},
            "data": str(data), "output_dir": str(tmp / "out"),
            "train": {"method": "grpo", "iters": 4, "batch_size": 2, "learning_rate": 5e-3, "steps_per_report": 1,
-                     "save_every": 1, "seed": 7, **train},
+                     "save_every": 1, "seed": 7, "test": True, **train},
            "grpo": {"reward_functions": ["reward.py:even_ids", "builtin:length_penalty"], "reward_weights": [1.0, 0.1],
                     "num_generations": 3, "max_completion_length": 6, "beta": 0.05, "steps_per_generation": 2}}
     path = tmp / "grpo.yaml"
@@ -58,8 +60,9 @@ def test_grpo_trains_writes_metrics_and_resumes_exactly(tmp_path, tiny_folder):
     result = run_train(load_config(cfg_path), log=lambda m: None)
     out = tmp_path / "out"
     assert result.state.step == 4 and (out / "adapters.safetensors").is_file()
-    full = _rows(out / "metrics.jsonl")
+    *full, test = _rows(out / "metrics.jsonl")
     assert [r["step"] for r in full] == [1, 2, 3, 4]
+    assert {"test_reward_mean", "test_base_reward_mean", "test_reward_even_ids_mean"} <= set(test)
     for key in ("loss", "reward_mean", "reward_std", "reward_even_ids_mean", "reward_length_penalty_mean", "kl",
                 "completion_length", "clip_ratio", "generation_tokens_per_sec", "tokens_per_sec"):
         assert key in full[0], key
@@ -77,7 +80,7 @@ def test_grpo_trains_writes_metrics_and_resumes_exactly(tmp_path, tiny_folder):
     assert json.loads((out / "checkpoints" / "step_000003" / "state.json").read_text())["grpo"]["generation"]
     resumed = run_train(load_config(cfg_path, ["train.resume=true"]), log=lambda m: None)
     assert resumed.state.step == 4
-    again = _rows(out / "metrics.jsonl")
+    *again, _ = _rows(out / "metrics.jsonl")
     for a, b in zip(full, again):
         for key in ("loss", "reward_mean", "kl", "completion_length"):
             assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7), (a["step"], key)

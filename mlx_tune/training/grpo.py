@@ -120,15 +120,7 @@ class Rollouts:
         outs = grpo_rollout.sample(self.model, self.tokenizer, prompt_ids, seeds, max_tokens=g.max_completion_length,
                                    temperature=g.temperature, top_p=g.top_p, max_batch=len(rows), swap_budget=None)
         gen_s = time.perf_counter() - tic
-        texts = [self.tokenizer.decode([t for t in c.ids if t not in set(self.tokenizer.eos_token_ids or ())])
-                 for c in outs]
-        chat = ["messages" in r for r in rows]
-        prompts = [r["messages"] if is_chat else r["prompt"] for r, is_chat in zip(rows, chat)]
-        completions = [[{"role": "assistant", "content": t}] if is_chat else t for t, is_chat in zip(texts, chat)]
-        keys = sorted({k for r in rows for k in r} - {"prompt", "messages"})
-        columns = {k: [r.get(k) for r in rows] for k in keys}
-        columns["completion_ids"] = [c.ids for c in outs]
-        total, per = score(self.rewards, prompts, completions, columns)
+        texts, prompts, total, per = score_completions(self.tokenizer, rows, outs, self.rewards)
         adv, zero_std = group_advantages(mx.array(total.astype(np.float32)), g.num_generations, g.scale_rewards)
         ids = [c.ids for c in outs]
         ended = [c.ended for c in outs]
@@ -182,6 +174,19 @@ class Rollouts:
     def load_state_dict(self, state: dict) -> None:
         self.order.load_state_dict(state["order"])
         self.count = int(state["count"])
+
+
+def score_completions(tokenizer, rows: list[dict], outs: list[grpo_rollout.Completion], rewards: list[Reward]):
+    """``(texts, prompts, total (N,), per_function (N, k))``: the reward functions called in
+    TRL's convention (chat rows: message-list prompts and completions; every other column and
+    ``completion_ids`` as keyword lists)."""
+    eos = set(tokenizer.eos_token_ids or ())
+    texts = [tokenizer.decode([t for t in c.ids if t not in eos]) for c in outs]
+    prompts = [r["messages"] if "messages" in r else r["prompt"] for r in rows]
+    completions = [[{"role": "assistant", "content": t}] if "messages" in r else t for r, t in zip(rows, texts)]
+    columns = {k: [r.get(k) for r in rows] for k in sorted({k for r in rows for k in r} - {"prompt", "messages"})}
+    total, per = score(rewards, prompts, completions, {**columns, "completion_ids": [c.ids for c in outs]})
+    return texts, prompts, total, per
 
 
 def _restore_generation(state: dict | None) -> Generation | None:
@@ -381,8 +386,35 @@ def run_grpo(cfg: Config, *, log: Callable[[str], None] = print) -> GrpoResult:
     ckpt.on_train_end(state)
     result.last_checkpoint = ckpt.last_saved
     adapters.save_adapter(model, out, cfg.lora, info, chat_template=template, extra={"step": state.step})
+    test_file = Path(cfg.data) / "test.jsonl"  # type: ignore[arg-type]
+    if tc.test and not test_file.is_file():
+        log(f"train.test: no {test_file}; the held-out reward is skipped")
+    elif tc.test:
+        test_rows = grpo_rollout.read_prompt_rows(test_file)
+        with serving_layers(model, 2**30):
+            with grpo_rollout.reference(model):
+                base = held_out_rewards(model, tokenizer, test_rows, rewards, g.max_completion_length)
+            tuned = held_out_rewards(model, tokenizer, test_rows, rewards, g.max_completion_length)
+        metrics.write({"step": state.step, **{f"test_base_{k}": v for k, v in base.items()},
+                       **{f"test_{k}": v for k, v in tuned.items()}})
+        per = ", ".join(f"{r.name} {base[f'reward_{r.name}_mean']:.3f} -> {tuned[f'reward_{r.name}_mean']:.3f}"
+                        for r in rewards)
+        log(f"held-out reward on {len(test_rows)} prompts of {test_file} (greedy): base {base['reward_mean']:.3f} "
+            f"-> tuned {tuned['reward_mean']:.3f} ({per})")
     result.plot = plot_losses(out / "metrics.jsonl", out / "loss.png")
     return result
+
+
+def held_out_rewards(model, tokenizer, rows: list[dict], rewards: list[Reward], max_tokens: int) -> dict:
+    """Mean rewards (total and per function) of greedy completions to ``rows`` by ``model`` as it is."""
+    prompt_ids = [grpo_rollout.encode_prompt(tokenizer, r) for r in rows]
+    outs = grpo_rollout.sample(model, tokenizer, prompt_ids, [0] * len(rows), max_tokens=max_tokens, temperature=0.0,
+                               top_p=1.0, max_batch=len(rows), swap_budget=None)
+    _, _, total, per = score_completions(tokenizer, rows, outs, rewards)
+    with np.errstate(all="ignore"):
+        return {"reward_mean": float(np.nanmean(total)),
+                **{f"reward_{r.name}_mean": float(np.nanmean(per[:, j])) for j, r in enumerate(rewards)},
+                "completion_length": float(np.mean([len(c.ids) for c in outs]))}
 
 
 def optim_tree_add(a, b):
