@@ -43,7 +43,8 @@ def _workspace(tmp: Path, tiny_folder: Path, **train) -> Path:
            "lora": {"rank": 4, "alpha": 8, "dropout": 0.1, "target_modules": "all-linear"},
            "data": str(data), "output_dir": str(tmp / "out"),
            "train": {"method": "grpo", "iters": 4, "batch_size": 2, "learning_rate": 5e-3, "steps_per_report": 1,
-                     "save_every": 1, "seed": 7, "test": True, **train},
+                     "save_every": 1, "seed": 7, "test": True,
+                     "grad_checkpoint": True, **train},
            "grpo": {"reward_functions": ["reward.py:even_ids", "builtin:length_penalty"], "reward_weights": [1.0, 0.1],
                     "num_generations": 3, "max_completion_length": 6, "beta": 0.05, "steps_per_generation": 2}}
     path = tmp / "grpo.yaml"
@@ -70,7 +71,7 @@ def test_grpo_trains_writes_metrics_and_resumes_exactly(tmp_path, tiny_folder):
     assert full[-1]["clip_ratio"] > 0  # step 4 reuses step 3's batch after an update: ratio != 1, clipped
     # steps_per_generation 2, grad_accumulation 1: each generation batch serves 2 steps, the second off-policy
     samples = _rows(out / "samples.jsonl")
-    assert {s["step"] for s in samples} == {1, 3} and all("completion" in s for s in samples)
+    assert [s["step"] for s in samples] == [1] * 4 + [3] * 4 and all("completion" in s for s in samples)
 
     # interrupted after step 3, half-way through a generation batch (the checkpoint holds its rest):
     # resumed, step 4 learns from the same completions with the same rewards and loss

@@ -20,7 +20,7 @@ same rewards and losses as an uninterrupted run.
 
 Writes ``metrics.jsonl`` (per report: loss, reward_mean, reward_std, reward_<fn>_mean,
 kl when beta > 0, completion_length, clip_ratio*, tokens/s of generation and training),
-``samples.jsonl`` (a few completions of the latest generation per report), checkpoints and
+``samples.jsonl`` (the first completions of the latest generation batch, per report), checkpoints and
 the adapter, as ``run_train`` does.
 """
 
@@ -340,8 +340,6 @@ def run_grpo(cfg: Config, *, log: Callable[[str], None] = print) -> GrpoResult:
             for _ in range(tc.grad_accumulation):
                 if gen is None or gen.used >= gen.slices:
                     gen = rollouts.make()
-                    for s in rollouts.last_samples:
-                        samples.write({"step": state.step + 1, **s})
                 row.update(gen.metrics)  # the rewards of the batch this step learns from
                 tic = time.perf_counter()
                 batch = micro_batch(gen, gen.next_slice(), g.mask_truncated_completions)
@@ -373,6 +371,9 @@ def run_grpo(cfg: Config, *, log: Callable[[str], None] = print) -> GrpoResult:
                 metrics.write(report)
                 progress.on_report(report)
                 window = []
+                for sample_row in rollouts.last_samples:  # the latest generation batch's first completions
+                    samples.write({"step": state.step, **sample_row})
+                rollouts.last_samples = []
             progress.on_step_end(state)
             ckpt.on_step_end(state)
         if state.step < iters:
