@@ -335,6 +335,7 @@ def run_grpo(cfg: Config, *, log: Callable[[str], None] = print) -> GrpoResult:
     with _sigint_flag() as interrupted, serving_layers(model, 2**30):
         while state.step < iters and not interrupted.is_set():
             mx.random.seed(step_key_seed(tc.seed, state.step + 1))
+            step_tic = time.perf_counter()
             grads: dict | None = None
             loss_sum, row, train_s, train_tokens = 0.0, {}, 0.0, 0
             for _ in range(tc.grad_accumulation):
@@ -362,7 +363,8 @@ def run_grpo(cfg: Config, *, log: Callable[[str], None] = print) -> GrpoResult:
             state.last_loss = loss_sum
             state.trained_tokens += train_tokens
             row.update({"loss": loss_sum, "grad_norm": norm.item(), "tokens_per_sec": train_tokens / max(train_s, 1e-9),
-                        "learning_rate": _lr(optimizer), "peak_memory_gb": mx.get_peak_memory() / 2**30})
+                        "learning_rate": _lr(optimizer), "peak_memory_gb": mx.get_peak_memory() / 2**30,
+                        "step_time_s": time.perf_counter() - step_tic})
             if "clip_ratio_region_mean" in row:
                 row["clip_ratio"] = row["clip_ratio_region_mean"]
             window.append(row)
