@@ -295,7 +295,8 @@ class GrpoConfig:
     reward_functions: list[str] = field(default_factory=list, metadata={
         "doc": "FILE.py:FUNC or builtin:NAME, each f(prompts, completions, **columns) -> list[float]"})
     reward_weights: list[float] | None = field(default=None, metadata={"doc": "one weight per function (null: all 1)"})
-    num_generations: int = field(default=8, metadata={"doc": "completions sampled per prompt (the group)"})
+    num_generations: int = field(default=8, metadata={
+        "doc": "completions sampled per prompt (the group); a generation batch is train.batch_size prompts x this"})
     max_completion_length: int = field(default=512, metadata={"doc": "tokens per completion (at most)"})
     temperature: float = field(default=1.0, metadata={"doc": "sampling temperature"})
     top_p: float = field(default=1.0, metadata={"doc": "nucleus sampling"})

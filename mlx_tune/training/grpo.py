@@ -273,6 +273,8 @@ def run_grpo(cfg: Config, *, log: Callable[[str], None] = print) -> GrpoResult:
     out = Path(cfg.output_dir)
     ckpt_dir = out / "checkpoints"
     rows = grpo_rollout.read_prompt_rows(train_file)
+    if cfg.eval.prompts:
+        log("eval.prompts: not used by train.method grpo (train.test scores data/test.jsonl's prompts with the rewards)")
     base_dir = Path(cfg.source_path).parent if cfg.source_path else None
     model, tokenizer, info = load_model(cfg.model, cfg.quantize, trust_remote_code=cfg.trust_remote_code)
     log(f"model: {info.source} ({info.kind}, quantization {info.quantization}) loaded in {info.load_seconds:.1f}s")
