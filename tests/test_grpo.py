@@ -79,12 +79,17 @@ def test_grpo_trains_writes_metrics_and_resumes_exactly(tmp_path, tiny_folder):
 
     shutil.rmtree(out / "checkpoints" / "step_000004")
     assert json.loads((out / "checkpoints" / "step_000003" / "state.json").read_text())["grpo"]["generation"]
-    resumed = run_train(load_config(cfg_path, ["train.resume=true"]), log=lambda m: None)
-    assert resumed.state.step == 4
-    *again, _ = _rows(out / "metrics.jsonl")
-    for a, b in zip(full, again):
-        for key in ("loss", "reward_mean", "kl", "completion_length"):
-            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7), (a["step"], key)
+    for drop in ([], ["step_000003"]):  # then from step 2: a fresh generation batch right after the resume
+        for name in drop:
+            shutil.rmtree(out / "checkpoints" / name)
+        resumed = run_train(load_config(cfg_path, ["train.resume=true"]), log=lambda m: None)
+        assert resumed.state.step == 4
+        *again, _ = _rows(out / "metrics.jsonl")
+        assert len(again) == 4
+        for a, b in zip(full, again):
+            for key in ("loss", "reward_mean", "kl", "completion_length", "clip_ratio"):
+                assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7), (a["step"], key)
+        shutil.rmtree(out / "checkpoints" / "step_000004")
 
 
 def test_bad_reward_file_stops_with_one_line(tmp_path, tiny_folder):
