@@ -4,7 +4,7 @@ One generation batch = ``train.batch_size`` prompts x ``grpo.num_generations`` c
 sampled with the adapter being trained (``grpo_rollout.sample``), scored by the reward
 functions (``rewards``), turned into group-normalised advantages (``grpo_loss``). It is
 split into ``grpo.steps_per_generation`` micro-batches (TRL's meaning; default
-``train.grad_accumulation``) and an optimizer step sums the gradients of
+``train.grad_accumulation``; shuffled first, as TRL does) and an optimizer step sums the gradients of
 ``train.grad_accumulation`` micro-batches, so a generation batch serves
 ``steps_per_generation / grad_accumulation`` optimizer steps. When an update happens
 between a batch's sampling and its last use (``grad_accumulation % steps_per_generation !=
@@ -126,8 +126,12 @@ class Rollouts:
         ended = [c.ended for c in outs]
         lengths = np.array([len(c) for c in ids], dtype=np.float64)
         kept = [n if (e or not g.mask_truncated_completions) else 0 for n, e in zip(lengths, ended)]
-        gen = Generation(self.count, prompt_ids, ids, ended, np.array(adv, dtype=np.float32), None, None,
-                         float(sum(kept)), self.slices)
+        advantages = np.array(adv, dtype=np.float32)
+        order = list(range(len(ids)))
+        if self.slices > 1:  # TRL shuffles the generation batch before splitting it into micro-batches
+            order = np.random.default_rng([self.tc.seed, self.count, 1]).permutation(len(ids)).tolist()
+        gen = Generation(self.count, [prompt_ids[i] for i in order], [ids[i] for i in order],
+                         [ended[i] for i in order], advantages[order], None, None, float(sum(kept)), self.slices)
         if self.need_old:
             gen.old_logps = self._logps(gen)
         if g.beta != 0.0:
@@ -145,7 +149,7 @@ class Rollouts:
                 "generation_time_s": gen_s,
             }
         self.last_samples = [{"generation": self.count, "prompt": p if isinstance(p, str) else p[-1].get("content"),
-                              "completion": t, "reward": float(total[j]), "advantage": float(gen.advantages[j])}
+                              "completion": t, "reward": float(total[j]), "advantage": float(advantages[j])}
                              for j, (p, t) in enumerate(zip(prompts, texts)) if j < SAMPLES_PER_REPORT]
         self.count += 1
         return gen
