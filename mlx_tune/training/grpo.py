@@ -41,6 +41,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
+from mlx.utils import tree_map
 
 from mlx_tune import adapters
 from mlx_tune.config import Config, config_to_dict
@@ -262,8 +263,62 @@ def _check(cfg: Config) -> Path:
     return path
 
 
+class GrpoStep:
+    """One optimizer step: ``grad_accumulation`` micro-batches, each the next slice of the
+    current generation batch (a new one when it is used up), gradients summed (each loss is
+    already divided as TRL divides it), clipped, applied unless non-finite."""
+
+    def __init__(self, model, optimizer, rollouts: Rollouts, settings: LossSettings, grad_clip: float | None,
+                 gen: Generation | None = None):
+        self.model, self.optimizer, self.rollouts, self.settings = model, optimizer, rollouts, settings
+        self.grad_clip, self.gen = grad_clip, gen
+
+        def loss_fn(m, b):
+            lp = grpo_rollout.completion_logps(m, b["tokens"], b["comp"], b["gather"])
+            return grpo_loss(lp, b["old"], b["ref"], b["adv"], b["mask"], settings, b["batch_tokens"])
+
+        self.value_and_grad = nn.value_and_grad(model, loss_fn)
+
+    def step(self) -> dict:
+        """The step's metrics row (``tokens``: real tokens trained on; ``finite``: applied)."""
+        tic = time.perf_counter()
+        grads: dict | None = None
+        loss_sum, row, train_s, tokens = 0.0, {}, 0.0, 0
+        for _ in range(self.settings.grad_accumulation):
+            if self.gen is None or self.gen.used >= self.gen.slices:
+                self.gen = self.rollouts.make()
+            gen = self.gen
+            row.update(gen.metrics)  # the rewards of the batch this step learns from
+            t0 = time.perf_counter()
+            sl = gen.next_slice()
+            batch = micro_batch(gen, sl, self.rollouts.g.mask_truncated_completions)
+            (loss, m), gr = self.value_and_grad(self.model, batch)
+            grads = gr if grads is None else tree_map(lambda x, y: x + y, grads, gr)
+            mx.eval(loss, grads, m)
+            loss_sum += loss.item()
+            row.update({k.replace("/", "_"): v.item() for k, v in m.items()})
+            train_s += time.perf_counter() - t0
+            tokens += sum(len(p) + len(c) for p, c in zip(gen.prompts[sl], gen.completions[sl]))
+        assert grads is not None  # grad_accumulation >= 1 (config)
+        norm = mx.array(float("nan"))
+        if self.grad_clip:
+            grads, norm = optim.clip_grad_norm(grads, self.grad_clip)
+        mx.eval(norm)
+        norm_v = float(np.asarray(norm))
+        finite = math.isfinite(loss_sum) and (not self.grad_clip or math.isfinite(norm_v))
+        if finite:
+            self.optimizer.update(self.model, grads)
+            mx.eval(self.model.parameters(), self.optimizer.state)
+        if "clip_ratio_region_mean" in row:
+            row["clip_ratio"] = row["clip_ratio_region_mean"]
+        return {**row, "loss": loss_sum, "grad_norm": norm_v, "tokens": tokens, "finite": finite,
+                "tokens_per_sec": tokens / max(train_s, 1e-9), "peak_memory_gb": mx.get_peak_memory() / 2**30,
+                "step_time_s": time.perf_counter() - tic}
+
+
 def run_grpo(cfg: Config, *, log: Callable[[str], None] = print) -> GrpoResult:
     """Train ``cfg``'s adapter with GRPO; an interrupted run (Ctrl-C) checkpoints and returns."""
+    from mlx_tune.evaluation.live import serving_layers
     from mlx_tune.model import quant
     from mlx_tune.model.chat_templates import require_chat_template, use_chat_template
     from mlx_tune.model.loading import load_model
@@ -313,20 +368,18 @@ def run_grpo(cfg: Config, *, log: Callable[[str], None] = print) -> GrpoResult:
             log(f"train.resume: no complete checkpoint in {ckpt_dir}; starting from step 0")
         _fresh_output(out)
 
+    stepper = GrpoStep(model, optimizer, rollouts, LossSettings(
+        g.loss_type, g.epsilon, g.epsilon_high, g.beta, g.max_completion_length, tc.grad_accumulation,
+        rollouts.slices), tc.grad_clip, gen)
+
     def extra_state() -> dict:
+        gen = stepper.gen
         rest = gen.state_dict() if gen is not None and gen.used < gen.slices else None
         return {"grpo": {**rollouts.state_dict(), "generation": rest}, "config": config_to_dict(cfg), "iters": iters}
 
     ckpt = checkpoint.CheckpointCallback(ckpt_dir, model, optimizer, tc.save_every, tc.keep_checkpoints, extra_state)
     progress = Progress(iters, state.step)
-    settings = LossSettings(g.loss_type, g.epsilon, g.epsilon_high, g.beta, g.max_completion_length,
-                            tc.grad_accumulation, rollouts.slices)
 
-    def loss_fn(m, b):
-        lp = grpo_rollout.completion_logps(m, b["tokens"], b["comp"], b["gather"])
-        return grpo_loss(lp, b["old"], b["ref"], b["adv"], b["mask"], settings, b["batch_tokens"])
-
-    value_and_grad = nn.value_and_grad(model, loss_fn)
     log(f"grpo: {iters} steps; {tc.batch_size} prompts x {g.num_generations} completions per generation batch "
         f"(<= {g.max_completion_length} tokens), {rollouts.slices} micro-batch(es) each, "
         f"{tc.grad_accumulation} per optimizer step; {len(rows)} prompts; rewards {', '.join(r.spec for r in rewards)}")
@@ -336,43 +389,25 @@ def run_grpo(cfg: Config, *, log: Callable[[str], None] = print) -> GrpoResult:
     # On the CPU backend the server's quantized layers (a cached fp32 copy of the frozen base
     # within 1 GiB, as the live eval scorer allows) stay in for the whole run: sampling is
     # ~2x faster, and the training step computes the same values with them.
-    from mlx_tune.evaluation.live import serving_layers
-
     with _sigint_flag() as interrupted, serving_layers(model, 2**30):
         while state.step < iters and not interrupted.is_set():
-            mx.random.seed(step_key_seed(tc.seed, state.step + 1))
-            step_tic = time.perf_counter()
-            grads: dict | None = None
-            loss_sum, row, train_s, train_tokens = 0.0, {}, 0.0, 0
-            for _ in range(tc.grad_accumulation):
-                if gen is None or gen.used >= gen.slices:
-                    gen = rollouts.make()
-                row.update(gen.metrics)  # the rewards of the batch this step learns from
-                tic = time.perf_counter()
-                batch = micro_batch(gen, gen.next_slice(), g.mask_truncated_completions)
-                (loss, m), gr = value_and_grad(model, batch)
-                grads = gr if grads is None else optim_tree_add(grads, gr)
-                mx.eval(loss, grads, m)
-                loss_sum += loss.item()
-                for k, v in m.items():
-                    row[k.replace("/", "_")] = v.item()
-                train_s += time.perf_counter() - tic
-                train_tokens += int(batch["tokens"].size)
-            assert grads is not None  # grad_accumulation >= 1 (config)
-            if tc.grad_clip:
-                grads, norm = optim.clip_grad_norm(grads, tc.grad_clip)
-            else:
-                norm = mx.array(float("nan"))
-            optimizer.update(model, grads)
-            mx.eval(model.parameters(), optimizer.state, norm)
+            mx.random.seed(step_key_seed(tc.seed, state.step + 1))  # dropout: a function of (seed, step)
+            row = stepper.step()
             state.step += 1
-            state.last_loss = loss_sum
-            state.trained_tokens += train_tokens
-            row.update({"loss": loss_sum, "grad_norm": norm.item(), "tokens_per_sec": train_tokens / max(train_s, 1e-9),
-                        "learning_rate": _lr(optimizer), "peak_memory_gb": mx.get_peak_memory() / 2**30,
-                        "step_time_s": time.perf_counter() - step_tic})
-            if "clip_ratio_region_mean" in row:
-                row["clip_ratio"] = row["clip_ratio_region_mean"]
+            state.last_loss = row["loss"]
+            state.trained_tokens += row.pop("tokens")
+            if not row["finite"]:
+                state.bad_steps += 1
+                log(f"step {state.step}: non-finite loss {row['loss']} / gradient norm {row['grad_norm']}; "
+                    f"update skipped ({state.bad_steps} in a row)")
+                if state.bad_steps >= tc.max_bad_steps:
+                    raise UserError(f"training stopped at step {state.step}: {state.bad_steps} steps in a row had a "
+                                    f"non-finite loss or gradient (train.max_bad_steps={tc.max_bad_steps}); lower "
+                                    "train.learning_rate or check the reward functions")
+            else:
+                state.bad_steps = 0
+            row.pop("finite")
+            row["learning_rate"] = _lr(optimizer)
             window.append(row)
             if state.step % tc.steps_per_report == 0 or state.step == iters:
                 report = {**_window_row(state.step, window), "trained_tokens": state.trained_tokens}
@@ -424,12 +459,6 @@ def held_out_rewards(model, tokenizer, rows: list[dict], rewards: list[Reward], 
         return {"reward_mean": float(np.nanmean(total)),
                 **{f"reward_{r.name}_mean": float(np.nanmean(per[:, j])) for j, r in enumerate(rewards)},
                 "completion_length": float(np.mean([len(c.ids) for c in outs]))}
-
-
-def optim_tree_add(a, b):
-    from mlx.utils import tree_map
-
-    return tree_map(lambda x, y: x + y, a, b)
 
 
 def _lr(optimizer) -> float:
