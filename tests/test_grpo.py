@@ -138,3 +138,17 @@ def test_prompt_order_is_a_function_of_seed_and_position():
     c.load_state_dict(b.state_dict())
     assert c.take(4) == first[4:]
     assert sorted(first[:5]) == list(range(5))  # one epoch is a permutation
+
+
+def test_other_settings_run(tmp_path, tiny_folder):
+    """grad_accumulation 2 with steps_per_generation null (one generation batch per optimizer step,
+    split in two, on-policy), loss_type grpo, batch scaling, truncated completions masked, no KL."""
+    cfg_path = _workspace(tmp_path, tiny_folder)
+    overrides = ["train.iters=2", "train.grad_accumulation=2", "train.test=false", "grpo.steps_per_generation=null",
+                 "grpo.loss_type=grpo", "grpo.scale_rewards=batch", "grpo.mask_truncated_completions=true",
+                 "grpo.beta=0.0"]
+    result = run_train(load_config(cfg_path, overrides), log=lambda m: None)
+    rows = _rows(tmp_path / "out" / "metrics.jsonl")
+    assert result.state.step == 2 and [r["step"] for r in rows] == [1, 2]
+    assert "kl" not in rows[0] and rows[0]["clip_ratio"] == 0.0  # on-policy: the ratio is 1
+    assert rows[0]["truncated_ratio"] == 1.0 and rows[0]["loss"] == 0.0  # every completion cut at 6 tokens: masked
