@@ -453,7 +453,7 @@ def held_out_rewards(model, tokenizer, rows: list[dict], rewards: list[Reward], 
     """Mean rewards (total and per function) of greedy completions to ``rows`` by ``model`` as it is."""
     prompt_ids = [grpo_rollout.encode_prompt(tokenizer, r) for r in rows]
     outs = grpo_rollout.sample(model, tokenizer, prompt_ids, [0] * len(rows), max_tokens=max_tokens, temperature=0.0,
-                               top_p=1.0, max_batch=len(rows), swap_budget=None)
+                               top_p=1.0, max_batch=min(64, len(rows)), swap_budget=None)
     _, _, total, per = score_completions(tokenizer, rows, outs, rewards)
     with np.errstate(all="ignore"):
         return {"reward_mean": float(np.nanmean(total)),

@@ -153,20 +153,26 @@ def sample(model, tokenizer, prompts: list[list[int]], seeds: list[int], *, max_
 
 
 def _shared_prefills(model, prompts: list[list[int]]) -> list[tuple[list, list[int]]]:
-    """``(KV cache, tokens in it)`` per row: each distinct prompt (all but its last token) is
-    computed once and copied into each of its rows, as the server does for ``n`` answers."""
+    """``(KV cache or None, tokens in it)`` per row: a prompt (all but its last token) that
+    several rows share is computed once and copied into each of them, as the server does for
+    ``n`` answers; the others are left to the generator's batched prefill."""
     import copy
+    from collections import Counter
 
     from mlx_tune.server.prefix_cache import prefill
 
+    repeats = Counter(tuple(p[:-1]) for p in prompts)
     done: dict[tuple[int, ...], list] = {}
-    out = []
+    out: list = []
     for p in prompts:
         key = tuple(p[:-1])
+        if not key or repeats[key] == 1:  # a prompt of its own: the generator's batched prefill does it
+            out.append((None, []))
+            continue
         if key not in done:
-            done[key] = prefill(model, list(key)) if key else []
-        out.append((copy.deepcopy(done[key]) if key else None, list(key)))
-    return out  # type: ignore[return-value]
+            done[key] = prefill(model, list(key))
+        out.append((copy.deepcopy(done[key]), list(key)))
+    return out
 
 
 def pad_rows(prompts: list[list[int]], completions: list[list[int]], pad_id: int = 0
