@@ -297,8 +297,9 @@ class GrpoConfig:
     reward_functions: list[str] = field(default_factory=list, metadata={
         "doc": "FILE.py:FUNC or builtin:NAME, each f(prompts, completions, **columns) -> list[float]"})
     reward_weights: list[float] | None = field(default=None, metadata={"doc": "one weight per function (null: all 1)"})
-    num_generations: int = field(default=8, metadata={"doc": "completions sampled per prompt (the group)"})
-    max_completion_length: int = field(default=256, metadata={"doc": "tokens per completion"})
+    num_generations: int = field(default=8, metadata={
+        "doc": "completions sampled per prompt (the group); a generation batch is train.batch_size prompts x this"})
+    max_completion_length: int = field(default=512, metadata={"doc": "tokens per completion (at most)"})
     temperature: float = field(default=1.0, metadata={"doc": "sampling temperature"})
     top_p: float = field(default=1.0, metadata={"doc": "nucleus sampling"})
     beta: float = field(default=0.0, metadata={"doc": "KL weight to the reference (adapter disabled); 0: no KL"})
@@ -309,7 +310,8 @@ class GrpoConfig:
         "doc": "divide advantages by the reward std of the group, the batch, or not at all"})
     mask_truncated_completions: bool = field(default=False, metadata={"doc": "no loss on completions cut at max length"})
     steps_per_generation: int | None = field(default=None, metadata={
-        "doc": "optimizer steps per generation batch (null: train.grad_accumulation)"})
+        "doc": "micro-batches one generation batch is split into (TRL's meaning); more than "
+               "train.grad_accumulation reuses it for several optimizer steps (null: train.grad_accumulation)"})
 
     def check(self) -> list[str]:
         errs = []

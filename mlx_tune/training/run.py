@@ -108,6 +108,9 @@ def run_train(cfg: Config, *, log: Callable[[str], None] = print) -> TrainResult
     An interrupted run (Ctrl-C) returns with ``result.interrupted`` set, a checkpoint
     saved and no adapter written; ``train.resume=true`` continues it.
     """
+    if cfg.train.method == "grpo":  # online RL from rewards: its own loop (training.grpo.GrpoResult: same fields)
+        from mlx_tune.training.grpo import run_grpo
+        return run_grpo(cfg, log=log)  # type: ignore[return-value]
     data_dir = precheck(cfg)
     full.check_config(cfg)
     tc = cfg.train

@@ -1,0 +1,226 @@
+"""GRPO's data side: prompt rows in a resumable order, completions sampled with the live
+adapter, and the per-token log-probabilities of those completions.
+
+Prompt rows are ``{"prompt": str}`` or ``{"messages": [...]}`` plus any other columns
+(``data_transform.py --to prompts`` writes them; ``data.preference.convert_prompts``
+checks each row here too). ``PromptOrder`` shuffles them once per epoch from
+``(seed, epoch)``, so its state is two integers.
+
+``sample`` decodes every row of a generation batch together through mlx-lm's
+``BatchGenerator`` (the continuous batcher the server's engine drives) on the model
+being trained, no copy of the weights: dropout off, on the CPU backend the server's
+layers swapped in for the duration (``evaluation.live.serving_layers``), and each
+completion drawn with the server's sampler (``temperature``, ``top_p``) keyed by its own
+seed, so the same seeds give the same completions whatever else is in the batch. The
+EOS token that ends a completion is part of it (TRL trains on it too).
+
+``completion_logps``: rows ``prompt + completion`` right-padded to one length (causal
+attention, so padding after a row changes nothing before it); ``log p(c_j) =
+logits[p + j - 1, c_j] - logsumexp(logits[p + j - 1])``, the head applied to the hidden
+states of the completion positions only. Each distinct prompt is prefilled once for all its
+generations (the KV cache copied per row, as the server's ``n`` answers share one prefill).
+``reference`` disables every LoRA layer (``LoRALinear.enabled = False``) for the reference
+model of the KL term.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from mlx_tune.errors import UserError
+
+
+def read_prompt_rows(path: str | Path, max_errors: int = 20) -> list[dict]:
+    """The prompt rows of a JSONL file, normalised; bad rows raise one ``UserError`` (file:line)."""
+    from mlx_tune.data.preference import convert_prompts
+    from mlx_tune.data.readers import read_jsonl_records
+
+    rows, errors = [], []
+    for line, value, error in read_jsonl_records(path):
+        if error is None:
+            try:
+                if type(value) is dict and "completion" in value:
+                    raise ValueError("a row with a 'completion' is SFT data; GRPO needs prompt-only rows")
+                rows.append(convert_prompts(value)[0])
+                continue
+            except ValueError as exc:  # RecordError is a ValueError
+                error = str(exc)
+        errors.append(f"{path}:{line}: {error}")
+    if errors:
+        more = f" (and {len(errors) - max_errors} more)" if len(errors) > max_errors else ""
+        raise UserError(f"{path}: {len(errors)} bad prompt row(s): " + "; ".join(errors[:max_errors]) + more)
+    if not rows:
+        raise UserError(f"{path}: no prompt rows; write them with data_transform.py --to prompts")
+    return rows
+
+
+@dataclass
+class PromptOrder:
+    """``take(k)``: the next ``k`` row indices; a new shuffle of ``(seed, epoch)`` each epoch."""
+
+    n: int
+    seed: int
+    epoch: int = 0
+    index: int = 0
+
+    def _perm(self) -> np.ndarray:
+        return np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+
+    def take(self, k: int) -> list[int]:
+        out: list[int] = []
+        while len(out) < k:
+            if self.index >= self.n:
+                self.epoch, self.index = self.epoch + 1, 0
+            perm = self._perm()
+            got = perm[self.index: self.index + k - len(out)].tolist()
+            out += got
+            self.index += len(got)
+        return out
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index, "n": self.n}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("n") != self.n:
+            raise UserError(f"train.resume: the checkpoint saw {state.get('n')} prompt rows, the data has {self.n}; "
+                            "resume needs the same train.jsonl (or start a new output_dir)")
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+
+
+def encode_prompt(tokenizer, row: dict) -> list[int]:
+    """The prompt tokens, as the server encodes them (chat template + generation prompt)."""
+    from mlx_tune.evaluation.live import encode_row
+    from mlx_tune.evaluation.prompts import PromptRow
+
+    return encode_row(tokenizer, PromptRow(0, prompt=row.get("prompt"), messages=row.get("messages")))
+
+
+def completion_seed(seed: int, generation: int, row: int) -> int:
+    """The sampling seed of completion ``row`` of generation batch ``generation``."""
+    return int(np.random.SeedSequence([seed, generation, row]).generate_state(1)[0])
+
+
+@dataclass
+class Completion:
+    ids: list[int]
+    ended: bool  # finished with EOS (False: cut at max_completion_length)
+
+
+def sample(model, tokenizer, prompts: list[list[int]], seeds: list[int], *, max_tokens: int, temperature: float,
+           top_p: float, max_batch: int = 64, swap_budget: int | None = 2**30) -> list[Completion]:
+    """One completion per (prompt, seed), decoded together with the model's live adapter."""
+    from mlx_lm.generate import BatchGenerator
+
+    from mlx_tune.evaluation.live import serving_layers
+    from mlx_tune.server.engine import GenRequest
+    from mlx_tune.server.sampling import make_request_sampler
+
+    eos = sorted(set(tokenizer.eos_token_ids or ()))
+    was_training = model.training
+    model.eval()
+    out: list[Completion | None] = [None] * len(prompts)
+    ids: dict[int, list[int]] = {}
+    layers = serving_layers(model, swap_budget) if swap_budget is not None else contextlib.nullcontext()
+    try:
+        with layers:
+            gen = BatchGenerator(model, stop_tokens=[[t] for t in eos], completion_batch_size=max_batch,
+                                 prefill_batch_size=min(8, max_batch), stream=mx.default_stream(mx.default_device()))
+            samplers = [make_request_sampler(GenRequest(prompt=p, adapter=None, max_tokens=max_tokens,
+                                                        temperature=temperature, top_p=top_p, seed=s))
+                        for p, s in zip(prompts, seeds)]
+            caches = _shared_prefills(model, prompts)
+            uids = gen.insert([p[len(c[1]):] for p, c in zip(prompts, caches)], max_tokens=[max_tokens] * len(prompts),
+                              samplers=samplers, caches=[c[0] for c in caches], all_tokens=[c[1] for c in caches])
+            where = {uid: i for i, uid in enumerate(uids)}
+            left = len(uids)
+            while left:
+                for r in gen.next_generated():
+                    ids.setdefault(r.uid, []).append(int(r.token))
+                    if r.finish_reason is not None:
+                        out[where[r.uid]] = Completion(ids[r.uid], r.finish_reason == "stop" and r.token in eos)
+                        left -= 1
+            gen.close()
+    finally:
+        model.train(was_training)
+    return [c if c is not None else Completion([], False) for c in out]
+
+
+def _shared_prefills(model, prompts: list[list[int]]) -> list[tuple[list, list[int]]]:
+    """``(KV cache or None, tokens in it)`` per row: a prompt (all but its last token) that
+    several rows share is computed once and copied into each of them, as the server does for
+    ``n`` answers; the others are left to the generator's batched prefill."""
+    import copy
+    from collections import Counter
+
+    from mlx_tune.server.prefix_cache import prefill
+
+    repeats = Counter(tuple(p[:-1]) for p in prompts)
+    done: dict[tuple[int, ...], list] = {}
+    out: list = []
+    for p in prompts:
+        key = tuple(p[:-1])
+        if not key or repeats[key] == 1:  # a prompt of its own: the generator's batched prefill does it
+            out.append((None, []))
+            continue
+        if key not in done:
+            done[key] = prefill(model, list(key))
+        out.append((copy.deepcopy(done[key]), list(key)))
+    return out
+
+
+def pad_rows(prompts: list[list[int]], completions: list[list[int]], pad_id: int = 0
+             ) -> tuple[mx.array, mx.array, mx.array, mx.array]:
+    """``(tokens (B, L), completion_ids (B, T), mask (B, T), gather (B, T))``: ``gather[b, j]``
+    is the position whose logits predict completion token ``j`` of row ``b``."""
+    t = max(1, max(len(c) for c in completions))
+    length = max(len(p) + len(c) for p, c in zip(prompts, completions))
+    tokens = np.full((len(prompts), length), pad_id, np.int32)
+    comp = np.full((len(prompts), t), pad_id, np.int32)
+    mask = np.zeros((len(prompts), t), np.float32)
+    gather = np.zeros((len(prompts), t), np.int32)
+    for b, (p, c) in enumerate(zip(prompts, completions)):
+        tokens[b, : len(p) + len(c)] = p + c
+        comp[b, : len(c)] = c
+        mask[b, : len(c)] = 1
+        gather[b] = np.minimum(len(p) - 1 + np.arange(t), length - 2 if length > 1 else 0)
+    return mx.array(tokens), mx.array(comp), mx.array(mask), mx.array(gather)
+
+
+def completion_logps(model, tokens: mx.array, completion_ids: mx.array, gather: mx.array) -> mx.array:
+    """``log p(completion token j | everything before it)`` per row, (B, T) float32."""
+    from mlx_tune.model import head
+    from mlx_tune.model.attention import hidden_states
+
+    h = hidden_states(model, tokens[:, :-1] if tokens.shape[1] > 1 else tokens)
+    # The head only where a completion token is predicted: no logits for the prompt positions.
+    h = mx.take_along_axis(h, gather[:, :, None], axis=1)
+    picked = head.logits(model, h).astype(mx.float32)  # (B, T, V)
+    chosen = mx.take_along_axis(picked, completion_ids[:, :, None], axis=-1)[..., 0]
+    return chosen - mx.logsumexp(picked, axis=-1)
+
+
+def lora_layers(model: nn.Module) -> list[Any]:
+    from mlx_tune.adapters.lora import LoRALinear
+
+    return [m for _, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+@contextlib.contextmanager
+def reference(model: nn.Module):
+    """The base model for the duration: every LoRA layer disabled, then restored."""
+    layers = lora_layers(model)
+    before = [m.enabled for m in layers]
+    for m in layers:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m, flag in zip(layers, before):
+            m.enabled = flag
