@@ -257,7 +257,7 @@ def test_dpo_with_full_fine_tuning_uses_reference_logps_from_the_start(tmp_path,
     _write(data / "train.jsonl", _pairs(8))
     _write(data / "valid.jsonl", _pairs(4, seed=1))
     res = run_train(workspace(tmp_path, tiny_folder, "out", method="dpo", finetune="full", iters=3, steps_per_eval=3,
-                              learning_rate=1e-3), f"train.seed=5")
+                              learning_rate=1e-3), "train.seed=5")
     assert res.returncode == 0, res.stderr[-2000:]
     assert "computed once from the starting weights" in res.stdout
     rows = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]

@@ -63,17 +63,17 @@ def collate_units(ds: PairDataset, rows: list[list[int]], packed: bool, width: i
     for k, u in enumerate(units):
         slot_seqs[2 * k], slot_seqs[2 * k + 1] = ds.units[u]
     # physical rows: lists of (slot, sequence)
+    phys: list[list[tuple[int, int]]] = []
     if packed:
-        phys, base = [], 0
-        for row in rows:
-            phys.append([(2 * (base + j) + s, ds.units[u][s]) for j, u in enumerate(row) for s in (0, 1)])
-            base += len(row)
+        base = 0
+        for units_row in rows:
+            phys.append([(2 * (base + j) + s, ds.units[u][s]) for j, u in enumerate(units_row) for s in (0, 1)])
+            base += len(units_row)
     else:
-        phys = []
         for k in range(len(rows)):
-            for s in (0, 1):
-                slot = 2 * k + s
-                phys.append([(slot, int(slot_seqs[slot]))] if slot_seqs[slot] >= 0 else [])
+            for side in (0, 1):
+                j = 2 * k + side
+                phys.append([(j, int(slot_seqs[j]))] if slot_seqs[j] >= 0 else [])
     B = len(phys)
     inputs = np.full((B, width), pad_id, dtype=np.int32)
     targets = np.full((B, width), pad_id, dtype=np.int32)

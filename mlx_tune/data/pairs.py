@@ -75,7 +75,10 @@ def _prompt_key(row: dict) -> str:
 def read_units(path: Path, tokenizer, policy: MaskPolicy | None = None):
     """(kind, [(ids, mask) per side], labels, prompt_mismatch) for every row of ``path``;
     a bad row raises one ``UserError`` naming ``file:line``."""
-    kinds, sides, labels, errors = set(), [], [], []
+    kinds: set[str] = set()
+    sides: list[list[tuple[np.ndarray, np.ndarray]]] = []
+    labels: list[float] = []
+    errors: list[str] = []
     for line, value, error in read_jsonl_records(path):
         if error is None and not sides and not errors and detect_mode(value) != "preference":
             raise UserError(f"{path}:{line}: not a preference row (it needs 'chosen' and 'rejected', or 'completion' "
@@ -154,11 +157,11 @@ def load_pairs(path: str | Path, tokenizer, *, max_seq_length: int, truncation: 
         labels = np.asarray(label_list, dtype=np.float32)
         if use_cache:
             flat = [s for unit in sides for s in unit]
-            arrays = {"offsets": np.cumsum([0] + [len(i) for i, _ in flat]).astype(np.int64),
-                      "ids": np.concatenate([i for i, _ in flat]).astype(np.int32),
-                      "train": np.concatenate([m for _, m in flat]).astype(np.uint8),
-                      "labels": labels, "kind": np.array(kind)}
-            write_file_atomic(cache_file, lambda tmp: np.savez(tmp, **arrays))
+            offsets = np.cumsum([0] + [len(i) for i, _ in flat]).astype(np.int64)
+            flat_ids = np.concatenate([i for i, _ in flat]).astype(np.int32)
+            flat_train = np.concatenate([m for _, m in flat]).astype(np.uint8)
+            write_file_atomic(cache_file, lambda tmp: np.savez(tmp, offsets=offsets, ids=flat_ids, train=flat_train,
+                                                               labels=labels, kind=np.array(kind)))
     if kind == "kto":  # each row's mismatched sequence: its prompt, the next row's completion
         sides = [[u[0], _mismatched(u[0], sides[(k + 1) % len(sides)][0])] for k, u in enumerate(sides)]
     ds = _cut(path, kind, sides, labels, max_seq_length, truncation, hit)
@@ -169,7 +172,10 @@ def load_pairs(path: str | Path, tokenizer, *, max_seq_length: int, truncation: 
 def _cut(path: Path, kind: str, sides: list, labels: np.ndarray, max_seq_length: int, truncation: str,
          hit: bool) -> PairDataset:
     stats = DataStats(path=str(path), format=f"preference {kind}", cache_hit=hit)
-    ids, train, units, kept = [], [], [], []
+    ids: list[np.ndarray] = []
+    train: list[np.ndarray] = []
+    units: list[tuple[int, int]] = []
+    kept: list[int] = []
     for k, unit in enumerate(sides):
         cut = []
         for i, m in unit:

@@ -19,8 +19,9 @@ cleanly by setting ``state.stop_reason`` (early stopping: ``training.best``). Op
 
 ``loss_fn(model, batch) -> (mean_loss, n_trained_tokens)`` (or ``(mean_loss, weight,
 {metric: mean})``: a preference loss weighs pairs, and its reward metrics reach the
-metrics rows, validation's as ``val_<metric>``) is called inside the compiled step with a batch whose array fields (inputs, targets, loss_mask,
-segment_ids, positions) are traced arrays; it must not read Python-int fields.
+metrics rows, validation's as ``val_<metric>``) is called inside the compiled step with a
+batch whose array fields (``BATCH_ARRAYS``) are traced arrays; it must not read
+Python-int fields.
 """
 
 from __future__ import annotations

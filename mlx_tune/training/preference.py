@@ -18,6 +18,7 @@ The losses themselves (TRL's definitions) are ``training.preference_losses``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import time
@@ -112,7 +113,10 @@ def reference_logps(model, stream, n_sequences: int, progress: Callable[[int], N
     adapter-free model over ``stream`` (a non-looping, unshuffled PairStream)."""
     out = np.zeros(n_sequences, dtype=np.float32)
     with adapters_disabled(model):
-        fn = mx.compile(lambda arrays: slot_logps(model, traced_batch(arrays), with_grad=False), inputs=[model.state])
+        def forward(arrays: dict) -> mx.array:
+            return slot_logps(model, traced_batch(arrays), with_grad=False)
+
+        fn = mx.compile(forward, inputs=[model.state])
         for batch in stream:
             vals = np.array(fn(batch_arrays(batch)), dtype=np.float32)
             for slot, seq in enumerate(batch.slot_seqs):
@@ -143,6 +147,10 @@ def load_pair_splits(data_dir: Path, tokenizer, tc) -> dict:
     return out
 
 
+def _save_array(tmp: Path, array: np.ndarray) -> None:
+    np.save(tmp, array)
+
+
 def precomputed_references(model, splits: dict, make_stream: Callable, fingerprint: str,
                            log: Callable[[str], None], show: bool = True) -> dict[str, np.ndarray]:
     """``{split: reference log-prob per sequence}``, from the cache beside the token cache
@@ -171,7 +179,7 @@ def precomputed_references(model, splits: dict, make_stream: Callable, fingerpri
         with tqdm(total=len(stream), desc=f"reference {name}", unit="batch", dynamic_ncols=True, leave=False,
                   disable=not show) as bar:
             ref = reference_logps(model, stream, len(ds.ids), progress=bar.update)
-        write_file_atomic(path, lambda tmp, ref=ref: np.save(tmp, ref))
+        write_file_atomic(path, functools.partial(_save_array, array=ref))
         out[name] = ref
         log(f"reference log-probs of {name}: {len(ds)} units in {time.perf_counter() - tic:.1f}s (cached)")
     return out
