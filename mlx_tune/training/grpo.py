@@ -26,12 +26,7 @@ the adapter, as ``run_train`` does.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import shutil
-import signal
-import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -49,28 +44,11 @@ from mlx_tune.errors import UserError
 from mlx_tune.training import checkpoint, grpo_rollout
 from mlx_tune.training.callbacks import MetricsLog, Progress, plot_losses
 from mlx_tune.training.grpo_loss import LossSettings, group_advantages, grpo_loss, truncation_mask
-from mlx_tune.training.loop import LoopState, step_key_seed
+from mlx_tune.training.loop import LoopState, sigint_flag, step_key_seed
+from mlx_tune.training.result import TrainResult, fresh_output
 from mlx_tune.training.rewards import Reward, RewardContext, load_rewards, score
 
 SAMPLES_PER_REPORT = 4
-
-
-@dataclass
-class GrpoResult:
-    """What ``run_grpo`` did (the fields ``cli.train`` reads of ``run.TrainResult``)."""
-
-    state: LoopState
-    iters: int
-    rank: int
-    output_dir: Path
-    seconds: float
-    last_checkpoint: Path | None = None
-    plot: Path | None = None
-    generations: int = 0
-
-    @property
-    def interrupted(self) -> bool:
-        return self.state.interrupted
 
 
 @dataclass
@@ -216,30 +194,6 @@ def micro_batch(gen: Generation, sl: slice, mask_truncated: bool) -> dict:
     return out
 
 
-@contextlib.contextmanager
-def _sigint_flag():
-    """Ctrl-C sets a flag; the loop stops between steps and checkpoints."""
-    flag = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield flag
-        return
-    previous = signal.getsignal(signal.SIGINT)
-    signal.signal(signal.SIGINT, lambda *a: flag.set())
-    try:
-        yield flag
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-def _fresh_output(out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    old = [p for p in (out / "metrics.jsonl", out / "samples.jsonl", out / "checkpoints") if p.exists()]
-    for p in old:
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
-    if old:
-        print(f"new run in {out}: removed the previous run's {', '.join(p.name for p in old)}", file=sys.stderr)
-
-
 def _window_row(step: int, rows: list[dict]) -> dict:
     """The mean of each metric over the steps since the last report (NaN-free values only)."""
     out: dict = {"step": step}
@@ -316,7 +270,7 @@ class GrpoStep:
                 "step_time_s": time.perf_counter() - tic}
 
 
-def run_grpo(cfg: Config, *, log: Callable[[str], None] = print) -> GrpoResult:
+def run_grpo(cfg: Config, *, log: Callable[[str], None] = print) -> TrainResult:
     """Train ``cfg``'s adapter with GRPO; an interrupted run (Ctrl-C) checkpoints and returns."""
     from mlx_tune.evaluation.live import serving_layers
     from mlx_tune.model import quant
@@ -366,7 +320,7 @@ def run_grpo(cfg: Config, *, log: Callable[[str], None] = print) -> GrpoResult:
     else:
         if tc.resume:
             log(f"train.resume: no complete checkpoint in {ckpt_dir}; starting from step 0")
-        _fresh_output(out)
+        fresh_output(out, ("metrics.jsonl", "samples.jsonl", "checkpoints"))
 
     stepper = GrpoStep(model, optimizer, rollouts, LossSettings(
         g.loss_type, g.epsilon, g.epsilon_high, g.beta, g.max_completion_length, tc.grad_accumulation,
@@ -389,7 +343,7 @@ def run_grpo(cfg: Config, *, log: Callable[[str], None] = print) -> GrpoResult:
     # On the CPU backend the server's quantized layers (a cached fp32 copy of the frozen base
     # within 1 GiB, as the live eval scorer allows) stay in for the whole run: sampling is
     # ~2x faster, and the training step computes the same values with them.
-    with _sigint_flag() as interrupted, serving_layers(model, 2**30):
+    with sigint_flag() as interrupted, serving_layers(model, 2**30):
         while state.step < iters and not interrupted.is_set():
             mx.random.seed(step_key_seed(tc.seed, state.step + 1))  # dropout: a function of (seed, step)
             row = stepper.step()
@@ -423,7 +377,7 @@ def run_grpo(cfg: Config, *, log: Callable[[str], None] = print) -> GrpoResult:
             state.interrupted = True
             ckpt.on_interrupt(state)
     progress.on_train_end(state)
-    result = GrpoResult(state, iters, 0, out, time.perf_counter() - start, ckpt.last_saved,
+    result = TrainResult(state, iters, 0, out, time.perf_counter() - start, ckpt.last_saved,
                         generations=rollouts.count)
     if state.interrupted:
         return result

@@ -232,7 +232,7 @@ def _emit(callbacks: Iterable, event: str, *args) -> None:
 
 
 @contextlib.contextmanager
-def _sigint_flag():
+def sigint_flag():
     """Turn the first Ctrl-C into a flag the loop checks between steps (a second one stops at once)."""
     flag = threading.Event()
     if threading.current_thread() is not threading.main_thread():
@@ -372,7 +372,7 @@ def train(model: nn.Module, optimizer: optim.Optimizer, batches: Iterable, loss_
 
     window, exhausted = _Window(), False
     try:
-        with _sigint_flag() as interrupted:
+        with sigint_flag() as interrupted:
             if settings.eval_at_start and state.step == 0:
                 run_eval()
             while state.step < settings.iters and state.stop_reason is None and not _agreed(interrupted.is_set(), group):

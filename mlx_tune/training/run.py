@@ -21,11 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import shutil
-import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
@@ -53,29 +50,8 @@ from mlx_tune.training.optim import build_optimizer
 from mlx_tune.training.preference import PREFERENCE_METHODS, load_pair_splits, method_loss, precomputed_references
 from mlx_tune.training.preference_losses import needs_reference
 from mlx_tune.training.recompute import grad_checkpoint
+from mlx_tune.training.result import TrainResult, fresh_output
 from mlx_tune.training.tracking import open_trackers
-
-
-@dataclass
-class TrainResult:
-    """What ``run_train`` did. ``rank`` is this process's rank (only rank 0 wrote files)."""
-
-    state: LoopState
-    iters: int
-    rank: int
-    output_dir: Path
-    seconds: float
-    last_checkpoint: Path | None = None
-    plot: Path | None = None  # loss.png, None without matplotlib (or when interrupted)
-    test_loss: float | None = None
-    test_perplexity: float | None = None
-    test_tokens: int = 0
-    stop_reason: str | None = None  # why the run ended early (early stopping)
-    kept_step: int | None = None  # the step of the adapter written (the best one with train.keep_best)
-
-    @property
-    def interrupted(self) -> bool:
-        return self.state.interrupted
 
 
 def precheck(cfg: Config) -> Path:
@@ -108,9 +84,9 @@ def run_train(cfg: Config, *, log: Callable[[str], None] = print) -> TrainResult
     An interrupted run (Ctrl-C) returns with ``result.interrupted`` set, a checkpoint
     saved and no adapter written; ``train.resume=true`` continues it.
     """
-    if cfg.train.method == "grpo":  # online RL from rewards: its own loop (training.grpo.GrpoResult: same fields)
+    if cfg.train.method == "grpo":  # online RL from rewards: its own loop, the same TrainResult
         from mlx_tune.training.grpo import run_grpo
-        return run_grpo(cfg, log=log)  # type: ignore[return-value]
+        return run_grpo(cfg, log=log)
     data_dir = precheck(cfg)
     full.check_config(cfg)
     tc = cfg.train
@@ -217,7 +193,7 @@ def run_train(cfg: Config, *, log: Callable[[str], None] = print) -> TrainResult
         if tc.resume:
             say(f"train.resume: no complete checkpoint in {ckpt_dir}; starting from step 0")
         if rank == 0:
-            _fresh_output(out)
+            fresh_output(out, ("metrics.jsonl", "eval_samples.jsonl", "checkpoints"))
 
     def extra_state() -> dict:
         # The stream's position is rank 0's; the other ranks re-derive theirs from it.
@@ -306,14 +282,3 @@ def _shifted(data_state: dict, rank: int) -> dict:
     g = data_state["epoch"] * data_state["n_batches"] + data_state["index"] + rank
     epoch, index = divmod(g, data_state["n_batches"])
     return {**data_state, "epoch": epoch, "index": index, "rank": rank}
-
-
-def _fresh_output(out: Path) -> None:
-    """A new run (no resume) starts a new metrics file and drops an old run's checkpoints,
-    which a later ``train.resume`` would otherwise mix in."""
-    out.mkdir(parents=True, exist_ok=True)
-    old = [p for p in (out / "metrics.jsonl", out / "eval_samples.jsonl", out / "checkpoints") if p.exists()]
-    for p in old:
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
-    if old:
-        print(f"new run in {out}: removed the previous run's {', '.join(p.name for p in old)}", file=sys.stderr)
