@@ -135,9 +135,9 @@ def test_kto_rows_get_a_mismatched_sequence_and_train(tmp_path):
     assert ds.kind == "kto" and ds.labels.tolist() == [0.0, 1.0, 1.0, 0.0, 1.0, 1.0]
     own, kl = ds.units[0]
     start = int(np.argmax(ds.train[own]))
-    nxt = ds.ids[ds.units[1][0]]
+    last = ds.units[-1][0]
     assert (ds.ids[kl][:start] == ds.ids[own][:start]).all()  # row 0's prompt ...
-    assert (ds.ids[kl][start:] == nxt[int(np.argmax(ds.train[ds.units[1][0]])):]).all()  # ... row 1's completion
+    assert (ds.ids[kl][start:] == ds.ids[last][int(np.argmax(ds.train[last])):]).all()  # ... the last row's completion
     model = _lora()
     step = Step(model, optim.Adam(1e-3), method_loss("kto", PreferenceConfig()))
     loss, _, _, norm, metrics = step.finish(*step.accumulate(batch_arrays(next(PairStream(ds, 4, 64, seed=0))), None))

@@ -7,9 +7,10 @@ goes through the chat template when the tokenizer has one). Only a side's respon
 tokens are marked for the loss, so both sides are scored after the same prompt.
 
 A KTO row ``(prompt, completion, label)`` becomes its own sequence plus a *mismatched*
-one, the prompt followed by the next row's completion (row ``i + 1`` mod ``N``): the
-policy and reference log-probs of those give KTO's KL estimate, as TRL's
-``KTOTrainer`` builds its ``KL_completion`` column from shifted completions.
+one, the prompt followed by the previous row's completion (row ``i - 1``, row 0 takes the
+last): the policy and reference log-probs of those give KTO's KL estimate, as TRL's
+``KTOTrainer`` builds its ``KL_completion`` column from completions rotated by one (TRL
+rotates inside each batch, here over the file: the same estimate of a mismatched pair).
 
 ``units[k]`` lists the sequences of unit k: ``(chosen, rejected)`` or ``(completion,
 mismatched)``; ``labels`` holds KTO's labels. Each sequence is cut to ``max_seq_length``
@@ -162,8 +163,8 @@ def load_pairs(path: str | Path, tokenizer, *, max_seq_length: int, truncation: 
             flat_train = np.concatenate([m for _, m in flat]).astype(np.uint8)
             write_file_atomic(cache_file, lambda tmp: np.savez(tmp, offsets=offsets, ids=flat_ids, train=flat_train,
                                                                labels=labels, kind=np.array(kind)))
-    if kind == "kto":  # each row's mismatched sequence: its prompt, the next row's completion
-        sides = [[u[0], _mismatched(u[0], sides[(k + 1) % len(sides)][0])] for k, u in enumerate(sides)]
+    if kind == "kto":  # each row's mismatched sequence: its prompt, the previous row's completion
+        sides = [[u[0], _mismatched(u[0], sides[k - 1][0])] for k, u in enumerate(sides)]
     ds = _cut(path, kind, sides, labels, max_seq_length, truncation, hit)
     ds.key = f"{key}:{max_seq_length}:{truncation}"
     return ds
