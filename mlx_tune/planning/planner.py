@@ -385,9 +385,13 @@ def settings_from_config(cfg, source: SourceConfig, backend: str | None = None) 
     # A preference unit is two sequences (chosen and rejected, or a KTO row and its
     # mismatched one) of up to max_seq_length each; the reference forward stores nothing.
     rows = cfg.train.batch_size * (2 if cfg.train.method in ("dpo", "orpo", "simpo", "cpo", "kto") else 1)
+    seq_len = cfg.train.max_seq_length
+    if cfg.train.method == "grpo":  # a micro-batch: its slice of the prompts x generations, prompt + completion
+        rows = -(-cfg.train.batch_size * cfg.grpo.num_generations // grpo_slices(cfg))
+        seq_len = cfg.train.max_seq_length + cfg.grpo.max_completion_length
     return Settings(
         batch_size=rows,
-        seq_len=cfg.train.max_seq_length,
+        seq_len=seq_len,
         grad_checkpoint=cfg.train.grad_checkpoint,
         bits=bits,
         group_size=group,
@@ -419,7 +423,21 @@ def plan_config(cfg, backend: str | None = None) -> Plan:
     if cfg.train.method in ("dpo", "orpo", "simpo", "cpo", "kto"):
         p.notes.append(f"train.method {cfg.train.method}: the batch is {cfg.train.batch_size} units of two sequences "
                        f"(planned as {p.settings.batch_size} rows); the reference pass stores no activations")
+    if cfg.train.method == "grpo":
+        g = cfg.grpo
+        rows = cfg.train.batch_size * g.num_generations
+        kv = 2 * arch.layers * arch.kv_heads * arch.head_dim * arch.dtype_bytes * rows * p.settings.seq_len
+        p.parts["generation KV cache"] = float(kv)
+        p.notes.append(f"train.method grpo: {cfg.train.batch_size} prompts x {g.num_generations} generations, prompts "
+                       f"up to train.max_seq_length {cfg.train.max_seq_length} + {g.max_completion_length} completion "
+                       f"tokens; a micro-batch trains {p.settings.batch_size} of them; the decoder's KV cache for all "
+                       f"{rows} is {kv / GB:.3f} GB, freed before the training step")
     return p
+
+
+def grpo_slices(cfg) -> int:
+    """Micro-batches a GRPO generation batch is split into (TRL's steps_per_generation)."""
+    return cfg.grpo.steps_per_generation or cfg.train.grad_accumulation
 
 
 def format_plan(p: Plan, budget_bytes: float | None = None, fit: dict | None = None) -> str:
