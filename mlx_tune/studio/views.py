@@ -28,7 +28,8 @@ CHARTS = {
     "learning rate": ["learning_rate"],
     "tokens/s": ["tokens_per_sec"],
     "eval accuracy": ["eval_accuracy"],
-    "rewards": ["reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward", "reward_mean", "reward_std"],
+    "rewards": ["reward_accuracy", "val_reward_accuracy", "reward_margin", "val_reward_margin", "chosen_reward",
+                "rejected_reward", "reward_mean", "reward_std"],
     "kl": ["kl"],
 }
 LIVE_S = 120  # a run whose metrics changed this recently, and has no adapter written since, is training
