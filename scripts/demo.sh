@@ -3,13 +3,16 @@
 #   data_transform.py -> train_by_mlx.sh -> convert_and_serve.sh (background) -> test_mlx.py --compare
 # Environment (used by the shortened pipeline test; defaults give the real demo):
 #   DEMO_CONFIG (configs/demo.yaml), DEMO_OVERRIDES ("KEY=VALUE ..." for every step),
-#   DEMO_PROMPTS (data/demo_prompts.jsonl), DEMO_PORT (8080), DEMO_DATA_OUT (data/demo)
+#   DEMO_PROMPTS (data/demo_prompts.jsonl), DEMO_PORT (8080), DEMO_DATA_OUT (data/demo),
+#   DEMO_RAW (data/demo_raw/*: the raw files data_transform.py reads)
+# `make demo-dpo` runs it on the DPO demo (configs/dpo-demo.yaml, data/dpo_demo_raw/pairs.jsonl).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 config="${DEMO_CONFIG:-configs/demo.yaml}"
 prompts="${DEMO_PROMPTS:-data/demo_prompts.jsonl}"
 port="${DEMO_PORT:-8080}"
 data_out="${DEMO_DATA_OUT:-data/demo}"
+read -r -a raw <<< "${DEMO_RAW:-$(echo data/demo_raw/*)}"
 read -r -a overrides <<< "${DEMO_OVERRIDES:-}"
 overrides+=("data=$data_out" "serve.port=$port")
 py=scripts/python
@@ -21,8 +24,8 @@ t0=$(date +%s)
 healthy() { $py -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)" "http://127.0.0.1:$port/health" >/dev/null 2>&1; }
 step() { printf '\n\033[1m== %s\033[0m (%ss elapsed)\n' "$1" "$(( $(date +%s) - t0 ))"; }
 
-step "1/4 data: data_transform.py data/demo_raw -> $data_out"
-$py data_transform.py data/demo_raw/* --out "$data_out" --seed 0 --force
+step "1/4 data: data_transform.py ${raw[*]} -> $data_out"
+$py data_transform.py "${raw[@]}" --out "$data_out" --seed 0 --force
 
 step "2/4 train: ./train_by_mlx.sh $config"
 ./train_by_mlx.sh "$config" "${overrides[@]}"

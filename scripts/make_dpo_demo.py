@@ -5,8 +5,8 @@ From the SFT demo's reviews: the chosen answer is the label alone ("Positive." /
 (with the right label) or the label alone but wrong. So the pairs prefer answers that are
 short and right, both things the base model can already say: DPO moves probability
 between answers the model finds plausible. The held-out prompts (the SFT demo's 16
-evaluation reviews, none among the pairs) count an answer as right when it is the label
-alone. Deterministic (seed 0):
+evaluation reviews, none among the pairs) count an answer as right when it opens with the
+right label (the base model opens with "The sentiment of this review is ..."). Deterministic (seed 0):
 
     scripts/python scripts/make_dpo_demo.py
 """
@@ -52,7 +52,7 @@ def main() -> None:
     for line in (ROOT / "data/demo_eval_prompts.jsonl").read_text(encoding="utf-8").splitlines():
         row = json.loads(line)
         label = json.loads(row["expected"])["sentiment"]
-        evals.append({"messages": row["messages"], "expected": f"(?i)^\\W*{label}\\W*$", "match": "regex"})
+        evals.append({"messages": row["messages"], "expected": f"(?i)^\\W*{label}\\b", "match": "regex"})
     out = ROOT / "data/dpo_demo_eval_prompts.jsonl"
     out.write_text("".join(json.dumps(r) + "\n" for r in evals), encoding="utf-8")
     print(f"wrote {len(pairs)} pairs to {path} and {len(evals)} held-out prompts to {out}")
