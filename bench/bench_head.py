@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import subprocess
 import sys
@@ -49,7 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_train import MODEL, compiled_step, export_hf, peft_step, rivals_python, run_side, timed  # noqa: E402
+from bench_train import MODEL, compiled_step, export_hf, mlx_tune_step, peft_step, print_table, rivals_python, run_side, timed  # noqa: E402
 
 RAW_DEMO = ROOT / "data" / "demo_raw" / "reviews.jsonl"
 ROWS, SEQ, RANK, ALPHA, LR = 4, 512, 16, 32.0, 1e-4
@@ -130,7 +129,6 @@ def side_mlx_tune(data: dict, steps: int, hf_dir: str, gather: bool) -> dict:
     from mlx_tune.data import batching
     from mlx_tune.model import quant
     from mlx_tune.model.loading import load_model
-    from mlx_tune.training import loop as trainer
     from mlx_tune.training.losses import batch_loss
 
     if not gather:
@@ -139,21 +137,11 @@ def side_mlx_tune(data: dict, steps: int, hf_dir: str, gather: bool) -> dict:
     quant.prepare_for_backend(model)
     mx.random.seed(0)
     adapters.inject(model, LoraConfig(rank=RANK, alpha=ALPHA, dropout=0.0, target_modules="all-linear"))
-    opt = optim.AdamW(learning_rate=LR)
     ds = SimpleNamespace(ids=[np.array(e["ids"], dtype=np.int32) for e in data["examples"]],
                          train=[np.array(e["mask"], dtype=bool) for e in data["examples"]])
     pad = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0
     batch = batching.collate(ds, data["rows"], data["width"], True, pad)
-    step = trainer.Step(model, opt, batch_loss)
-    arrays = trainer.batch_arrays(batch)
-
-    def one() -> float:
-        loss, ntoks, grads, norm, _ = step.finish(*step.accumulate(arrays, None))
-        step.apply(grads)
-        mx.eval(step.state, loss)
-        return loss.item()
-
-    out = timed(one, steps, mx)
+    out = timed(mlx_tune_step(model, optim.AdamW(learning_rate=LR), batch_loss, batch), steps, mx)
     out["gathered"] = 0 if batch.gather is None else int(batch.gather.shape[0])
     return out
 
@@ -272,17 +260,10 @@ def report(results: dict, infos: dict) -> int:
     names = {"mlx_tune": "mlx_tune (gather)", "mlx_tune_nogather": "mlx_tune (no gather)", "mlx_lm": "mlx_lm.lora",
              "peft": "PEFT (torch CPU)"}
     targets = []
-    print()
-    print(f"{'set':<10} {'side':<22} {'tokens/s':>10} {'s/step':>8} {'CPU s/step':>11} {'first step s':>13} "
-          f"{'MLX peak GB':>12} {'peak RSS GB':>12}  losses")
     for name, res in results.items():
-        for side, r in res.items():
+        for r in res.values():
             r["tokens_per_sec"] = infos[name]["n_tokens"] / r["step_s"]
-            peak = f"{r['mlx_peak_gb']:.2f}" if "mlx_peak_gb" in r else "-"
-            losses = ", ".join(f"{x:.3f}" for x in r["losses"][:3])
-            print(f"{name:<10} {names[side]:<22} {r['tokens_per_sec']:>10.1f} {r['step_s']:>8.2f} {r['cpu_s']:>11.2f} "
-                  f"{r['warmup_s']:>13.1f} {peak:>12} {r['rss_gb']:>12.2f}  {losses}")
-    print(f"(load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores: wall times on a shared machine vary)")
+    print_table([(f"{name}: {names[side]}", r) for name, res in results.items() for side, r in res.items()])
     print()
     for name, res in results.items():
         ours = res["mlx_tune"]["tokens_per_sec"]

@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_train import MODEL, compiled_step, export_hf, rss_gb, run_side, timed  # noqa: E402
+from bench_train import MODEL, compiled_step, export_hf, mlx_tune_step, print_table, rss_gb, run_side, timed  # noqa: E402
 
 RAW_PAIRS = ROOT / "data" / "dpo_demo_raw" / "pairs.jsonl"
 SEQ, RANK, ALPHA, LR, BETA = 256, 16, 32.0, 1e-5, 0.1
@@ -130,22 +130,6 @@ def _mlx_tune_model(hf_dir: str):
     return model, tokenizer, optim.AdamW(learning_rate=LR)
 
 
-def _stepper(model, opt, loss, arrays):
-    import mlx.core as mx
-
-    from mlx_tune.training import loop as trainer
-
-    step = trainer.Step(model, opt, loss)
-
-    def one() -> float:
-        value, ntoks, grads, norm, _ = step.finish(*step.accumulate(arrays, None))
-        step.apply(grads)
-        mx.eval(step.state, value)
-        return value.item()
-
-    return one
-
-
 def side_mlx_tune(data: dict, steps: int, hf_dir: str, precompute: bool) -> dict:
     """mlx_tune's DPO step: live reference (adapter off), or precomputed reference log-probs."""
     import time
@@ -154,7 +138,6 @@ def side_mlx_tune(data: dict, steps: int, hf_dir: str, precompute: bool) -> dict
 
     from mlx_tune.config import PreferenceConfig
     from mlx_tune.data.pair_batches import collate_units
-    from mlx_tune.training import loop as trainer
     from mlx_tune.training.preference import method_loss, reference_logps
 
     model, tokenizer, opt = _mlx_tune_model(hf_dir)
@@ -168,7 +151,7 @@ def side_mlx_tune(data: dict, steps: int, hf_dir: str, precompute: bool) -> dict
         pre_s = time.perf_counter() - tic
         batch = collate_units(ds, data["rows"], True, 2 * SEQ, pad, ref=ref)
     loss = method_loss("dpo", PreferenceConfig(beta=BETA, loss_type="sigmoid"))
-    out = timed(_stepper(model, opt, loss, trainer.batch_arrays(batch)), steps, mx)
+    out = timed(mlx_tune_step(model, opt, loss, batch), steps, mx)
     if pre_s is not None:
         out["precompute_s"] = pre_s
     return out
@@ -182,7 +165,6 @@ def side_mlx_tune_sft(data: dict, steps: int, hf_dir: str) -> dict:
     import numpy as np
 
     from mlx_tune.data import batching
-    from mlx_tune.training import loop as trainer
     from mlx_tune.training.losses import batch_loss
 
     model, tokenizer, opt = _mlx_tune_model(hf_dir)
@@ -191,7 +173,7 @@ def side_mlx_tune_sft(data: dict, steps: int, hf_dir: str) -> dict:
     rows = batching.pack(np.array([len(x) - 1 for x in ids]), SEQ)
     pad = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0
     batch = batching.collate(SimpleNamespace(ids=ids, train=train), rows, SEQ, True, pad)
-    out = timed(_stepper(model, opt, batch_loss, trainer.batch_arrays(batch)), steps, mx)
+    out = timed(mlx_tune_step(model, opt, batch_loss, batch), steps, mx)
     out["n_tokens"] = batch.n_tokens
     return out
 
@@ -293,7 +275,7 @@ def rival_python(module: str) -> str | None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="one packed row of pairs, few steps (a smoke run)")
+    p.add_argument("--quick", action="store_true", help="one packed row of pairs, the first 4 blocks, few steps (a smoke run)")
     p.add_argument("--steps", type=int, help="timed steps per mlx side (default 8, quick 1)")
     p.add_argument("--rival-steps", type=int, help="timed steps for TRL (default 3, quick 1)")
     p.add_argument("--batch-rows", type=int, help=f"packed rows of 2 x {SEQ} slots per step (default {ROWS}, quick 1)")
@@ -377,18 +359,10 @@ def report(results: dict, skipped: dict, n_tokens: int, info: dict) -> int:
         r["tokens_per_sec"] = r.get("n_tokens", n_tokens) / r["step_s"]
     names = {"mlx_tune": "mlx_tune (live ref)", "mlx_tune_pre": "mlx_tune (precomputed ref)",
              "mlx_tune_sft": "mlx_tune SFT (chosen)", "mlx_lm_lora": "mlx-lm-lora", "trl": "TRL (torch CPU)"}
-    print()
-    print(f"{'side':<27} {'tokens/s':>10} {'s/step':>8} {'CPU s/step':>11} {'first step s':>13} {'MLX peak GB':>12} "
-          f"{'peak RSS GB':>12}  losses")
-    for name, r in results.items():
-        mlx_peak = f"{r['mlx_peak_gb']:.2f}" if "mlx_peak_gb" in r else "-"
-        losses = ", ".join(f"{x:.4f}" for x in r["losses"][:4])
-        print(f"{names[name]:<27} {r['tokens_per_sec']:>10.1f} {r['step_s']:>8.2f} {r['cpu_s']:>11.2f} "
-              f"{r['warmup_s']:>13.1f} {mlx_peak:>12} {r['rss_gb']:>12.2f}  {losses}")
+    print_table([(names[name], r) for name, r in results.items()], digits=4)
     if "precompute_s" in results.get("mlx_tune_pre", {}):
         print(f"(precomputing the reference log-probs of these pairs: {results['mlx_tune_pre']['precompute_s']:.2f} s, "
               "once per dataset)")
-    print(f"(load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores: wall times on a shared machine vary)")
     print("(tokens/s: both sides of every pair, prompt included; the SFT row counts its chosen sides only)")
     targets = []
     best = max(("mlx_tune", "mlx_tune_pre"), key=lambda k: results[k]["tokens_per_sec"])

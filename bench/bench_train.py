@@ -102,25 +102,33 @@ def side_mlx_tune(rows: dict, steps: int) -> dict:
     from mlx_tune.data.batching import Batch
     from mlx_tune.model import quant
     from mlx_tune.model.loading import load_model
-    from mlx_tune.training import loop as trainer
     from mlx_tune.training.losses import batch_loss
 
     model, _, _ = load_model(MODEL)
     quant.prepare_for_backend(model)
     mx.random.seed(0)
     adapters.inject(model, LoraConfig(rank=RANK, alpha=ALPHA, dropout=0.0, target_modules="all-linear"))
-    opt = optim.AdamW(learning_rate=LR)
-    step = trainer.Step(model, opt, batch_loss)
     batch = Batch(**{k: mx.array(rows[k]) for k in ("inputs", "targets", "loss_mask", "segment_ids", "positions")})
+    return timed(mlx_tune_step(model, optim.AdamW(learning_rate=LR), batch_loss, batch), steps, mx)
+
+
+def mlx_tune_step(model, opt, loss_fn, batch):
+    """``one()``: one optimizer step of mlx_tune's compiled ``training.loop.Step`` on ``batch``
+    (accumulate, finish, apply, as ``loop.train`` runs it); returns the loss."""
+    import mlx.core as mx
+
+    from mlx_tune.training import loop as trainer
+
+    step = trainer.Step(model, opt, loss_fn)
     arrays = trainer.batch_arrays(batch)
 
     def one() -> float:
-        loss, ntoks, grads, norm, _ = step.finish(*step.accumulate(arrays, None))
+        loss, _, grads, _, _ = step.finish(*step.accumulate(arrays, None))
         step.apply(grads)
         mx.eval(step.state, loss)
         return loss.item()
 
-    return timed(one, steps, mx)
+    return one
 
 
 def side_mlx_lm(rows: dict, steps: int, blocks: int | None = None) -> dict:
@@ -282,6 +290,21 @@ def run_side(python: str, side: str, rows: Path, steps: int, extra: list[str], t
     return json.loads(lines[-1])
 
 
+def print_table(rows: list[tuple[str, dict]], digits: int = 3) -> None:
+    """The results table: one ``(label, side result)`` a row (``tokens_per_sec`` set), then
+    the load average the wall times were taken under."""
+    width = max(10, *(len(label) for label, _ in rows))
+    print()
+    print(f"{'side':<{width}} {'tokens/s':>10} {'s/step':>8} {'CPU s/step':>11} {'first step s':>13} "
+          f"{'MLX peak GB':>12} {'peak RSS GB':>12}  losses")
+    for label, r in rows:
+        mlx_peak = f"{r['mlx_peak_gb']:.2f}" if "mlx_peak_gb" in r else "-"
+        losses = ", ".join(f"{x:.{digits}f}" for x in r["losses"][:4])
+        print(f"{label:<{width}} {r['tokens_per_sec']:>10.1f} {r['step_s']:>8.2f} {r.get('cpu_s', float('nan')):>11.2f} "
+              f"{r['warmup_s']:>13.1f} {mlx_peak:>12} {r['rss_gb']:>12.2f}  {losses}")
+    print(f"(load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores: wall times on a shared machine vary)")
+
+
 def extrapolated_mlx_lm(rows_path: Path, blocks: tuple[int, int]) -> dict:
     """mlx-lm's step on all blocks, extrapolated linearly from one step on B1 and on B2 blocks.
 
@@ -364,15 +387,7 @@ def main(argv=None) -> int:
     for r in results.values():
         r["tokens_per_sec"] = n_tokens / r["step_s"]
     ours = results["mlx_tune"]
-    print()
-    print(f"{'side':<10} {'tokens/s':>10} {'s/step':>8} {'CPU s/step':>11} {'first step s':>13} {'MLX peak GB':>12} "
-          f"{'peak RSS GB':>12}  losses")
-    for name, r in results.items():
-        mlx_peak = f"{r['mlx_peak_gb']:.2f}" if "mlx_peak_gb" in r else "-"
-        losses = ", ".join(f"{x:.3f}" for x in r["losses"][:4])
-        print(f"{name:<10} {r['tokens_per_sec']:>10.1f} {r['step_s']:>8.2f} {r.get('cpu_s', float('nan')):>11.2f} "
-              f"{r['warmup_s']:>13.1f} {mlx_peak:>12} {r['rss_gb']:>12.2f}  {losses}")
-    print(f"(load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores: wall times on a shared machine vary)")
+    print_table(list(results.items()))
     lm = results["mlx-lm"]
     ratio = ours["tokens_per_sec"] / lm["tokens_per_sec"]
     print(f"\nmlx_tune / mlx-lm tokens/s: {ratio:.2f}x (target >= {THROUGHPUT_TARGET}x, aim {THROUGHPUT_AIM}x); "
