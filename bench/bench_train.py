@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,32 +102,37 @@ def side_mlx_tune(rows: dict, steps: int) -> dict:
     from mlx_tune.data.batching import Batch
     from mlx_tune.model import quant
     from mlx_tune.model.loading import load_model
-    from mlx_tune.training import loop as trainer
     from mlx_tune.training.losses import batch_loss
 
     model, _, _ = load_model(MODEL)
     quant.prepare_for_backend(model)
     mx.random.seed(0)
     adapters.inject(model, LoraConfig(rank=RANK, alpha=ALPHA, dropout=0.0, target_modules="all-linear"))
-    opt = optim.AdamW(learning_rate=LR)
-    step = trainer.Step(model, opt, batch_loss)
     batch = Batch(**{k: mx.array(rows[k]) for k in ("inputs", "targets", "loss_mask", "segment_ids", "positions")})
+    return timed(mlx_tune_step(model, optim.AdamW(learning_rate=LR), batch_loss, batch), steps, mx)
+
+
+def mlx_tune_step(model, opt, loss_fn, batch):
+    """``one()``: one optimizer step of mlx_tune's compiled ``training.loop.Step`` on ``batch``
+    (accumulate, finish, apply, as ``loop.train`` runs it); returns the loss."""
+    import mlx.core as mx
+
+    from mlx_tune.training import loop as trainer
+
+    step = trainer.Step(model, opt, loss_fn)
     arrays = trainer.batch_arrays(batch)
 
     def one() -> float:
-        loss, ntoks, grads, norm = step.finish(*step.accumulate(arrays, None))
+        loss, _, grads, _, _ = step.finish(*step.accumulate(arrays, None))
         step.apply(grads)
         mx.eval(step.state, loss)
         return loss.item()
 
-    return _timed(one, steps, mx)
+    return one
 
 
 def side_mlx_lm(rows: dict, steps: int, blocks: int | None = None) -> dict:
-    from functools import partial
-
     import mlx.core as mx
-    import mlx.nn as nn
     import mlx.optimizers as optim
     import numpy as np
     from mlx_lm.tuner.trainer import default_loss
@@ -140,32 +146,51 @@ def side_mlx_lm(rows: dict, steps: int, blocks: int | None = None) -> dict:
     model.freeze()
     mx.random.seed(0)
     linear_to_lora_layers(model, len(model.layers), {"rank": RANK, "scale": ALPHA / RANK, "dropout": 0.0})
-    opt = optim.AdamW(learning_rate=LR)
-    # mlx_lm.tuner.trainer.train's step, as it is there (without accumulation).
-    loss_value_and_grad = nn.value_and_grad(model, default_loss)
-    state = [model.state, opt.state, mx.random.state]
-
-    @partial(mx.compile, inputs=state, outputs=state)
-    def step(batch, lengths):
-        (lvalue, toks), grad = loss_value_and_grad(model, batch, lengths)
-        opt.update(model, grad)
-        return lvalue, toks
-
     # default_loss takes whole rows and trains targets 1..length: the same slots as above.
     full = np.concatenate([rows["inputs"], rows["targets"][:, -1:]], axis=1)
     lengths = np.stack([np.zeros(ROWS, np.int32), rows["real"].sum(axis=1).astype(np.int32)], axis=1)
-    batch, lens = mx.array(full), mx.array(lengths)
+    one = compiled_step(model, optim.AdamW(learning_rate=LR), default_loss, mx.array(full), mx.array(lengths))
+    return timed(one, steps, mx)
+
+
+def compiled_step(model, opt, loss_fn, *batch):
+    """``one()``: one step of ``mlx_lm.tuner.trainer.train`` as it is there (no accumulation):
+    ``nn.value_and_grad(model, loss_fn)`` and the optimizer update, compiled over model,
+    optimizer and random state, on ``batch``; returns the loss. ``loss_fn(model, *batch)``
+    returns the loss first (mlx-lm-lora's trainers build their steps the same way)."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    loss_value_and_grad = nn.value_and_grad(model, loss_fn)
+    state = [model.state, opt.state, mx.random.state]
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def step(*arrays):
+        out, grad = loss_value_and_grad(model, *arrays)
+        opt.update(model, grad)
+        return out[0]
 
     def one() -> float:
-        loss, _ = step(batch, lens)
+        loss = step(*batch)
         mx.eval(state, loss)
         return loss.item()
 
     model.train()
-    return _timed(one, steps, mx)
+    return one
 
 
 def side_peft(rows: dict, steps: int, hf_dir: str) -> dict:
+    import torch
+
+    inputs = torch.tensor(rows["inputs"], dtype=torch.long)
+    labels = torch.tensor(rows["targets"], dtype=torch.long).masked_fill(torch.tensor(~rows["real"]), -100)
+    # Packed rows are run as plain causal rows (PEFT's usual path), the same work per token.
+    return timed(peft_step(hf_dir, inputs, torch.ones_like(inputs), labels, LR), steps, None)
+
+
+def peft_step(hf_dir: str, inputs, attn, labels, lr: float):
+    """``one()``: a PEFT LoRA step (r=RANK, alpha=ALPHA, all linears) of the float32 model in
+    ``hf_dir`` on torch CPU: mean cross-entropy over ``labels`` (-100: not trained), AdamW."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -176,24 +201,21 @@ def side_peft(rows: dict, steps: int, hf_dir: str) -> dict:
     cfg = LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
     model = get_peft_model(model, cfg)
     model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
-    inputs = torch.tensor(rows["inputs"], dtype=torch.long)
-    labels = torch.tensor(rows["targets"], dtype=torch.long).masked_fill(torch.tensor(~rows["real"]), -100)
-    # Packed rows are run as plain causal rows (PEFT's usual path), the same work per token.
-    attn = torch.ones_like(inputs)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
 
     def one() -> float:
         opt.zero_grad(set_to_none=True)
         logits = model(input_ids=inputs, attention_mask=attn).logits.float()
-        loss = torch.nn.functional.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1), ignore_index=-100)
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                                 ignore_index=-100)
         loss.backward()
         opt.step()
         return float(loss)
 
-    return _timed(one, steps, None)
+    return one
 
 
-def _timed(one, steps: int, mx) -> dict:
+def timed(one, steps: int, mx) -> dict:
     """Times ``steps`` steps after a first (compiling) one; ``steps`` 0 times the first step
     itself (for the slow rival: tracing the compiled step is well under a second of it)."""
     warm, cpu = time.perf_counter(), time.process_time()
@@ -210,21 +232,29 @@ def _timed(one, steps: int, mx) -> dict:
     return out
 
 
-def export_hf(out_dir: Path) -> None:
-    """SmolLM2 dequantized to float32 as a Hugging Face folder (config.json + model.safetensors)."""
+def export_hf(out_dir: Path, layers: int | None = None):
+    """SmolLM2 dequantized to float32 as a Hugging Face folder (config.json, model.safetensors
+    and the tokenizer files, so transformers, mlx-lm and mlx_tune all load it); returns the
+    tokenizer. ``layers``: keep only the first blocks (smoke runs)."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
     from mlx_tune.model.loading import load_model
 
-    model, _, info = load_model(MODEL, dequantize=True)
+    model, tokenizer, info = load_model(MODEL, dequantize=True)
+    if layers is not None:
+        model.model.layers = model.model.layers[:layers]
     weights = {k: v.astype(mx.float32) for k, v in tree_flatten(model.parameters())}
     out_dir.mkdir(parents=True, exist_ok=True)
     mx.save_safetensors(str(out_dir / "model.safetensors"), weights, metadata={"format": "pt"})
     cfg = dict(info.config)
     cfg.setdefault("architectures", ["LlamaForCausalLM"])
     cfg["torch_dtype"] = "float32"
+    if layers is not None:
+        cfg["num_hidden_layers"] = layers
     (out_dir / "config.json").write_text(json.dumps(cfg))
+    getattr(tokenizer, "_tokenizer", tokenizer).save_pretrained(str(out_dir))
+    return tokenizer
 
 
 # ---------------------------------------------------------------------------
@@ -247,14 +277,32 @@ def rivals_python() -> str | None:
         return None
 
 
-def run_side(python: str, side: str, rows: Path, steps: int, extra: list[str], timeout: float) -> dict:
-    cmd = [python, str(Path(__file__).resolve()), "--side", side, "--rows", str(rows), "--steps", str(steps), *extra]
+def run_side(python: str, side: str, rows: Path, steps: int, extra: list[str], timeout: float,
+             script: str | Path = __file__) -> dict:
+    """Run ``script --side SIDE --rows ROWS --steps N ...`` in a child process (its own peak
+    memory); its last stdout line that is a JSON object is the result."""
+    cmd = [python, str(Path(script).resolve()), "--side", side, "--rows", str(rows), "--steps", str(steps), *extra]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
     lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"{side} failed (exit {proc.returncode}): {proc.stderr.strip()[-1500:]}")
     return json.loads(lines[-1])
+
+
+def print_table(rows: list[tuple[str, dict]], digits: int = 3) -> None:
+    """The results table: one ``(label, side result)`` a row (``tokens_per_sec`` set), then
+    the load average the wall times were taken under."""
+    width = max(10, *(len(label) for label, _ in rows))
+    print()
+    print(f"{'side':<{width}} {'tokens/s':>10} {'s/step':>8} {'CPU s/step':>11} {'first step s':>13} "
+          f"{'MLX peak GB':>12} {'peak RSS GB':>12}  losses")
+    for label, r in rows:
+        mlx_peak = f"{r['mlx_peak_gb']:.2f}" if "mlx_peak_gb" in r else "-"
+        losses = ", ".join(f"{x:.{digits}f}" for x in r["losses"][:4])
+        print(f"{label:<{width}} {r['tokens_per_sec']:>10.1f} {r['step_s']:>8.2f} {r.get('cpu_s', float('nan')):>11.2f} "
+              f"{r['warmup_s']:>13.1f} {mlx_peak:>12} {r['rss_gb']:>12.2f}  {losses}")
+    print(f"(load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores: wall times on a shared machine vary)")
 
 
 def extrapolated_mlx_lm(rows_path: Path, blocks: tuple[int, int]) -> dict:
@@ -339,15 +387,7 @@ def main(argv=None) -> int:
     for r in results.values():
         r["tokens_per_sec"] = n_tokens / r["step_s"]
     ours = results["mlx_tune"]
-    print()
-    print(f"{'side':<10} {'tokens/s':>10} {'s/step':>8} {'CPU s/step':>11} {'first step s':>13} {'MLX peak GB':>12} "
-          f"{'peak RSS GB':>12}  losses")
-    for name, r in results.items():
-        mlx_peak = f"{r['mlx_peak_gb']:.2f}" if "mlx_peak_gb" in r else "-"
-        losses = ", ".join(f"{x:.3f}" for x in r["losses"][:4])
-        print(f"{name:<10} {r['tokens_per_sec']:>10.1f} {r['step_s']:>8.2f} {r.get('cpu_s', float('nan')):>11.2f} "
-              f"{r['warmup_s']:>13.1f} {mlx_peak:>12} {r['rss_gb']:>12.2f}  {losses}")
-    print(f"(load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores: wall times on a shared machine vary)")
+    print_table(list(results.items()))
     lm = results["mlx-lm"]
     ratio = ours["tokens_per_sec"] / lm["tokens_per_sec"]
     print(f"\nmlx_tune / mlx-lm tokens/s: {ratio:.2f}x (target >= {THROUGHPUT_TARGET}x, aim {THROUGHPUT_AIM}x); "

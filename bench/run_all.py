@@ -38,6 +38,8 @@ BENCHMARKS = [
     ("bench_attention_loss.py", [], ["--quick"], 900, 200),
     ("bench_packing.py", [], ["--quick"], 1800, 600),
     ("bench_train.py", [], ["--quick"], 3600, 600),
+    ("bench_head.py", [], ["--quick"], 3600, 900),
+    ("bench_preference.py", [], ["--quick"], 3600, 900),
     ("bench_server.py", [], ["--quick"], 1800, 400),
     ("bench_studio.py", [], ["--quick"], 900, 300),
     ("bench_grammar.py", [], ["--quick"], 1800, 600),
