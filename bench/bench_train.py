@@ -16,11 +16,16 @@ process so peak memory is its own:
   Python (``.venv-rivals``, see bench/install_rivals.sh, or ``MLX_TUNE_RIVALS_PYTHON``);
   "skipped: torch/peft not installed" otherwise.
 
+``--text``: plain text rows instead (the reviews as ``{"text"}`` records, packed, every
+position trained); ``--dense``: both MLX sides on the dequantized float32 weights (what
+``mlx_lm.lora`` trains on a dense checkpoint; mlx-lm is then timed on all blocks).
+``--text --dense`` is the "plain 512-token text rows" comparison of issue 19.
+
 Tokens/s counts real (non-padding) tokens. Peak memory: ``mx.get_peak_memory()`` for the
 MLX sides, and the process's peak RSS for all three (the like-for-like figure).
 Prints a table, then one JSON object ``{"targets": [...]}``.
 
-    python bench/bench_train.py [--quick] [--steps N]
+    python bench/bench_train.py [--quick] [--steps N] [--text] [--dense]
 """
 
 from __future__ import annotations
@@ -54,8 +59,9 @@ def rss_gb() -> float:
 # ---------------------------------------------------------------------------
 
 
-def make_rows(out: Path) -> dict:
-    """Pack the demo reviews (or generated sentences) into ROWS x SEQ slots; save as .npz."""
+def make_rows(out: Path, text: bool = False) -> dict:
+    """Pack the demo reviews (or generated sentences) into ROWS x SEQ slots; save as .npz.
+    ``text``: the reviews as plain text records (every position trained)."""
     import numpy as np
 
     from mlx_tune.data import batching, cache
@@ -65,7 +71,10 @@ def make_rows(out: Path) -> dict:
     raw = ROOT / "data" / "demo_raw" / "reviews.jsonl"
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "train.jsonl"
-        if raw.is_file():
+        if raw.is_file() and text:
+            recs = [json.loads(x) for x in raw.read_text().splitlines() if x.strip()]
+            lines = [{"text": f"{r['instruction']}\n\n{r['input']}\n\n{r['output']}"} for r in recs]
+        elif raw.is_file():
             recs = [json.loads(x) for x in raw.read_text().splitlines() if x.strip()]
             lines = [{"messages": [{"role": "user", "content": f"{r['instruction']}\n\n{r['input']}"},
                                    {"role": "assistant", "content": r["output"]}]} for r in recs]
@@ -93,7 +102,7 @@ def load_rows(path: Path) -> dict:
 # ---------------------------------------------------------------------------
 
 
-def side_mlx_tune(rows: dict, steps: int) -> dict:
+def side_mlx_tune(rows: dict, steps: int, dense: bool = False) -> dict:
     import mlx.core as mx
     import mlx.optimizers as optim
 
@@ -104,7 +113,7 @@ def side_mlx_tune(rows: dict, steps: int) -> dict:
     from mlx_tune.model.loading import load_model
     from mlx_tune.training.losses import batch_loss
 
-    model, _, _ = load_model(MODEL)
+    model, _, _ = load_model(MODEL, dequantize=dense)
     quant.prepare_for_backend(model)
     mx.random.seed(0)
     adapters.inject(model, LoraConfig(rank=RANK, alpha=ALPHA, dropout=0.0, target_modules="all-linear"))
@@ -131,7 +140,7 @@ def mlx_tune_step(model, opt, loss_fn, batch):
     return one
 
 
-def side_mlx_lm(rows: dict, steps: int, blocks: int | None = None) -> dict:
+def side_mlx_lm(rows: dict, steps: int, blocks: int | None = None, dense: bool = False) -> dict:
     import mlx.core as mx
     import mlx.optimizers as optim
     import numpy as np
@@ -140,7 +149,7 @@ def side_mlx_lm(rows: dict, steps: int, blocks: int | None = None) -> dict:
 
     from mlx_tune.model.loading import load_model
 
-    model, _, _ = load_model(MODEL)
+    model, _, _ = load_model(MODEL, dequantize=dense)
     if blocks is not None:  # --rival-blocks: a model cut to its first blocks, to extrapolate
         model.model.layers = model.model.layers[:blocks]
     model.freeze()
@@ -305,14 +314,14 @@ def print_table(rows: list[tuple[str, dict]], digits: int = 3) -> None:
     print(f"(load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores: wall times on a shared machine vary)")
 
 
-def extrapolated_mlx_lm(rows_path: Path, blocks: tuple[int, int]) -> dict:
+def extrapolated_mlx_lm(rows_path: Path, blocks: tuple[int, int], extra: list[str]) -> dict:
     """mlx-lm's step on all blocks, extrapolated linearly from one step on B1 and on B2 blocks.
 
     Time, CPU time and both peaks are each ``fixed + blocks x per_block``; the fixed part
     is the LM head, embedding and loss, the per-block part the layers (30 in SmolLM2).
     """
     b1, b2 = blocks
-    parts = {b: run_side(sys.executable, "mlx_lm", rows_path, 0, ["--blocks", str(b)], 1800) for b in (b1, b2)}
+    parts = {b: run_side(sys.executable, "mlx_lm", rows_path, 0, ["--blocks", str(b), *extra], 1800) for b in (b1, b2)}
     out = dict(parts[b2])
     for key in ("step_s", "cpu_s", "rss_gb", "mlx_peak_gb", "warmup_s"):
         y1, y2 = parts[b1][key], parts[b2][key]
@@ -330,6 +339,8 @@ def main(argv=None) -> int:
     p.add_argument("--rival-blocks", type=lambda v: tuple(int(x) for x in v.split(",")), metavar="B1,B2",
                    help="time mlx-lm on its first B1 and B2 blocks (one step each) and extrapolate to all blocks "
                         "(--quick: 1,4)")
+    p.add_argument("--text", action="store_true", help="plain text rows, every position trained")
+    p.add_argument("--dense", action="store_true", help="both MLX sides on the dequantized float32 weights")
     p.add_argument("--blocks", type=int, help=argparse.SUPPRESS)
     p.add_argument("--side", choices=["mlx_tune", "mlx_lm", "peft"], help=argparse.SUPPRESS)
     p.add_argument("--rows", help=argparse.SUPPRESS)
@@ -343,9 +354,9 @@ def main(argv=None) -> int:
             ensure_fast_blas()
         rows = load_rows(Path(args.rows))
         if args.side == "mlx_lm":
-            result = side_mlx_lm(rows, args.steps, args.blocks)
+            result = side_mlx_lm(rows, args.steps, args.blocks, args.dense)
         elif args.side == "mlx_tune":
-            result = side_mlx_tune(rows, args.steps)
+            result = side_mlx_tune(rows, args.steps, args.dense)
         else:
             result = side_peft(rows, args.steps, args.hf_dir)
         print(json.dumps(result))
@@ -360,20 +371,21 @@ def main(argv=None) -> int:
         return 0
     steps = args.steps or (3 if args.quick else 8)
     rival_steps = args.rival_steps or (1 if args.quick else 3)
-    rival_blocks = args.rival_blocks or ((1, 4) if args.quick else None)
+    rival_blocks = args.rival_blocks or ((1, 4) if args.quick and not args.dense else None)
+    extra = ["--dense"] if args.dense else []
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         rows_path = Path(tmp) / "rows.npz"
-        info = make_rows(rows_path)
+        info = make_rows(rows_path, args.text)
         n_tokens = info["n_tokens"]
         print(f"data: {ROWS} x {SEQ} slots, {n_tokens} real tokens, {info['examples_per_row']:.1f} examples per row; "
               f"LoRA all-linear r={RANK}, AdamW; timed steps: mlx_tune {steps}, rivals {rival_steps}", flush=True)
-        results["mlx_tune"] = run_side(sys.executable, "mlx_tune", rows_path, steps, [], 1800)
+        results["mlx_tune"] = run_side(sys.executable, "mlx_tune", rows_path, steps, extra, 1800)
         print(f"mlx_tune: {results['mlx_tune']['step_s']:.2f} s/step", flush=True)
         if rival_blocks is None:
-            results["mlx-lm"] = run_side(sys.executable, "mlx_lm", rows_path, rival_steps, [], 3000)
+            results["mlx-lm"] = run_side(sys.executable, "mlx_lm", rows_path, rival_steps, extra, 3000)
         else:
-            results["mlx-lm"] = extrapolated_mlx_lm(rows_path, rival_blocks)
+            results["mlx-lm"] = extrapolated_mlx_lm(rows_path, rival_blocks, extra)
         print(f"mlx-lm:   {results['mlx-lm']['step_s']:.2f} s/step{results['mlx-lm'].get('how', '')}", flush=True)
         rivals = rivals_python()
         if rivals is None:
@@ -392,8 +404,9 @@ def main(argv=None) -> int:
     ratio = ours["tokens_per_sec"] / lm["tokens_per_sec"]
     print(f"\nmlx_tune / mlx-lm tokens/s: {ratio:.2f}x (target >= {THROUGHPUT_TARGET}x, aim {THROUGHPUT_AIM}x); "
           f"per CPU second: {lm.get('cpu_s', 0) / ours.get('cpu_s', 1):.2f}x")
+    what = f"SmolLM2-135M {'fp32 dense' if args.dense else 'Q4'}, LoRA r16 all-linear, 4x512{' text rows' if args.text else ''}"
     targets = [
-        {"name": "train tokens/s vs mlx-lm (SmolLM2-135M Q4, LoRA r16 all-linear, 4x512)",
+        {"name": f"train tokens/s vs mlx-lm ({what})",
          "measured": round(ratio, 3), "target": THROUGHPUT_TARGET, "unit": "x", "rival": "mlx-lm" + lm.get("how", ""),
          "pass": ratio >= THROUGHPUT_TARGET, "mlx_tune_tokens_per_sec": round(ours["tokens_per_sec"], 1),
          "rival_tokens_per_sec": round(lm["tokens_per_sec"], 1)},

@@ -4,6 +4,14 @@ MLX's Linux CPU wheel links a reference BLAS (~6 GFLOP/s for fp32 matmul). Prelo
 OpenBLAS makes the dynamic linker resolve ``cblas_sgemm`` to it (~340 GFLOP/s, same
 results). A preload only works from process start, so Python entry points re-exec
 themselves once with ``LD_PRELOAD`` set; shell entry points export it directly.
+
+OpenBLAS's idle worker threads spin (``sched_yield`` in a loop) for 2^28 cycles after
+each call before sleeping. Between the sgemms of a training step MLX runs its own
+element-wise work (and two CPU streams in attention), so on two cores those spinners
+take the cores MLX needs: ~12% of a LoRA step's CPU samples were ``sched_yield``.
+``OPENBLAS_THREAD_TIMEOUT`` (log2 of the spin cycles, 4..30) is set with the preload
+so workers sleep at once; a user's own value wins. Large sgemms are unaffected
+(one wake-up per call), small ones run single-threaded anyway.
 """
 
 from __future__ import annotations
@@ -22,6 +30,8 @@ OPENBLAS_CANDIDATES = (
 _GUARD = "MLX_TUNE_BLAS_REEXEC"
 # Users can opt out (for example to compare against the reference BLAS).
 _OPT_OUT = "MLX_TUNE_NO_OPENBLAS"
+# Read once when OpenBLAS starts, so it travels with the preload (scripts/with_blas too).
+THREAD_TIMEOUT_ENV, THREAD_TIMEOUT = "OPENBLAS_THREAD_TIMEOUT", "4"
 
 
 def find_openblas() -> str | None:
@@ -64,11 +74,13 @@ def sgemm_provider() -> str | None:
 
 
 def preload_env(env: dict[str, str] | None = None) -> dict[str, str]:
-    """A copy of ``env`` with OpenBLAS added to LD_PRELOAD where it applies."""
+    """A copy of ``env`` with OpenBLAS added to LD_PRELOAD where it applies (and its
+    worker threads told to sleep rather than spin between calls)."""
     env = dict(os.environ if env is None else env)
     lib = find_openblas()
     if lib and env.get(_OPT_OUT) != "1" and lib not in env.get("LD_PRELOAD", ""):
         env["LD_PRELOAD"] = ":".join(filter(None, [lib, env.get("LD_PRELOAD")]))
+        env.setdefault(THREAD_TIMEOUT_ENV, THREAD_TIMEOUT)
     return env
 
 
