@@ -249,6 +249,7 @@ class FuseConfig:
 
 
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
+PREFERENCE_METHODS = ("dpo", "orpo", "simpo", "cpo", "kto")  # the train.method values that read pairs / KTO rows
 
 
 @dataclass

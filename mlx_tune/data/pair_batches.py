@@ -92,16 +92,7 @@ def collate_units(ds: PairDataset, rows: list[list[int]], packed: bool, width: i
         pos[b, t:] = np.arange(width - t)
     flat, flat_slot = mask.reshape(-1), slot.reshape(-1)
     if nll_prompt:  # every real position of a chosen (even) slot, prompt included
-        slot_all = np.full((B, width), 2 * P, dtype=np.int32)
-        for b, row in enumerate(phys):
-            t = 0
-            for sl, i in row:
-                n = len(ds.ids[i]) - 1
-                slot_all[b, t:t + n] = sl
-                t += n
-        flat_all = slot_all.reshape(-1)
-        keep = (flat > 0) | ((flat_all < 2 * P) & (flat_all % 2 == 0))
-        flat_slot = np.where(flat > 0, flat_slot, flat_all)
+        keep = (flat > 0) | ((flat_slot < 2 * P) & (flat_slot % 2 == 0))
     else:
         keep = flat > 0
     idx = np.flatnonzero(keep)

@@ -63,6 +63,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, field
 
+from mlx_tune.config import PREFERENCE_METHODS
 from mlx_tune.planning.arch import (
     ALL_LINEAR,
     EXPERT_LINEAR,
@@ -384,7 +385,7 @@ def settings_from_config(cfg, source: SourceConfig, backend: str | None = None) 
         tuple(lora.target_modules) if isinstance(lora.target_modules, list) else (lora.target_modules,))
     # A preference unit is two sequences (chosen and rejected, or a KTO row and its
     # mismatched one) of up to max_seq_length each; the reference forward stores nothing.
-    rows = cfg.train.batch_size * (2 if cfg.train.method in ("dpo", "orpo", "simpo", "cpo", "kto") else 1)
+    rows = cfg.train.batch_size * (2 if cfg.train.method in PREFERENCE_METHODS else 1)
     seq_len = cfg.train.max_seq_length
     if cfg.train.method == "grpo":  # a micro-batch: its slice of the prompts x generations, prompt + completion
         rows = -(-cfg.train.batch_size * cfg.grpo.num_generations // grpo_slices(cfg))
@@ -420,7 +421,7 @@ def plan_config(cfg, backend: str | None = None) -> Plan:
     source = read_source_config(cfg.model)
     arch = arch_from_config(source.config, str(cfg.model))
     p = plan(arch, settings_from_config(cfg, source, backend), origin=source.origin)
-    if cfg.train.method in ("dpo", "orpo", "simpo", "cpo", "kto"):
+    if cfg.train.method in PREFERENCE_METHODS:
         p.notes.append(f"train.method {cfg.train.method}: the batch is {cfg.train.batch_size} units of two sequences "
                        f"(planned as {p.settings.batch_size} rows); the reference pass stores no activations")
     if cfg.train.method == "grpo":

@@ -35,10 +35,9 @@ from mlx_tune import adapters
 from mlx_tune.adapters.lora import is_packed
 from mlx_tune.adapters.stack import STACKED, build_stacked, remove_stacked
 from mlx_tune.adapters.trainable import match_modules, trained_base_weights, unfreeze_modules
-from mlx_tune.config import Config
+from mlx_tune.config import PREFERENCE_METHODS, Config
 from mlx_tune.errors import UserError
 from mlx_tune.export.full import TRAINING_FILE, model_dir, write_model_folder
-from mlx_tune.training.preference import PREFERENCE_METHODS
 
 HALF = (mx.float16, mx.bfloat16)
 

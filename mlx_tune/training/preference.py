@@ -36,8 +36,6 @@ from mlx_tune.training.loop import batch_arrays, traced_batch
 from mlx_tune.training.losses import token_ce
 from mlx_tune.training.preference_losses import KtoLogps, PairLogps, kto_loss, needs_reference, pair_loss
 
-PREFERENCE_METHODS = ("dpo", "orpo", "simpo", "cpo", "kto")
-
 
 @contextlib.contextmanager
 def adapters_disabled(model):

@@ -29,7 +29,7 @@ import mlx.core as mx
 
 from mlx_tune import adapters
 from mlx_tune.adapters.stack import load_reference
-from mlx_tune.config import Config, config_to_dict
+from mlx_tune.config import PREFERENCE_METHODS, Config, config_to_dict
 from mlx_tune.data import batching, cache
 from mlx_tune.data.cache import file_hash
 from mlx_tune.data.dataset import peek_format
@@ -47,7 +47,7 @@ from mlx_tune.training.callbacks import MetricsLog, Progress, plot_losses
 from mlx_tune.training.loop import LoopSettings, LoopState, evaluate, train
 from mlx_tune.training.losses import batch_loss, eval_loss
 from mlx_tune.training.optim import build_optimizer
-from mlx_tune.training.preference import PREFERENCE_METHODS, load_pair_splits, method_loss, precomputed_references
+from mlx_tune.training.preference import load_pair_splits, method_loss, precomputed_references
 from mlx_tune.training.preference_losses import needs_reference
 from mlx_tune.training.recompute import grad_checkpoint
 from mlx_tune.training.result import TrainResult, fresh_output
