@@ -94,3 +94,31 @@ def test_empty_and_missing_dir(tmp_path):
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error: ")
     with pytest.raises(UserError, match="no such folder"):
         list_runs(tmp_path / "missing")
+
+
+def test_metrics_reread_only_when_appended(tmp_path):
+    """The remembered rows follow appends, a half-written line, a cut-and-rewritten file and a replaced one."""
+    from mlx_tune.training.runs import read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n')
+    assert [r["step"] for r in read_metrics(path)[0]] == [1, 2]
+    with path.open("a") as f:
+        f.write('{"step": 3, "loss": 1.2}\n{"step": 4, "lo')  # a writer half way through a line
+    rows, bad = read_metrics(path)
+    assert [r["step"] for r in rows] == [1, 2, 3] and bad == 1
+    with path.open("a") as f:
+        f.write('ss": 1.1}\nnot json\n')
+    rows, bad = read_metrics(path)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and bad == 1
+    # a resume cuts the file back to step 1 (same inode) and writes longer rows after it
+    with path.open("r+") as f:
+        f.truncate(len('{"step": 1, "loss": 2.0}\n'))
+        f.seek(0, 2)
+        f.write('{"step": 2, "loss": 1.75, "val_loss": 1.8}\n{"step": 3, "loss": 1.6}\n{"step": 4, "loss": 1.4}\n')
+    rows, bad = read_metrics(path)
+    assert [(r["step"], r["loss"]) for r in rows] == [(1, 2.0), (2, 1.75), (3, 1.6), (4, 1.4)] and bad == 0
+    other = tmp_path / "new.jsonl"
+    other.write_text('{"step": 9, "loss": 0.5}\n')
+    other.replace(path)  # written atomically: another inode
+    assert [r["step"] for r in read_metrics(path)[0]] == [9]

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -93,28 +95,71 @@ def _reports(root: Path, folder: Path) -> tuple[Any, list[dict[str, Any]]]:
     return fuse, tests
 
 
+@dataclass
+class _Series:
+    """A run's rows with only their finite numbers, and the keys present, for ``source`` rows."""
+
+    source: list[dict]
+    numeric: list[dict]
+    present: set[str]
+
+
+_SERIES: dict[str, _Series] = {}
+_SERIES_LOCK = threading.Lock()
+MAX_SERIES = 64
+
+
+def _series(path: Path, rows: list[dict]) -> tuple[list[dict], set[str]]:
+    """``rows`` filtered to finite numbers; rows already filtered on an earlier poll are kept.
+
+    ``read_metrics`` hands back the same row objects for lines it parsed before, so an
+    unchanged prefix is recognised by identity and only the rows after it are converted.
+    """
+    key = str(path)
+    with _SERIES_LOCK:
+        known = _SERIES.get(key)
+    n = 0
+    if known is not None and len(known.source) <= len(rows) and all(
+            a is b for a, b in zip(known.source[-1:], rows[len(known.source) - 1:len(known.source)])):
+        n = len(known.source)
+    numeric = (known.numeric[:n] if known is not None else []) + [
+        {k: v for k, v in r.items() if _finite(v)} for r in rows[n:]]
+    present = set(known.present) if n and known is not None else set()
+    for r in numeric[n:]:
+        present.update(r)
+    with _SERIES_LOCK:
+        _SERIES.pop(key, None)
+        _SERIES[key] = _Series(list(rows), numeric, present)
+        while len(_SERIES) > MAX_SERIES:
+            _SERIES.pop(next(iter(_SERIES)))
+    return numeric, present
+
+
 def run_detail(root: Path, folder: Path, since: int = 0) -> dict[str, Any]:
-    """The run's metrics rows from row ``since`` on, the charts they fill, its config and reports."""
+    """The run's metrics rows from row ``since`` on, the charts they fill, its config and reports.
+
+    A poll (``since`` > 0) gets only what grows while a run trains: the rows, the charts and
+    whether it is still live. The config and the reports came with the first request, and
+    leaving them out keeps a page polling every 2 s from costing API clients.
+    """
     rows, bad = read_metrics(folder / "metrics.jsonl")
-    numeric = [{k: v for k, v in r.items() if _finite(v)} for r in rows]
-    present = {k for r in numeric for k in r}
+    numeric, present = _series(folder / "metrics.jsonl", rows)
     charts = {title: [k for k in keys if k in present] for title, keys in CHARTS.items()}
-    summary = summarize_run(folder, root)
-    fuse, tests = _reports(root, folder)
-    config = summary.config
-    return {
-        "name": summary.name,
+    out: dict[str, Any] = {
+        "name": str(folder.relative_to(root)) if folder != root else ".",
         "rows": numeric[since:],
         "total_rows": len(numeric),
         "malformed_lines": bad,
         "charts": {t: k for t, k in charts.items() if k},
-        "config": config,
-        "config_source": summary.config_source,
-        "fuse_report": fuse,
-        "test_reports": tests,
         "has_adapter": (folder / "adapters.safetensors").is_file(),
         "live": is_live(folder),
     }
+    if since > 0:
+        return out
+    summary = summarize_run(folder, root)
+    fuse, tests = _reports(root, folder)
+    return {**out, "config": summary.config, "config_source": summary.config_source, "fuse_report": fuse,
+            "test_reports": tests}
 
 
 def data_folders(roots: dict[str, Path]) -> list[dict[str, str]]:

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import statistics
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,18 +67,29 @@ def find_run_folders(root: Path, max_depth: int = MAX_DEPTH) -> list[Path]:
     return sorted(found)
 
 
-def read_metrics(path: Path) -> tuple[list[dict], int]:
-    """(rows, malformed line count) of a ``metrics.jsonl``; blank lines are neither."""
+@dataclass
+class _Parsed:
+    """What has been read of one ``metrics.jsonl``: its rows up to ``offset`` (just after a newline)."""
+
+    inode: int
+    offset: int
+    last_line: bytes  # the bytes before ``offset`` back to the previous newline: the file's identity check
+    rows: list[dict]
+    bad: int
+
+
+_PARSED: dict[str, _Parsed] = {}
+_PARSED_LOCK = threading.Lock()
+MAX_PARSED = 256  # files remembered; the oldest is dropped beyond this
+
+
+def _parse_lines(data: bytes) -> tuple[list[dict], int]:
     rows, bad = [], 0
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return [], 1
-    for line in text.splitlines():
+    for line in data.split(b"\n"):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            row = json.loads(line.decode("utf-8", errors="replace"))
         except json.JSONDecodeError:
             bad += 1
             continue
@@ -86,6 +98,51 @@ def read_metrics(path: Path) -> tuple[list[dict], int]:
         else:
             bad += 1
     return rows, bad
+
+
+def read_metrics(path: Path) -> tuple[list[dict], int]:
+    """(rows, malformed line count) of a ``metrics.jsonl``; blank lines are neither.
+
+    A training run only appends to this file, and the studio polls it every few seconds, so
+    the complete lines already parsed are remembered and only the bytes appended since are
+    read. The whole file is parsed again when it is another file (new inode), shorter than
+    what was parsed, or its last parsed line changed (a resume that cut the file and wrote it
+    again). An unterminated last line is parsed each time but not remembered: a writer may
+    be half way through it.
+    """
+    key = os.path.abspath(path)
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            inode, size = st.st_ino, st.st_size
+            with _PARSED_LOCK:
+                known = _PARSED.get(key)
+            rows: list[dict] = []
+            bad = 0
+            start = 0
+            if known is not None and known.inode == inode and size >= known.offset:
+                f.seek(known.offset - len(known.last_line))
+                if f.read(len(known.last_line)) == known.last_line:
+                    rows, bad, start = list(known.rows), known.bad, known.offset
+            f.seek(start)
+            data = f.read()
+    except OSError:
+        return [], 1
+    end = data.rfind(b"\n") + 1  # complete lines end here
+    new_rows, new_bad = _parse_lines(data[:end])
+    rows += new_rows
+    bad += new_bad
+    if end:
+        offset = start + end
+        # ``start`` is a line boundary, so the last line begins after the newline before it, or at ``start``.
+        last_line = data[data.rfind(b"\n", 0, end - 1) + 1:end]
+        with _PARSED_LOCK:
+            _PARSED.pop(key, None)
+            _PARSED[key] = _Parsed(inode, offset, last_line, list(rows), bad)
+            while len(_PARSED) > MAX_PARSED:
+                _PARSED.pop(next(iter(_PARSED)))
+    tail_rows, tail_bad = _parse_lines(data[end:])
+    return rows + tail_rows, bad + tail_bad
 
 
 def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
