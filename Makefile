@@ -40,7 +40,7 @@ PYTEST = rc=0; $(PY) -m pytest $(1) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests"; exit 1; fi; exit $$rc
 
 test: setup
-	@$(call PYTEST,tests)
+	@$(call PYTEST,tests --durations=15)
 
 test-fast: setup
 	@$(call PYTEST,tests -m "not slow")
