@@ -99,28 +99,37 @@ class Batch:
         return self.inputs, self.targets, self.loss_mask, self.segment_ids, self.positions
 
 
-def collate(dataset: TokenizedDataset, rows: list[list[int]], width: int, packed: bool, pad_id: int = 0) -> Batch:
-    """Build a Batch of ``len(rows)`` rows of ``width`` slots (an empty row is all padding)."""
-    import mlx.core as mx
-
+def fill_rows(dataset: Any, rows: list[list[tuple[int, int]]], width: int, pad_id: int = 0,
+              no_slot: int = -1) -> tuple[np.ndarray, ...]:
+    """(inputs, targets, loss_mask, segment_ids, positions, slot) arrays of ``len(rows)``
+    rows of ``width`` positions, each row its ``(slot, example index)`` pairs laid end to
+    end: example s of a row is segment s with positions from 0, its positions carry
+    ``slot``; the rest is padding (its own segment, causal among itself; slot ``no_slot``).
+    """
     B = len(rows)
     inputs = np.full((B, width), pad_id, dtype=np.int32)
     targets = np.full((B, width), pad_id, dtype=np.int32)
     mask = np.zeros((B, width), dtype=np.float32)
     seg = np.full((B, width), PAD_SEGMENT, dtype=np.int32)
     pos = np.zeros((B, width), dtype=np.int32)
+    slot = np.full((B, width), no_slot, dtype=np.int32)
     for b, row in enumerate(rows):
         t = 0
-        for s, i in enumerate(row):
+        for s, (sl, i) in enumerate(row):
             ids, tr = dataset.ids[i], dataset.train[i]
             n = len(ids) - 1
-            inputs[b, t:t + n] = ids[:-1]
-            targets[b, t:t + n] = ids[1:]
-            mask[b, t:t + n] = tr[1:]
-            seg[b, t:t + n] = s
-            pos[b, t:t + n] = np.arange(n)
+            inputs[b, t:t + n], targets[b, t:t + n], mask[b, t:t + n] = ids[:-1], ids[1:], tr[1:]
+            seg[b, t:t + n], pos[b, t:t + n], slot[b, t:t + n] = s, np.arange(n), sl
             t += n
-        pos[b, t:] = np.arange(width - t)  # padding: its own segment, causal among itself
+        pos[b, t:] = np.arange(width - t)
+    return inputs, targets, mask, seg, pos, slot
+
+
+def collate(dataset: TokenizedDataset, rows: list[list[int]], width: int, packed: bool, pad_id: int = 0) -> Batch:
+    """Build a Batch of ``len(rows)`` rows of ``width`` slots (an empty row is all padding)."""
+    import mlx.core as mx
+
+    inputs, targets, mask, seg, pos, _ = fill_rows(dataset, [[(0, i) for i in row] for row in rows], width, pad_id)
     n_tokens = int((seg != PAD_SEGMENT).sum())
     gather = gather_index(mask)
     return Batch(

@@ -87,6 +87,28 @@ class DataStats:
         parts.append("token cache hit" if self.cache_hit else "tokenised")
         return "; ".join(parts)
 
+    def count(self, ids: np.ndarray, train: np.ndarray) -> None:
+        """One example kept: its tokens (targets) and trained targets."""
+        self.tokens += len(ids) - 1
+        self.trained += int(train[1:].sum())
+
+
+LONG, UNTRAINED = "long", "untrained"  # why fit_example drops an example
+
+
+def fit_example(ids: np.ndarray, train: np.ndarray, max_seq_length: int,
+                truncation: str) -> tuple[np.ndarray, np.ndarray] | str:
+    """``(ids, train)`` cut to ``max_seq_length`` targets (``max_seq_length + 1`` tokens), or
+    why the example is dropped: ``LONG`` (over the limit with ``truncation: drop``) or
+    ``UNTRAINED`` (no trained target left)."""
+    if len(ids) - 1 > max_seq_length:
+        if truncation == "drop":
+            return LONG
+        ids, train = ids[: max_seq_length + 1], train[: max_seq_length + 1]
+    if len(ids) < 2 or not train[1:].any():
+        return UNTRAINED
+    return ids, train
+
 
 @dataclass
 class TokenizedDataset:
@@ -170,19 +192,18 @@ def load_dataset(
     stats = DataStats(path=str(path), format=fmt_used, prefix_mismatch=mismatch, cache_hit=hit)
     out_ids, out_train = [], []
     for i, m in zip(ids, masks):
-        if len(i) - 1 > max_seq_length:
-            if truncation == "drop":
-                stats.dropped_long += 1
-                continue
-            stats.truncated += 1
-            i, m = i[: max_seq_length + 1], m[: max_seq_length + 1]
-        if len(i) < 2 or not m[1:].any():
+        fit = fit_example(i, m, max_seq_length, truncation)
+        if fit == LONG:
+            stats.dropped_long += 1
+            continue
+        if fit == UNTRAINED:
             stats.dropped_untrained += 1
             continue
-        out_ids.append(i)
-        out_train.append(m)
-        stats.tokens += len(i) - 1
-        stats.trained += int(m[1:].sum())
+        i2, m2 = fit
+        stats.truncated += len(i2) < len(i)
+        out_ids.append(i2)
+        out_train.append(m2)
+        stats.count(i2, m2)
     stats.examples = len(out_ids)
     if not out_ids:
         raise UserError(f"{path}: no usable example ({stats.summary()})")

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from mlx_tune.data.batching import PAD_SEGMENT, BatchStream, gather_size, pad_to
+from mlx_tune.data.batching import PAD_SEGMENT, BatchStream, fill_rows, gather_size, pad_to
 from mlx_tune.data.pairs import PairDataset
 
 
@@ -74,22 +74,7 @@ def collate_units(ds: PairDataset, rows: list[list[int]], packed: bool, width: i
             for side in (0, 1):
                 j = 2 * k + side
                 phys.append([(j, int(slot_seqs[j]))] if slot_seqs[j] >= 0 else [])
-    B = len(phys)
-    inputs = np.full((B, width), pad_id, dtype=np.int32)
-    targets = np.full((B, width), pad_id, dtype=np.int32)
-    mask = np.zeros((B, width), dtype=np.float32)
-    seg = np.full((B, width), PAD_SEGMENT, dtype=np.int32)
-    pos = np.zeros((B, width), dtype=np.int32)
-    slot = np.full((B, width), 2 * P, dtype=np.int32)
-    for b, row in enumerate(phys):
-        t = 0
-        for s, (sl, i) in enumerate(row):
-            ids, tr = ds.ids[i], ds.train[i]
-            n = len(ids) - 1
-            inputs[b, t:t + n], targets[b, t:t + n], mask[b, t:t + n] = ids[:-1], ids[1:], tr[1:]
-            seg[b, t:t + n], pos[b, t:t + n], slot[b, t:t + n] = s, np.arange(n), sl
-            t += n
-        pos[b, t:] = np.arange(width - t)
+    inputs, targets, mask, seg, pos, slot = fill_rows(ds, phys, width, pad_id, no_slot=2 * P)
     flat, flat_slot = mask.reshape(-1), slot.reshape(-1)
     if nll_prompt:  # every real position of a chosen (even) slot, prompt included
         keep = (flat > 0) | ((flat_slot < 2 * P) & (flat_slot % 2 == 0))

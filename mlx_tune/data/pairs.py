@@ -28,7 +28,16 @@ from pathlib import Path
 import numpy as np
 
 from mlx_tune.atomic import write_file_atomic
-from mlx_tune.data.cache import CACHE_VERSION, DataStats, default_cache_dir, file_hash, tokenizer_fingerprint
+from mlx_tune.data.cache import (
+    CACHE_VERSION,
+    LONG,
+    UNTRAINED,
+    DataStats,
+    default_cache_dir,
+    file_hash,
+    fit_example,
+    tokenizer_fingerprint,
+)
 from mlx_tune.data.masks import MaskPolicy
 from mlx_tune.data.preference import convert_preference, detect_mode
 from mlx_tune.data.readers import read_jsonl_records
@@ -178,27 +187,21 @@ def _cut(path: Path, kind: str, sides: list, labels: np.ndarray, max_seq_length:
     units: list[tuple[int, int]] = []
     kept: list[int] = []
     for k, unit in enumerate(sides):
-        cut = []
-        for i, m in unit:
-            if len(i) - 1 > max_seq_length:
-                if truncation == "drop":
-                    break
-                i, m = i[: max_seq_length + 1], m[: max_seq_length + 1]
-            cut.append((i, m))
-        if len(cut) < len(unit):
+        fits = [fit_example(i, m, max_seq_length, truncation) for i, m in unit]
+        if LONG in fits:
             stats.dropped_long += 1
             continue
-        if any(len(i) < 2 or not m[1:].any() for i, m in cut):
+        if UNTRAINED in fits:
             stats.dropped_untrained += 1
             continue
+        cut = [f for f in fits if not isinstance(f, str)]
         stats.truncated += any(len(i) < len(u[0]) for (i, _), u in zip(cut, unit))
         units.append((len(ids), len(ids) + 1))
         kept.append(k)
         for i, m in cut:
             ids.append(i)
             train.append(m)
-            stats.tokens += len(i) - 1
-            stats.trained += int(m[1:].sum())
+            stats.count(i, m)
     stats.examples = len(units)
     if not units:
         raise UserError(f"{path}: no usable pair ({stats.summary()}); raise train.max_seq_length")
