@@ -33,6 +33,7 @@ values at trace time, so recompile (or re-create the step) after switching.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -248,21 +249,30 @@ class LoRALinear(nn.Module):
         ``dequantize=False`` keeps the base's storage (re-quantizing a quantized base);
         ``dequantize=True`` returns an ``nn.Linear``.
         """
-        adapter = self.adapter
-        bias = self.base.get("bias")
-        if adapter is None and not dequantize:
-            return self.base
-        weight = quant.dense_weight(self.base)
-        if adapter is not None:
-            weight = adapter.fused_weight(weight)
-        if dequantize:
+        def dense(weight: mx.array, bias: mx.array | None) -> nn.Module:
             out_dims, in_dims = weight.shape
             fused = nn.Linear(in_dims, out_dims, bias=bias is not None)
             fused.weight = weight.astype(_dense_dtype(self.base))
             if bias is not None:
                 fused.bias = bias
             return fused
-        return quant.requantize_like(self.base, weight, bias)
+
+        return fuse_base(self.base, self.adapter, dequantize, dense)
+
+
+def fuse_base(base: nn.Module, adapter, dequantize: bool,
+              dense: Callable[[mx.array, mx.array | None], nn.Module]) -> nn.Module:
+    """``base`` with ``adapter``'s delta merged into its weight (None: no adapter), in the
+    base's storage (re-quantized where it is quantized), or as ``dense(weight, bias)``."""
+    bias = base.get("bias")
+    if adapter is None and not dequantize:
+        return base
+    weight = quant.dense_weight(base)
+    if adapter is not None:
+        weight = adapter.fused_weight(weight)
+    if dequantize:
+        return dense(weight, bias)
+    return quant.requantize_like(base, weight, bias)
 
 
 class DoRALinear(LoRALinear):

@@ -25,7 +25,7 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_tune.adapters.lora import LoRAAdapter, LoRALinear, check_hyperparameters, lora_scale
+from mlx_tune.adapters.lora import LoRAAdapter, LoRALinear, check_hyperparameters, fuse_base, lora_scale
 from mlx_tune.model import quant
 
 
@@ -106,14 +106,7 @@ class LoRASwitchLinear(LoRALinear):
 
     def fuse(self, dequantize: bool = False) -> nn.Module:
         """A plain expert stack computing what this one computes now (active adapter merged)."""
-        adapter = self.adapter
-        bias = self.base.get("bias")
-        if adapter is None and not dequantize:
-            return self.base
-        weight = quant.dense_weight(self.base)
-        if adapter is not None:
-            weight = adapter.fused_weight(weight)
-        if dequantize:
+        def dense(weight: mx.array, bias: mx.array | None) -> nn.Module:
             from mlx_lm.models.switch_layers import SwitchLinear
 
             experts, out_dims, in_dims = weight.shape
@@ -122,7 +115,8 @@ class LoRASwitchLinear(LoRALinear):
             if bias is not None:
                 fused.bias = bias
             return fused
-        return quant.requantize_like(self.base, weight, bias)
+
+        return fuse_base(self.base, self.adapter, dequantize, dense)
 
 
 def wrapper_class(layer: nn.Module) -> type[LoRALinear]:
