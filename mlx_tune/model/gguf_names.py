@@ -1,0 +1,201 @@
+"""GGUF architectures onto mlx-lm model types: config from metadata, tensor names, conventions.
+
+llama.cpp's ``convert_hf_to_gguf.py`` renames Hugging Face tensors with gguf-py's
+``TensorNameMap`` and changes a few of them; reading undoes each change:
+
+- llama-family Q/K rows are permuted for llama.cpp's rotary layout (``unpermute``);
+- Gemma norm weights are stored as ``1 + w`` (llama.cpp multiplies by the stored
+  weight; mlx-lm's Gemma adds the 1 at run time), so 1 is subtracted on read. The
+  ``sqrt(hidden)`` embedding scale is applied at run time by both, nothing is baked in;
+- experts are stacked into ``(experts, out, in)`` tensors, the layout of mlx-lm's
+  ``SwitchGLU`` (``mlp.switch_mlp.*_proj``), which reads them as they are;
+- a tied head has no ``output`` tensor.
+
+Names are found by asking ``TensorNameMap`` for the GGUF name of every parameter of the
+mlx-lm model (mlx-lm keeps the Hugging Face names, except ``switch_mlp`` for ``experts``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import gguf
+from gguf.constants import MODEL_ARCH, MODEL_ARCH_NAMES
+
+from mlx_tune.errors import ModelLoadError
+
+
+@dataclass(frozen=True)
+class GGUFArch:
+    """How one GGUF architecture maps onto an mlx-lm model type."""
+
+    model_type: str
+    permute_qk: bool  # llama.cpp permuted Q/K rows for this arch at conversion
+    norm_offset: float = 0.0  # the converter stored norm weights as w + offset (Gemma: 1)
+
+
+ARCHS: dict[str, GGUFArch] = {
+    "llama": GGUFArch("llama", permute_qk=True),  # Llama 1-3, Mistral 7B, SmolLM/SmolLM2
+    "mistral": GGUFArch("llama", permute_qk=True),
+    "granite": GGUFArch("granite", permute_qk=True),  # converted by llama.cpp's LlamaModel
+    "qwen2": GGUFArch("qwen2", permute_qk=False),
+    "qwen3": GGUFArch("qwen3", permute_qk=False),
+    "qwen2moe": GGUFArch("qwen2_moe", permute_qk=False),
+    "qwen3moe": GGUFArch("qwen3_moe", permute_qk=False),
+    "gemma2": GGUFArch("gemma2", permute_qk=False, norm_offset=1.0),
+    "gemma3": GGUFArch("gemma3_text", permute_qk=False, norm_offset=1.0),
+    "phi3": GGUFArch("phi3", permute_qk=False),
+    "olmo2": GGUFArch("olmo2", permute_qk=False),
+    "starcoder2": GGUFArch("starcoder2", permute_qk=False),
+}
+_SKIP = {"rope_freqs.weight"}  # recomputed by mlx-lm's rope from the config
+
+
+def check_arch(metadata: dict[str, Any], path: Path) -> tuple[str, GGUFArch]:
+    name = metadata.get("general.architecture")
+    if name not in ARCHS:
+        raise ModelLoadError(
+            f"{path}: GGUF architecture {name!r} is not supported; supported: {', '.join(sorted(ARCHS))}"
+        )
+    return name, ARCHS[name]
+
+
+def gguf_config(metadata: dict[str, Any], tensor_names: set[str], path: Path) -> tuple[dict, GGUFArch]:
+    """A Hugging Face style config.json dict for the mlx-lm model type, from GGUF metadata."""
+    arch_name, arch = check_arch(metadata, path)
+
+    def get(key: str, default: Any = None) -> Any:
+        return metadata.get(f"{arch_name}.{key}", default)
+
+    try:
+        n_heads = int(get("attention.head_count"))
+        hidden = int(get("embedding_length"))
+        n_layers = int(get("block_count"))
+    except TypeError:
+        raise ModelLoadError(f"{path}: GGUF metadata lacks {arch_name}.block_count, .embedding_length or "
+                             ".attention.head_count") from None
+    tokens = metadata.get("tokenizer.ggml.tokens") or []
+    rope_dims = get("rope.dimension_count")
+    head_dim = get("attention.key_length") or (rope_dims if arch_name not in ("phi3",) else None) or hidden // n_heads
+    config: dict[str, Any] = {
+        "model_type": arch.model_type,
+        "hidden_size": hidden,
+        "num_hidden_layers": n_layers,
+        "intermediate_size": int(get("feed_forward_length") or get("expert_feed_forward_length") or 0),
+        "num_attention_heads": n_heads,
+        "num_key_value_heads": int(get("attention.head_count_kv", n_heads)),
+        "head_dim": int(head_dim),
+        "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-6)),
+        "rope_theta": float(get("rope.freq_base", 10000.0)),
+        "vocab_size": int(get("vocab_size", len(tokens))),
+        "max_position_embeddings": int(get("context_length", 4096)),
+        "tie_word_embeddings": "output.weight" not in tensor_names,
+    }
+    scaling = get("rope.scaling.type")
+    if scaling == "linear" and get("rope.scaling.factor"):
+        config["rope_scaling"] = {"type": "linear", "factor": float(get("rope.scaling.factor"))}
+    extra = _EXTRA.get(arch_name)
+    if extra is not None:
+        config.update(extra(get, config, tensor_names))
+    return config, arch
+
+
+def _moe(get: Callable, config: dict, names: set[str]) -> dict:
+    out = {
+        "num_experts": int(get("expert_count")),
+        "num_experts_per_tok": int(get("expert_used_count")),
+        "moe_intermediate_size": int(get("expert_feed_forward_length") or config["intermediate_size"]),
+    }
+    if get("expert_shared_feed_forward_length") is not None:
+        out["shared_expert_intermediate_size"] = int(get("expert_shared_feed_forward_length"))
+    return out
+
+
+def _qwen3moe(get: Callable, config: dict, names: set[str]) -> dict:
+    # llama.cpp's qwen3moe makes every layer an MoE layer and normalizes the top-k weights.
+    return {**_moe(get, config, names), "decoder_sparse_step": 1, "mlp_only_layers": [],
+            "norm_topk_prob": bool(get("expert_weights_norm", True))}
+
+
+def _query_scalar(get: Callable, config: dict, layers_27b: int) -> float:
+    """Gemma's attention scale 1/sqrt(query_pre_attn_scalar): llama.cpp uses the head size,
+    except for the 27B models (recognised by layer count) where it is hidden / heads."""
+    if get("attention.scale"):
+        return 1.0 / float(get("attention.scale")) ** 2
+    if config["num_hidden_layers"] == layers_27b:
+        return config["hidden_size"] / config["num_attention_heads"]
+    return float(config["head_dim"])
+
+
+def _gemma2(get: Callable, config: dict, names: set[str]) -> dict:
+    return {"attn_logit_softcapping": float(get("attn_logit_softcapping", 50.0)),
+            "final_logit_softcapping": float(get("final_logit_softcapping", 30.0)),
+            "query_pre_attn_scalar": _query_scalar(get, config, 46)}
+
+
+def _gemma3(get: Callable, config: dict, names: set[str]) -> dict:
+    pattern = get("attention.sliding_window_pattern", 6)  # llama.cpp's gemma3 default
+    if isinstance(pattern, list):  # per layer: is it a sliding-window layer
+        pattern = next((i + 1 for i, swa in enumerate(pattern) if not swa), len(pattern))
+    return {"sliding_window": int(get("attention.sliding_window", 512)), "sliding_window_pattern": int(pattern),
+            "rope_local_base_freq": float(get("rope.freq_base_swa", 10000.0)),
+            "query_pre_attn_scalar": _query_scalar(get, config, 62)}
+
+
+def _phi3(get: Callable, config: dict, names: set[str]) -> dict:
+    rope_dims = get("rope.dimension_count") or config["head_dim"]
+    out: dict[str, Any] = {"partial_rotary_factor": int(rope_dims) / config["head_dim"]}
+    if get("rope.scaling.original_context_length"):
+        out["original_max_position_embeddings"] = int(get("rope.scaling.original_context_length"))
+    return out
+
+
+def _granite(get: Callable, config: dict, names: set[str]) -> dict:
+    return {"logits_scaling": float(get("logit_scale", 1.0)), "attention_multiplier": float(get("attention.scale", 1.0)),
+            "embedding_multiplier": float(get("embedding_scale", 1.0)),
+            "residual_multiplier": float(get("residual_scale", 1.0)),
+            "attention_bias": "blk.0.attn_q.bias" in names, "mlp_bias": "blk.0.ffn_up.bias" in names}
+
+
+def _starcoder2(get: Callable, config: dict, names: set[str]) -> dict:
+    return {"norm_epsilon": float(get("attention.layer_norm_epsilon", 1e-5))}
+
+
+def _olmo2(get: Callable, config: dict, names: set[str]) -> dict:
+    return {"attention_bias": "blk.0.attn_q.bias" in names}
+
+
+_EXTRA: dict[str, Callable[[Callable, dict, set[str]], dict]] = {
+    "qwen2moe": _moe, "qwen3moe": _qwen3moe, "gemma2": _gemma2, "gemma3": _gemma3, "phi3": _phi3,
+    "granite": _granite, "starcoder2": _starcoder2, "olmo2": _olmo2,
+}
+
+
+def name_map(arch_name: str, param_names: list[str], n_blocks: int) -> dict[str, str]:
+    """GGUF module name (``blk.0.attn_q``) -> mlx-lm module name, for the model's parameters."""
+    arch = next(a for a, n in MODEL_ARCH_NAMES.items() if n == arch_name)
+    tmap = gguf.get_tensor_name_map(MODEL_ARCH(arch), n_blocks)
+    out: dict[str, str] = {}
+    for param in param_names:
+        module = param.rsplit(".", 1)[0]
+        name = tmap.get_name(module.replace(".switch_mlp.", ".experts."))
+        if name is not None:
+            out[name] = module
+    return out
+
+
+def unpermute(w: Any, n_heads: int) -> Any:
+    """Undo llama.cpp's rotary row permutation.
+
+    llama.cpp wrote ``w.reshape(h, 2, d/2, ...).swapaxes(1, 2)`` (per head, halves
+    interleaved); the inverse reads rows as ``(h, d/2, 2)`` and swaps back.
+    """
+    rows = w.shape[0]
+    rest = w.shape[1:]
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *rest).swapaxes(1, 2).reshape(rows, *rest)
+
+
+def is_skipped(gguf_name: str) -> bool:
+    return gguf_name in _SKIP
