@@ -87,7 +87,8 @@ def read_gguf(path: Path, header: Header | None = None) -> tuple[dict[str, Any],
     native = Q.DENSE + Q.EXACT_AFFINE
     if all(t.type in native and (t.type in Q.DENSE or len(t.shape) == 2) for t in header.tensors):
         try:
-            return dict(mx.load(str(path))), header.metadata
+            loaded: Any = mx.load(str(path))
+            return dict(loaded), header.metadata
         except Exception:  # mx.load's reader refused it; the memory-mapped path below may not
             pass
     buf = np.memmap(path, dtype=np.uint8, mode="r")

@@ -17,9 +17,10 @@ mlx-lm model (mlx-lm keeps the Hugging Face names, except ``switch_mlp`` for ``e
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import gguf
 from gguf.constants import MODEL_ARCH, MODEL_ARCH_NAMES

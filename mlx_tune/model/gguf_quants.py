@@ -18,9 +18,8 @@ from typing import Any
 
 import mlx.core as mx
 import numpy as np
-from gguf import GGML_QUANT_SIZES
+from gguf import GGML_QUANT_SIZES, quants
 from gguf import GGMLQuantizationType as T
-from gguf import quants
 
 from mlx_tune.model.gguf_header import TensorInfo
 

@@ -167,7 +167,8 @@ def _load_gguf(path: Path, quantize: QuantizeConfig | None):
     config, arch = G.gguf_config(header.metadata, {t.name for t in header.tensors}, path)
     model_class, args_class = _get_classes(config)
     model = model_class(args_class.from_dict(config))
-    params = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
+    flat: Any = tree_flatten(model.parameters())
+    params = {k: tuple(v.shape) for k, v in flat}
     tensors, metadata = G.read_gguf(path, header)
     weights, unknown = G.gguf_weights(tensors, config, arch, metadata, params)
     if unknown:
@@ -224,7 +225,10 @@ def _load_gguf(path: Path, quantize: QuantizeConfig | None):
     from collections import Counter
 
     # Report the bits most linear layers use (GGUF files keep embeddings at 8 bits).
-    counts = Counter(m.bits for _, m in model.named_modules() if isinstance(m, nn.QuantizedLinear))
+    from mlx_lm.models.switch_layers import QuantizedSwitchLinear
+
+    linear = (nn.QuantizedLinear, QuantizedSwitchLinear)
+    counts = Counter(m.bits for _, m in model.named_modules() if isinstance(m, linear))
     bits = counts.most_common(1)[0][0] if counts else None
     info = ModelInfo(
         source=str(path), kind="gguf", path=str(path), config=config,

@@ -1,0 +1,154 @@
+"""GGUF in, per family: a tiny model written as llama.cpp writes it loads to the same logits
+as the same weights from a Hugging Face folder; unreadable files fail from the header alone."""
+
+from __future__ import annotations
+
+import gguf
+import mlx.core as mx
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as T
+
+from mlx_tune.config import QuantizeConfig
+from mlx_tune.errors import ModelLoadError
+from mlx_tune.model.loading import load_model
+from mlx_tune.testing.families import FAMILIES
+from mlx_tune.testing.gguf_files import write_family_gguf
+from mlx_tune.testing.tiny import save_tiny_folder
+
+pytestmark = pytest.mark.accelerator
+
+IDS = [5, 60, 71, 3, 99, 140, 7, 33, 250, 12, 1, 2]  # longer than the sliding windows
+
+_MOE2 = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+         "shared_expert_intermediate_size": 48, "tie_word_embeddings": False}
+CASES = {
+    "llama": {"tie_word_embeddings": True},
+    "mistral": {"tie_word_embeddings": False},
+    "qwen2": {},
+    "qwen3": {},
+    "qwen2_moe": _MOE2,
+    "qwen3_moe": FAMILIES["qwen3_moe"].overrides,
+    "gemma2": {**FAMILIES["gemma2"].overrides, "query_pre_attn_scalar": 16},  # an int, as transformers checks
+    # llama.cpp's gemma3 has a global layer every 6th; the local layers use rope base 10000
+    "gemma3_text": {**FAMILIES["gemma3_text"].overrides, "sliding_window_pattern": 6, "num_hidden_layers": 6,
+                    "rope_theta": 1e6},
+    "phi3": FAMILIES["phi3"].overrides,
+    "granite": FAMILIES["granite"].overrides,
+    "olmo2": FAMILIES["olmo2"].overrides,
+    "starcoder2": FAMILIES["starcoder2"].overrides,
+}
+
+
+def _logits(model) -> np.ndarray:
+    return np.array(model(mx.array([IDS]))[0].astype(mx.float32))
+
+
+@pytest.mark.parametrize("model_type", list(CASES))
+def test_family_gguf_matches_hf_folder(tmp_path, model_type):
+    overrides = CASES[model_type]
+    path = write_family_gguf(tmp_path / "m.gguf", model_type, **overrides)
+    folder = save_tiny_folder(tmp_path / "hf", model_type, **overrides)
+    from_gguf, tok, info = load_model(path)
+    from_hf, _, _ = load_model(folder)
+    assert info.kind == "gguf" and info.quantization is None
+    got, want = _logits(from_gguf), _logits(from_hf)
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+    assert tok.encode("hi") == [74, 75]
+
+
+def test_expert_stacks_in_q8_0_map_exactly(tmp_path):
+    """3-D expert stacks in a block type go through the memory-mapped reader, block for block."""
+    overrides = FAMILIES["qwen3_moe"].overrides
+    path = write_family_gguf(tmp_path / "q.gguf", "qwen3_moe", types={"_exps.weight": T.Q8_0}, **overrides)
+    model, _, info = load_model(path)
+    assert info.quantization == {"mode": "affine", "bits": 8, "group_size": 32}
+    gate = model.model.layers[0].mlp.switch_mlp.gate_proj
+    assert gate.weight.shape[0] == 4 and gate.bits == 8
+    ref, _, _ = load_model(save_tiny_folder(tmp_path / "hf", "qwen3_moe", **overrides))
+    want = np.array(ref.model.layers[0].mlp.switch_mlp.gate_proj.weight)
+    got = np.array(mx.dequantize(gate.weight, gate.scales, gate.biases, group_size=32, bits=8).astype(mx.float32))
+    blocks = gguf.quants.dequantize(gguf.quants.quantize(want, T.Q8_0), T.Q8_0)
+    np.testing.assert_allclose(got, blocks, atol=1e-4)  # the same codes; fp16 output rounding only
+
+
+def random_q4_k(rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    """Valid Q4_K bytes: per 256 weights a 144-byte block (fp16 d and dmin, 12 bytes of
+    6-bit sub-block scales and mins, 128 bytes of 4-bit codes), random codes, small scales."""
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, size=(rows, cols // 256, 144), dtype=np.uint8)
+    blocks[..., 0:2] = np.full((rows, cols // 256, 1), 0.002, dtype=np.float16).view(np.uint8)
+    blocks[..., 2:4] = np.full((rows, cols // 256, 1), 0.001, dtype=np.float16).view(np.uint8)
+    return blocks.reshape(rows, -1)
+
+
+def test_q4_k_tensor_is_dequantized_and_requantized(tmp_path):
+    """A K-quant (which the gguf package can read but not write) re-quantized to the requested format."""
+    from mlx_tune.model.gguf import read_gguf
+
+    path = write_family_gguf(tmp_path / "k.gguf", "qwen3", intermediate_size=256)
+    raw = random_q4_k(64, 256)
+    # Swap one tensor for Q4_K bytes: rewrite the file with the same tensors otherwise.
+    reader = gguf.GGUFReader(str(path))
+    out = gguf.GGUFWriter(str(tmp_path / "k4.gguf"), "qwen3")
+    for name, fld in reader.fields.items():
+        if not name.startswith("GGUF.") and name != "general.architecture":
+            _copy_field(out, name, fld)
+    for t in reader.tensors:
+        shape = tuple(int(x) for x in reversed(t.shape.tolist()))
+        if t.name == "blk.0.ffn_down.weight":
+            out.add_tensor(t.name, raw, raw_dtype=T.Q4_K)
+        else:
+            out.add_tensor(t.name, np.asarray(t.data).reshape(shape))
+    out.write_header_to_file(), out.write_kv_data_to_file(), out.write_tensors_to_file(), out.close()
+    want = gguf.quants.dequantize(raw, T.Q4_K)
+    tensors, _ = read_gguf(tmp_path / "k4.gguf")
+    np.testing.assert_array_equal(np.array(tensors["blk.0.ffn_down.weight"].array), want)
+    model, _, info = load_model(tmp_path / "k4.gguf", QuantizeConfig(bits=8, group_size=32))
+    down = model.model.layers[0].mlp.down_proj
+    assert down.bits == 8 and any("K-quant" in n for n in info.notes)
+    got = np.array(mx.dequantize(down.weight, down.scales, down.biases, group_size=32, bits=8))
+    assert np.abs(got - want).max() < 0.01 * np.abs(want).max()
+
+
+def _copy_field(out, name, fld):
+    from mlx_tune.model.gguf import field_value
+
+    vtype = fld.types[0]
+    value = field_value(fld)
+    if vtype == gguf.GGUFValueType.ARRAY:
+        out.add_array(name, value)
+    elif vtype == gguf.GGUFValueType.STRING:
+        out.add_string(name, value)
+    else:
+        out.add_key_value(name, value, vtype)
+
+
+def _big_file(tmp_path, arch: str, ttype=T.F16, n=4096):
+    """A file whose tensor data would take long to read: ~n*n elements per tensor."""
+    w = gguf.GGUFWriter(str(tmp_path / f"{arch}.gguf"), arch)
+    w.add_tensor_info("token_embd.weight", (n, n), np.dtype(np.float16), n * n * 2, raw_dtype=ttype)
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_ti_data_to_file()
+    w.close()
+    with open(tmp_path / f"{arch}.gguf", "ab") as fh:  # sparse data: the size of a real file, no writing
+        fh.truncate(fh.tell() + 32 + n * n * 2)
+    return tmp_path / f"{arch}.gguf"
+
+
+def test_unsupported_arch_fails_from_the_header(tmp_path):
+    path = _big_file(tmp_path, "deepseek2")
+    with pytest.raises(ModelLoadError, match=r"architecture 'deepseek2' is not supported; supported: .*gemma3"):
+        load_model(path)
+
+
+def test_unsupported_tensor_type_fails_from_the_header(tmp_path):
+    w = gguf.GGUFWriter(str(tmp_path / "t.gguf"), "llama")
+    block, size = gguf.GGML_QUANT_SIZES[T.Q8_1]
+    nbytes = 256 * 256 // block * size
+    w.add_tensor_info("token_embd.weight", (256, 256 // block * size), np.dtype(np.uint8), nbytes, raw_dtype=T.Q8_1)
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_ti_data_to_file()
+    w.close()
+    with open(tmp_path / "t.gguf", "ab") as fh:
+        fh.truncate(fh.tell() + 32 + nbytes)
+    with pytest.raises(ModelLoadError, match=r"GGUF type Q8_1, which mlx_tune cannot read; readable types: .*Q4_K"):
+        load_model(tmp_path / "t.gguf")
