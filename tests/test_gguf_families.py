@@ -23,7 +23,7 @@ IDS = [5, 60, 71, 3, 99, 140, 7, 33, 250, 12, 1, 2]  # longer than the sliding w
 _MOE2 = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
          "shared_expert_intermediate_size": 48, "tie_word_embeddings": False}
 CASES = {
-    "llama": {"tie_word_embeddings": True},
+    "llama": FAMILIES["llama"].overrides,  # Llama 3.2: tied head, llama3 RoPE scaling (rope_freqs tensor)
     "mistral": {"tie_word_embeddings": False},
     "qwen2": {},
     "qwen3": {},
@@ -152,3 +152,11 @@ def test_unsupported_tensor_type_fails_from_the_header(tmp_path):
         fh.truncate(fh.tell() + 32 + nbytes)
     with pytest.raises(ModelLoadError, match=r"GGUF type Q8_1, which mlx_tune cannot read; readable types: .*Q4_K"):
         load_model(tmp_path / "t.gguf")
+
+
+def test_readme_gguf_in_cell_is_what_these_tests_load():
+    """The family table's "GGUF in" column claims exactly the families tested above."""
+    from mlx_tune.testing.families import cells
+
+    for model_type, family in FAMILIES.items():
+        assert (cells(family)["GGUF in"] == "yes") == (model_type in CASES), model_type

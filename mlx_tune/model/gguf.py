@@ -28,7 +28,7 @@ from mlx_tune.model.gguf_names import ARCHS, GGUFArch, check_arch, gguf_config, 
 from mlx_tune.model.gguf_quants import Dequantized
 
 __all__ = ["ARCHS", "GGUFArch", "Dequantized", "gguf_config", "read_gguf", "read_gguf_header", "gguf_weights",
-           "build_tokenizer", "eos_token_ids", "field_value"]
+           "build_tokenizer", "eos_token_ids", "field_value", "rope_freqs"]
 
 # llama-family GGUF tensor-name pieces -> Hugging Face names (the export side writes with these).
 TOP_LEVEL_NAMES = {
@@ -100,6 +100,15 @@ def read_gguf(path: Path, header: Header | None = None) -> tuple[dict[str, Any],
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ModelLoadError(f"{path}: not a readable GGUF file ({reason})") from None
     return tensors, header.metadata
+
+
+def rope_freqs(path: Path, header: Header) -> list[float] | None:
+    """The ``rope_freqs`` tensor's values (Llama 3 RoPE scaling), read alone; None if absent."""
+    info = next((t for t in header.tensors if t.name == "rope_freqs.weight"), None)
+    if info is None:
+        return None
+    (value,) = Q.read_tensor(np.memmap(path, dtype=np.uint8, mode="r"), info).values()
+    return [float(x) for x in np.array(value.array if isinstance(value, Dequantized) else value, dtype=np.float32)]
 
 
 def field_value(fld: Any) -> Any:

@@ -17,6 +17,7 @@ mlx-lm model (mlx-lm keeps the Hugging Face names, except ``switch_mlp`` for ``e
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,8 +64,10 @@ def check_arch(metadata: dict[str, Any], path: Path) -> tuple[str, GGUFArch]:
     return name, ARCHS[name]
 
 
-def gguf_config(metadata: dict[str, Any], tensor_names: set[str], path: Path) -> tuple[dict, GGUFArch]:
-    """A Hugging Face style config.json dict for the mlx-lm model type, from GGUF metadata."""
+def gguf_config(metadata: dict[str, Any], tensor_names: set[str], path: Path,
+                rope_freqs: list[float] | None = None) -> tuple[dict, GGUFArch]:
+    """A Hugging Face style config.json dict for the mlx-lm model type, from GGUF metadata
+    (and the ``rope_freqs`` tensor, where llama.cpp keeps Llama 3's RoPE scaling)."""
     arch_name, arch = check_arch(metadata, path)
 
     def get(key: str, default: Any = None) -> Any:
@@ -97,10 +100,41 @@ def gguf_config(metadata: dict[str, Any], tensor_names: set[str], path: Path) ->
     scaling = get("rope.scaling.type")
     if scaling == "linear" and get("rope.scaling.factor"):
         config["rope_scaling"] = {"type": "linear", "factor": float(get("rope.scaling.factor"))}
+    if rope_freqs is not None and arch.model_type == "llama":
+        config["rope_scaling"] = llama3_rope_scaling(rope_freqs, config["rope_theta"], config["head_dim"], path)
     extra = _EXTRA.get(arch_name)
     if extra is not None:
         config.update(extra(get, config, tensor_names))
     return config, arch
+
+
+def llama3_rope_factors(theta: float, dim: int, factor: float, low: float, high: float, old_ctx: int) -> list[float]:
+    """Llama 3's per-frequency RoPE divisors, as llama.cpp's converter computes ``rope_freqs``:
+    1 for wavelengths under ``old_ctx / high``, ``factor`` over ``old_ctx / low``, smooth between."""
+    out = []
+    for i in range(0, dim, 2):
+        wavelen = 2 * math.pi * theta ** (i / dim)
+        if wavelen < old_ctx / high:
+            out.append(1.0)
+        elif wavelen > old_ctx / low:
+            out.append(factor)
+        else:
+            smooth = (old_ctx / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return out
+
+
+def llama3_rope_scaling(freqs: list[float], theta: float, dim: int, path: Path) -> dict:
+    """The ``rope_scaling`` whose factors are the file's ``rope_freqs`` (Llama 3.1-3.3 use
+    low 1, high 4, original context 8192; the factor is the largest divisor)."""
+    factor = max(freqs)
+    for low, high, old_ctx in ((1.0, 4.0, 8192), (1.0, 4.0, 4096), (1.0, 4.0, 131072)):
+        want = llama3_rope_factors(theta, dim, factor, low, high, old_ctx)
+        if len(want) == len(freqs) and all(abs(a - b) <= 1e-4 * max(1.0, b) for a, b in zip(freqs, want)):
+            return {"rope_type": "llama3", "factor": factor, "low_freq_factor": low, "high_freq_factor": high,
+                    "original_max_position_embeddings": old_ctx}
+    raise ModelLoadError(f"{path}: the rope_freqs tensor is not a Llama 3 RoPE scaling mlx_tune knows "
+                         f"(factor {factor}, low 1 / high 4 / original context 4096, 8192 or 131072)")
 
 
 def _moe(get: Callable, config: dict, names: set[str]) -> dict:

@@ -10,6 +10,7 @@ weights loaded from a Hugging Face folder.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,25 @@ GGUF_ARCH = {
 def permute(w: np.ndarray, n_head: int) -> np.ndarray:
     """llama.cpp's convert_hf_to_gguf permutation of Q/K rows."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def llama3_rope_freqs(cfg: dict) -> np.ndarray:
+    """The ``rope_freqs`` tensor llama.cpp's converter writes for Llama 3 RoPE scaling (its code, transcribed)."""
+    rs, dim = cfg["rope_scaling"], cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    freqs = 1.0 / (cfg["rope_theta"] ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    factor, low, high = rs.get("factor", 8.0), rs.get("low_freq_factor", 1.0), rs.get("high_freq_factor", 4.0)
+    old = rs.get("original_max_position_embeddings", 8192)
+    out = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < old / high:
+            out.append(1.0)
+        elif wavelen > old / low:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
 
 
 def _metadata(arch: str, cfg: dict) -> list[tuple[str, str, Any]]:
@@ -101,7 +121,8 @@ def write_family_gguf(path: Path, model_type: str, seed: int = 0, types: dict | 
     for key, kind, value in _metadata(arch, cfg):
         kinds[kind](key, value)
     _tokenizer(w)
-    for name, arr in tree_flatten(model.parameters()):
+    flat: Any = tree_flatten(model.parameters())
+    for name, arr in flat:
         module, suffix = name.rsplit(".", 1)
         gname = tmap.get_name(module.replace(".switch_mlp.", ".experts."))
         if gname is None:
@@ -119,6 +140,8 @@ def write_family_gguf(path: Path, model_type: str, seed: int = 0, types: dict | 
             w.add_tensor(full, a)
         else:
             w.add_tensor(full, gguf.quants.quantize(a, ttype), raw_dtype=ttype)
+    if permuted and (cfg.get("rope_scaling") or {}).get("rope_type") == "llama3":
+        w.add_tensor("rope_freqs.weight", llama3_rope_freqs(cfg))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
