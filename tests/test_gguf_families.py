@@ -34,6 +34,11 @@ CASES = {
     "gemma3_text": {**FAMILIES["gemma3_text"].overrides, "sliding_window_pattern": 6, "num_hidden_layers": 6,
                     "rope_theta": 1e6},
     "phi3": FAMILIES["phi3"].overrides,
+    # Phi-3.5 / Phi-4-mini: longrope factors as rope_factors_long/short tensors; a short original
+    # context so the test prompt runs past it
+    "phi3_longrope": {**FAMILIES["phi3"].overrides, "original_max_position_embeddings": 8,
+                      "max_position_embeddings": 64, "rope_scaling": {
+                          "type": "longrope", "long_factor": [1.0, 2.0, 4.0, 8.0], "short_factor": [1.0, 1.0, 1.5, 2.0]}},
     "granite": FAMILIES["granite"].overrides,
     "olmo2": FAMILIES["olmo2"].overrides,
     "starcoder2": FAMILIES["starcoder2"].overrides,
@@ -47,6 +52,7 @@ def _logits(model) -> np.ndarray:
 @pytest.mark.parametrize("model_type", list(CASES))
 def test_family_gguf_matches_hf_folder(tmp_path, model_type):
     overrides = CASES[model_type]
+    model_type = model_type.split("_longrope")[0]
     path = write_family_gguf(tmp_path / "m.gguf", model_type, **overrides)
     folder = save_tiny_folder(tmp_path / "hf", model_type, **overrides)
     from_gguf, tok, info = load_model(path)

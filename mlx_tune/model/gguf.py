@@ -28,7 +28,7 @@ from mlx_tune.model.gguf_names import ARCHS, GGUFArch, check_arch, gguf_config, 
 from mlx_tune.model.gguf_quants import Dequantized
 
 __all__ = ["ARCHS", "GGUFArch", "Dequantized", "gguf_config", "read_gguf", "read_gguf_header", "gguf_weights",
-           "build_tokenizer", "eos_token_ids", "field_value", "rope_freqs"]
+           "build_tokenizer", "eos_token_ids", "field_value", "rope_tensors"]
 
 # llama-family GGUF tensor-name pieces -> Hugging Face names (the export side writes with these).
 TOP_LEVEL_NAMES = {
@@ -102,13 +102,20 @@ def read_gguf(path: Path, header: Header | None = None) -> tuple[dict[str, Any],
     return tensors, header.metadata
 
 
-def rope_freqs(path: Path, header: Header) -> list[float] | None:
-    """The ``rope_freqs`` tensor's values (Llama 3 RoPE scaling), read alone; None if absent."""
-    info = next((t for t in header.tensors if t.name == "rope_freqs.weight"), None)
-    if info is None:
-        return None
-    (value,) = Q.read_tensor(np.memmap(path, dtype=np.uint8, mode="r"), info).values()
-    return [float(x) for x in np.array(value.array if isinstance(value, Dequantized) else value, dtype=np.float32)]
+ROPE_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
+
+
+def rope_tensors(path: Path, header: Header) -> dict[str, list[float]]:
+    """The small RoPE tensors (Llama 3's ``rope_freqs``, Phi-3's long/short factors), read alone."""
+    out: dict[str, list[float]] = {}
+    buf = None
+    for info in header.tensors:
+        if info.name in ROPE_TENSORS:
+            buf = np.memmap(path, dtype=np.uint8, mode="r") if buf is None else buf
+            (value,) = Q.read_tensor(buf, info).values()
+            arr = value.array if isinstance(value, Dequantized) else value
+            out[info.name] = [float(x) for x in np.array(arr, dtype=np.float32).reshape(-1)]
+    return out
 
 
 def field_value(fld: Any) -> Any:

@@ -52,7 +52,8 @@ ARCHS: dict[str, GGUFArch] = {
     "olmo2": GGUFArch("olmo2", permute_qk=False),
     "starcoder2": GGUFArch("starcoder2", permute_qk=False),
 }
-_SKIP = {"rope_freqs.weight"}  # recomputed by mlx-lm's rope from the config
+# RoPE tables: read into the config (rope_scaling), recomputed by mlx-lm's rope from it.
+_SKIP = {"rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"}
 
 
 def check_arch(metadata: dict[str, Any], path: Path) -> tuple[str, GGUFArch]:
@@ -65,9 +66,11 @@ def check_arch(metadata: dict[str, Any], path: Path) -> tuple[str, GGUFArch]:
 
 
 def gguf_config(metadata: dict[str, Any], tensor_names: set[str], path: Path,
-                rope_freqs: list[float] | None = None) -> tuple[dict, GGUFArch]:
+                rope: dict[str, list[float]] | None = None) -> tuple[dict, GGUFArch]:
     """A Hugging Face style config.json dict for the mlx-lm model type, from GGUF metadata
-    (and the ``rope_freqs`` tensor, where llama.cpp keeps Llama 3's RoPE scaling)."""
+    and the RoPE tensors ``rope`` (name -> values) where llama.cpp keeps RoPE scaling:
+    ``rope_freqs`` (Llama 3), ``rope_factors_long/short`` (Phi-3 longrope)."""
+    rope = rope or {}
     arch_name, arch = check_arch(metadata, path)
 
     def get(key: str, default: Any = None) -> Any:
@@ -100,8 +103,13 @@ def gguf_config(metadata: dict[str, Any], tensor_names: set[str], path: Path,
     scaling = get("rope.scaling.type")
     if scaling == "linear" and get("rope.scaling.factor"):
         config["rope_scaling"] = {"type": "linear", "factor": float(get("rope.scaling.factor"))}
-    if rope_freqs is not None and arch.model_type == "llama":
-        config["rope_scaling"] = llama3_rope_scaling(rope_freqs, config["rope_theta"], config["head_dim"], path)
+    if "rope_freqs.weight" in rope and arch.model_type in ("llama", "granite"):
+        config["rope_scaling"] = llama3_rope_scaling(rope["rope_freqs.weight"], config["rope_theta"],
+                                                     config["head_dim"], path)
+    if "rope_factors_long.weight" in rope:
+        long = rope["rope_factors_long.weight"]
+        config["rope_scaling"] = {"type": "longrope", "long_factor": long,
+                                  "short_factor": rope.get("rope_factors_short.weight", [1.0] * len(long))}
     extra = _EXTRA.get(arch_name)
     if extra is not None:
         config.update(extra(get, config, tensor_names))

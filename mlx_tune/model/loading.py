@@ -164,7 +164,7 @@ def _load_gguf(path: Path, quantize: QuantizeConfig | None):
     from mlx_tune.model import gguf as G
 
     header = G.read_gguf_header(path)  # architecture and tensor types checked before any weight is read
-    config, arch = G.gguf_config(header.metadata, {t.name for t in header.tensors}, path, G.rope_freqs(path, header))
+    config, arch = G.gguf_config(header.metadata, {t.name for t in header.tensors}, path, G.rope_tensors(path, header))
     model_class, args_class = _get_classes(config)
     model = model_class(args_class.from_dict(config))
     flat: Any = tree_flatten(model.parameters())

@@ -203,11 +203,11 @@ def _gguf_config(path: Path) -> SourceConfig:
     """The header only: metadata and tensor types (``gguf.read_gguf_header``, no tensor data)."""
     from gguf import GGMLQuantizationType
 
-    from mlx_tune.model.gguf import gguf_config, read_gguf_header, rope_freqs
+    from mlx_tune.model.gguf import gguf_config, read_gguf_header, rope_tensors
 
     try:
         header = read_gguf_header(path)
-        cfg, _ = gguf_config(header.metadata, {t.name for t in header.tensors}, path, rope_freqs(path, header))
+        cfg, _ = gguf_config(header.metadata, {t.name for t in header.tensors}, path, rope_tensors(path, header))
     except UserError:
         raise
     except Exception as exc:

@@ -142,6 +142,9 @@ def write_family_gguf(path: Path, model_type: str, seed: int = 0, types: dict | 
             w.add_tensor(full, gguf.quants.quantize(a, ttype), raw_dtype=ttype)
     if permuted and (cfg.get("rope_scaling") or {}).get("rope_type") == "llama3":
         w.add_tensor("rope_freqs.weight", llama3_rope_freqs(cfg))
+    if arch == "phi3" and (cfg.get("rope_scaling") or {}).get("type") in ("longrope", "su"):
+        w.add_tensor("rope_factors_long.weight", np.array(cfg["rope_scaling"]["long_factor"], dtype=np.float32))
+        w.add_tensor("rope_factors_short.weight", np.array(cfg["rope_scaling"]["short_factor"], dtype=np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
