@@ -33,10 +33,11 @@ CASES = {
     # llama.cpp's gemma3 has a global layer every 6th; the local layers use rope base 10000
     "gemma3_text": {**FAMILIES["gemma3_text"].overrides, "sliding_window_pattern": 6, "num_hidden_layers": 6,
                     "rope_theta": 1e6},
+    "gemma3_text:tied": {**FAMILIES["gemma3_text"].overrides, "sliding_window_pattern": 6, "num_hidden_layers": 6},
     "phi3": FAMILIES["phi3"].overrides,
     # Phi-3.5 / Phi-4-mini: longrope factors as rope_factors_long/short tensors; a short original
     # context so the test prompt runs past it
-    "phi3_longrope": {**FAMILIES["phi3"].overrides, "original_max_position_embeddings": 8,
+    "phi3:longrope": {**FAMILIES["phi3"].overrides, "original_max_position_embeddings": 8,
                       "max_position_embeddings": 64, "rope_scaling": {
                           "type": "longrope", "long_factor": [1.0, 2.0, 4.0, 8.0], "short_factor": [1.0, 1.0, 1.5, 2.0]}},
     "granite": FAMILIES["granite"].overrides,
@@ -52,9 +53,13 @@ def _logits(model) -> np.ndarray:
 @pytest.mark.parametrize("model_type", list(CASES))
 def test_family_gguf_matches_hf_folder(tmp_path, model_type):
     overrides = CASES[model_type]
-    model_type = model_type.split("_longrope")[0]
-    path = write_family_gguf(tmp_path / "m.gguf", model_type, **overrides)
+    model_type, _, variant = model_type.partition(":")
+    path = write_family_gguf(tmp_path / "m.gguf", model_type, tied=variant == "tied", **overrides)
     folder = save_tiny_folder(tmp_path / "hf", model_type, **overrides)
+    if variant == "tied":  # Gemma 3 as published: no lm_head, the embeddings are the head
+        weights = mx.load(str(folder / "model.safetensors"))
+        del weights["lm_head.weight"]
+        mx.save_safetensors(str(folder / "model.safetensors"), weights, metadata={"format": "mlx"})
     from_gguf, tok, info = load_model(path)
     from_hf, _, _ = load_model(folder)
     assert info.kind == "gguf" and info.quantization is None

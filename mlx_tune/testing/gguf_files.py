@@ -101,10 +101,12 @@ def _tokenizer(w: Any) -> None:
     w.add_chat_template(CHATML_TEMPLATE)
 
 
-def write_family_gguf(path: Path, model_type: str, seed: int = 0, types: dict | None = None, **overrides) -> Path:
+def write_family_gguf(path: Path, model_type: str, seed: int = 0, types: dict | None = None, tied: bool = False,
+                      **overrides) -> Path:
     """Write the tiny ``model_type`` model (``tiny_model(model_type, seed, **overrides)``) as a
     GGUF file. ``types`` maps a GGUF tensor-name suffix (``ffn_down_exps.weight``) to a GGML
-    type to store it in (default F32); 1-D tensors stay F32."""
+    type to store it in (default F32); 1-D tensors stay F32. ``tied`` leaves out the
+    ``output`` tensor (the converter's tied head) even where the model has an lm_head."""
     import gguf
     from gguf.constants import MODEL_ARCH, MODEL_ARCH_NAMES
     from mlx.utils import tree_flatten
@@ -127,6 +129,8 @@ def write_family_gguf(path: Path, model_type: str, seed: int = 0, types: dict | 
         gname = tmap.get_name(module.replace(".switch_mlp.", ".experts."))
         if gname is None:
             raise ValueError(f"{model_type}: no GGUF name for {name}")
+        if tied and gname == "output":
+            continue
         a = np.array(arr, dtype=np.float32)
         if permuted and module.endswith(".q_proj") and suffix == "weight":
             a = permute(a, cfg["num_attention_heads"])
