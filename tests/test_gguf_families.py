@@ -83,23 +83,26 @@ def test_expert_stacks_in_q8_0_map_exactly(tmp_path):
     np.testing.assert_allclose(got, blocks, atol=1e-4)  # the same codes; fp16 output rounding only
 
 
-def random_q4_k(rows: int, cols: int, seed: int = 0) -> np.ndarray:
-    """Valid Q4_K bytes: per 256 weights a 144-byte block (fp16 d and dmin, 12 bytes of
-    6-bit sub-block scales and mins, 128 bytes of 4-bit codes), random codes, small scales."""
+def random_blocks(ttype, rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    """Valid bytes of a block type that starts with fp16 scales (Q4_K, Q5_K: d and dmin, then
+    6-bit sub-block scales and codes; IQ4_NL / IQ4_XS: d, then codes): random codes, small scales."""
+    block, size = gguf.GGML_QUANT_SIZES[ttype]
     rng = np.random.default_rng(seed)
-    blocks = rng.integers(0, 256, size=(rows, cols // 256, 144), dtype=np.uint8)
-    blocks[..., 0:2] = np.full((rows, cols // 256, 1), 0.002, dtype=np.float16).view(np.uint8)
-    blocks[..., 2:4] = np.full((rows, cols // 256, 1), 0.001, dtype=np.float16).view(np.uint8)
+    blocks = rng.integers(0, 256, size=(rows, cols // block, size), dtype=np.uint8)
+    blocks[..., 0:2] = np.full((rows, cols // block, 1), 0.002, dtype=np.float16).view(np.uint8)
+    if ttype in (T.Q4_K, T.Q5_K):
+        blocks[..., 2:4] = np.full((rows, cols // block, 1), 0.001, dtype=np.float16).view(np.uint8)
     return blocks.reshape(rows, -1)
 
 
-def test_q4_k_tensor_is_dequantized_and_requantized(tmp_path):
-    """A K-quant (which the gguf package can read but not write) re-quantized to the requested format."""
+@pytest.mark.parametrize("ttype", [T.Q4_K, T.Q5_K, T.IQ4_NL, T.IQ4_XS])
+def test_block_type_tensor_is_dequantized_and_requantized(tmp_path, ttype):
+    """Types the gguf package can read but not write: dequantized as it does, re-quantized to the request."""
     from mlx_tune.model.gguf import read_gguf
 
     path = write_family_gguf(tmp_path / "k.gguf", "qwen3", intermediate_size=256)
-    raw = random_q4_k(64, 256)
-    # Swap one tensor for Q4_K bytes: rewrite the file with the same tensors otherwise.
+    raw = random_blocks(ttype, 64, 256)
+    # Swap one tensor for those bytes: rewrite the file with the same tensors otherwise.
     reader = gguf.GGUFReader(str(path))
     out = gguf.GGUFWriter(str(tmp_path / "k4.gguf"), "qwen3")
     for name, fld in reader.fields.items():
@@ -108,11 +111,12 @@ def test_q4_k_tensor_is_dequantized_and_requantized(tmp_path):
     for t in reader.tensors:
         shape = tuple(int(x) for x in reversed(t.shape.tolist()))
         if t.name == "blk.0.ffn_down.weight":
-            out.add_tensor(t.name, raw, raw_dtype=T.Q4_K)
+            out.add_tensor(t.name, raw, raw_dtype=ttype)
         else:
             out.add_tensor(t.name, np.asarray(t.data).reshape(shape))
     out.write_header_to_file(), out.write_kv_data_to_file(), out.write_tensors_to_file(), out.close()
-    want = gguf.quants.dequantize(raw, T.Q4_K)
+    want = gguf.quants.dequantize(raw, ttype)
+    assert want.shape == (64, 256) and np.isfinite(want).all()
     tensors, _ = read_gguf(tmp_path / "k4.gguf")
     np.testing.assert_array_equal(np.array(tensors["blk.0.ffn_down.weight"].array), want)
     model, _, info = load_model(tmp_path / "k4.gguf", QuantizeConfig(bits=8, group_size=32))
