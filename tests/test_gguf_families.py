@@ -68,6 +68,27 @@ def test_family_gguf_matches_hf_folder(tmp_path, model_type):
     assert tok.encode("hi") == [74, 75]
 
 
+def test_mistral_arch_name_and_a_vision_tower_are_read_as_text_llama(tmp_path):
+    """Older Mistral files say "mistral"; Ollama's Gemma 3 files carry v.* / mm.* vision tensors."""
+    from mlx_tune.model.gguf import read_gguf_header
+
+    path = write_family_gguf(tmp_path / "m.gguf", "mistral", **CASES["mistral"])
+    reader = gguf.GGUFReader(str(path))
+    out = gguf.GGUFWriter(str(tmp_path / "mistral.gguf"), "mistral")
+    for name, fld in reader.fields.items():
+        if not name.startswith("GGUF.") and name != "general.architecture":
+            _copy_field(out, name.replace("llama.", "mistral."), fld)
+    for t in reader.tensors:
+        out.add_tensor(t.name, np.asarray(t.data).reshape(tuple(int(x) for x in reversed(t.shape.tolist()))))
+    out.add_tensor("v.blk.0.attn_q.weight", np.zeros((8, 8), np.float32))
+    out.add_tensor("mm.input_projection.weight", np.zeros((8, 8), np.float32))
+    out.write_header_to_file(), out.write_kv_data_to_file(), out.write_tensors_to_file(), out.close()
+    assert read_gguf_header(tmp_path / "mistral.gguf").metadata["general.architecture"] == "mistral"
+    got, _, _ = load_model(tmp_path / "mistral.gguf")
+    want, _, _ = load_model(path)
+    np.testing.assert_allclose(_logits(got), _logits(want), atol=1e-6)
+
+
 def test_expert_stacks_in_q8_0_map_exactly(tmp_path):
     """3-D expert stacks in a block type go through the memory-mapped reader, block for block."""
     overrides = FAMILIES["qwen3_moe"].overrides

@@ -218,7 +218,8 @@ _EXTRA: dict[str, Callable[[Callable, dict, set[str]], dict]] = {
 
 def name_map(arch_name: str, param_names: list[str], n_blocks: int) -> dict[str, str]:
     """GGUF module name (``blk.0.attn_q``) -> mlx-lm module name, for the model's parameters."""
-    arch = next(a for a, n in MODEL_ARCH_NAMES.items() if n == arch_name)
+    # An arch name gguf-py does not list (older "mistral" files) is named like llama.
+    arch = next((a for a, n in MODEL_ARCH_NAMES.items() if n == arch_name), MODEL_ARCH.LLAMA)
     tmap = gguf.get_tensor_name_map(MODEL_ARCH(arch), n_blocks)
     out: dict[str, str] = {}
     for param in param_names:
@@ -241,4 +242,6 @@ def unpermute(w: Any, n_heads: int) -> Any:
 
 
 def is_skipped(gguf_name: str) -> bool:
-    return gguf_name in _SKIP
+    """Tensors read elsewhere or not part of the text model: RoPE tables, and the vision tower
+    and projector (``v.*``, ``mm.*``) that Ollama's Gemma 3 files carry in the same file."""
+    return gguf_name in _SKIP or gguf_name.startswith(("v.", "mm."))
