@@ -22,6 +22,11 @@ IDS = [5, 60, 71, 3, 99, 140, 7, 33, 250, 12, 1, 2]  # longer than the sliding w
 
 _MOE2 = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
          "shared_expert_intermediate_size": 48, "tie_word_embeddings": False}
+_DSV2 = {"num_key_value_heads": 4, "kv_lora_rank": 16, "q_lora_rank": 24, "qk_rope_head_dim": 8, "v_head_dim": 12,
+         "qk_nope_head_dim": 16, "n_routed_experts": 4, "n_shared_experts": 1, "num_experts_per_tok": 2,
+         "moe_intermediate_size": 32, "first_k_dense_replace": 1, "topk_method": "greedy", "routed_scaling_factor": 1.5,
+         "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 512, "beta_fast": 32,
+                          "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707}, "tie_word_embeddings": False}
 CASES = {
     "llama": FAMILIES["llama"].overrides,  # Llama 3.2: tied head, llama3 RoPE scaling (rope_freqs tensor)
     "mistral": {"tie_word_embeddings": False},
@@ -43,6 +48,8 @@ CASES = {
     "granite": FAMILIES["granite"].overrides,
     "olmo2": FAMILIES["olmo2"].overrides,
     "starcoder2": FAMILIES["starcoder2"].overrides,
+    "deepseek_v2": _DSV2,
+    "deepseek_v2:lite": {**_DSV2, "q_lora_rank": None},  # V2-Lite: a plain q_proj
 }
 
 

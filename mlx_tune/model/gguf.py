@@ -24,7 +24,16 @@ import numpy as np
 from mlx_tune.errors import ModelLoadError
 from mlx_tune.model import gguf_quants as Q
 from mlx_tune.model.gguf_header import Header, read_header
-from mlx_tune.model.gguf_names import ARCHS, GGUFArch, check_arch, gguf_config, is_skipped, name_map, unpermute
+from mlx_tune.model.gguf_names import (
+    ARCHS,
+    GGUFArch,
+    check_arch,
+    gguf_config,
+    is_skipped,
+    merge_mla_kv_b,
+    name_map,
+    unpermute,
+)
 from mlx_tune.model.gguf_quants import Dequantized
 
 __all__ = ["ARCHS", "GGUFArch", "Dequantized", "gguf_config", "read_gguf", "read_gguf_header", "gguf_weights",
@@ -139,6 +148,8 @@ def gguf_weights(tensors: dict[str, Any], config: dict, arch: GGUFArch, metadata
     """GGUF tensors as the mlx-lm model's parameters ``params`` (name -> shape) name them,
     with llama.cpp's conventions undone. Returns the weights and the names left unplaced."""
     modules = name_map(metadata["general.architecture"], list(params), config["num_hidden_layers"])
+    if arch.model_type == "deepseek_v2":
+        tensors = merge_mla_kv_b(dict(tensors), config)
     weights: dict[str, Any] = {}
     unknown: list[str] = []
     for name, value in tensors.items():

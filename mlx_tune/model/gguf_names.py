@@ -51,6 +51,7 @@ ARCHS: dict[str, GGUFArch] = {
     "phi3": GGUFArch("phi3", permute_qk=False),
     "olmo2": GGUFArch("olmo2", permute_qk=False),
     "starcoder2": GGUFArch("starcoder2", permute_qk=False),
+    "deepseek2": GGUFArch("deepseek_v2", permute_qk=False),  # DeepSeek V2 / V2-Lite (softmax routing)
 }
 # RoPE tables: read into the config (rope_scaling), recomputed by mlx-lm's rope from it.
 _SKIP = {"rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"}
@@ -210,9 +211,39 @@ def _olmo2(get: Callable, config: dict, names: set[str]) -> dict:
     return {"attention_bias": "blk.0.attn_q.bias" in names}
 
 
+def _deepseek2(get: Callable, config: dict, names: set[str]) -> dict:
+    """MLA and experts. Newer llama.cpp files store ``key_length`` / ``value_length`` of the
+    absorbed form (kv_lora_rank + rope, kv_lora_rank) and the per-head sizes as ``*_mla``."""
+    if int(get("expert_gating_func", 1)) != 1:
+        raise ModelLoadError("DeepSeek GGUF with sigmoid expert routing (DeepSeek V3 / R1) is not supported; "
+                             "DeepSeek V2 / V2-Lite files are")
+    rope = int(get("rope.dimension_count"))
+    key = int(get("attention.key_length_mla") or get("attention.key_length"))
+    groups = int(get("expert_group_count", 1) or 1)
+    yarn_mult = float(get("rope.scaling.yarn_log_multiplier", 0.0) or 0.0)
+    return {
+        "kv_lora_rank": int(get("attention.kv_lora_rank")),
+        "q_lora_rank": int(get("attention.q_lora_rank")) if get("attention.q_lora_rank") else None,
+        "qk_rope_head_dim": rope, "qk_nope_head_dim": key - rope,
+        "v_head_dim": int(get("attention.value_length_mla") or get("attention.value_length")),
+        "n_routed_experts": int(get("expert_count")), "n_shared_experts": int(get("expert_shared_count", 0)) or None,
+        "num_experts_per_tok": int(get("expert_used_count")),
+        "moe_intermediate_size": int(get("expert_feed_forward_length")),
+        "first_k_dense_replace": int(get("leading_dense_block_count", 0)),
+        "routed_scaling_factor": float(get("expert_weights_scale", 1.0)),
+        "topk_method": "group_limited_greedy" if groups > 1 else "greedy",
+        "n_group": groups, "topk_group": int(get("expert_group_used_count", 1) or 1),
+        # llama.cpp keeps 0.1 * mscale_all_dim as yarn_log_multiplier; DeepSeek sets mscale = mscale_all_dim
+        "rope_scaling": {"type": "yarn", "factor": float(get("rope.scaling.factor", 1.0) or 1.0),
+                         "original_max_position_embeddings": int(get("rope.scaling.original_context_length")
+                                                                 or config["max_position_embeddings"]),
+                         "beta_fast": 32, "beta_slow": 1, "mscale": yarn_mult / 0.1, "mscale_all_dim": yarn_mult / 0.1},
+    }
+
+
 _EXTRA: dict[str, Callable[[Callable, dict, set[str]], dict]] = {
     "qwen2moe": _moe, "qwen3moe": _qwen3moe, "gemma2": _gemma2, "gemma3": _gemma3, "phi3": _phi3,
-    "granite": _granite, "starcoder2": _starcoder2, "olmo2": _olmo2,
+    "granite": _granite, "starcoder2": _starcoder2, "olmo2": _olmo2, "deepseek2": _deepseek2,
 }
 
 
@@ -239,6 +270,38 @@ def unpermute(w: Any, n_heads: int) -> Any:
     rows = w.shape[0]
     rest = w.shape[1:]
     return w.reshape(n_heads, rows // n_heads // 2, 2, *rest).swapaxes(1, 2).reshape(rows, *rest)
+
+
+def merge_mla_kv_b(tensors: dict[str, Any], config: dict) -> dict[str, Any]:
+    """Newer llama.cpp files split DeepSeek's ``kv_b_proj`` into per-head ``attn_k_b``
+    (heads, kv_lora_rank, nope), transposed, and ``attn_v_b`` (heads, v_dim, kv_lora_rank);
+    join them back into ``attn_kv_b`` rows ``[k_nope | v]`` per head."""
+    import mlx.core as mx
+
+    from mlx_tune.model.gguf_quants import Dequantized
+
+    quantized = False
+
+    def dense(name: str) -> Any:
+        nonlocal quantized
+        value = tensors.pop(f"{name}.weight")
+        if f"{name}.scales" in tensors:  # exact Q4/Q8 blocks (groups of 32): dequantize for the join
+            scales, biases = tensors.pop(f"{name}.scales"), tensors.pop(f"{name}.biases")
+            quantized = True
+            bits = value.shape[-1] * 32 // (scales.shape[-1] * 32)
+            return mx.dequantize(value, scales, biases, group_size=32, bits=bits)
+        quantized = quantized or isinstance(value, Dequantized)
+        return value.array if isinstance(value, Dequantized) else value
+
+    for k_name in [n[: -len(".weight")] for n in list(tensors) if n.endswith(".attn_k_b.weight")]:
+        v_name = k_name.replace("attn_k_b", "attn_v_b")
+        heads, nope, v_dim = config["num_attention_heads"], config["qk_nope_head_dim"], config["v_head_dim"]
+        rank = config["kv_lora_rank"]
+        k_b = dense(k_name).astype(mx.float32).reshape(heads, rank, nope).swapaxes(1, 2)
+        v_b = dense(v_name).astype(mx.float32).reshape(heads, v_dim, rank)
+        kv_b = mx.concatenate([k_b, v_b], axis=1).reshape(heads * (nope + v_dim), rank)
+        tensors[k_name.replace("attn_k_b", "attn_kv_b") + ".weight"] = Dequantized(kv_b) if quantized else kv_b
+    return tensors
 
 
 def is_skipped(gguf_name: str) -> bool:

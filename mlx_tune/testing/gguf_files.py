@@ -22,6 +22,7 @@ GGUF_ARCH = {
     "qwen2": ("qwen2", False, 0.0), "qwen3": ("qwen3", False, 0.0), "qwen2_moe": ("qwen2moe", False, 0.0),
     "qwen3_moe": ("qwen3moe", False, 0.0), "gemma2": ("gemma2", False, 1.0), "gemma3_text": ("gemma3", False, 1.0),
     "phi3": ("phi3", False, 0.0), "olmo2": ("olmo2", False, 0.0), "starcoder2": ("starcoder2", False, 0.0),
+    "deepseek_v2": ("deepseek2", False, 0.0),
 }
 
 
@@ -62,6 +63,24 @@ def _metadata(arch: str, cfg: dict) -> list[tuple[str, str, Any]]:
         meta.append(("attention.layer_norm_epsilon", "f32", cfg["norm_epsilon"]))
     else:
         meta.append(("attention.layer_norm_rms_epsilon", "f32", cfg["rms_norm_eps"]))
+    if arch == "deepseek2":  # llama.cpp's MLA form: absorbed sizes, per-head sizes as *_mla, one KV head
+        rank, rope, nope, v = cfg["kv_lora_rank"], cfg["qk_rope_head_dim"], cfg["qk_nope_head_dim"], cfg["v_head_dim"]
+        rs = cfg["rope_scaling"]
+        meta = [m for m in meta if m[0] != "attention.head_count_kv"] + [
+            ("attention.head_count_kv", "u32", 1), ("attention.key_length", "u32", rank + rope),
+            ("attention.value_length", "u32", rank), ("attention.key_length_mla", "u32", nope + rope),
+            ("attention.value_length_mla", "u32", v), ("rope.dimension_count", "u32", rope),
+            ("attention.kv_lora_rank", "u32", rank), ("leading_dense_block_count", "u32", cfg["first_k_dense_replace"]),
+            ("expert_count", "u32", cfg["n_routed_experts"]), ("expert_shared_count", "u32", cfg["n_shared_experts"]),
+            ("expert_used_count", "u32", cfg["num_experts_per_tok"]),
+            ("expert_feed_forward_length", "u32", cfg["moe_intermediate_size"]),
+            ("expert_weights_scale", "f32", cfg.get("routed_scaling_factor", 1.0)), ("expert_gating_func", "u32", 1),
+            ("rope.scaling.type", "str", "yarn"), ("rope.scaling.factor", "f32", rs["factor"]),
+            ("rope.scaling.original_context_length", "u32", rs["original_max_position_embeddings"]),
+            ("rope.scaling.yarn_log_multiplier", "f32", 0.1 * rs["mscale_all_dim"])]
+        if cfg.get("q_lora_rank"):
+            meta.append(("attention.q_lora_rank", "u32", cfg["q_lora_rank"]))
+        return [(f"{arch}.{key}", kind, value) for key, kind, value in meta]
     if arch == "phi3":  # head size is hidden / heads; the rotary part is rope.dimension_count
         meta.append(("rope.dimension_count", "u32", int(hd * cfg.get("partial_rotary_factor", 1.0))))
         meta.append(("rope.scaling.original_context_length", "u32", cfg.get("original_max_position_embeddings", 4096)))
@@ -119,7 +138,7 @@ def write_family_gguf(path: Path, model_type: str, seed: int = 0, types: dict | 
     n_layers = cfg["num_hidden_layers"]
     tmap = gguf.get_tensor_name_map(next(MODEL_ARCH(a) for a, n in MODEL_ARCH_NAMES.items() if n == arch), n_layers)
     w = gguf.GGUFWriter(str(path), arch)
-    kinds = {"u32": w.add_uint32, "f32": w.add_float32}
+    kinds: dict[str, Any] = {"u32": w.add_uint32, "f32": w.add_float32, "str": w.add_string}
     for key, kind, value in _metadata(arch, cfg):
         kinds[kind](key, value)
     _tokenizer(w)
@@ -138,6 +157,13 @@ def write_family_gguf(path: Path, model_type: str, seed: int = 0, types: dict | 
             a = permute(a, cfg["num_key_value_heads"])
         if offset and gname.endswith("norm") and suffix == "weight":
             a = a + offset
+        if arch == "deepseek2" and gname.endswith("attn_kv_b"):  # split per head as the converter does
+            heads, nope = cfg["num_attention_heads"], cfg["qk_nope_head_dim"]
+            kv_b = a.reshape(heads, nope + cfg["v_head_dim"], a.shape[-1])
+            w.add_tensor(gname.replace("attn_kv_b", "attn_k_b") + ".weight",
+                         np.ascontiguousarray(kv_b[:, :nope].transpose(0, 2, 1)))
+            w.add_tensor(gname.replace("attn_kv_b", "attn_v_b") + ".weight", np.ascontiguousarray(kv_b[:, nope:]))
+            continue
         full = f"{gname}.{suffix}"
         ttype = next((t for end, t in (types or {}).items() if full.endswith(end)), gguf.GGMLQuantizationType.F32)
         if a.ndim == 1 or ttype == gguf.GGMLQuantizationType.F32:
