@@ -179,8 +179,8 @@ def _big_file(tmp_path, arch: str, ttype=T.F16, n=4096):
 
 
 def test_unsupported_arch_fails_from_the_header(tmp_path):
-    path = _big_file(tmp_path, "deepseek2")
-    with pytest.raises(ModelLoadError, match=r"architecture 'deepseek2' is not supported; supported: .*gemma3"):
+    path = _big_file(tmp_path, "rwkv7")
+    with pytest.raises(ModelLoadError, match=r"architecture 'rwkv7' is not supported; supported: .*gemma3"):
         load_model(path)
 
 

@@ -73,7 +73,7 @@ QWEN2_PRETOKENIZER_RE = (
 def read_gguf_header(path: Path) -> Header:
     """The header of ``path``, with the architecture and every tensor type checked."""
     try:
-        header = read_header(path)
+        header = read_header(path, archs=ARCHS)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"{path}: not a readable GGUF file ({str(exc).splitlines()[0]})") from None
     check_arch(header.metadata, path)

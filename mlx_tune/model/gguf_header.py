@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import mmap
 import struct
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,26 +70,37 @@ class _Cursor:
                 arr = np.frombuffer(self.buf, dtype=dtype, count=n, offset=self.pos)
                 self.pos += n * dtype.itemsize
                 return arr.tolist()
+            if item_type == _STRING:  # vocabularies: hundreds of thousands of strings, kept to one loop
+                buf, pos, out = self.buf, self.pos, []
+                for _ in range(n):
+                    size = int.from_bytes(buf[pos:pos + 8], "little")
+                    out.append(buf[pos + 8:pos + 8 + size].decode("utf-8", errors="replace"))
+                    pos += 8 + size
+                self.pos = pos
+                return out
             return [self.value(item_type) for _ in range(n)]
         if vtype in _SCALARS:
             return self.scalar(_SCALARS[vtype])
         raise ValueError(f"unknown metadata value type {vtype}")
 
 
-def read_header(path: Path) -> Header:
-    """Metadata and tensor directory of the GGUF file at ``path`` (ValueError if malformed)."""
+def read_header(path: Path, archs: Collection[str] | None = None) -> Header:
+    """Metadata and tensor directory of the GGUF file at ``path`` (ValueError if malformed).
+
+    With ``archs``, a ``general.architecture`` outside it ends the read there (it is the first
+    key in llama.cpp's files), so an unsupported file is refused without walking its vocabulary."""
     with open(path, "rb") as fh:
         size = fh.seek(0, 2)
         if size < 24:
             raise ValueError("file too short for a GGUF header")
         with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
             try:
-                return _parse(buf, size)
+                return _parse(buf, size, archs)
             except struct.error as exc:
                 raise ValueError(f"truncated header ({exc})") from None
 
 
-def _parse(buf: Any, size: int) -> Header:
+def _parse(buf: Any, size: int, archs: Collection[str] | None) -> Header:
     cur = _Cursor(buf)
     if bytes(buf[:4]) != GGUF_MAGIC:
         raise ValueError("GGUF magic invalid")
@@ -101,6 +113,8 @@ def _parse(buf: Any, size: int) -> Header:
     for _ in range(n_kv):
         key = cur.string()
         metadata[key] = cur.value(cur.scalar("<I"))
+        if key == "general.architecture" and archs is not None and metadata[key] not in archs:
+            return Header(metadata, [])
     entries = []
     for _ in range(n_tensors):
         name = cur.string()

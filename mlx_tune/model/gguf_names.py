@@ -113,7 +113,13 @@ def gguf_config(metadata: dict[str, Any], tensor_names: set[str], path: Path,
                                   "short_factor": rope.get("rope_factors_short.weight", [1.0] * len(long))}
     extra = _EXTRA.get(arch_name)
     if extra is not None:
-        config.update(extra(get, config, tensor_names))
+        try:
+            config.update(extra(get, config, tensor_names))
+        except ModelLoadError as exc:
+            raise ModelLoadError(f"{path}: {exc}") from None
+        except (TypeError, ValueError):  # a key the architecture needs is missing or malformed
+            raise ModelLoadError(f"{path}: GGUF metadata for {arch_name} lacks a hyperparameter mlx_tune needs "
+                                 f"(expert counts, MLA ranks, ...)") from None
     return config, arch
 
 

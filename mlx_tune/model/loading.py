@@ -157,14 +157,17 @@ def _load_folder(path: Path, source: str, kind: str, trust_remote_code: bool):
 
 
 def _load_gguf(path: Path, quantize: QuantizeConfig | None):
+    from mlx_tune.model import gguf as G
+
+    # The architecture and tensor types are checked from the header, before any weight is read
+    # (and before importing mlx-lm and transformers, which take seconds).
+    header = G.read_gguf_header(path)
+    config, arch = G.gguf_config(header.metadata, {t.name for t in header.tensors}, path, G.rope_tensors(path, header))
+
     from mlx.utils import tree_flatten
     from mlx_lm.tokenizer_utils import TokenizerWrapper
     from mlx_lm.utils import _get_classes
 
-    from mlx_tune.model import gguf as G
-
-    header = G.read_gguf_header(path)  # architecture and tensor types checked before any weight is read
-    config, arch = G.gguf_config(header.metadata, {t.name for t in header.tensors}, path, G.rope_tensors(path, header))
     model_class, args_class = _get_classes(config)
     model = model_class(args_class.from_dict(config))
     flat: Any = tree_flatten(model.parameters())
