@@ -1,26 +1,20 @@
 """GGUF files (llama.cpp, Ollama, LM Studio) to mlx-lm weights, config and tokenizer.
 
-Q4_0, Q4_1 and Q8_0 blocks are affine quantizations with 32 weights per group, so they
-map to MLX's ``(weight, scales, biases)`` exactly, with no re-quantization:
+Reading happens in two steps. The header (``gguf_header``) gives the metadata and the
+tensor directory; from it alone the architecture and every tensor type are checked, so
+a file mlx_tune cannot use fails in well under a second, before any weight is read.
+Then the tensors are read: ``mx.load`` for files holding only F32/F16/BF16/Q4_0/Q4_1/
+Q8_0 (its native, exact mapping), else a memory-mapped read through ``gguf_quants``,
+which maps Q4_0/Q4_1/Q8_0 exactly and dequantizes every other type for re-quantizing.
 
-    Q4_0: w = d * (q - 8)  -> scale d, bias -8d      (q in 0..15)
-    Q4_1: w = d * q + m    -> scale d, bias m
-    Q8_0: w = d * q        -> scale d, bias -128d    (q + 128 in 0..255)
-
-``mx.load`` does this natively; files holding other types (K-quants such as Q4_K, Q5_K,
-Q6_K) go through the ``gguf`` package instead: those tensors are dequantized and then
-re-quantized to the requested MLX format, the others converted as above.
-
-llama.cpp stores the Q and K projections of llama-family models with their rows
-permuted for its rotary embedding layout; ``_unpermute`` undoes it so the weights fit
-mlx-lm's (Hugging Face) architecture. The tokenizer is rebuilt from the metadata
-(vocab, merges, special tokens, pre-tokenizer, chat template).
+``gguf_names`` turns GGUF tensor names and llama.cpp's conventions (Q/K permutation,
+Gemma's norm offset, stacked experts) back into the mlx-lm model's parameters. The
+tokenizer is rebuilt from the metadata (vocab, merges, special tokens, pre-tokenizer,
+chat template).
 """
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,24 +22,24 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_tune.errors import ModelLoadError
+from mlx_tune.model import gguf_quants as Q
+from mlx_tune.model.gguf_header import Header, read_header
+from mlx_tune.model.gguf_names import (
+    ARCHS,
+    GGUFArch,
+    check_arch,
+    gguf_config,
+    is_skipped,
+    merge_mla_kv_b,
+    name_map,
+    unpermute,
+)
+from mlx_tune.model.gguf_quants import Dequantized
 
+__all__ = ["ARCHS", "GGUFArch", "Dequantized", "gguf_config", "read_gguf", "read_gguf_header", "gguf_weights",
+           "build_tokenizer", "eos_token_ids", "field_value", "rope_tensors"]
 
-@dataclass(frozen=True)
-class GGUFArch:
-    """How one GGUF architecture maps onto an mlx-lm model type."""
-
-    model_type: str
-    permute_qk: bool  # llama.cpp permuted Q/K rows for this arch at conversion
-
-
-ARCHS: dict[str, GGUFArch] = {
-    "llama": GGUFArch("llama", permute_qk=True),  # Llama 1-3, Mistral 7B, SmolLM/SmolLM2
-    "mistral": GGUFArch("llama", permute_qk=True),
-    "qwen2": GGUFArch("qwen2", permute_qk=False),
-    "qwen3": GGUFArch("qwen3", permute_qk=False),
-}
-
-# GGUF tensor-name pieces -> mlx-lm (Hugging Face) names.
+# llama-family GGUF tensor-name pieces -> Hugging Face names (the export side writes with these).
 TOP_LEVEL_NAMES = {
     "token_embd": "model.embed_tokens",
     "output_norm": "model.norm",
@@ -64,7 +58,6 @@ BLOCK_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
-_SKIP = {"rope_freqs.weight"}  # recomputed by mlx-lm's rope from the config
 
 # Pre-tokenizer regexes by `tokenizer.ggml.pre` (from llama.cpp's llama-vocab.cpp).
 LLAMA3_PRETOKENIZER_RE = (
@@ -77,88 +70,61 @@ QWEN2_PRETOKENIZER_RE = (
 )
 
 
-def _meta_value(value: Any) -> Any:
-    if isinstance(value, mx.array):
-        return value.item() if value.ndim == 0 else value.tolist()
-    return value
-
-
-def read_gguf(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Tensors (GGUF names; quantized ones as ``name.weight/.scales/.biases``) and metadata."""
+def read_gguf_header(path: Path) -> Header:
+    """The header of ``path``, with the architecture and every tensor type checked."""
     try:
-        tensors, metadata = mx.load(str(path), return_metadata=True)
-    except Exception as exc:  # the gguf package reads what mx.load cannot
-        first_error = exc
-    else:
-        # mx.load silently dequantizes K-quants to float16; mark them for re-quantizing.
+        header = read_header(path, archs=ARCHS)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{path}: not a readable GGUF file ({str(exc).splitlines()[0]})") from None
+    check_arch(header.metadata, path)
+    size = path.stat().st_size
+    for t in header.tensors:
+        if t.type not in Q.READABLE:
+            raise ModelLoadError(
+                f"{path}: tensor {t.name} has GGUF type {Q.type_name(t.type)}, which mlx_tune cannot read; "
+                f"readable types: {Q.readable_names()}"
+            )
+        if t.offset + Q.nbytes(t) > size:
+            raise ModelLoadError(f"{path}: not a readable GGUF file (tensor {t.name} lies past the end; truncated?)")
+    return header
+
+
+def read_gguf(path: Path, header: Header | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Tensors (GGUF names; exact-affine ones as ``name.weight/.scales/.biases``, others
+    dense or ``Dequantized``) and metadata. Checks the header first (``read_gguf_header``)."""
+    header = header or read_gguf_header(path)
+    native = Q.DENSE + Q.EXACT_AFFINE
+    if all(t.type in native and (t.type in Q.DENSE or len(t.shape) == 2) for t in header.tensors):
         try:
-            k_quants = _k_quant_names(path)
-        except Exception as exc:
-            raise ModelLoadError(f"{path}: not a readable GGUF file ({str(exc).splitlines()[0]})") from None
-        for name in k_quants:
-            if name in tensors:
-                tensors[name] = Dequantized(tensors[name].astype(mx.float32))
-        return tensors, {k: _meta_value(v) for k, v in metadata.items()}
+            loaded: Any = mx.load(str(path))
+            return dict(loaded), header.metadata
+        except Exception:  # mx.load's reader refused it; the memory-mapped path below may not
+            pass
+    buf = np.memmap(path, dtype=np.uint8, mode="r")
+    tensors: dict[str, Any] = {}
     try:
-        return _read_with_gguf_package(path)
-    except ModelLoadError:
-        raise
+        for t in header.tensors:
+            tensors.update(Q.read_tensor(buf, t))
     except Exception as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ModelLoadError(
-            f"{path}: not a readable GGUF file ({reason}; mlx: {str(first_error).splitlines()[0]})"
-        ) from None
+        raise ModelLoadError(f"{path}: not a readable GGUF file ({reason})") from None
+    return tensors, header.metadata
 
 
-def _k_quant_names(path: Path) -> list[str]:
-    """Names of tensors stored in a type that MLX has no exact layout for."""
-    import gguf
-    from gguf import GGMLQuantizationType as T
-
-    exact = {T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q8_0}
-    return [t.name for t in gguf.GGUFReader(str(path)).tensors if t.tensor_type not in exact]
+ROPE_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
 
 
-def _read_with_gguf_package(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    import gguf
-    from gguf import GGMLQuantizationType as T
-
-    reader = gguf.GGUFReader(str(path))
-    metadata: dict[str, Any] = {}
-    for name, fld in reader.fields.items():
-        if name.startswith("GGUF."):
-            continue
-        metadata[name] = field_value(fld)
-    tensors: dict[str, Any] = {}
-    for t in reader.tensors:
-        rows_cols = tuple(int(x) for x in reversed(t.shape.tolist()))
-        if t.tensor_type in (T.F32, T.F16):
-            tensors[t.name] = mx.array(np.asarray(t.data).reshape(rows_cols))
-        elif t.tensor_type == T.BF16:
-            raw = np.asarray(t.data).view(np.uint16).astype(np.uint32) << 16
-            tensors[t.name] = mx.array(raw.view(np.float32).reshape(rows_cols))
-        elif t.tensor_type in _EXACT_AFFINE:
-            w, s, b = _EXACT_AFFINE[t.tensor_type](np.asarray(t.data).reshape(rows_cols[0], -1))
-            base = t.name[: -len(".weight")] if t.name.endswith(".weight") else t.name
-            tensors[f"{base}.weight"], tensors[f"{base}.scales"], tensors[f"{base}.biases"] = w, s, b
-        else:
-            try:
-                dense = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
-            except NotImplementedError:
-                raise ModelLoadError(
-                    f"{path}: tensor {t.name} has GGUF type {t.tensor_type.name}, which mlx_tune cannot read; "
-                    "use a file with Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K, F16 or F32 tensors"
-                ) from None
-            # Marked so the loader re-quantizes it to the requested MLX format.
-            tensors[t.name] = Dequantized(mx.array(dense.reshape(rows_cols).astype(np.float32)))
-    return tensors, metadata
-
-
-class Dequantized:
-    """A tensor that was stored in a K-quant and needs re-quantizing."""
-
-    def __init__(self, array: mx.array):
-        self.array = array
+def rope_tensors(path: Path, header: Header) -> dict[str, list[float]]:
+    """The small RoPE tensors (Llama 3's ``rope_freqs``, Phi-3's long/short factors), read alone."""
+    out: dict[str, list[float]] = {}
+    buf = None
+    for info in header.tensors:
+        if info.name in ROPE_TENSORS:
+            buf = np.memmap(path, dtype=np.uint8, mode="r") if buf is None else buf
+            (value,) = Q.read_tensor(buf, info).values()
+            arr = value.array if isinstance(value, Dequantized) else value
+            out[info.name] = [float(x) for x in np.array(arr, dtype=np.float32).reshape(-1)]
+    return out
 
 
 def field_value(fld: Any) -> Any:
@@ -177,127 +143,33 @@ def field_value(fld: Any) -> Any:
     return fld.parts[fld.data[0]].tolist()[0]
 
 
-def _pack4(q: np.ndarray) -> np.ndarray:
-    """uint8 codes (rows, n) in 0..15 -> MLX uint32 words, element i at bits 4*(i%8)."""
-    q = q.astype(np.uint32).reshape(q.shape[0], -1, 8)
-    return (q << (4 * np.arange(8, dtype=np.uint32))).sum(axis=-1, dtype=np.uint32)
-
-
-def _q4_0(blocks: np.ndarray):
-    rows = blocks.shape[0]
-    b = blocks.reshape(rows, -1, 18)
-    d = b[..., :2].copy().view(np.float16)[..., 0]
-    qs = b[..., 2:]
-    q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(rows, -1)
-    return mx.array(_pack4(q)), mx.array(d), mx.array((-8 * d.astype(np.float32)).astype(np.float16))
-
-
-def _q4_1(blocks: np.ndarray):
-    rows = blocks.shape[0]
-    b = blocks.reshape(rows, -1, 20)
-    d = b[..., :2].copy().view(np.float16)[..., 0]
-    m = b[..., 2:4].copy().view(np.float16)[..., 0]
-    qs = b[..., 4:]
-    q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(rows, -1)
-    return mx.array(_pack4(q)), mx.array(d), mx.array(m)
-
-
-def _q8_0(blocks: np.ndarray):
-    rows = blocks.shape[0]
-    b = blocks.reshape(rows, -1, 34)
-    d = b[..., :2].copy().view(np.float16)[..., 0]
-    q = (b[..., 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint32).reshape(rows, -1, 4)
-    words = (q << (8 * np.arange(4, dtype=np.uint32))).sum(axis=-1, dtype=np.uint32)
-    return mx.array(words), mx.array(d), mx.array((-128 * d.astype(np.float32)).astype(np.float16))
-
-
-def _exact_affine_table() -> dict:
-    from gguf import GGMLQuantizationType as T
-
-    return {T.Q4_0: _q4_0, T.Q4_1: _q4_1, T.Q8_0: _q8_0}
-
-
-try:
-    _EXACT_AFFINE = _exact_affine_table()
-except ImportError:  # gguf is a hard dependency; this only keeps import errors readable
-    _EXACT_AFFINE = {}
-
-
-def gguf_config(metadata: dict[str, Any], tensor_names: set[str], path: Path) -> tuple[dict, GGUFArch]:
-    """A Hugging Face style config.json dict from GGUF metadata."""
-    arch_name = metadata.get("general.architecture")
-    if arch_name not in ARCHS:
-        raise ModelLoadError(
-            f"{path}: GGUF architecture {arch_name!r} is not supported; supported: {', '.join(sorted(ARCHS))}"
-        )
-    arch = ARCHS[arch_name]
-
-    def get(key: str, default: Any = None) -> Any:
-        return metadata.get(f"{arch_name}.{key}", default)
-
-    n_heads = int(get("attention.head_count"))
-    hidden = int(get("embedding_length"))
-    tokens = metadata.get("tokenizer.ggml.tokens") or []
-    config = {
-        "model_type": arch.model_type,
-        "hidden_size": hidden,
-        "num_hidden_layers": int(get("block_count")),
-        "intermediate_size": int(get("feed_forward_length")),
-        "num_attention_heads": n_heads,
-        "num_key_value_heads": int(get("attention.head_count_kv", n_heads)),
-        "head_dim": int(get("attention.key_length", get("rope.dimension_count", hidden // n_heads))),
-        "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-6)),
-        "rope_theta": float(get("rope.freq_base", 10000.0)),
-        "vocab_size": int(get("vocab_size", len(tokens))),
-        "max_position_embeddings": int(get("context_length", 4096)),
-        "tie_word_embeddings": "output.weight" not in tensor_names,
-    }
-    scaling = get("rope.scaling.type")
-    if scaling == "linear" and get("rope.scaling.factor"):
-        config["rope_scaling"] = {"type": "linear", "factor": float(get("rope.scaling.factor"))}
-    return config, arch
-
-
-def _hf_name(gguf_name: str) -> str | None:
-    if gguf_name in _SKIP:
-        return None
-    base, _, suffix = gguf_name.rpartition(".")
-    m = re.fullmatch(r"blk\.(\d+)\.(\w+)", base)
-    if m and m.group(2) in BLOCK_NAMES:
-        return f"model.layers.{m.group(1)}.{BLOCK_NAMES[m.group(2)]}.{suffix}"
-    if base in TOP_LEVEL_NAMES:
-        return f"{TOP_LEVEL_NAMES[base]}.{suffix}"
-    return None
-
-
-def _unpermute(w: Any, n_heads: int) -> Any:
-    """Undo llama.cpp's rotary row permutation.
-
-    llama.cpp wrote ``w.reshape(h, 2, d/2, ...).swapaxes(1, 2)`` (per head, halves
-    interleaved); the inverse reads rows as ``(h, d/2, 2)`` and swaps back.
-    """
-    rows = w.shape[0]
-    rest = w.shape[1:]
-    return w.reshape(n_heads, rows // n_heads // 2, 2, *rest).swapaxes(1, 2).reshape(rows, *rest)
-
-
-def gguf_weights(tensors: dict[str, Any], config: dict, arch: GGUFArch, path: Path) -> tuple[dict, list[str]]:
-    """Rename (and un-permute) GGUF tensors for mlx-lm. Returns weights and unknown names."""
+def gguf_weights(tensors: dict[str, Any], config: dict, arch: GGUFArch, metadata: dict[str, Any],
+                 params: dict[str, tuple[int, ...]]) -> tuple[dict, list[str]]:
+    """GGUF tensors as the mlx-lm model's parameters ``params`` (name -> shape) name them,
+    with llama.cpp's conventions undone. Returns the weights and the names left unplaced."""
+    modules = name_map(metadata["general.architecture"], list(params), config["num_hidden_layers"])
+    if arch.model_type == "deepseek_v2":
+        tensors = merge_mla_kv_b(dict(tensors), config)
     weights: dict[str, Any] = {}
     unknown: list[str] = []
     for name, value in tensors.items():
-        hf = _hf_name(name)
-        if hf is None:
-            if name not in _SKIP:
+        base, _, suffix = name.rpartition(".")
+        module = modules.get(base)
+        if module is None:
+            if not is_skipped(name):
                 unknown.append(name)
             continue
-        if arch.permute_qk and (".q_proj." in hf or ".k_proj." in hf):
-            heads = config["num_attention_heads"] if ".q_proj." in hf else config["num_key_value_heads"]
-            if isinstance(value, Dequantized):
-                value = Dequantized(_unpermute(value.array, heads))
-            else:
-                value = _unpermute(value, heads)
-        weights[hf] = value
+        target = f"{module}.{suffix}"
+        array = value.array if isinstance(value, Dequantized) else value
+        if arch.permute_qk and module.endswith((".q_proj", ".k_proj")):
+            heads = config["num_attention_heads"] if module.endswith(".q_proj") else config["num_key_value_heads"]
+            array = unpermute(array, heads)
+        if arch.norm_offset and base.endswith("norm") and suffix == "weight":
+            array = array.astype(mx.float32) - arch.norm_offset
+        shape = params.get(target)
+        if shape is not None and suffix in ("weight", "bias") and array.shape != shape and array.size == np.prod(shape):
+            array = array.reshape(shape)  # e.g. a (1, hidden) router gate llama.cpp keeps as (hidden,)
+        weights[target] = Dequantized(array) if isinstance(value, Dequantized) else array
     return weights, unknown
 
 

@@ -157,16 +157,27 @@ def _load_folder(path: Path, source: str, kind: str, trust_remote_code: bool):
 
 
 def _load_gguf(path: Path, quantize: QuantizeConfig | None):
+    from mlx_tune.model import gguf as G
+
+    # The architecture and tensor types are checked from the header, before any weight is read
+    # (and before importing mlx-lm and transformers, which take seconds).
+    header = G.read_gguf_header(path)
+    config, arch = G.gguf_config(header.metadata, {t.name for t in header.tensors}, path, G.rope_tensors(path, header))
+
+    from mlx.utils import tree_flatten
     from mlx_lm.tokenizer_utils import TokenizerWrapper
     from mlx_lm.utils import _get_classes
 
-    from mlx_tune.model import gguf as G
-
-    tensors, metadata = G.read_gguf(path)
-    config, arch = G.gguf_config(metadata, set(tensors), path)
-    weights, unknown = G.gguf_weights(tensors, config, arch, path)
+    model_class, args_class = _get_classes(config)
+    model = model_class(args_class.from_dict(config))
+    flat: Any = tree_flatten(model.parameters())
+    params = {k: tuple(v.shape) for k, v in flat}
+    tensors, metadata = G.read_gguf(path, header)
+    weights, unknown = G.gguf_weights(tensors, config, arch, metadata, params)
     if unknown:
         raise ModelLoadError(f"{path}: tensors mlx_tune cannot place: {', '.join(sorted(unknown)[:5])}")
+    if hasattr(model, "sanitize"):
+        weights = model.sanitize(weights)  # e.g. Gemma 3 drops its lm_head when the file ties it
     try:
         hf_tokenizer = G.build_tokenizer(metadata, path)
     except ModelLoadError:
@@ -178,8 +189,6 @@ def _load_gguf(path: Path, quantize: QuantizeConfig | None):
     dense_names = {k for k, v in weights.items() if isinstance(v, G.Dequantized)}
     for name in dense_names:
         weights[name] = weights[name].array
-    model_class, args_class = _get_classes(config)
-    model = model_class(args_class.from_dict(config))
 
     # Which layers hold quantized tensors, and at how many bits (GGUF files mix Q4 and Q8).
     def layer_quant(prefix: str, module: nn.Module):
@@ -219,7 +228,10 @@ def _load_gguf(path: Path, quantize: QuantizeConfig | None):
     from collections import Counter
 
     # Report the bits most linear layers use (GGUF files keep embeddings at 8 bits).
-    counts = Counter(m.bits for _, m in model.named_modules() if isinstance(m, nn.QuantizedLinear))
+    from mlx_lm.models.switch_layers import QuantizedSwitchLinear
+
+    linear = (nn.QuantizedLinear, QuantizedSwitchLinear)
+    counts = Counter(m.bits for _, m in model.named_modules() if isinstance(m, linear))
     bits = counts.most_common(1)[0][0] if counts else None
     info = ModelInfo(
         source=str(path), kind="gguf", path=str(path), config=config,

@@ -200,22 +200,20 @@ def read_source_config(source: str) -> SourceConfig:
 
 
 def _gguf_config(path: Path) -> SourceConfig:
-    """The header only: metadata and tensor types through ``gguf.GGUFReader`` (memory-mapped)."""
+    """The header only: metadata and tensor types (``gguf.read_gguf_header``, no tensor data)."""
+    from gguf import GGMLQuantizationType
+
+    from mlx_tune.model.gguf import gguf_config, read_gguf_header, rope_tensors
+
     try:
-        import gguf
-
-        from mlx_tune.model.gguf import field_value, gguf_config
-
-        reader = gguf.GGUFReader(str(path))
-        metadata = {k: field_value(f) for k, f in reader.fields.items() if not k.startswith("GGUF.")}
-        names = {t.name for t in reader.tensors}
-        cfg, _ = gguf_config(metadata, names, path)
-        types = {t.name: t.tensor_type.name for t in reader.tensors}
+        header = read_gguf_header(path)
+        cfg, _ = gguf_config(header.metadata, {t.name for t in header.tensors}, path, rope_tensors(path, header))
     except UserError:
         raise
     except Exception as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UserError(f"{path}: not a readable GGUF file ({first})") from None
+    types = {t.name: GGMLQuantizationType(t.type).name for t in header.tensors}
     block_type = next((v for k, v in types.items() if ".ffn_down." in k or ".attn_q." in k), None)
     bits = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8}.get(block_type or "")
     cfg.setdefault("torch_dtype", "float16")  # GGUF scales and dense tensors are 16-bit
