@@ -27,7 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mlx_tune.atomic import write_text_atomic  # noqa: E402
+from benchlib import emit_targets, free_port  # noqa: E402
+
 from mlx_tune.runtime.blas import ensure_fast_blas  # noqa: E402
 
 ensure_fast_blas()
@@ -35,7 +36,6 @@ ensure_fast_blas()
 import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
-import socket  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
@@ -95,12 +95,6 @@ def library_costs(tokenizer, vocab: int) -> dict:
     except ImportError:
         out["outlines_core"] = "not installed"
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def serve(log: Path) -> tuple[subprocess.Popen, str]:
@@ -219,11 +213,7 @@ def main() -> int:
                     "target": 1000.0, "unit": "us (lower is better)",
                     "rival": f"outlines-core index builds: {costs['outlines_core']}",
                     "pass": costs["llguidance_mask_us_median"] < 1000.0})
-    text = json.dumps(targets, indent=2)
-    if args.json:
-        write_text_atomic(args.json, text + "\n")
-    print(text)
-    return 0
+    return emit_targets(targets, args.json)
 
 
 if __name__ == "__main__":

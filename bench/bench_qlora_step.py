@@ -31,14 +31,14 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mlx_tune.atomic import write_text_atomic  # noqa: E402
+from benchlib import emit_targets  # noqa: E402
+
 from mlx_tune.runtime.blas import ensure_fast_blas  # noqa: E402
 
 ensure_fast_blas()
 
 import argparse  # noqa: E402
 import gc  # noqa: E402
-import json  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
 import statistics  # noqa: E402
@@ -302,11 +302,7 @@ def main(argv=None) -> int:
     ]
     print(f"load average at the end {_load()} (this machine has {os.cpu_count()} cores, shared: a loaded "
           "machine slows multi-threaded sgemm more than single-threaded quantized_matmul)")
-    text = json.dumps(targets, indent=2)
-    print(text)
-    if args.json:
-        write_text_atomic(args.json, text + "\n")
-    return 0
+    return emit_targets(targets, args.json)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mlx_tune.atomic import write_text_atomic  # noqa: E402
+from benchlib import emit_targets, free_port  # noqa: E402
+
 from mlx_tune.runtime.blas import ensure_fast_blas  # noqa: E402
 
 ensure_fast_blas()
@@ -34,7 +35,6 @@ ensure_fast_blas()
 import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
-import socket  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
@@ -46,12 +46,6 @@ import httpx  # noqa: E402
 DEFAULT_MODEL = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPTS = ["The capital of France is", "Once upon a time", "def fibonacci(n):", "The three primary colors are",
            "Water boils at", "My favourite book is", "In 1969, astronauts", "A good breakfast has"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------------------
@@ -240,11 +234,7 @@ def prefix_cache_target(o: dict, r: dict) -> dict:
 
 
 def emit(targets: list[dict], path: Path | None) -> int:
-    text = json.dumps(targets, indent=2)
-    if path:
-        write_text_atomic(path, text + "\n")
-    print(text)
-    return 0
+    return emit_targets(targets, path)
 
 
 def switching(server: Server, requests: int, rounds: int, max_tokens: int, eos: int) -> tuple[float, float]:

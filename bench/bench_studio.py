@@ -30,7 +30,6 @@ sys.path.insert(0, str(ROOT))
 import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
-import socket  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
@@ -38,16 +37,9 @@ import threading  # noqa: E402
 import time  # noqa: E402
 
 import httpx  # noqa: E402
-
-from mlx_tune.atomic import write_text_atomic  # noqa: E402
+from benchlib import emit_targets, free_port  # noqa: E402
 
 DEFAULT_MODEL = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_run(runs: Path, rows: int = 2000) -> Path:
@@ -197,11 +189,7 @@ def main() -> int:
                 "rival": f"{label}: {results[label][kind]:.2f} req/s vs --no-studio {base[kind]:.2f} req/s "
                          f"({args.clients} clients, {seconds:.0f} s)",
                 "pass": ratio >= 0.95})
-    text = json.dumps(targets, indent=2)
-    if args.json:
-        write_text_atomic(args.json, text + "\n")
-    print(text)
-    return 0
+    return emit_targets(targets, args.json)
 
 
 if __name__ == "__main__":
