@@ -62,7 +62,7 @@ SIDES = ("mlx_tune", "mlx_tune_hf", "mlx_lm_lora", "mlx_lm_lora_q4")
 
 
 def _rewards():
-    """The demo's reward functions (data/grpo_demo/rewards.py), from configs/grpo-demo.yaml."""
+    """The demo's reward functions (data/grpo_demo/rewards.py) and weights, from configs/grpo-demo.yaml."""
     import importlib.util
 
     import yaml
@@ -72,7 +72,7 @@ def _rewards():
     spec = importlib.util.spec_from_file_location("grpo_demo_rewards", DATA / "rewards.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return names, [getattr(module, n) for n in names]
+    return names, [getattr(module, n) for n in names], cfg["grpo"].get("reward_weights")
 
 
 def _rows(n: int) -> list[dict]:
@@ -85,7 +85,7 @@ def side_mlx_tune(args, model_path: str) -> dict:
     from mlx_tune.config import load_config
     from mlx_tune.training.run import run_train
 
-    names, _ = _rewards()
+    names, _, _ = _rewards()
     steps = args.steps + 1
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"  # train.jsonl only: no held-out evaluation inside the timed steps
@@ -136,7 +136,7 @@ def side_mlx_lm_lora(args, hf_dir: str, q4: bool) -> dict:
     dataset = GRPODataset(data, tokenizer)
     ours = grpo_rollout.encode_prompt(tokenizer, rows[0])
     same_prompt = list(dataset[0][0]) == list(ours)
-    names, fns = _rewards()
+    names, fns, weights = _rewards()
 
     def wrap(name, fn):  # its convention: (prompts, completions, answer, types) with text completions
         def reward(prompts, completions, answer, types=None):
@@ -174,7 +174,7 @@ def side_mlx_lm_lora(args, hf_dir: str, q4: bool) -> dict:
                                  steps_per_save=10**6, adapter_file=str(Path(tmp) / "adapters.safetensors"),
                                  max_completion_length=args.tokens, beta=0.0, group_size=args.generations,
                                  epsilon=0.2, epsilon_high=0.2, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0,
-                                 grpo_loss_type="bnpo", gradient_accumulation_steps=1)
+                                 grpo_loss_type="bnpo", gradient_accumulation_steps=1, reward_weights=weights)
         start = time.perf_counter()
         train_grpo(model=model, ref_model=None, tokenizer=tokenizer, optimizer=optim.AdamW(learning_rate=args.lr),
                    train_dataset=dataset, val_dataset=None, reward_funcs=[wrap(n, f) for n, f in zip(names, fns)],
