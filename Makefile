@@ -7,11 +7,12 @@ PY     := scripts/python
 STAMP  := $(VENV)/.installed
 MODEL  := models/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: setup test test-fast test-accelerator lint demo demo-dpo screenshots bench bench-quick bench-rivals clean help
+.PHONY: setup test test-fast test-accelerator lint demo demo-dpo demo-grpo screenshots bench bench-quick bench-rivals clean help
 
 help:
 	@echo "make demo         the whole pipeline on SmolLM2: data -> train -> fuse -> serve -> test"
 	@echo "make demo-dpo     the same with DPO: the model learns to prefer short, right answers"
+	@echo "make demo-grpo    GRPO from a reward file: the held-out reward, base vs tuned (configs/grpo-demo.yaml)"
 	@echo "make test         set up .venv and run the test suite"
 	@echo "make test-fast    the suite without the slow tests (-m 'not slow'): the inner loop"
 	@echo "make test-accelerator  backend-sensitive tests on the Metal/CUDA code path (MLX_TUNE_KERNELS=accelerator)"
@@ -72,6 +73,9 @@ demo: setup
 demo-dpo: setup
 	@DEMO_CONFIG=configs/dpo-demo.yaml DEMO_RAW=data/dpo_demo_raw/pairs.jsonl DEMO_DATA_OUT=data/dpo_demo \
 	  DEMO_PROMPTS=data/dpo_demo_eval_prompts.jsonl scripts/demo.sh
+
+demo-grpo: setup
+	./train_by_mlx.sh configs/grpo-demo.yaml
 
 screenshots: setup
 	@export MLX_TUNE_STUDIO_SHOTS=docs; $(call PYTEST,tests/test_studio_browser.py)

@@ -17,7 +17,7 @@ temperature 1 with per-completion seeds:
   and peak memory, read from its metrics.jsonl.
 
 The goal (issue 20): rollout tokens/s >= server tokens/s at the same batch size. mlx-lm-lora's
-GRPO is not run here (not installed in this environment).
+GRPO on the same settings: bench/bench_grpo_rivals.py.
 
     scripts/python bench/bench_grpo.py [--prompts 4 --generations 4 --tokens 16 --steps 3] [--json OUT]
 """
@@ -106,8 +106,9 @@ def steps(args) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = yaml.safe_load((ROOT / "configs" / "grpo-demo.yaml").read_text())
-        cfg["grpo"]["reward_functions"] = [str(ROOT / "data" / "grpo_demo" / f"rewards.py:{f}")
-                                           for f in ("correct", "concise")]
+        cfg["grpo"]["reward_functions"] = [str(ROOT / "data" / "grpo_demo" / f"rewards.py:{spec.rsplit(':', 1)[1]}")
+                                           for spec in cfg["grpo"]["reward_functions"]]
+        cfg.pop("eval", None)
         cfg.update(model=str(MODEL), data=str(DATA.parent), output_dir=str(Path(tmp) / "out"))
         cfg["train"].update(iters=args.steps, batch_size=args.prompts, test=False, save_every=10**6)
         cfg["grpo"].update(num_generations=args.generations, max_completion_length=args.tokens)

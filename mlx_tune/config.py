@@ -343,10 +343,13 @@ CHAT_TEMPLATE_NAMES = ("chatml", "llama3", "gemma", "mistral")  # mlx_tune.model
 class EvalConfig:
     """Prompts the live adapter answers during training (greedy, batched, in-process)."""
 
-    prompts: str | None = field(default=None, metadata={"doc": "test_mlx.py prompts file (null: no prompt evaluation)"})
-    max_prompts: int | None = field(default=None, metadata={"doc": "use the first N rows (null: all)"})
-    max_tokens: int = field(default=64, metadata={"doc": "tokens per answer"})
-    every: int | None = field(default=None, metadata={"doc": "steps between evaluations (null: train.steps_per_eval)"})
+    prompts: str | None = field(default=None, metadata={
+        "doc": "test_mlx.py prompts file (null: no prompt evaluation; grpo: refused, it scores valid/test.jsonl)"})
+    max_prompts: int | None = field(default=None, metadata={
+        "doc": "use the first N rows (null: all; grpo: of valid.jsonl, else test.jsonl)"})
+    max_tokens: int = field(default=64, metadata={"doc": "tokens per answer (grpo: grpo.max_completion_length)"})
+    every: int | None = field(default=None, metadata={
+        "doc": "steps between evaluations (null: train.steps_per_eval); grpo: the held-out reward val_reward_mean"})
     batch_size: int = field(default=16, metadata={"doc": "answers decoded together"})
 
     def check(self) -> list[str]:

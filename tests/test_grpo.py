@@ -46,7 +46,8 @@ def _workspace(tmp: Path, tiny_folder: Path, **train) -> Path:
                      "save_every": 1, "seed": 7, "test": True,
                      "grad_checkpoint": True, **train},
            "grpo": {"reward_functions": ["reward.py:even_ids", "builtin:length_penalty"], "reward_weights": [1.0, 0.1],
-                    "num_generations": 3, "max_completion_length": 6, "beta": 0.05, "steps_per_generation": 2}}
+                    "num_generations": 3, "max_completion_length": 6, "beta": 0.05, "steps_per_generation": 2},
+           "eval": {"every": 2}}
     path = tmp / "grpo.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -61,9 +62,14 @@ def test_grpo_trains_writes_metrics_and_resumes_exactly(tmp_path, tiny_folder):
     result = run_train(load_config(cfg_path), log=lambda m: None)
     out = tmp_path / "out"
     assert result.state.step == 4 and (out / "adapters.safetensors").is_file()
-    *full, test = _rows(out / "metrics.jsonl")
-    assert [r["step"] for r in full] == [1, 2, 3, 4]
+    *rows, test = _rows(out / "metrics.jsonl")
+    full = [r for r in rows if "loss" in r]
+    val = [r for r in rows if "val_reward_mean" in r]  # the held-out reward (test.jsonl here) every eval.every
+    assert [r["step"] for r in full] == [1, 2, 3, 4] and [r["step"] for r in val] == [0, 2, 4]
     assert {"test_reward_mean", "test_base_reward_mean", "test_reward_even_ids_mean"} <= set(test)
+    assert {"val_reward_even_ids_mean", "val_completion_length", "val_prompts"} <= set(val[0])
+    assert test["test_base_reward_mean"] == val[0]["val_reward_mean"]  # the same file: train.test reuses them
+    assert test["test_reward_mean"] == val[-1]["val_reward_mean"]
     for key in ("loss", "reward_mean", "reward_std", "reward_even_ids_mean", "reward_length_penalty_mean", "kl",
                 "completion_length", "clip_ratio", "generation_tokens_per_sec", "tokens_per_sec"):
         assert key in full[0], key
@@ -85,11 +91,19 @@ def test_grpo_trains_writes_metrics_and_resumes_exactly(tmp_path, tiny_folder):
         resumed = run_train(load_config(cfg_path, ["train.resume=true"]), log=lambda m: None)
         assert resumed.state.step == 4
         *again, _ = _rows(out / "metrics.jsonl")
+        assert [r["step"] for r in again if "val_reward_mean" in r] == [0, 2, 4]
+        again = [r for r in again if "loss" in r]
         assert len(again) == 4
         for a, b in zip(full, again):
             for key in ("loss", "reward_mean", "kl", "completion_length", "clip_ratio"):
                 assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7), (a["step"], key)
         shutil.rmtree(out / "checkpoints" / "step_000004")
+
+
+def test_eval_prompts_is_refused_for_grpo(tmp_path, tiny_folder):
+    cfg_path = _workspace(tmp_path, tiny_folder)
+    with pytest.raises(UserError, match=r"eval.prompts: p.jsonl: train.method grpo does not answer"):
+        run_train(load_config(cfg_path, ["eval.prompts=p.jsonl"]), log=lambda m: None)
 
 
 def test_bad_reward_file_stops_with_one_line(tmp_path, tiny_folder):
@@ -148,7 +162,7 @@ def test_other_settings_run(tmp_path, tiny_folder):
                  "grpo.loss_type=grpo", "grpo.scale_rewards=batch", "grpo.mask_truncated_completions=true",
                  "grpo.beta=0.0"]
     result = run_train(load_config(cfg_path, overrides), log=lambda m: None)
-    rows = _rows(tmp_path / "out" / "metrics.jsonl")
+    rows = [r for r in _rows(tmp_path / "out" / "metrics.jsonl") if "loss" in r]
     assert result.state.step == 2 and [r["step"] for r in rows] == [1, 2]
     assert "kl" not in rows[0] and rows[0]["clip_ratio"] == 0.0  # on-policy: the ratio is 1
     assert rows[0]["truncated_ratio"] == 1.0 and rows[0]["loss"] == 0.0  # every completion cut at 6 tokens: masked

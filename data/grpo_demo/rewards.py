@@ -1,11 +1,14 @@
-"""The GRPO demo's rewards (configs/grpo-demo.yaml): name the capital, and name only it.
+"""The GRPO demo's rewards (configs/grpo-demo.yaml): a reply style, and the fact in it.
+
+The prompts ask for a reply that ends with an exclamation mark. SmolLM2-135M-Instruct's greedy
+reply ends with a period ("The capital of Egypt is Cairo."), while a good share of its samples
+at temperature 1 hold a "!" somewhere, and some end with one: the within-group variance GRPO
+learns from. The style is independent of the country, so it carries over to held-out ones.
 
 TRL's convention: ``fn(prompts, completions, **columns) -> list[float]``; the prompts are
 chat rows, so each completion is ``[{"role": "assistant", "content": text}]``; ``answer``
 is the data column holding the capital.
 """
-
-import re
 
 
 def _text(completion) -> str:
@@ -13,18 +16,18 @@ def _text(completion) -> str:
 
 
 def correct(prompts, completions, answer, **kwargs):
-    """1 when the capital is named anywhere in the answer."""
+    """1 when the capital is named anywhere in the reply."""
     return [float(a.lower() in _text(c).lower()) for c, a in zip(completions, answer)]
 
 
-def concise(prompts, completions, answer, **kwargs):
-    """Up to 1 for a correct answer that is the name alone: minus 0.1 per extra word."""
+def exclaims(prompts, completions, answer, **kwargs):
+    """1 when the reply ends with "!" and names the capital; 0.25 when it ends with "!" without it,
+    or holds a "!" elsewhere; else 0. Paying the style alone in full, the model learns "The
+    capital of Greece!" within a few steps (correct falls to 0); the small credit keeps the
+    style's signal while the base rarely combines both."""
     out = []
     for c, a in zip(completions, answer):
         text = _text(c).strip()
-        if a.lower() not in text.lower():
-            out.append(0.0)
-            continue
-        extra = len(re.findall(r"\w+", text)) - len(a.split())
-        out.append(max(0.0, 1.0 - 0.1 * extra))
+        named = a.lower() in text.lower()
+        out.append(1.0 if text.endswith("!") and named else 0.25 if "!" in text else 0.0)
     return out

@@ -31,7 +31,7 @@ CHARTS = {
     "tokens/s": ["tokens_per_sec"],
     "eval accuracy": ["eval_accuracy"],
     "rewards": ["reward_accuracy", "val_reward_accuracy", "reward_margin", "val_reward_margin", "chosen_reward",
-                "rejected_reward", "reward_mean", "reward_std"],
+                "rejected_reward", "reward_mean", "reward_std", "val_reward_mean"],
     "kl": ["kl"],
 }
 LIVE_S = 120  # a run whose metrics changed this recently, and has no adapter written since, is training

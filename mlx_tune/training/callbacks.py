@@ -112,8 +112,8 @@ def _pct(value: float | None) -> str:
 
 def plot_losses(metrics_path: str | Path, out_path: str | Path) -> Path | None:
     """Write ``loss.png`` (train and validation loss, and eval accuracy on a right-hand axis,
-against step; preference runs add a panel of reward accuracy and margin); None without
-matplotlib."""
+against step; preference runs add a panel of reward accuracy and margin, GRPO runs one of the
+mean reward, sampled and held-out); None without matplotlib."""
     try:
         import matplotlib
 
@@ -129,14 +129,15 @@ matplotlib."""
     train_pts, val_pts, acc_pts = points("loss"), points("val_loss"), points("eval_accuracy")
     reward_acc, margin = points("reward_accuracy"), points("reward_margin")
     preference = bool(reward_acc or margin)
-    fig, axes = plt.subplots(1, 2 if preference else 1, figsize=(12 if preference else 7, 4))
-    ax = axes[0] if preference else axes
+    grpo = not preference and bool(points("reward_mean") or points("val_reward_mean"))
+    fig, axes = plt.subplots(1, 2 if preference or grpo else 1, figsize=(12 if preference or grpo else 7, 4))
+    ax = axes[0] if preference or grpo else axes
     if train_pts:
         ax.plot(*zip(*train_pts), label="train loss")
     if val_pts:
         ax.plot(*zip(*val_pts), "o-", label="validation loss")
     ax.set_xlabel("step")
-    ax.set_ylabel("preference loss" if preference else "cross-entropy")
+    ax.set_ylabel("preference loss" if preference else "GRPO loss" if grpo else "cross-entropy")
     ax.grid(alpha=0.3)
     handles, labels = ax.get_legend_handles_labels()
     if acc_pts:  # accuracy on its own axis (0..1), right-hand side
@@ -164,6 +165,16 @@ matplotlib."""
         h1, l1 = right.get_legend_handles_labels()
         h2, l2 = twin.get_legend_handles_labels()
         right.legend(h1 + h2, l1 + l2, loc="upper left")
+    if grpo:  # mean reward: of the sampled completions (train) and greedy on the held-out prompts
+        right = axes[1]
+        for key, style, label in (("reward_mean", "-", "train reward (sampled)"),
+                                  ("val_reward_mean", "o-", "held-out reward (greedy)")):
+            if points(key):
+                right.plot(*zip(*points(key)), style, label=label)
+        right.set_xlabel("step")
+        right.set_ylabel("mean reward")
+        right.grid(alpha=0.3)
+        right.legend(loc="upper left")
     try:
         return write_file_atomic(out_path, lambda tmp: fig.savefig(tmp, dpi=100, bbox_inches="tight"))
     finally:

@@ -143,7 +143,7 @@ class Rollouts:
             for s in range(gen.slices):
                 sl = slice(s * n, (s + 1) * n)
                 tokens, comp, _, gather = grpo_rollout.pad_rows(gen.prompts[sl], gen.completions[sl])
-                lp = grpo_rollout.completion_logps(self.model, tokens, comp, gather)
+                lp = grpo_rollout.completion_logps(self.model, tokens, comp, gather, self.g.temperature)
                 mx.eval(lp)
                 parts.append(np.array(lp))
         finally:
@@ -209,6 +209,10 @@ def _check(cfg: Config) -> Path:
     path = Path(cfg.data) / "train.jsonl"
     if not path.is_file():
         raise UserError(f"data: {path} not found; run `python data_transform.py INPUT --to prompts --out {cfg.data}`")
+    if cfg.eval.prompts:
+        raise UserError(f"eval.prompts: {cfg.eval.prompts}: train.method grpo does not answer a prompts file; it scores "
+                        "the prompts of data/valid.jsonl (else test.jsonl) with the reward functions every eval.every "
+                        "steps (val_reward_mean); remove eval.prompts")
     n = cfg.train.batch_size * cfg.grpo.num_generations
     slices = cfg.grpo.steps_per_generation or cfg.train.grad_accumulation
     if n % slices:
@@ -227,8 +231,10 @@ class GrpoStep:
         self.model, self.optimizer, self.rollouts, self.settings = model, optimizer, rollouts, settings
         self.grad_clip, self.gen = grad_clip, gen
 
+        temperature = rollouts.g.temperature
+
         def loss_fn(m, b):
-            lp = grpo_rollout.completion_logps(m, b["tokens"], b["comp"], b["gather"])
+            lp = grpo_rollout.completion_logps(m, b["tokens"], b["comp"], b["gather"], temperature)
             return grpo_loss(lp, b["old"], b["ref"], b["adv"], b["mask"], settings, b["batch_tokens"])
 
         self.value_and_grad = nn.value_and_grad(model, loss_fn)
@@ -286,8 +292,7 @@ def run_grpo(cfg: Config, *, log: Callable[[str], None] = print) -> TrainResult:
     out = Path(cfg.output_dir)
     ckpt_dir = out / "checkpoints"
     rows = grpo_rollout.read_prompt_rows(train_file)
-    if cfg.eval.prompts:
-        log("eval.prompts: not used by train.method grpo (train.test scores data/test.jsonl's prompts with the rewards)")
+    val_rows, val_file = held_out_rows(cfg)
     base_dir = Path(cfg.source_path).parent if cfg.source_path else None
     model, tokenizer, info = load_model(cfg.model, cfg.quantize, trust_remote_code=cfg.trust_remote_code)
     log(f"model: {info.source} ({info.kind}, quantization {info.quantization}) loaded in {info.load_seconds:.1f}s")
@@ -337,6 +342,19 @@ def run_grpo(cfg: Config, *, log: Callable[[str], None] = print) -> TrainResult:
     log(f"grpo: {iters} steps; {tc.batch_size} prompts x {g.num_generations} completions per generation batch "
         f"(<= {g.max_completion_length} tokens), {rollouts.slices} micro-batch(es) each, "
         f"{tc.grad_accumulation} per optimizer step; {len(rows)} prompts; rewards {', '.join(r.spec for r in rewards)}")
+    every = cfg.eval.every or tc.steps_per_eval
+    seen: dict[int, dict] = {}  # held-out rewards by step (train.test reuses them when it is the same file)
+
+    def held_out(step: int) -> None:  # the held-out reward, greedy, as the model is now
+        tic = time.perf_counter()
+        got = held_out_rewards(model, tokenizer, val_rows, rewards, g.max_completion_length, cfg.eval.batch_size)
+        took = time.perf_counter() - tic
+        seen[step] = got
+        metrics.write({"step": step, **{f"val_{k}": v for k, v in got.items()}, "val_prompts": len(val_rows),
+                       "val_time_s": round(took, 3)})
+        progress.write(f"step {step}: val_reward_mean {got['reward_mean']:.3f} on {len(val_rows)} prompts of "
+                       f"{val_file} (greedy), {took:.1f}s")
+
     window: list[dict] = []
     start = time.perf_counter()
     model.train()
@@ -344,6 +362,8 @@ def run_grpo(cfg: Config, *, log: Callable[[str], None] = print) -> TrainResult:
     # within 1 GiB, as the live eval scorer allows) stay in for the whole run: sampling is
     # ~2x faster, and the training step computes the same values with them.
     with sigint_flag() as interrupted, serving_layers(model, 2**30):
+        if val_rows and state.step == 0:
+            held_out(0)  # the base model's (a fresh adapter changes nothing yet)
         while state.step < iters and not interrupted.is_set():
             mx.random.seed(step_key_seed(tc.seed, state.step + 1))  # dropout: a function of (seed, step)
             row = stepper.step()
@@ -371,6 +391,8 @@ def run_grpo(cfg: Config, *, log: Callable[[str], None] = print) -> TrainResult:
                 for sample_row in rollouts.last_samples:  # the latest generation batch's first completions
                     samples.write({"step": state.step, **sample_row})
                 rollouts.last_samples = []
+            if val_rows and (state.step % every == 0 or state.step == iters):
+                held_out(state.step)
             progress.on_step_end(state)
             ckpt.on_step_end(state)
         if state.step < iters:
@@ -389,10 +411,14 @@ def run_grpo(cfg: Config, *, log: Callable[[str], None] = print) -> TrainResult:
         log(f"train.test: no {test_file}; the held-out reward is skipped")
     elif tc.test:
         test_rows = grpo_rollout.read_prompt_rows(test_file)
+        same = val_file == test_file and len(val_rows) == len(test_rows)
+        base, tuned = (seen.get(0), seen.get(state.step)) if same else (None, None)
         with serving_layers(model, 2**30):
-            with grpo_rollout.reference(model):
-                base = held_out_rewards(model, tokenizer, test_rows, rewards, g.max_completion_length)
-            tuned = held_out_rewards(model, tokenizer, test_rows, rewards, g.max_completion_length)
+            if base is None:
+                with grpo_rollout.reference(model):
+                    base = held_out_rewards(model, tokenizer, test_rows, rewards, g.max_completion_length)
+            if tuned is None:
+                tuned = held_out_rewards(model, tokenizer, test_rows, rewards, g.max_completion_length)
         metrics.write({"step": state.step, **{f"test_base_{k}": v for k, v in base.items()},
                        **{f"test_{k}": v for k, v in tuned.items()}})
         per = ", ".join(f"{r.name} {base[f'reward_{r.name}_mean']:.3f} -> {tuned[f'reward_{r.name}_mean']:.3f}"
@@ -403,11 +429,22 @@ def run_grpo(cfg: Config, *, log: Callable[[str], None] = print) -> TrainResult:
     return result
 
 
-def held_out_rewards(model, tokenizer, rows: list[dict], rewards: list[Reward], max_tokens: int) -> dict:
+def held_out_rows(cfg: Config) -> tuple[list[dict], Path | None]:
+    """The prompts the held-out reward is measured on during training: data/valid.jsonl, else
+    test.jsonl (the first ``eval.max_prompts``); none when neither exists."""
+    for name in ("valid.jsonl", "test.jsonl"):
+        path = Path(cfg.data) / name  # type: ignore[arg-type]
+        if path.is_file():
+            return grpo_rollout.read_prompt_rows(path)[: cfg.eval.max_prompts], path
+    return [], None
+
+
+def held_out_rewards(model, tokenizer, rows: list[dict], rewards: list[Reward], max_tokens: int,
+                     max_batch: int = 64) -> dict:
     """Mean rewards (total and per function) of greedy completions to ``rows`` by ``model`` as it is."""
     prompt_ids = [grpo_rollout.encode_prompt(tokenizer, r) for r in rows]
     outs = grpo_rollout.sample(model, tokenizer, prompt_ids, [0] * len(rows), max_tokens=max_tokens, temperature=0.0,
-                               top_p=1.0, max_batch=min(64, len(rows)), swap_budget=None)
+                               top_p=1.0, max_batch=min(max_batch, len(rows)), swap_budget=None)
     _, _, total, per = score_completions(tokenizer, rows, outs, rewards)
     with np.errstate(all="ignore"):
         return {"reward_mean": float(np.nanmean(total)),

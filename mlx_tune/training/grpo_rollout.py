@@ -17,10 +17,11 @@ EOS token that ends a completion is part of it (TRL trains on it too).
 ``completion_logps``: rows ``prompt + completion`` right-padded to one length (causal
 attention, so padding after a row changes nothing before it); ``log p(c_j) =
 logits[p + j - 1, c_j] - logsumexp(logits[p + j - 1])``, the head applied to the hidden
-states of the completion positions only. Each distinct prompt is prefilled once for all its
-generations (the KV cache copied per row, as the server's ``n`` answers share one prefill).
-``reference`` disables every LoRA layer (``LoRALinear.enabled = False``) for the reference
-model of the KL term.
+states of the completion positions only, divided by the sampling temperature first (TRL's
+``logits / temperature``: the loss is about the distribution the completions were drawn
+from). Each distinct prompt is prefilled once for all its generations (the KV cache copied
+per row, as the server's ``n`` answers share one prefill). ``reference`` disables every LoRA
+layer (``LoRALinear.enabled = False``) for the reference model of the KL term.
 """
 
 from __future__ import annotations
@@ -111,11 +112,16 @@ def completion_seed(seed: int, generation: int, row: int) -> int:
 class Completion:
     ids: list[int]
     ended: bool  # finished with EOS (False: cut at max_completion_length)
+    logps: list[float] | None = None  # the sampler's log p of each token at the temperature (``sample(logps=True)``)
 
 
 def sample(model, tokenizer, prompts: list[list[int]], seeds: list[int], *, max_tokens: int, temperature: float,
-           top_p: float, max_batch: int = 64, swap_budget: int | None = 2**30) -> list[Completion]:
-    """One completion per (prompt, seed), decoded together with the model's live adapter."""
+           top_p: float, max_batch: int = 64, swap_budget: int | None = 2**30, logps: bool = False
+           ) -> list[Completion]:
+    """One completion per (prompt, seed), decoded together with the model's live adapter;
+    ``logps``: also the log-prob of each drawn token under the distribution it was drawn from
+    (the generator's log-softmax at ``temperature``, before ``top_p``), to check the training
+    side's ``completion_logps`` against."""
     from mlx_lm.generate import BatchGenerator
 
     from mlx_tune.evaluation.live import serving_layers
@@ -127,6 +133,8 @@ def sample(model, tokenizer, prompts: list[list[int]], seeds: list[int], *, max_
     model.eval()
     out: list[Completion | None] = [None] * len(prompts)
     ids: dict[int, list[int]] = {}
+    lps: dict[int, list[float]] = {}
+    inv_temp = 1.0 / temperature if temperature > 0 else 1.0
     layers = serving_layers(model, swap_budget) if swap_budget is not None else contextlib.nullcontext()
     try:
         with layers:
@@ -143,8 +151,12 @@ def sample(model, tokenizer, prompts: list[list[int]], seeds: list[int], *, max_
             while left:
                 for r in gen.next_generated():
                     ids.setdefault(r.uid, []).append(int(r.token))
+                    if logps:
+                        z = r.logprobs * inv_temp
+                        lps.setdefault(r.uid, []).append((z[int(r.token)] - mx.logsumexp(z)).item())
                     if r.finish_reason is not None:
-                        out[where[r.uid]] = Completion(ids[r.uid], r.finish_reason == "stop" and r.token in eos)
+                        out[where[r.uid]] = Completion(ids[r.uid], r.finish_reason == "stop" and r.token in eos,
+                                                       lps.get(r.uid) if logps else None)
                         left -= 1
             gen.close()
     finally:
@@ -193,8 +205,10 @@ def pad_rows(prompts: list[list[int]], completions: list[list[int]], pad_id: int
     return mx.array(tokens), mx.array(comp), mx.array(mask), mx.array(gather)
 
 
-def completion_logps(model, tokens: mx.array, completion_ids: mx.array, gather: mx.array) -> mx.array:
-    """``log p(completion token j | everything before it)`` per row, (B, T) float32."""
+def completion_logps(model, tokens: mx.array, completion_ids: mx.array, gather: mx.array,
+                     temperature: float = 1.0) -> mx.array:
+    """``log p(completion token j | everything before it)`` per row, (B, T) float32, of the
+    policy at ``temperature`` (logits / temperature, as TRL scores the completions it sampled)."""
     from mlx_tune.model import head
     from mlx_tune.model.attention import hidden_states
 
@@ -202,6 +216,8 @@ def completion_logps(model, tokens: mx.array, completion_ids: mx.array, gather: 
     # The head only where a completion token is predicted: no logits for the prompt positions.
     h = mx.take_along_axis(h, gather[:, :, None], axis=1)
     picked = head.logits(model, h).astype(mx.float32)  # (B, T, V)
+    if temperature != 1.0:
+        picked = picked * (1.0 / temperature)
     chosen = mx.take_along_axis(picked, completion_ids[:, :, None], axis=-1)[..., 0]
     return chosen - mx.logsumexp(picked, axis=-1)
 
