@@ -92,6 +92,6 @@ def test_grpo_learns_a_reachable_reward(tmp_path, tiny_folder):
         probs.append(_p_first_even(model, prompts))
     rises = sum(b > a for a, b in zip(probs, probs[1:]))
     assert rises >= 9, probs  # monotone-ish: nearly every update makes the rewarded token likelier
-    assert probs[-1] > probs[0] + 0.25, probs
+    assert probs[-1] > probs[0] + 0.2, [round(p, 3) for p in probs]
     assert np.mean(sampled[-4:]) > np.mean(sampled[:4]) + 0.15, sampled
 

@@ -143,7 +143,7 @@ class Rollouts:
             for s in range(gen.slices):
                 sl = slice(s * n, (s + 1) * n)
                 tokens, comp, _, gather = grpo_rollout.pad_rows(gen.prompts[sl], gen.completions[sl])
-                lp = grpo_rollout.completion_logps(self.model, tokens, comp, gather, self.g.temperature)
+                lp = grpo_rollout.completion_logps(self.model, tokens, comp, gather, self.g.temperature, with_grad=False)
                 mx.eval(lp)
                 parts.append(np.array(lp))
         finally:

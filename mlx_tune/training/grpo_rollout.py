@@ -206,15 +206,26 @@ def pad_rows(prompts: list[list[int]], completions: list[list[int]], pad_id: int
 
 
 def completion_logps(model, tokens: mx.array, completion_ids: mx.array, gather: mx.array,
-                     temperature: float = 1.0) -> mx.array:
+                     temperature: float = 1.0, with_grad: bool = True) -> mx.array:
     """``log p(completion token j | everything before it)`` per row, (B, T) float32, of the
-    policy at ``temperature`` (logits / temperature, as TRL scores the completions it sampled)."""
+    policy at ``temperature`` (logits / temperature, as TRL scores the completions it sampled).
+
+    Where the model's logit map is linear (no softcap), ``(s W h) / T = s W (h / T)``, so the
+    log-probs are ``-token_ce`` of ``h / T``: the fused per-token head, with no (B, T, vocab)
+    logits held for the backward pass. A softcapped head (Gemma 2) takes the plain route.
+    ``with_grad=False``: forward only (old and reference log-probs).
+    """
     from mlx_tune.model import head
     from mlx_tune.model.attention import hidden_states
+    from mlx_tune.training.losses import token_ce
 
     h = hidden_states(model, tokens[:, :-1] if tokens.shape[1] > 1 else tokens)
     # The head only where a completion token is predicted: no logits for the prompt positions.
     h = mx.take_along_axis(h, gather[:, :, None], axis=1)
+    if not head.logit_map(model).cap:
+        B, T = completion_ids.shape
+        scaled = h if temperature == 1.0 else h * (1.0 / temperature)
+        return -token_ce(model, scaled.reshape(B * T, -1), completion_ids.reshape(-1), with_grad=with_grad).reshape(B, T)
     picked = head.logits(model, h).astype(mx.float32)  # (B, T, V)
     if temperature != 1.0:
         picked = picked * (1.0 / temperature)
