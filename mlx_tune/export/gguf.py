@@ -31,7 +31,6 @@ from mlx_tune.errors import UserError
 from mlx_tune.export.gguf_arch import ARCHS, Arch, default_rope_theta, extra_metadata, gguf_name, rope_dimensions
 from mlx_tune.model import gguf as G
 
-
 # ARCHS and gguf_name are re-exported: the writer's architecture list and names (families table, LoRA export).
 __all__ = ["ARCHS", "GGUFTensor", "check_exportable", "gguf_name", "permute", "write_gguf"]
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ ARCHS: dict[str, Arch] = {
 _BLOCK = re.compile(r"^model\.layers\.(\d+)\.")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _name_map(gguf_arch: str):
     import gguf
 
