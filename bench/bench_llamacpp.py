@@ -96,7 +96,8 @@ def llama_generate(bin_dir: Path, model: Path, text: str, n: int, lora: Path | N
            "--no-warmup", "--simple-io"]
     if lora is not None:
         cmd += ["--lora", str(lora)]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    out = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=300,
+                         stdin=subprocess.DEVNULL)
     if out.returncode:
         raise RuntimeError(f"llama-completion failed on {model.name}: {out.stderr.strip().splitlines()[-3:]}")
     return re.sub(r"\s*\[end of text\]\s*$", "", out.stdout)
@@ -106,7 +107,7 @@ def llama_tokenize(bin_dir: Path, model: Path, text: str, parse_special: bool = 
     cmd = [str(bin_dir / "llama-tokenize"), "-m", str(model), "-p", text, "--ids", "--log-disable"]
     if not parse_special:
         cmd.append("--no-parse-special")
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=120)
     if out.returncode:
         raise RuntimeError(f"llama-tokenize failed: {out.stderr.strip().splitlines()[-3:]}")
     return [int(x) for x in re.findall(r"-?\d+", out.stdout.strip().splitlines()[-1])]
@@ -115,7 +116,7 @@ def llama_tokenize(bin_dir: Path, model: Path, text: str, parse_special: bool = 
 def llama_perplexity(bin_dir: Path, model: Path, text_file: Path, ctx: int) -> float:
     cmd = [str(bin_dir / "llama-perplexity"), "-m", str(model), "-f", str(text_file), "-c", str(ctx),
            "-b", str(ctx), "-t", "1"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=600)
     found = re.search(r"Final estimate: PPL = ([0-9.]+)", out.stdout + out.stderr)
     if out.returncode or not found:
         raise RuntimeError(f"llama-perplexity failed on {model.name}: {(out.stdout + out.stderr)[-600:]}")
@@ -315,9 +316,11 @@ def family_check(bin_dir: Path, args, model_type: str) -> list[dict]:
 
     if "tokenizer" not in SMOL:
         SMOL["tokenizer"] = load_model(MODEL)[1]
-    folder = tiny_family(WORK / f"tiny-{model_type}", model_type, SMOL["tokenizer"])
+    # The folder's name becomes general.name, and llama.cpp gives a vocabulary named "phi3" Phi-3's
+    # own token fix-ups (which need Phi-3's "</s>"): a neutral name, as the borrowed vocabulary is SmolLM2's.
+    folder = tiny_family(WORK / f"tiny-{model_type}" / "hf", model_type, SMOL["tokenizer"])
     model, tokenizer, info = load_model(folder)
-    out = WORK / f"tiny-{model_type}-gguf"
+    out = WORK / f"tiny-{model_type}" / "gguf"
     out.mkdir(parents=True, exist_ok=True)
     path = write_gguf_file(model, tokenizer, info, out, "f16", None)
     starts = [p.strip() for p in TEXT.split(". ")][: 6 if args.quick else 12]

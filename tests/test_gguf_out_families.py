@@ -40,6 +40,8 @@ def test_every_tensor_under_llama_cpps_name_with_llama_cpps_values(tmp_path, mod
     arch = ARCHS[model_type]
     assert meta["general.architecture"] == arch.gguf_arch
     weights = {k: np.array(v.astype(mx.float32)) for k, v in tree_flatten(model.parameters())}
+    if ARCHS[model_type].needs_output and "lm_head.weight" not in weights:  # tied: llama.cpp wants a copy
+        weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
     assert set(tensors) == {gguf_name(k, model_type) for k in weights}
     # Every name is one llama.cpp loads for this architecture (the gguf package's MODEL_TENSORS).
     known = {gguf.TENSOR_NAMES[t] for t in gguf.MODEL_TENSORS[next(

@@ -174,6 +174,10 @@ def write_gguf(path: Path, config: dict, tensors: list[GGUFTensor], gguf_type: s
 
     arch = check_exportable(config, [(t.hf_name, t.shape) for t in tensors], gguf_type)
     model_type = str(config["model_type"])
+    names = {t.hf_name for t in tensors}
+    if arch.needs_output and "lm_head.weight" not in names and "model.embed_tokens.weight" in names:
+        embed = next(t for t in tensors if t.hf_name == "model.embed_tokens.weight")
+        tensors = [*tensors, GGUFTensor("lm_head.weight", embed.shape, embed.qtype, embed.dense)]
     types = {**_types(), "f32": T.F32}
     w = gguf.GGUFWriter(str(path), arch.gguf_arch)
     heads = int(config["num_attention_heads"])

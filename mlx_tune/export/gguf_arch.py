@@ -27,6 +27,7 @@ class Arch:
     gguf_arch: str
     permute_qk: bool = False
     norm_shift: float = 0.0  # added to every ``*norm.weight`` (Gemma stores 1 + w)
+    needs_output: bool = False  # llama.cpp requires output.weight: a tied head is written out as a copy
 
 
 # mlx-lm model_type -> GGUF architecture.
@@ -39,7 +40,7 @@ ARCHS: dict[str, Arch] = {
     "gemma3_text": Arch("gemma3", norm_shift=1.0),
     "phi3": Arch("phi3"),
     "granite": Arch("granite", permute_qk=True),
-    "olmo2": Arch("olmo2"),
+    "olmo2": Arch("olmo2", needs_output=True),
 }
 
 _BLOCK = re.compile(r"^model\.layers\.(\d+)\.")
