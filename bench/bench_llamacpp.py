@@ -271,7 +271,7 @@ def smollm_check(bin_dir: Path, args) -> list[dict]:
     bos = tokenizer.bos_token_id if tokenizer.encode("a")[:1] == [tokenizer.bos_token_id] else None
     ref_ppl = ppl_chunks(model, their_ids, args.ctx, bos)
     del model
-    for t in ("f16", "q8_0"):
+    for t in [t for t in ("f16", "q8_0") if t in fused]:
         theirs_ppl = llama_perplexity(bin_dir, fused[t], text_file, args.ctx)
         fmodel, _, _ = load_model(fused[t])
         ours_ppl = ppl_chunks(fmodel, their_ids, args.ctx, bos)
