@@ -7,7 +7,7 @@ PY     := scripts/python
 STAMP  := $(VENV)/.installed
 MODEL  := models/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: setup test test-fast test-accelerator lint demo demo-dpo demo-grpo screenshots bench bench-quick bench-rivals clean help
+.PHONY: setup test test-fast test-accelerator lint demo demo-dpo demo-grpo screenshots bench bench-quick bench-rivals bench-llamacpp clean help
 
 help:
 	@echo "make demo         the whole pipeline on SmolLM2: data -> train -> fuse -> serve -> test"
@@ -20,6 +20,7 @@ help:
 	@echo "make setup        .venv + package + OpenBLAS and Chromium (Linux) + demo model"
 	@echo "make screenshots  the studio's browser test, saving its screenshots to docs/"
 	@echo "make bench        all benchmarks (long); make bench-quick: under 20 minutes"
+	@echo "make bench-llamacpp  build llama.cpp once (cached) and let it judge our GGUF files"
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -88,6 +89,11 @@ bench-quick: setup
 
 bench-rivals: setup
 	bench/install_rivals.sh
+	bench/build_llamacpp.sh || true
+
+# llama.cpp from the llama-cpp-python sdist, built once into ~/.cache/mlx_tune/llama.cpp (minutes on 2 cores).
+bench-llamacpp: setup
+	$(PY) bench/bench_llamacpp.py
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -1,7 +1,8 @@
 """Write a model as a GGUF file for llama.cpp / Ollama: the inverse of ``mlx_tune.model.gguf``.
 
-Tensor names are llama.cpp's (``blk.N.attn_q.weight``, ...), the Q and K rows of
-llama-family models are permuted back to llama.cpp's rotary layout::
+Tensor names are llama.cpp's (``blk.N.attn_q.weight``, ...; per architecture in
+``export.gguf_arch``, with Gemma's norm offset and each family's own metadata), the Q
+and K rows of llama-family models are permuted back to llama.cpp's rotary layout::
 
     w.reshape(heads, 2, head_dim / 2, in).swapaxes(1, 2).reshape(out, in)
 
@@ -11,6 +12,10 @@ through ``gguf.quants.quantize``; 1-D tensors (norms, biases) stay F32. The toke
 (tokens, token types, merges, special ids, pre-tokenizer) and the chat template go into
 the metadata. Tensors are streamed: the header is written from shapes alone, then each
 tensor is computed, quantized, written and dropped, so only one dense layer is in memory.
+
+K-quant outputs (q4_k_m, q6_k) are not offered: the gguf package dequantizes K-quants but
+has no quantizer for them (``gguf.quants.Q4_K`` has no ``quantize_blocks``), and a
+home-made K-quant that llama.cpp's own ``llama-quantize`` would not write is not an option.
 """
 
 from __future__ import annotations
@@ -23,25 +28,11 @@ from pathlib import Path
 import numpy as np
 
 from mlx_tune.errors import UserError
+from mlx_tune.export.gguf_arch import ARCHS, Arch, default_rope_theta, extra_metadata, gguf_name, rope_dimensions
 from mlx_tune.model import gguf as G
 
-
-@dataclass(frozen=True)
-class Arch:
-    gguf_arch: str
-    permute_qk: bool
-
-
-# mlx-lm model_type -> GGUF architecture (the ones our loader reads back).
-ARCHS: dict[str, Arch] = {
-    "llama": Arch("llama", True),
-    "mistral": Arch("llama", True),
-    "qwen2": Arch("qwen2", False),
-    "qwen3": Arch("qwen3", False),
-}
-
-_HF_BLOCK = {hf: g for g, hf in G.BLOCK_NAMES.items()}
-_HF_TOP = {hf: g for g, hf in G.TOP_LEVEL_NAMES.items()}
+# ARCHS and gguf_name are re-exported: the writer's architecture list and names (families table, LoRA export).
+__all__ = ["ARCHS", "GGUFTensor", "check_exportable", "gguf_name", "permute", "write_gguf"]
 
 
 def _types() -> dict:
@@ -57,17 +48,6 @@ def _file_types() -> dict:
 
 
 BLOCK_WIDTH = {"f16": 1, "q8_0": 32, "q4_0": 32}  # weights per block along a row
-
-
-def gguf_name(hf_name: str) -> str | None:
-    """``model.layers.3.self_attn.q_proj.weight`` -> ``blk.3.attn_q.weight`` (None: no GGUF name)."""
-    module, _, suffix = hf_name.rpartition(".")
-    if module.startswith("model.layers."):
-        _, _, idx, rest = module.split(".", 3)
-        name = _HF_BLOCK.get(rest)
-        return f"blk.{idx}.{name}.{suffix}" if name else None
-    name = _HF_TOP.get(module)
-    return f"{name}.{suffix}" if name else None
 
 
 def permute(w: np.ndarray, heads: int) -> np.ndarray:
@@ -96,8 +76,12 @@ def check_exportable(config: dict, tensors: Iterable[tuple[str, tuple[int, ...]]
             "(use --format mlx or --format hf)"
         )
     width = BLOCK_WIDTH[gguf_type]
+    scaling = config.get("rope_scaling") or {}
+    if (scaling.get("type") or scaling.get("rope_type")) in ("longrope", "su"):
+        raise UserError("GGUF export: LongRoPE scaling (its long/short factor tensors) is not written; "
+                        "use --format hf and llama.cpp's convert_hf_to_gguf.py")
     for name, shape in tensors:
-        if gguf_name(name) is None:
+        if gguf_name(name, model_type) is None:
             raise UserError(f"GGUF export: tensor {name} has no llama.cpp name for {model_type}; use --format mlx or hf")
         if len(shape) == 2 and shape[-1] % width:
             raise UserError(
@@ -189,6 +173,11 @@ def write_gguf(path: Path, config: dict, tensors: list[GGUFTensor], gguf_type: s
     from gguf import GGMLQuantizationType as T
 
     arch = check_exportable(config, [(t.hf_name, t.shape) for t in tensors], gguf_type)
+    model_type = str(config["model_type"])
+    names = {t.hf_name for t in tensors}
+    if arch.needs_output and "lm_head.weight" not in names and "model.embed_tokens.weight" in names:
+        embed = next(t for t in tensors if t.hf_name == "model.embed_tokens.weight")
+        tensors = [*tensors, GGUFTensor("lm_head.weight", embed.shape, embed.qtype, embed.dense)]
     types = {**_types(), "f32": T.F32}
     w = gguf.GGUFWriter(str(path), arch.gguf_arch)
     heads = int(config["num_attention_heads"])
@@ -202,17 +191,18 @@ def write_gguf(path: Path, config: dict, tensors: list[GGUFTensor], gguf_type: s
     w.add_feed_forward_length(int(config["intermediate_size"]))
     w.add_head_count(heads)
     w.add_head_count_kv(kv_heads)
-    w.add_rope_dimension_count(head_dim)
+    w.add_rope_dimension_count(rope_dimensions(config, head_dim))
     if head_dim != hidden // heads:
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
-    w.add_rope_freq_base(float(config.get("rope_theta", 10000.0)))
+    w.add_rope_freq_base(float(config.get("rope_theta") or default_rope_theta(model_type)))
     w.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
     w.add_vocab_size(int(config["vocab_size"]))
     scaling = config.get("rope_scaling") or {}
     if (scaling.get("type") or scaling.get("rope_type")) == "linear" and scaling.get("factor"):
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(float(scaling["factor"]))
+    extra_metadata(w, model_type, config)
     w.add_file_type(_file_types()[gguf_type])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
@@ -228,7 +218,7 @@ def write_gguf(path: Path, config: dict, tensors: list[GGUFTensor], gguf_type: s
         nbytes_shape = gguf.quants.quant_shape_to_byte_shape(t.shape, qt) if t.qtype not in ("f16", "f32") else t.shape
         dtype = {"f16": np.float16, "f32": np.float32}.get(t.qtype, np.uint8)
         nbytes = int(np.prod(nbytes_shape)) * np.dtype(dtype).itemsize
-        w.add_tensor_info(gguf_name(t.hf_name), nbytes_shape, np.dtype(dtype), nbytes,
+        w.add_tensor_info(gguf_name(t.hf_name, model_type), nbytes_shape, np.dtype(dtype), nbytes,
                           raw_dtype=qt if dtype is np.uint8 else None)
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -239,6 +229,8 @@ def write_gguf(path: Path, config: dict, tensors: list[GGUFTensor], gguf_type: s
         blocks = list(t.dense()) if arch.permute_qk and rotary else t.dense()
         if arch.permute_qk and rotary:  # the permutation mixes rows: Q / K are one (small) block
             blocks = [permute(np.concatenate(blocks), rotary)]
+        if arch.norm_shift and t.hf_name.endswith("norm.weight"):
+            blocks = [b + arch.norm_shift for b in blocks]
         # Quantize block by block (GGUF blocks run along rows), keeping only the packed bytes.
         data = np.concatenate([_encode(np.ascontiguousarray(b, dtype=np.float32), t.qtype, types) for b in blocks])
         w.write_tensor_data(data)

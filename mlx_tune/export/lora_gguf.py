@@ -81,7 +81,7 @@ def export_lora_gguf(adapter_dir: str | Path, out_path: str | Path, base: str | 
     modules = sorted({k.rpartition(".")[0] for k in weights})
     tensors: list[tuple[str, np.ndarray]] = []
     for module in modules:
-        name = gguf_name(module + ".weight")
+        name = gguf_name(module + ".weight", model_type)
         a = weights.get(f"{module}.lora_a")
         b = weights.get(f"{module}.lora_b")
         if name is None or a is None or b is None or a.ndim != 2:
