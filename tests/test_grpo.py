@@ -166,3 +166,17 @@ def test_other_settings_run(tmp_path, tiny_folder):
     assert result.state.step == 2 and [r["step"] for r in rows] == [1, 2]
     assert "kl" not in rows[0] and rows[0]["clip_ratio"] == 0.0  # on-policy: the ratio is 1
     assert rows[0]["truncated_ratio"] == 1.0 and rows[0]["loss"] == 0.0  # every completion cut at 6 tokens: masked
+
+
+def test_a_prompt_over_max_seq_length_is_one_line(tmp_path, tiny_folder):
+    """GRPO's prompt budget is train.max_seq_length: a longer prompt stops the run before training."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text(json.dumps({"prompt": "word " * 80}) + "\n" + json.dumps({"prompt": "hi"}) + "\n")
+    (tmp_path / "r.py").write_text("def one(prompts, completions, **kw):\n    return [1.0] * len(completions)\n")
+    cfg = {"model": str(tiny_folder), "quantize": None, "data": str(data), "output_dir": str(tmp_path / "out"),
+           "train": {"method": "grpo", "iters": 1, "batch_size": 1, "max_seq_length": 16},
+           "grpo": {"reward_functions": ["r.py:one"], "num_generations": 2, "max_completion_length": 2}}
+    (tmp_path / "g.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(UserError, match=r"prompt row 1 is \d+ tokens, over train.max_seq_length 16"):
+        run_train(load_config(tmp_path / "g.yaml"), log=lambda s: None)

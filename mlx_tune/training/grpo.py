@@ -299,6 +299,13 @@ def run_grpo(cfg: Config, *, log: Callable[[str], None] = print) -> TrainResult:
     template = use_chat_template(tokenizer, cfg.chat_template)
     if any("messages" in r for r in rows):
         require_chat_template(tokenizer, cfg.model, str(train_file))
+    # train.max_seq_length is the prompt budget the planner sizes the step and KV cache for.
+    lengths = [len(grpo_rollout.encode_prompt(tokenizer, r)) for r in rows]
+    if max(lengths) > tc.max_seq_length:
+        k = int(np.argmax(lengths))
+        raise UserError(f"{train_file}: prompt row {k + 1} is {lengths[k]} tokens, over train.max_seq_length "
+                        f"{tc.max_seq_length} (GRPO's prompt budget; {sum(n > tc.max_seq_length for n in lengths)} "
+                        "rows over it); raise train.max_seq_length or shorten the prompts")
     rewards = load_rewards(g.reward_functions, g.reward_weights,
                            RewardContext(base_dir, g.max_completion_length, tokenizer))
     quant.prepare_for_backend(model)
