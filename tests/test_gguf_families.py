@@ -16,7 +16,8 @@ from mlx_tune.testing.families import FAMILIES
 from mlx_tune.testing.gguf_files import write_family_gguf
 from mlx_tune.testing.tiny import save_tiny_folder
 
-pytestmark = pytest.mark.accelerator
+# Not in the accelerator suite: these compare two loadings of the same fp32 weights to 1e-4, which
+# the accelerator branch's float16 compute (and its float32-only CPU GatherMM for experts) cannot.
 
 IDS = [5, 60, 71, 3, 99, 140, 7, 33, 250, 12, 1, 2]  # longer than the sliding windows
 
