@@ -9,7 +9,8 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 from mlx.utils import tree_flatten
 
-from mlx_tune.testing.tiny import CHATML_TEMPLATE, SPECIAL_TOKENS, tiny_config, tiny_hf_tokenizer, tiny_model
+from mlx_tune.testing.gguf_files import add_tiny_tokenizer
+from mlx_tune.testing.tiny import tiny_config, tiny_model
 
 NAMES = {
     "model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output",
@@ -51,18 +52,7 @@ def write_tiny_gguf(path: Path, qtype=T.Q8_0, special: dict | None = None, **ove
     w.add_rope_freq_base(cfg["rope_theta"])
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     w.add_vocab_size(cfg["vocab_size"])
-    hf = tiny_hf_tokenizer()
-    vocab = hf.get_vocab()
-    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(tokens)
-    w.add_token_types([3 if t in SPECIAL_TOKENS else 1 for t in tokens])
-    w.add_token_merges([])
-    w.add_eos_token_id(2)
-    w.add_pad_token_id(0)
-    w.add_add_bos_token(False)
-    w.add_chat_template(CHATML_TEMPLATE)
+    add_tiny_tokenizer(w)
     reference = {}
     special = special or {}
     for name, arr in tree_flatten(model.parameters()):

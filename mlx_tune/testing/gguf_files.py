@@ -104,7 +104,8 @@ def _metadata(arch: str, cfg: dict) -> list[tuple[str, str, Any]]:
     return [(f"{arch}.{key}", kind, value) for key, kind, value in meta]
 
 
-def _tokenizer(w: Any) -> None:
+def add_tiny_tokenizer(w: Any) -> None:
+    """The tiny test tokenizer (testing.tiny) into a GGUFWriter's metadata, as llama.cpp's converter writes a BPE one."""
     from mlx_tune.testing.tiny import CHATML_TEMPLATE, SPECIAL_TOKENS, tiny_hf_tokenizer
 
     vocab = tiny_hf_tokenizer().get_vocab()
@@ -141,7 +142,7 @@ def write_family_gguf(path: Path, model_type: str, seed: int = 0, types: dict | 
     kinds: dict[str, Any] = {"u32": w.add_uint32, "f32": w.add_float32, "str": w.add_string}
     for key, kind, value in _metadata(arch, cfg):
         kinds[kind](key, value)
-    _tokenizer(w)
+    add_tiny_tokenizer(w)
     flat: Any = tree_flatten(model.parameters())
     for name, arr in flat:
         module, suffix = name.rsplit(".", 1)
