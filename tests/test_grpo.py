@@ -124,10 +124,11 @@ def test_completion_logps_equal_a_per_row_forward_and_reference_disables_lora():
     outs = grpo_rollout.sample(model, tok, prompts, seeds, max_tokens=7, temperature=1.0, top_p=0.9)
     alone = grpo_rollout.sample(model, tok, prompts[1:], seeds[1:], max_tokens=7, temperature=1.0, top_p=0.9)
     assert outs[1].ids == alone[0].ids  # a completion's seed decides it, not its batch
-    tokens, comp, mask, gather = grpo_rollout.pad_rows(prompts, [c.ids for c in outs])
-    lp = grpo_rollout.completion_logps(model, tokens, comp, gather)
+    rows = grpo_rollout.pad_rows(prompts, [c.ids for c in outs])
+    mask = rows.mask
+    lp = grpo_rollout.completion_logps(model, rows)
     with grpo_rollout.reference(model):
-        ref = grpo_rollout.completion_logps(model, tokens, comp, gather)
+        ref = grpo_rollout.completion_logps(model, rows)
     assert all(m.enabled for m in grpo_rollout.lora_layers(model))
     for b, (p, c) in enumerate(zip(prompts, outs)):
         for m, got in ((model, lp), (None, ref)):

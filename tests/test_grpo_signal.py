@@ -42,10 +42,11 @@ def test_training_logps_are_the_samplers(temperature):
     seeds = [grpo_rollout.completion_seed(0, 0, i) for i in range(len(prompts))]
     outs = grpo_rollout.sample(model, tok, prompts, seeds, max_tokens=6, temperature=temperature, top_p=1.0,
                                logps=True)
-    tokens, comp, mask, gather = grpo_rollout.pad_rows(prompts, [c.ids for c in outs])
-    lp = np.array(grpo_rollout.completion_logps(model, tokens, comp, gather, temperature))
+    rows = grpo_rollout.pad_rows(prompts, [c.ids for c in outs])
+    mask = rows.mask
+    lp = np.array(grpo_rollout.completion_logps(model, rows, temperature))
     with grpo_rollout.reference(model):
-        ref = np.array(grpo_rollout.completion_logps(model, tokens, comp, gather, temperature))
+        ref = np.array(grpo_rollout.completion_logps(model, rows, temperature))
     for b, c in enumerate(outs):
         assert c.logps is not None and len(c.logps) == len(c.ids) > 0
         np.testing.assert_allclose(lp[b, : len(c.ids)], c.logps, atol=2e-4)

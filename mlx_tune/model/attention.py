@@ -52,7 +52,7 @@ from mlx_tune.model.head import body, head_module, lm_head
 from mlx_tune.runtime.backend import cpu_streams, on_cpu
 
 __all__ = ["attend", "block_causal_attention", "body", "enable_packing", "forward", "head_module",
-           "hidden_states", "lm_head", "packed_mask"]
+           "hidden_states", "lm_head", "packed_mask", "window_limit"]
 
 # CPU levers (module level so benchmarks and tests can turn them off).
 CPU_BLOCK: int | None = None  # query/key block; None: L / 8, at least 64
@@ -125,10 +125,19 @@ def block_causal_attention(q, k, v, scale: float, mask: mx.array | None = None,
     return out.reshape(B, H, L, Dv)
 
 
-def packed_mask(segment_ids: mx.array) -> mx.array:
-    """(B, 1, L, L) boolean: same example and key not after query."""
+def packed_mask(segment_ids: mx.array, prefix_ids: mx.array | None = None) -> mx.array:
+    """(B, 1, L, L) boolean: key not after query, and in the query's example or in its
+    shared prefix (``prefix_ids[b, i]``: the segment that query i also sees; a token with
+    no shared prefix names its own segment).
+
+    A shared prefix lets several continuations of one prompt sit in one row after a single
+    copy of it, ``[prompt | c_1 | c_2 | ...]``: c_k attends to the prompt and to itself,
+    never to c_j, and its positions continue the prompt's, so each computes what
+    ``prompt + c_k`` computes alone, with the prompt's tokens run once."""
     L = segment_ids.shape[-1]
     same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    if prefix_ids is not None:
+        same = mx.logical_or(same, prefix_ids[:, :, None] == segment_ids[:, None, :])
     causal = mx.arange(L)[:, None] >= mx.arange(L)[None, :]
     return mx.logical_and(same, causal)[:, None]
 
@@ -316,6 +325,16 @@ def is_enabled(model) -> bool:
     return bool(getattr(model, _HOOKED, False))
 
 
+def window_limit(model) -> int | None:
+    """The smallest sliding window in ``model``'s config (None: none), the longest row a
+    shared prefix may use: the window masks count row distance, and in a shared-prefix row a
+    continuation sits further from its prompt than its positions say."""
+    args = getattr(model, "args", None)
+    found = [v for k in ("sliding_window", "sliding_window_size", "attention_window_size", "window_size")
+             if isinstance(v := getattr(args, k, None), int) and not isinstance(v, bool) and v > 0]
+    return min(found) if found else None
+
+
 _takes: dict[type, bool] = {}
 
 
@@ -327,17 +346,19 @@ def _takes_cache(cls: type) -> bool:
 
 
 def hidden_states(model, inputs: mx.array, segment_ids: mx.array | None = None,
-                  positions: mx.array | None = None) -> mx.array:
+                  positions: mx.array | None = None, prefix_ids: mx.array | None = None) -> mx.array:
     """The final-norm hidden states (B, L, hidden) of an mlx-lm model, packing-aware.
 
     Runs the model's own body with the packing context set: the backend's attention
     kernel always, the segment mask and restarted positions when given. Whether a model
     may be given packed rows is ``packing.packing_support``'s question (asked before
-    training); here it is trusted.
+    training); here it is trusted. ``prefix_ids``: shared prefixes (``packed_mask``); the
+    caller keeps a row within the model's sliding window (``window_limit``), whose mask
+    counts row distance, not position distance.
     """
     enable_packing(model)
     B, L = inputs.shape[:2]
-    ctx = _Packing(B, L, None if segment_ids is None else packed_mask(segment_ids), positions,
+    ctx = _Packing(B, L, None if segment_ids is None else packed_mask(segment_ids, prefix_ids), positions,
                    rank=getattr(model, MASK_RANK, 4))
     with restored_context(ctx):
         inner = body(model)

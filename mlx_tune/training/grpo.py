@@ -142,8 +142,8 @@ class Rollouts:
             n = len(gen.completions) // gen.slices
             for s in range(gen.slices):
                 sl = slice(s * n, (s + 1) * n)
-                tokens, comp, _, gather = grpo_rollout.pad_rows(gen.prompts[sl], gen.completions[sl])
-                lp = grpo_rollout.completion_logps(self.model, tokens, comp, gather, self.g.temperature, with_grad=False)
+                rows = grpo_rollout.model_rows(self.model, gen.prompts[sl], gen.completions[sl])
+                lp = grpo_rollout.completion_logps(self.model, rows, self.g.temperature, with_grad=False)
                 mx.eval(lp)
                 parts.append(np.array(lp))
         finally:
@@ -180,13 +180,14 @@ def _restore_generation(state: dict | None) -> Generation | None:
     return gen
 
 
-def micro_batch(gen: Generation, sl: slice, mask_truncated: bool) -> dict:
+def micro_batch(model, gen: Generation, sl: slice, mask_truncated: bool) -> dict:
     """The arrays of one micro-batch (old / reference log-probs cut to its completion length)."""
-    tokens, comp, mask, gather = grpo_rollout.pad_rows(gen.prompts[sl], gen.completions[sl])
+    rows = grpo_rollout.model_rows(model, gen.prompts[sl], gen.completions[sl])
+    mask = rows.mask
     if mask_truncated:
         mask = truncation_mask(mask, mx.array(gen.ended[sl]))
-    t = comp.shape[1]
-    out = {"tokens": tokens, "comp": comp, "mask": mask, "gather": gather,
+    t = rows.comp.shape[1]
+    out = {"rows": rows, "mask": mask,
            "adv": mx.array(gen.advantages[sl]), "old": None, "ref": None, "batch_tokens": gen.batch_tokens}
     for key, arr in (("old", gen.old_logps), ("ref", gen.ref_logps)):
         if arr is not None:
@@ -234,7 +235,7 @@ class GrpoStep:
         temperature = rollouts.g.temperature
 
         def loss_fn(m, b):
-            lp = grpo_rollout.completion_logps(m, b["tokens"], b["comp"], b["gather"], temperature)
+            lp = grpo_rollout.completion_logps(m, b["rows"], temperature)
             return grpo_loss(lp, b["old"], b["ref"], b["adv"], b["mask"], settings, b["batch_tokens"])
 
         self.value_and_grad = nn.value_and_grad(model, loss_fn)
@@ -251,13 +252,14 @@ class GrpoStep:
             row.update(gen.metrics)  # the rewards of the batch this step learns from
             t0 = time.perf_counter()
             sl = gen.next_slice()
-            batch = micro_batch(gen, sl, self.rollouts.g.mask_truncated_completions)
+            batch = micro_batch(self.model, gen, sl, self.rollouts.g.mask_truncated_completions)
             (loss, m), gr = self.value_and_grad(self.model, batch)
             grads = gr if grads is None else tree_map(lambda x, y: x + y, grads, gr)
             mx.eval(loss, grads, m)
             loss_sum += loss.item()
             row.update({k.replace("/", "_"): v.item() for k, v in m.items()})
             train_s += time.perf_counter() - t0
+            # each completion's prompt + completion, as if run alone (a shared prompt runs once)
             tokens += sum(len(p) + len(c) for p, c in zip(gen.prompts[sl], gen.completions[sl]))
         assert grads is not None  # grad_accumulation >= 1 (config)
         norm = mx.array(float("nan"))

@@ -14,13 +14,13 @@ completion drawn with the server's sampler (``temperature``, ``top_p``) keyed by
 seed, so the same seeds give the same completions whatever else is in the batch. The
 EOS token that ends a completion is part of it (TRL trains on it too).
 
-``completion_logps``: rows ``prompt + completion`` right-padded to one length (causal
-attention, so padding after a row changes nothing before it); ``log p(c_j) =
-logits[p + j - 1, c_j] - logsumexp(logits[p + j - 1])``, the head applied to the hidden
-states of the completion positions only, divided by the sampling temperature first (TRL's
-``logits / temperature``: the loss is about the distribution the completions were drawn
-from). Each distinct prompt is prefilled once for all its generations (the KV cache copied
-per row, as the server's ``n`` answers share one prefill). ``reference`` disables every LoRA
+``completion_logps``: ``log p(c_j) = logits[p + j - 1, c_j] - logsumexp(logits[p + j -
+1])``, the head applied to the hidden states of the completion positions only, divided by
+the sampling temperature first (TRL's ``logits / temperature``: the loss is about the
+distribution the completions were drawn from), over ``model_rows``: a group's prompt once,
+its completions after it in one row (``shared_rows``), where the model allows packed rows.
+Sampling, likewise, prefills each distinct prompt once for all its generations (the KV
+cache copied per row, as the server's ``n`` answers share one prefill). ``reference`` disables every LoRA
 layer (``LoRALinear.enabled = False``) for the reference model of the KL term.
 """
 
@@ -187,31 +187,108 @@ def _shared_prefills(model, prompts: list[list[int]]) -> list[tuple[list, list[i
     return out
 
 
-def pad_rows(prompts: list[list[int]], completions: list[list[int]], pad_id: int = 0
-             ) -> tuple[mx.array, mx.array, mx.array, mx.array]:
-    """``(tokens (B, L), completion_ids (B, T), mask (B, T), gather (B, T))``: ``gather[b, j]``
-    is the position whose logits predict completion token ``j`` of row ``b``."""
+@dataclass
+class Rows:
+    """The model inputs of a micro-batch of ``N`` completions and where their log-probs come
+    from: ``inputs`` (B, L) with optional packing arrays (``segment_ids``, ``positions``,
+    ``prefix_ids``, see ``model.attention.packed_mask``); ``gather[n, j]``, a flat index into
+    the (B * L) positions, is the position whose logits predict completion token ``j`` of
+    completion ``n``; ``comp`` (N, T) those tokens, ``mask`` (N, T) 1.0 where one exists."""
+
+    inputs: mx.array
+    comp: mx.array
+    mask: mx.array
+    gather: mx.array
+    segment_ids: mx.array | None = None
+    positions: mx.array | None = None
+    prefix_ids: mx.array | None = None
+
+
+def _completion_arrays(completions: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray, int]:
     t = max(1, max(len(c) for c in completions))
-    length = max(len(p) + len(c) for p, c in zip(prompts, completions))
-    tokens = np.full((len(prompts), length), pad_id, np.int32)
-    comp = np.full((len(prompts), t), pad_id, np.int32)
-    mask = np.zeros((len(prompts), t), np.float32)
-    gather = np.zeros((len(prompts), t), np.int32)
-    for b, (p, c) in enumerate(zip(prompts, completions)):
-        tokens[b, : len(p) + len(c)] = p + c
+    comp = np.full((len(completions), t), pad_id, np.int32)
+    mask = np.zeros((len(completions), t), np.float32)
+    for b, c in enumerate(completions):
         comp[b, : len(c)] = c
         mask[b, : len(c)] = 1
-        gather[b] = np.minimum(len(p) - 1 + np.arange(t), length - 2 if length > 1 else 0)
-    return mx.array(tokens), mx.array(comp), mx.array(mask), mx.array(gather)
+    return comp, mask, t
 
 
-def completion_logps(model, tokens: mx.array, completion_ids: mx.array, gather: mx.array,
-                     temperature: float = 1.0, with_grad: bool = True) -> mx.array:
-    """``log p(completion token j | everything before it)`` per row, (B, T) float32, of the
-    policy at ``temperature`` (logits / temperature, as TRL scores the completions it sampled).
+def pad_rows(prompts: list[list[int]], completions: list[list[int]], pad_id: int = 0) -> Rows:
+    """One row ``prompt + completion`` per completion, right-padded to one length (causal
+    attention, so padding after a row changes nothing before it)."""
+    comp, mask, t = _completion_arrays(completions, pad_id)
+    length = max(len(p) + len(c) for p, c in zip(prompts, completions))
+    width = max(1, length - 1)  # the last token of a row is predicted, never an input
+    tokens = np.full((len(prompts), width), pad_id, np.int32)
+    gather = np.zeros((len(prompts), t), np.int32)
+    for b, (p, c) in enumerate(zip(prompts, completions)):
+        row = (p + c)[:width]
+        tokens[b, : len(row)] = row
+        gather[b] = b * width + np.minimum(len(p) - 1 + np.arange(t), width - 1)
+    return Rows(mx.array(tokens), mx.array(comp), mx.array(mask), mx.array(gather))
+
+
+def shared_rows(prompts: list[list[int]], completions: list[list[int]], pad_id: int = 0,
+                multiple: int = 16) -> Rows:
+    """One row per distinct prompt, ``[prompt | c_1[:-1] | c_2[:-1] | ...]``: the prompt once,
+    each of its completions after it as its own segment that sees the prompt (``prefix_ids``)
+    and not the other completions, at the positions it has after the prompt alone. So
+    ``log p(c_k | prompt)`` is what ``pad_rows`` gives, with ``len(prompt)`` tokens run once
+    per group instead of once per completion (GRPO's 8 completions of a 50-token prompt: 146
+    positions instead of 496). Completion token 0 is predicted by the prompt's last position,
+    which all of the group share; rows are padded to ``multiple``."""
+    comp, mask, t = _completion_arrays(completions, pad_id)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for n, p in enumerate(prompts):
+        groups.setdefault(tuple(p), []).append(n)
+    lengths = [len(p) + sum(max(len(completions[n]) - 1, 0) for n in members) for p, members in groups.items()]
+    width = -(-max(lengths) // multiple) * multiple
+    B = len(groups)
+    tokens = np.full((B, width), pad_id, np.int32)
+    seg = np.full((B, width), -1, np.int32)  # -1: padding (its own segment)
+    prefix = np.full((B, width), -1, np.int32)
+    pos = np.zeros((B, width), np.int32)
+    gather = np.zeros((len(prompts), t), np.int32)
+    for b, (p, members) in enumerate(groups.items()):
+        P = len(p)
+        tokens[b, :P], seg[b, :P], prefix[b, :P], pos[b, :P] = p, 0, 0, np.arange(P)
+        at = P
+        for k, n in enumerate(members, start=1):
+            c = completions[n]
+            m = max(len(c) - 1, 0)
+            tokens[b, at: at + m], seg[b, at: at + m], prefix[b, at: at + m] = c[:-1], k, 0
+            pos[b, at: at + m] = P + np.arange(m)
+            # token 0 <- the prompt's last position; token j >= 1 <- this segment's position j - 1
+            idx = np.concatenate([[P - 1], at + np.arange(m), np.full(t - 1 - m, at + m - 1 if m else P - 1)])
+            gather[n] = b * width + idx[:t]
+            at += m
+        pos[b, at:] = np.arange(width - at)
+    return Rows(mx.array(tokens), mx.array(comp), mx.array(mask), mx.array(gather), mx.array(seg), mx.array(pos),
+                mx.array(prefix))
+
+
+def model_rows(model, prompts: list[list[int]], completions: list[list[int]]) -> Rows:
+    """``shared_rows`` where the model may be given packed rows (``packing.packing_support``)
+    within its sliding window, and some prompt has several completions; else ``pad_rows``."""
+    from mlx_tune.model.attention import window_limit
+    from mlx_tune.model.packing import packing_support
+
+    if len({tuple(p) for p in prompts}) == len(prompts) or packing_support(model) is not None:
+        return pad_rows(prompts, completions)
+    rows = shared_rows(prompts, completions)
+    limit = window_limit(model)
+    return rows if limit is None or rows.inputs.shape[1] <= limit else pad_rows(prompts, completions)
+
+
+def completion_logps(model, rows: Rows, temperature: float = 1.0, with_grad: bool = True) -> mx.array:
+    """``log p(completion token j | everything before it)`` per completion, (N, T) float32,
+    of the policy at ``temperature`` (logits / temperature, as TRL scores the completions it
+    sampled): ``log p(c_j) = z[c_j] - logsumexp(z)`` with ``z`` the logits at ``gather[n, j]``
+    over ``T``, the head applied to those positions only (no logits for the prompts).
 
     Where the model's logit map is linear (no softcap), ``(s W h) / T = s W (h / T)``, so the
-    log-probs are ``-token_ce`` of ``h / T``: the fused per-token head, with no (B, T, vocab)
+    log-probs are ``-token_ce`` of ``h / T``: the fused per-token head, with no (N, T, vocab)
     logits held for the backward pass. A softcapped head (Gemma 2) takes the plain route.
     ``with_grad=False``: forward only (old and reference log-probs).
     """
@@ -219,18 +296,17 @@ def completion_logps(model, tokens: mx.array, completion_ids: mx.array, gather: 
     from mlx_tune.model.attention import hidden_states
     from mlx_tune.training.losses import token_ce
 
-    h = hidden_states(model, tokens[:, :-1] if tokens.shape[1] > 1 else tokens)
-    # The head only where a completion token is predicted: no logits for the prompt positions.
-    h = mx.take_along_axis(h, gather[:, :, None], axis=1)
+    h = hidden_states(model, rows.inputs, rows.segment_ids, rows.positions, rows.prefix_ids)
+    N, T = rows.comp.shape
+    h = h.reshape(-1, h.shape[-1])[rows.gather.reshape(-1)]  # (N * T, hidden)
     if not head.logit_map(model).cap:
-        B, T = completion_ids.shape
         scaled = h if temperature == 1.0 else h * (1.0 / temperature)
-        return -token_ce(model, scaled.reshape(B * T, -1), completion_ids.reshape(-1), with_grad=with_grad).reshape(B, T)
-    picked = head.logits(model, h).astype(mx.float32)  # (B, T, V)
+        return -token_ce(model, scaled, rows.comp.reshape(-1), with_grad=with_grad).reshape(N, T)
+    picked = head.logits(model, h).astype(mx.float32)  # (N * T, V)
     if temperature != 1.0:
         picked = picked * (1.0 / temperature)
-    chosen = mx.take_along_axis(picked, completion_ids[:, :, None], axis=-1)[..., 0]
-    return chosen - mx.logsumexp(picked, axis=-1)
+    chosen = mx.take_along_axis(picked, rows.comp.reshape(-1)[:, None], axis=-1)[:, 0]
+    return (chosen - mx.logsumexp(picked, axis=-1)).reshape(N, T)
 
 
 def lora_layers(model: nn.Module) -> list[Any]:
