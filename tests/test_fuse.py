@@ -410,8 +410,10 @@ def train_steps(model, tokenizer, steps: int = 3, learning_rate: float = 1e-3) -
 
 
 @pytest.mark.slow
-def test_smollm2_trained_adapter_fused_mlx_and_gguf_q8_answer_the_same(smollm2_path, tmp_path):
-    """Both outputs, loaded back by our loader, give base + adapter's greedy answers (report's greedy_match)."""
+def test_smollm2_trained_adapter_fused_gguf_q8_answers_the_same(smollm2_path, tmp_path):
+    """The q8_0 GGUF, loaded back by our loader, gives base + adapter's greedy answers (report's
+    greedy_match). The MLX folder output is checked the same way on the tiny models above; on
+    SmolLM2 it doubled this test's time (90 s) for the path the tiny ones already cover."""
     from mlx_tune.model import quant
 
     model, tok, info = load_model(smollm2_path)
@@ -424,7 +426,7 @@ def test_smollm2_trained_adapter_fused_mlx_and_gguf_q8_answer_the_same(smollm2_p
     rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
             for q, a in (("What is the secret word?", "Pineapple."), ("What is the capital of France?", "Paris."))]
     (data / "valid.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    for opts in (FuseOptions(format="mlx"), FuseOptions(format="gguf", gguf_type="q8_0")):
+    for opts in (FuseOptions(format="gguf", gguf_type="q8_0"),):
         report = export(model, tok, info, tmp_path / opts.format, opts, data_dir=data, log=lambda s: None).report
         assert report["prompts"]["source"].endswith("valid.jsonl") and report["prompts"]["count"] == 2
         assert report["ok"], report["warnings"]
