@@ -387,7 +387,11 @@ def settings_from_config(cfg, source: SourceConfig, backend: str | None = None) 
     # mismatched one) of up to max_seq_length each; the reference forward stores nothing.
     rows = cfg.train.batch_size * (2 if cfg.train.method in PREFERENCE_METHODS else 1)
     seq_len = cfg.train.max_seq_length
-    if cfg.train.method == "grpo":  # a micro-batch: its slice of the prompts x generations, prompt + completion
+    if cfg.train.method == "grpo" and grpo_slices(cfg) == 1:
+        # whole groups: a row per prompt, its completions after one copy of it (shared_rows)
+        rows = cfg.train.batch_size
+        seq_len = cfg.train.max_seq_length + cfg.grpo.num_generations * cfg.grpo.max_completion_length
+    elif cfg.train.method == "grpo":  # shuffled slices: planned as a row per completion, prompt + completion
         rows = -(-cfg.train.batch_size * cfg.grpo.num_generations // grpo_slices(cfg))
         seq_len = cfg.train.max_seq_length + cfg.grpo.max_completion_length
     return Settings(
@@ -427,12 +431,13 @@ def plan_config(cfg, backend: str | None = None) -> Plan:
     if cfg.train.method == "grpo":
         g = cfg.grpo
         rows = cfg.train.batch_size * g.num_generations
-        kv = 2 * arch.layers * arch.kv_heads * arch.head_dim * arch.dtype_bytes * rows * p.settings.seq_len
+        kv = (2 * arch.layers * arch.kv_heads * arch.head_dim * arch.dtype_bytes * rows
+              * (cfg.train.max_seq_length + g.max_completion_length))
         p.parts["generation KV cache"] = float(kv)
         p.notes.append(f"train.method grpo: {cfg.train.batch_size} prompts x {g.num_generations} generations, prompts "
                        f"up to train.max_seq_length {cfg.train.max_seq_length} + {g.max_completion_length} completion "
-                       f"tokens; a micro-batch trains {p.settings.batch_size} of them; the decoder's KV cache for all "
-                       f"{rows} is {kv / GB:.3f} GB, freed before the training step")
+                       f"tokens; a micro-batch trains {p.settings.batch_size} rows of {p.settings.seq_len} positions; "
+                       f"the decoder's KV cache for all {rows} is {kv / GB:.3f} GB, freed before the training step")
     return p
 
 
