@@ -17,7 +17,8 @@ Each side runs in its own process (its own peak memory), ``--steps`` timed optim
 one warm-up step:
 
 - ``mlx_tune`` / ``mlx_tune_hf``: ``training.run.run_train`` (train.method grpo), read back from
-  its metrics.jsonl (step and generation time, trained tokens).
+  its metrics.jsonl (step and generation time, trained tokens); ``--grad-checkpoint`` adds both
+  with ``train.grad_checkpoint: true`` (``mlx_tune_ckpt``, ``mlx_tune_hf_ckpt``).
 - ``mlx_lm_lora`` (``--rival-q4``: ``mlx_lm_lora_q4``): ``mlx_lm_lora.trainer.grpo_trainer.train_grpo``
   as ``mlx_lm_lora.train`` calls it (``GRPOTrainingArgs`` with the settings above), timed per
   iteration by its training callback; its ``generate_grpo`` is wrapped (module global) to time
@@ -34,7 +35,8 @@ mlx-lm-lora comes from the rivals environment (``make bench-rivals``: .venv-riva
 ``MLX_TUNE_RIVALS_PYTHON``; ``pip install --no-deps mlx-lm-lora`` beside mlx_tune's mlx-lm is
 enough); without it its side is reported as skipped.
 
-    scripts/python bench/bench_grpo_rivals.py [--steps 5] [--prompts 4 --generations 8 --tokens 12] [--json OUT]
+    scripts/python bench/bench_grpo_rivals.py [--steps 5] [--prompts 4 --generations 8 --tokens 12]
+        [--grad-checkpoint] [--json OUT]
     scripts/python bench/bench_grpo_rivals.py --quick        # a smoke run: 2 steps, 2 x 4 completions of 8 tokens
 """
 
@@ -58,7 +60,8 @@ from bench_train import MODEL, export_hf, rss_gb, run_side  # noqa: E402
 
 DATA = ROOT / "data" / "grpo_demo"
 RANK, ALPHA, LAYERS = 16, 32.0, 16
-SIDES = ("mlx_tune", "mlx_tune_hf", "mlx_lm_lora", "mlx_lm_lora_q4")
+SIDES = ("mlx_tune", "mlx_tune_hf", "mlx_tune_ckpt", "mlx_tune_hf_ckpt", "mlx_lm_lora", "mlx_lm_lora_q4")
+OURS = tuple(s for s in SIDES if s.startswith("mlx_tune"))
 
 
 def _rewards():
@@ -79,7 +82,7 @@ def _rows(n: int) -> list[dict]:
     return [json.loads(x) for x in (DATA / "train.jsonl").read_text().splitlines()[:n]]
 
 
-def side_mlx_tune(args, model_path: str) -> dict:
+def side_mlx_tune(args, model_path: str, grad_checkpoint: bool = False) -> dict:
     import yaml
 
     from mlx_tune.config import load_config
@@ -97,7 +100,7 @@ def side_mlx_tune(args, model_path: str) -> dict:
         cfg.pop("eval", None)
         cfg["lora"].update(rank=RANK, alpha=ALPHA, dropout=0.0, layers=LAYERS, target_modules="all-linear")
         cfg["train"].update(iters=steps, batch_size=args.prompts, learning_rate=args.lr, test=False,
-                            save_every=10**6, optimizer="adamw", weight_decay=0.0)
+                            save_every=10**6, optimizer="adamw", weight_decay=0.0, grad_checkpoint=grad_checkpoint)
         cfg["grpo"].update(reward_functions=[f"{DATA / 'rewards.py'}:{n}" for n in names],
                            num_generations=args.generations, max_completion_length=args.tokens, temperature=1.0,
                            top_p=1.0, beta=0.0, epsilon=0.2, loss_type="bnpo")
@@ -206,6 +209,8 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, help="max completion tokens (default 12)")
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--rival-q4", action="store_true", help="also mlx-lm-lora's 4-bit QLoRA of the float32 folder")
+    p.add_argument("--grad-checkpoint", action="store_true",
+                   help="also our two sides with train.grad_checkpoint (sides mlx_tune_ckpt, mlx_tune_hf_ckpt)")
     p.add_argument("--quick", action="store_true", help="2 steps of 2 x 4 completions of 8 tokens (a smoke run)")
     p.add_argument("--no-generation", action="store_true", help="skip the rollout vs server decode comparison")
     p.add_argument("--json")
@@ -222,7 +227,8 @@ def main(argv=None) -> int:
 
         ensure_fast_blas()
         if args.side.startswith("mlx_tune"):
-            result = side_mlx_tune(args, str(MODEL) if args.side == "mlx_tune" else args.hf_dir)
+            result = side_mlx_tune(args, args.hf_dir if "_hf" in args.side else str(MODEL),
+                                   grad_checkpoint=args.side.endswith("_ckpt"))
         else:
             result = side_mlx_lm_lora(args, args.hf_dir, q4=args.side == "mlx_lm_lora_q4")
         print(json.dumps(result))
@@ -240,7 +246,8 @@ def main(argv=None) -> int:
         export_hf(hf_dir)
         extra.append(f"--hf-dir={hf_dir}")
         rival = rival_python("mlx_lm_lora")
-        sides = ["mlx_tune", "mlx_tune_hf", "mlx_lm_lora"] + (["mlx_lm_lora_q4"] if args.rival_q4 else [])
+        sides = (["mlx_tune", "mlx_tune_hf"] + (["mlx_tune_ckpt", "mlx_tune_hf_ckpt"] if args.grad_checkpoint else [])
+                 + ["mlx_lm_lora"] + (["mlx_lm_lora_q4"] if args.rival_q4 else []))
         for side in sides:
             python = rival if side.startswith("mlx_lm_lora") else sys.executable
             if python is None:
@@ -281,7 +288,7 @@ def report(results: dict) -> None:
               f"{r['generation_tokens_per_sec']:>10.1f} {r['training_tokens_per_sec']:>12.1f} "
               f"{r['mlx_peak_gb']:>12.2f} {r['rss_gb']:>8.2f}")
     theirs = results.get("mlx_lm_lora", {})
-    for side in ("mlx_tune", "mlx_tune_hf"):
+    for side in OURS:
         ours = results.get(side, {})
         if "step_s" in ours and "step_s" in theirs:
             ratio = {k: ours[k] / theirs[k] for k in ("completions_per_sec_per_step", "generation_tokens_per_sec",
