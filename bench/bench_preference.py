@@ -9,8 +9,11 @@ response masks), same settings (LoRA r16, alpha 32, on every linear of every blo
 DPO sigmoid loss with beta 0.1, AdamW lr 1e-5, no dropout), each side in its own process:
 
 - ``mlx_tune``: ``training.loop.Step`` over ``preference.method_loss("dpo")``: chosen and
-  rejected packed in one forward pass, the vocabulary head only on response tokens, the
-  reference the same weights with the adapter off (a second, gradient-free forward).
+  rejected packed in one forward pass as the trainer lays them out (shared-prefix rows:
+  each pair's prompt once, both answers after it, so the batch's rows hold more pairs;
+  ``--plain-rows``: the batch and layout before, both sequences whole),
+  the vocabulary head only on response tokens, the reference the same weights with the
+  adapter off (a second, gradient-free forward).
 - ``mlx_tune precomputed``: the same with ``preference.precompute_reference``: reference
   log-probs computed once (``preference.reference_logps``, not timed) and fed in.
 - ``mlx_tune SFT``: an SFT step (``losses.batch_loss``, trained positions gathered) on the
@@ -31,7 +34,7 @@ is missing is reported as skipped. Tokens/s counts every real position of both s
 every pair (prompt included). Peak memory: ``mx.get_peak_memory()`` on the MLX sides and
 the process's peak RSS on all.
 
-    python bench/bench_preference.py [--quick] [--steps N] [--rival-steps N] [--batch-rows R]
+    python bench/bench_preference.py [--quick] [--steps N] [--rival-steps N] [--batch-rows R] [--plain-rows]
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ from bench_train import MODEL, compiled_step, export_hf, mlx_tune_step, print_ta
 
 RAW_PAIRS = ROOT / "data" / "dpo_demo_raw" / "pairs.jsonl"
 SEQ, RANK, ALPHA, LR, BETA = 256, 16, 32.0, 1e-5, 0.1
-ROWS = 4  # packed rows of 2 x SEQ slots per step (the DPO demo's batch: about 8 pairs a row)
+ROWS = 4  # packed rows of 2 x SEQ slots per step (the DPO demo's batch: about 8 pairs a row whole, 15 shared)
 LORA_TARGET, TRL_TARGET, SFT_RATIO_GOAL = 2.0, 1.5, 1.3
 SIDES = ("mlx_tune", "mlx_tune_pre", "mlx_tune_sft", "mlx_lm_lora", "trl")
 
@@ -62,9 +65,11 @@ SIDES = ("mlx_tune", "mlx_tune_pre", "mlx_tune_sft", "mlx_lm_lora", "trl")
 # ---------------------------------------------------------------------------
 
 
-def make_pairs(out: Path, work: Path, tokenizer, rows: int) -> dict:
+def make_pairs(out: Path, work: Path, tokenizer, rows: int, shared: bool = True) -> dict:
     """Convert the raw pairs (data_transform.py), tokenize them, take one packed batch of
-    ``rows`` rows; save its pairs (ids, response masks) and its row layout as JSON."""
+    ``rows`` rows as the trainer batches them for SmolLM2 (``shared``: shared-prefix rows,
+    each pair counted by its prompt once, so more pairs fill the rows); save its pairs (ids,
+    response masks) and its row layout as JSON."""
     from mlx_tune.data.pair_batches import PairStream
     from mlx_tune.data.pairs import load_pairs
 
@@ -72,7 +77,7 @@ def make_pairs(out: Path, work: Path, tokenizer, rows: int) -> dict:
     subprocess.run([sys.executable, str(ROOT / "data_transform.py"), str(RAW_PAIRS), "--out", str(conv),
                     "--valid-ratio", "0", "--test-ratio", "0", "--force"], check=True, capture_output=True, cwd=ROOT)
     ds = load_pairs(conv / "train.jsonl", tokenizer, max_seq_length=SEQ, use_cache=False)
-    stream = PairStream(ds, rows, SEQ, packing=True, seed=0)
+    stream = PairStream(ds, rows, SEQ, packing=True, seed=0, shared=shared)
     layout = stream.batch_rows(0)
     pairs, new_rows = [], []
     for row in layout:
@@ -82,7 +87,7 @@ def make_pairs(out: Path, work: Path, tokenizer, rows: int) -> dict:
             new_rows[-1].append(len(pairs))
             pairs.append({side: {"ids": ds.ids[s].tolist(), "mask": ds.train[s].astype(int).tolist()}
                           for side, s in (("chosen", c), ("rejected", r))})
-    data = {"pairs": pairs, "rows": new_rows}
+    data = {"pairs": pairs, "rows": new_rows, "shared": shared}
     out.write_text(json.dumps(data))
     return {"n_pairs": len(pairs), "n_tokens": n_positions(data),
             "n_response": sum(sum(p[s]["mask"][1:]) for p in pairs for s in ("chosen", "rejected")),
@@ -131,27 +136,34 @@ def _mlx_tune_model(hf_dir: str):
 
 
 def side_mlx_tune(data: dict, steps: int, hf_dir: str, precompute: bool) -> dict:
-    """mlx_tune's DPO step: live reference (adapter off), or precomputed reference log-probs."""
+    """mlx_tune's DPO step: live reference (adapter off), or precomputed reference log-probs;
+    the batch laid out as the trainer lays it out for this model (shared-prefix rows where
+    ``preference.shares_prefix``; ``--plain-rows``: both sequences of a pair whole, as before)."""
     import time
 
     import mlx.core as mx
 
     from mlx_tune.config import PreferenceConfig
+    from mlx_tune.data import batching
     from mlx_tune.data.pair_batches import collate_units
-    from mlx_tune.training.preference import method_loss, reference_logps
+    from mlx_tune.training.preference import method_loss, reference_logps, shares_prefix
 
     model, tokenizer, opt = _mlx_tune_model(hf_dir)
     ds = pair_dataset(data)
     pad = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0
-    batch = collate_units(ds, data["rows"], True, 2 * SEQ, pad)
+    shared = data["shared"] and shares_prefix(model, 2 * SEQ)
+    # the batch's rows (packed by the shared length when chosen so; re-packed whole if the model cannot share)
+    rows = data["rows"] if shared == data["shared"] else batching.pack(ds.lengths(), 2 * SEQ)
+    batch = collate_units(ds, rows, True, 2 * SEQ, pad, shared=shared)
     pre_s = None
     if precompute:  # once per dataset in a run (cached beside the token cache): not a step cost
         tic = time.perf_counter()
         ref = reference_logps(model, [batch], len(ds.ids))
         pre_s = time.perf_counter() - tic
-        batch = collate_units(ds, data["rows"], True, 2 * SEQ, pad, ref=ref)
+        batch = collate_units(ds, rows, True, 2 * SEQ, pad, ref=ref, shared=shared)
     loss = method_loss("dpo", PreferenceConfig(beta=BETA, loss_type="sigmoid"))
     out = timed(mlx_tune_step(model, opt, loss, batch), steps, mx)
+    out["layout"] = {"shared": shared, "rows": len(rows), "positions": int((batch.segment_ids >= 0).sum().item())}
     if pre_s is not None:
         out["precompute_s"] = pre_s
     return out
@@ -281,6 +293,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch-rows", type=int, help=f"packed rows of 2 x {SEQ} slots per step (default {ROWS}, quick 1)")
     p.add_argument("--layers", type=int, help="keep only the first N of the 30 blocks (quick: 4; a smoke run, "
                                               "not a measurement)")
+    p.add_argument("--plain-rows", action="store_true",
+                   help="the bench as before shared prefixes: the batch packed and laid out with both sequences of "
+                        "a pair whole (each prompt run twice)")
     p.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
     p.add_argument("--hf-dir", help=argparse.SUPPRESS)
     p.add_argument("--rows", help=argparse.SUPPRESS)  # the side's data file (bench_train.run_side)
@@ -327,7 +342,7 @@ def run_parent(args) -> int:
         hf = work / "hf"
         tokenizer = export_hf(hf, layers)
         data_path = work / "pairs.json"
-        info = make_pairs(data_path, work, tokenizer, rows)
+        info = make_pairs(data_path, work, tokenizer, rows, shared=not args.plain_rows)
         n_tokens = info["n_tokens"]
         print(f"data: {info['n_pairs']} pairs in {rows} packed row(s) of 2 x {SEQ} slots, {n_tokens} real positions "
               f"({info['n_response']} response tokens); LoRA all-linear r={RANK}, DPO sigmoid beta {BETA}, "
@@ -336,7 +351,11 @@ def run_parent(args) -> int:
         extra = ["--hf-dir", str(hf)]
         for side in ("mlx_tune", "mlx_tune_pre", "mlx_tune_sft"):
             results[side] = run_side(sys.executable, side, data_path, steps, extra, 1800, script=__file__)
-            print(f"{side}: {results[side]['step_s']:.2f} s/step", flush=True)
+            layout = results[side].get("layout")
+            where = "" if layout is None else (
+                f" ({'shared-prefix' if layout['shared'] else 'plain'} rows: {layout['rows']} row(s), "
+                f"{layout['positions']} positions run)")
+            print(f"{side}: {results[side]['step_s']:.2f} s/step{where}", flush=True)
         for side, module, n, label in (("mlx_lm_lora", "mlx_lm_lora", steps, "mlx-lm-lora"),
                                        ("trl", "trl, peft, torch", rival_steps, "TRL")):
             python = rival_python(module)
@@ -397,9 +416,10 @@ def report(results: dict, skipped: dict, n_tokens: int, info: dict) -> int:
                         "pass": r2 >= TRL_TARGET, "rival_tokens_per_sec": round(tr["tokens_per_sec"], 1)})
     cost = results["mlx_tune_pre"]["step_s"] / results["mlx_tune_sft"]["step_s"]
     cpu_cost = results["mlx_tune_pre"]["cpu_s"] / results["mlx_tune_sft"]["cpu_s"]
+    run = results["mlx_tune_pre"].get("layout", {}).get("positions", n_tokens)
     print(f"mlx_tune DPO step (precomputed reference) / SFT step on the chosen sides: {cost:.2f}x wall, "
-          f"{cpu_cost:.2f}x CPU seconds (goal <= {SFT_RATIO_GOAL}x; the DPO step runs {n_tokens} positions, "
-          f"the SFT step {info['n_chosen']})")
+          f"{cpu_cost:.2f}x CPU seconds (goal <= {SFT_RATIO_GOAL}x; the DPO step runs {run} positions for the "
+          f"pairs' {n_tokens}, the SFT step {info['n_chosen']})")
     targets.append({"name": "DPO step (precompute_reference) / SFT step on the same pairs' chosen sides",
                     "measured": round(cost, 3), "target": SFT_RATIO_GOAL, "unit": "x", "rival": None,
                     "pass": cost <= SFT_RATIO_GOAL, "cpu_seconds_ratio": round(cpu_cost, 3)})

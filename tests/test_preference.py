@@ -74,10 +74,12 @@ def test_pairs_share_the_prompt_and_train_only_the_responses(pair_data):
         assert not ct[:start].any() and ct[start:].any() and rt[start:].any()
 
 
-@pytest.mark.parametrize("packing", [True, False])
-def test_slot_logps_equal_each_sequence_alone_in_value_and_gradient(pair_data, packing):
+@pytest.mark.parametrize(("packing", "shared"), [(True, False), (False, False), (True, True)],
+                         ids=["packed", "unpacked", "shared-prefix"])
+def test_slot_logps_equal_each_sequence_alone_in_value_and_gradient(pair_data, packing, shared):
     model = _lora()
-    batch = next(PairStream(pair_data, 2, 64, packing=packing, seed=0))
+    batch = next(PairStream(pair_data, 2, 64, packing=packing, seed=0, shared=shared))
+    assert (batch.prefix_ids is not None) == shared
     seqs = [s for s in batch.slot_seqs if s >= 0]
     assert len(seqs) >= 4 and len(set(seqs)) == len(seqs)
     got = slot_logps(model, batch)

@@ -169,7 +169,7 @@ class BatchStream:
         self.dataset, self.batch_size, self.max_seq_length = dataset, batch_size, max_seq_length
         self.packing, self.seed, self.shuffle, self.loop = packing, seed, shuffle, loop
         self.rank, self.world_size, self.pad_id, self.pad_multiple = rank, world_size, pad_id, pad_multiple
-        lengths = dataset.lengths()
+        lengths = self.example_lengths()
         if packing:
             rows = pack(lengths, max_seq_length)
             rows.sort(key=lambda r: r[0])
@@ -188,6 +188,10 @@ class BatchStream:
             self.n_batches = -(-n_rows // batch_size)
         self._next = rank  # next global batch index this rank yields
         self._perm_epoch, self._perm = -1, None
+
+    def example_lengths(self) -> np.ndarray:
+        """The slots each example takes in a row (what packing fits)."""
+        return self.dataset.lengths()
 
     # -- position -----------------------------------------------------------
     def __len__(self) -> int:

@@ -59,13 +59,43 @@ class PairDataset:
     labels: np.ndarray | None = None  # kto: 1.0 desirable, 0.0 undesirable, per unit
     stats: DataStats = field(default_factory=DataStats)
     key: str = ""  # the token cache key (what precomputed reference log-probs are keyed on)
+    _prefix: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.units)
 
-    def lengths(self) -> np.ndarray:
-        """Slots each unit takes: both its sequences' n - 1."""
-        return np.array([sum(len(self.ids[s]) - 1 for s in u) for u in self.units], dtype=np.int64)
+    def lengths(self, shared: bool = False) -> np.ndarray:
+        """Slots each unit takes: both its sequences' n - 1, less its shared prefix once
+        (``prefix_lengths``) when ``shared``."""
+        full = np.array([sum(len(self.ids[s]) - 1 for s in u) for u in self.units], dtype=np.int64)
+        return full - self.prefix_lengths() if shared else full
+
+    def prefix_lengths(self) -> np.ndarray:
+        """Per unit, the input positions its two sequences share (``shared_prefix``), computed once."""
+        if self._prefix is None:
+            self._prefix = np.array([shared_prefix(self.ids[a], self.train[a], self.ids[b], self.train[b])
+                                     for a, b in self.units], dtype=np.int64)
+        return self._prefix
+
+
+def shared_prefix(ids_a: np.ndarray, train_a: np.ndarray, ids_b: np.ndarray, train_b: np.ndarray) -> int:
+    """How many input positions two sequences can run once for both: the longest ``k`` with
+    ``ids_a[:k] == ids_b[:k]`` and no loss on either side before position ``k - 1``.
+
+    Input position ``t`` reads ``ids[t]`` and predicts ``ids[t + 1]`` (trained where
+    ``train[t + 1]``), so positions ``0 .. k - 1`` compute the same hidden states for both
+    sides, and only the last of them, ``k - 1``, may predict a trained token (each side's own
+    ``ids[k]``, usually its first response token). ``k`` stops at the first differing token,
+    at each side's first trained token, and inside both sides' ``n - 1`` inputs; 0: none.
+    """
+    n = min(len(ids_a), len(ids_b)) - 1
+    differ = np.flatnonzero(ids_a[:n] != ids_b[:n])
+    k = int(differ[0]) if differ.size else max(n, 0)
+    for train in (train_a, train_b):
+        trained = np.flatnonzero(train[1:])
+        if trained.size:
+            k = min(k, int(trained[0]) + 1)
+    return k
 
 
 def _side_record(row: dict, side) -> tuple[dict, str]:

@@ -50,7 +50,8 @@ log = logging.getLogger(__name__)
 
 BATCH_ARRAYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions", "gather",
                 # preference unit batches (data.pair_batches)
-                "gslot", "gresp", "slot_tokens", "slot_all_tokens", "unit_weight", "labels", "ref_logps")
+                "gtargets", "gslot", "gresp", "prefix_ids", "slot_tokens", "slot_all_tokens", "unit_weight", "labels",
+                "ref_logps")
 
 
 class TrainingStopped(UserError):

@@ -20,6 +20,7 @@ batches rank, rank + world, ...), token-weighted gradients are summed over ranks
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -47,7 +48,7 @@ from mlx_tune.training.callbacks import MetricsLog, Progress, plot_losses
 from mlx_tune.training.loop import LoopSettings, LoopState, evaluate, train
 from mlx_tune.training.losses import batch_loss, eval_loss
 from mlx_tune.training.optim import build_optimizer
-from mlx_tune.training.preference import load_pair_splits, method_loss, precomputed_references
+from mlx_tune.training.preference import load_pair_splits, method_loss, precomputed_references, shares_prefix
 from mlx_tune.training.preference_losses import needs_reference
 from mlx_tune.training.recompute import grad_checkpoint
 from mlx_tune.training.result import TrainResult, fresh_output
@@ -138,6 +139,9 @@ def run_train(cfg: Config, *, log: Callable[[str], None] = print) -> TrainResult
     if packing and (reason := packing_support(model)) is not None:
         say(f"warning: train.packing: off for this model, training on unpacked rows: {reason}")
         packing = False
+    if preference and packing and shares_prefix(model, 2 * tc.max_seq_length):
+        # a unit's two sequences run their common prompt once (data.pair_batches): exact, and cheaper
+        stream_for = functools.partial(pair_stream_for, shared=True)
     # this rank's share of the batch
     local = dataclasses.replace(tc, batch_size=tc.batch_size // world, packing=packing)
 
