@@ -434,6 +434,11 @@ def plan_config(cfg, backend: str | None = None) -> Plan:
         kv = (2 * arch.layers * arch.kv_heads * arch.head_dim * arch.dtype_bytes * rows
               * (cfg.train.max_seq_length + g.max_completion_length))
         p.parts["generation KV cache"] = float(kv)
+        if p.settings.backend == "cpu" and p.settings.bits is not None:
+            # evaluation.live.serving_layers: a float32 copy of the quantized blocks (within
+            # 1 GiB) stays in for the whole run; sampling and the step both use it.
+            blocks = arch.params() - arch.vocab * arch.hidden * (1 if arch.tied else 2)
+            p.parts["serving layers: fp32 copy of the quantized blocks (CPU)"] = float(min(4 * blocks, 2**30))
         p.notes.append(f"train.method grpo: {cfg.train.batch_size} prompts x {g.num_generations} generations, prompts "
                        f"up to train.max_seq_length {cfg.train.max_seq_length} + {g.max_completion_length} completion "
                        f"tokens; a micro-batch trains {p.settings.batch_size} rows of {p.settings.seq_len} positions; "
