@@ -84,7 +84,7 @@ def read_dataset(path: str | Path, to: str | None = None, *, max_errors: int = 2
     records, lines, errors = convert_jsonl(path, convert, RecordError)
     if errors:
         raise bad_records(path, errors, "record(s)", max_errors=max_errors)
-    if not records:
+    if not records or to is None:  # (to is set by the first record)
         raise UserError(f"{path}: no records (the file is empty); run data_transform.py to build it")
     return Dataset(to, records, lines)
 
