@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchlib import emit_targets, free_port  # noqa: E402
+from benchlib import MODEL, emit_targets, start_serve  # noqa: E402
 
 from mlx_tune.runtime.blas import ensure_fast_blas  # noqa: E402
 
@@ -35,9 +35,7 @@ ensure_fast_blas()
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import os  # noqa: E402
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from concurrent.futures import ThreadPoolExecutor  # noqa: E402
@@ -45,8 +43,6 @@ from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 import httpx  # noqa: E402
 
 from mlx_tune.testing.schemas import SUITE  # noqa: E402
-
-MODEL = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def library_costs(tokenizer, vocab: int) -> dict:
@@ -95,25 +91,6 @@ def library_costs(tokenizer, vocab: int) -> dict:
     except ImportError:
         out["outlines_core"] = "not installed"
     return out
-
-
-def serve(log: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    cmd = [str(ROOT / "scripts" / "python"), "-m", "mlx_tune", "serve", "--model", str(MODEL), "--port", str(port),
-           "--log-level", "warning", "--max-batch", "16", "--no-studio"]
-    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        if proc.poll() is not None:
-            raise RuntimeError(log.read_text()[-2000:])
-        try:
-            if httpx.get(url + "/health", timeout=5).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError("server did not start")
 
 
 def request(name: str, schema: dict | None, temperature: float, seed: int, max_tokens: int) -> dict:
@@ -187,7 +164,8 @@ def main() -> int:
     print(json.dumps(costs, indent=1), flush=True)
     rounds = 1 if args.quick else 3
     with tempfile.TemporaryDirectory() as tmp:
-        proc, url = serve(Path(tmp) / "server.log")
+        proc, url = start_serve(["--model", str(MODEL), "--log-level", "warning", "--max-batch", "16", "--no-studio"],
+                                Path(tmp) / "server.log")
         try:
             speed = {}
             for clients in (1, 16):

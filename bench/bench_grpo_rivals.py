@@ -55,8 +55,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_preference import rival_python  # noqa: E402
-from bench_train import MODEL, export_hf, rss_gb, run_side  # noqa: E402
+from bench_train import export_hf, rss_gb, run_side  # noqa: E402
+from benchlib import MODEL, add_side_flags, rival_python  # noqa: E402
+
+from mlx_tune.atomic import write_text_atomic  # noqa: E402
 
 DATA = ROOT / "data" / "grpo_demo"
 RANK, ALPHA, LAYERS = 16, 32.0, 16
@@ -214,9 +216,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="2 steps of 2 x 4 completions of 8 tokens (a smoke run)")
     p.add_argument("--no-generation", action="store_true", help="skip the rollout vs server decode comparison")
     p.add_argument("--json")
-    p.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
-    p.add_argument("--hf-dir", help=argparse.SUPPRESS)
-    p.add_argument("--rows", help=argparse.SUPPRESS)  # unused (bench_train.run_side passes it)
+    add_side_flags(p, SIDES)  # --rows unused (bench_train.run_side passes it)
     args = p.parse_args(argv)
     for key, full, quick in (("steps", 5, 1), ("prompts", 4, 2), ("generations", 8, 4), ("tokens", 12, 8)):
         if getattr(args, key) is None:
@@ -268,7 +268,7 @@ def main(argv=None) -> int:
                                                               tokens=args.tokens))
     report(results)
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+        write_text_atomic(args.json, json.dumps(results, indent=1))
     return 0
 
 

@@ -48,7 +48,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_train import MODEL, compiled_step, export_hf, mlx_tune_step, peft_step, print_table, rivals_python, run_side, timed  # noqa: E402
+from bench_train import MODEL, compiled_step, export_hf, mlx_tune_step, peft_step, print_table, run_side, timed  # noqa: E402
+from benchlib import add_side_flags, rival_python, run_child  # noqa: E402
 
 RAW_DEMO = ROOT / "data" / "demo_raw" / "reviews.jsonl"
 ROWS, SEQ, RANK, ALPHA, LR = 4, 512, 16, 32.0, 1e-4
@@ -197,25 +198,16 @@ def main(argv=None) -> int:
     p.add_argument("--batch-rows", type=int, help=f"packed rows of {SEQ} slots per step (default {ROWS}, quick 2)")
     p.add_argument("--layers", type=int, help="keep only the first N of the 30 blocks (quick: 4; not a measurement)")
     p.add_argument("--only", choices=SETS, help="one data set only")
-    p.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
-    p.add_argument("--rows", help=argparse.SUPPRESS)  # the side's data file (bench_train.run_side)
-    p.add_argument("--hf-dir", help=argparse.SUPPRESS)
+    add_side_flags(p, SIDES)
     args = p.parse_args(argv)
 
     if args.side:
-        if args.side != "peft":
-            from mlx_tune.runtime.blas import ensure_fast_blas
-
-            ensure_fast_blas()
-        data = json.loads(Path(args.rows).read_text())
-        if args.side == "mlx_lm":
-            result = side_mlx_lm(data, args.steps, args.hf_dir)
-        elif args.side == "peft":
-            result = side_peft(data, args.steps, args.hf_dir)
-        else:
-            result = side_mlx_tune(data, args.steps, args.hf_dir, gather=args.side == "mlx_tune")
-        print(json.dumps(result))
-        return 0
+        return run_child(args.side, args.rows, {
+            "mlx_lm": lambda data: side_mlx_lm(data, args.steps, args.hf_dir),
+            "peft": lambda data: side_peft(data, args.steps, args.hf_dir),
+            "mlx_tune": lambda data: side_mlx_tune(data, args.steps, args.hf_dir, gather=True),
+            "mlx_tune_nogather": lambda data: side_mlx_tune(data, args.steps, args.hf_dir, gather=False),
+        }, torch_sides=("peft",))
 
     from mlx_tune.runtime.blas import ensure_fast_blas
 
@@ -229,7 +221,7 @@ def main(argv=None) -> int:
     rows = args.batch_rows or (2 if args.quick else ROWS)
     layers = args.layers or (4 if args.quick else None)
     sets = [args.only] if args.only else list(SETS)
-    rivals = rivals_python()
+    rivals = rival_python("torch, peft, transformers")
     results: dict[str, dict[str, dict]] = {}
     infos: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -48,10 +48,10 @@ import subprocess  # noqa: E402
 import time  # noqa: E402
 
 import mlx.core as mx  # noqa: E402
+from benchlib import MODEL, emit_targets  # noqa: E402
 
 from mlx_tune.atomic import write_text_atomic  # noqa: E402
 
-MODEL = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 WORK = ROOT / "outputs" / "bench_llamacpp"
 RESULTS = ROOT / "bench" / "results"
 PY = [str(ROOT / "scripts" / "python")]
@@ -387,11 +387,8 @@ def main(argv=None) -> int:
                 say(f"{name}: failed: {exc}")
                 targets.append(target(name, None, "runs", False, note=str(exc).splitlines()[0][:200]))
     say(f"({time.perf_counter() - start:.0f}s)")
-    text = json.dumps(targets, indent=2)
-    write_text_atomic(args.json, text + "\n")
     write_text_atomic(args.json.with_suffix(".log"), "\n".join(LOG) + "\n")
-    print(text)
-    return 0
+    return emit_targets(targets, args.json)
 
 
 if __name__ == "__main__":

@@ -52,6 +52,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_train import MODEL, compiled_step, export_hf, mlx_tune_step, print_table, rss_gb, run_side, timed  # noqa: E402
+from benchlib import add_side_flags, rival_python, run_child  # noqa: E402
 
 RAW_PAIRS = ROOT / "data" / "dpo_demo_raw" / "pairs.jsonl"
 SEQ, RANK, ALPHA, LR, BETA = 256, 16, 32.0, 1e-5, 0.1
@@ -274,17 +275,6 @@ def side_trl(data: dict, steps: int, hf_dir: str) -> dict:
 # ---------------------------------------------------------------------------
 
 
-def rival_python(module: str) -> str | None:
-    """The rivals' Python if it can import ``module`` (beside mlx_tune), else None."""
-    for cand in (os.environ.get("MLX_TUNE_RIVALS_PYTHON"), ROOT / ".venv-rivals" / "bin" / "python", sys.executable):
-        if cand and Path(cand).is_file():
-            ok = subprocess.run([str(cand), "-c", f"import {module}"], capture_output=True,
-                                env={**os.environ, "PYTHONPATH": str(ROOT)})
-            if ok.returncode == 0:
-                return str(cand)
-    return None
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="one packed row of pairs, the first 4 blocks, few steps (a smoke run)")
@@ -296,30 +286,17 @@ def main(argv=None) -> int:
     p.add_argument("--plain-rows", action="store_true",
                    help="the bench as before shared prefixes: the batch packed and laid out with both sequences of "
                         "a pair whole (each prompt run twice)")
-    p.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
-    p.add_argument("--hf-dir", help=argparse.SUPPRESS)
-    p.add_argument("--rows", help=argparse.SUPPRESS)  # the side's data file (bench_train.run_side)
+    add_side_flags(p, SIDES)
     args = p.parse_args(argv)
 
     if args.side:
-        data_path = Path(args.rows)
-        if args.side != "trl":
-            from mlx_tune.runtime.blas import ensure_fast_blas
-
-            ensure_fast_blas()
-        data = json.loads(data_path.read_text())
-        if args.side == "mlx_tune":
-            result = side_mlx_tune(data, args.steps, args.hf_dir, precompute=False)
-        elif args.side == "mlx_tune_pre":
-            result = side_mlx_tune(data, args.steps, args.hf_dir, precompute=True)
-        elif args.side == "mlx_tune_sft":
-            result = side_mlx_tune_sft(data, args.steps, args.hf_dir)
-        elif args.side == "mlx_lm_lora":
-            result = side_mlx_lm_lora(data, args.steps, args.hf_dir)
-        else:
-            result = side_trl(data, args.steps, args.hf_dir)
-        print(json.dumps(result))
-        return 0
+        return run_child(args.side, args.rows, {
+            "mlx_tune": lambda data: side_mlx_tune(data, args.steps, args.hf_dir, precompute=False),
+            "mlx_tune_pre": lambda data: side_mlx_tune(data, args.steps, args.hf_dir, precompute=True),
+            "mlx_tune_sft": lambda data: side_mlx_tune_sft(data, args.steps, args.hf_dir),
+            "mlx_lm_lora": lambda data: side_mlx_lm_lora(data, args.steps, args.hf_dir),
+            "trl": lambda data: side_trl(data, args.steps, args.hf_dir),
+        }, torch_sides=("trl",))
     return run_parent(args)
 
 

@@ -29,17 +29,15 @@ sys.path.insert(0, str(ROOT))
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import os  # noqa: E402
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 
 import httpx  # noqa: E402
-from benchlib import emit_targets, free_port  # noqa: E402
+from benchlib import MODEL, emit_targets, start_serve  # noqa: E402
 
-DEFAULT_MODEL = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL = MODEL
 
 
 def make_run(runs: Path, rows: int = 2000) -> Path:
@@ -50,26 +48,6 @@ def make_run(runs: Path, rows: int = 2000) -> Path:
             f.write(json.dumps({"step": i, "loss": 3.0 / (1 + i / 500), "learning_rate": 1e-4,
                                 "tokens_per_sec": 900.0, "peak_memory_gb": 1.2}) + "\n")
     return run
-
-
-def start(model: Path, runs: Path, studio: bool, log: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    cmd = [str(ROOT / "scripts" / "python"), "-m", "mlx_tune", "serve", "--model", str(model), "--port", str(port),
-           "--runs-dir", str(runs), "--log-level", "warning"] + ([] if studio else ["--no-studio"])
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {log.read_text()[-2000:]}")
-        try:
-            if httpx.get(url + "/health", timeout=5).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError("server did not start")
 
 
 def api_load(url: str, clients: int, seconds: float, kind: str) -> dict[str, float]:
@@ -160,7 +138,8 @@ def main() -> int:
         # Interleaved rounds, each starting one scenario later: drift and order hit every scenario alike.
         order = [scenarios[(i + r) % 3] for r in range(args.rounds) for i in range(3)]
         for label, studio, tabs in order:
-            proc, url = start(args.model, runs, studio, Path(tmp) / "server.log")
+            proc, url = start_serve(["--model", str(args.model), "--runs-dir", str(runs), "--log-level", "warning"]
+                                    + ([] if studio else ["--no-studio"]), Path(tmp) / "server.log")
             try:
                 api_load(url, args.clients, 2.0, "chat")  # warm-up
                 until = threading.Event()

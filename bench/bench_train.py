@@ -44,7 +44,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-MODEL = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+from benchlib import MODEL, add_side_flags, rival_python, run_child  # noqa: E402
+
 ROWS, SEQ, RANK, ALPHA, LR = 4, 512, 16, 32.0, 1e-4
 THROUGHPUT_TARGET, THROUGHPUT_AIM = 2.0, 2.5
 N_BLOCKS = 30  # SmolLM2-135M's transformer blocks
@@ -271,21 +272,6 @@ def export_hf(out_dir: Path, layers: int | None = None):
 # ---------------------------------------------------------------------------
 
 
-def rivals_python() -> str | None:
-    for cand in (os.environ.get("MLX_TUNE_RIVALS_PYTHON"), ROOT / ".venv-rivals" / "bin" / "python"):
-        if cand and Path(cand).is_file():
-            ok = subprocess.run([str(cand), "-c", "import torch, peft, transformers"], capture_output=True)
-            if ok.returncode == 0:
-                return str(cand)
-    try:
-        import peft  # noqa: F401
-        import torch  # noqa: F401
-
-        return sys.executable
-    except ImportError:
-        return None
-
-
 def run_side(python: str, side: str, rows: Path, steps: int, extra: list[str], timeout: float,
              script: str | Path = __file__) -> dict:
     """Run ``script --side SIDE --rows ROWS --steps N ...`` in a child process (its own peak
@@ -342,25 +328,15 @@ def main(argv=None) -> int:
     p.add_argument("--text", action="store_true", help="plain text rows, every position trained")
     p.add_argument("--dense", action="store_true", help="both MLX sides on the dequantized float32 weights")
     p.add_argument("--blocks", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--side", choices=["mlx_tune", "mlx_lm", "peft"], help=argparse.SUPPRESS)
-    p.add_argument("--rows", help=argparse.SUPPRESS)
-    p.add_argument("--hf-dir", help=argparse.SUPPRESS)
+    add_side_flags(p, ["mlx_tune", "mlx_lm", "peft"])
     args = p.parse_args(argv)
 
     if args.side:
-        if args.side != "peft":
-            from mlx_tune.runtime.blas import ensure_fast_blas
-
-            ensure_fast_blas()
-        rows = load_rows(Path(args.rows))
-        if args.side == "mlx_lm":
-            result = side_mlx_lm(rows, args.steps, args.blocks, args.dense)
-        elif args.side == "mlx_tune":
-            result = side_mlx_tune(rows, args.steps, args.dense)
-        else:
-            result = side_peft(rows, args.steps, args.hf_dir)
-        print(json.dumps(result))
-        return 0
+        return run_child(args.side, args.rows, {
+            "mlx_lm": lambda rows: side_mlx_lm(rows, args.steps, args.blocks, args.dense),
+            "mlx_tune": lambda rows: side_mlx_tune(rows, args.steps, args.dense),
+            "peft": lambda rows: side_peft(rows, args.steps, args.hf_dir),
+        }, torch_sides=("peft",), load=load_rows)
 
     from mlx_tune.runtime.blas import ensure_fast_blas
 
@@ -387,7 +363,7 @@ def main(argv=None) -> int:
         else:
             results["mlx-lm"] = extrapolated_mlx_lm(rows_path, rival_blocks, extra)
         print(f"mlx-lm:   {results['mlx-lm']['step_s']:.2f} s/step{results['mlx-lm'].get('how', '')}", flush=True)
-        rivals = rivals_python()
+        rivals = rival_python("torch, peft, transformers")
         if rivals is None:
             print("skipped: torch/peft not installed (bench/install_rivals.sh sets up .venv-rivals)")
         else:

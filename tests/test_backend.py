@@ -21,8 +21,8 @@ from mlx_tune.model.quant import CPUQuantizedLinear, prepare_for_backend
 from mlx_tune.planning.arch import arch_from_config
 from mlx_tune.planning.planner import Settings, plan
 from mlx_tune.runtime import backend
+from mlx_tune.testing.gguf_files import write_family_gguf
 from mlx_tune.testing.tiny import save_tiny_folder, tiny_config
-from tests.gguf_writer import write_tiny_gguf
 
 pytestmark = pytest.mark.accelerator
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,7 +82,7 @@ def test_loading_follows_the_path(tmp_path, qtype):
     """What a Mac gets when it loads a GGUF file: float16 compute and MLX's quantized layers;
     the CPU path gets float32 and the dequantize + sgemm layers. (A Hugging Face folder keeps
     its own dtype on both paths.)"""
-    path, _, _ = write_tiny_gguf(tmp_path / "m.gguf", qtype)
+    path = write_family_gguf(tmp_path / "m.gguf", "llama", types={"weight": qtype})
     model, _, _ = load_model(path, QuantizeConfig(bits=4, group_size=64))
     swapped = prepare_for_backend(model)  # as training, fuse and the server do after loading
     assert swapped == (15 if backend.on_cpu() else 0)

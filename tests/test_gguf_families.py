@@ -13,7 +13,7 @@ from mlx_tune.config import QuantizeConfig
 from mlx_tune.errors import ModelLoadError
 from mlx_tune.model.loading import load_model
 from mlx_tune.testing.families import FAMILIES
-from mlx_tune.testing.gguf_files import write_family_gguf
+from mlx_tune.testing.gguf_files import random_blocks, write_family_gguf
 from mlx_tune.testing.tiny import save_tiny_folder
 
 # Not in the accelerator suite: these compare two loadings of the same fp32 weights to 1e-4, which
@@ -112,45 +112,21 @@ def test_expert_stacks_in_q8_0_map_exactly(tmp_path):
     np.testing.assert_allclose(got, blocks, atol=1e-4)  # the same codes; fp16 output rounding only
 
 
-def random_blocks(ttype, rows: int, cols: int, seed: int = 0) -> np.ndarray:
-    """Valid bytes of a block type that starts with fp16 scales (Q4_K, Q5_K: d and dmin, then
-    6-bit sub-block scales and codes; IQ4_NL / IQ4_XS: d, then codes): random codes, small scales."""
-    block, size = gguf.GGML_QUANT_SIZES[ttype]
-    rng = np.random.default_rng(seed)
-    blocks = rng.integers(0, 256, size=(rows, cols // block, size), dtype=np.uint8)
-    blocks[..., 0:2] = np.full((rows, cols // block, 1), 0.002, dtype=np.float16).view(np.uint8)
-    if ttype in (T.Q4_K, T.Q5_K):
-        blocks[..., 2:4] = np.full((rows, cols // block, 1), 0.001, dtype=np.float16).view(np.uint8)
-    return blocks.reshape(rows, -1)
-
-
 @pytest.mark.parametrize("ttype", [T.Q4_K, T.Q5_K, T.IQ4_NL, T.IQ4_XS])
 def test_block_type_tensor_is_dequantized_and_requantized(tmp_path, ttype):
     """Types the gguf package can read but not write: dequantized as it does, re-quantized to the request."""
     from mlx_tune.model.gguf import read_gguf
 
-    path = write_family_gguf(tmp_path / "k.gguf", "qwen3", intermediate_size=256)
     raw = random_blocks(ttype, 64, 256)
-    # Swap one tensor for those bytes: rewrite the file with the same tensors otherwise.
-    reader = gguf.GGUFReader(str(path))
-    out = gguf.GGUFWriter(str(tmp_path / "k4.gguf"), "qwen3")
-    for name, fld in reader.fields.items():
-        if not name.startswith("GGUF.") and name != "general.architecture":
-            _copy_field(out, name, fld)
-    for t in reader.tensors:
-        shape = tuple(int(x) for x in reversed(t.shape.tolist()))
-        if t.name == "blk.0.ffn_down.weight":
-            out.add_tensor(t.name, raw, raw_dtype=ttype)
-        else:
-            out.add_tensor(t.name, np.asarray(t.data).reshape(shape))
-    out.write_header_to_file(), out.write_kv_data_to_file(), out.write_tensors_to_file(), out.close()
+    write_family_gguf(tmp_path / "k4.gguf", "qwen3", raw={"blk.0.ffn_down.weight": (raw, ttype)},
+                      intermediate_size=256)
     want = gguf.quants.dequantize(raw, ttype)
     assert want.shape == (64, 256) and np.isfinite(want).all()
     tensors, _ = read_gguf(tmp_path / "k4.gguf")
     np.testing.assert_array_equal(np.array(tensors["blk.0.ffn_down.weight"].array), want)
     model, _, info = load_model(tmp_path / "k4.gguf", QuantizeConfig(bits=8, group_size=32))
     down = model.model.layers[0].mlp.down_proj
-    assert down.bits == 8 and any("K-quant" in n for n in info.notes)
+    assert down.bits == 8 and any("re-quantized to affine 8-bit" in n for n in info.notes)
     got = np.array(mx.dequantize(down.weight, down.scales, down.biases, group_size=32, bits=8))
     assert np.abs(got - want).max() < 0.01 * np.abs(want).max()
 

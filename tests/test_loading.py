@@ -11,12 +11,13 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
+from mlx.utils import tree_flatten
 
 from mlx_tune.config import QuantizeConfig
 from mlx_tune.errors import ModelLoadError, UserError
 from mlx_tune.model.loading import load_model
-from mlx_tune.testing.tiny import tiny_model
-from tests.gguf_writer import write_tiny_gguf
+from mlx_tune.testing.gguf_files import random_blocks, write_family_gguf
+from mlx_tune.testing.tiny import tiny_config, tiny_model
 
 PROMPT = [1, 40, 50, 60, 70, 80, 2]
 
@@ -25,15 +26,14 @@ def logits(model, ids=PROMPT):
     return model(mx.array([ids]))[0].astype(mx.float32)
 
 
-def unpermute_reference(ref: dict, cfg: dict) -> dict:
-    """Dense weights as the HF model holds them (inverse of llama.cpp's permutation)."""
+def file_weights(qtype, **overrides) -> dict[str, np.ndarray]:
+    """The tiny llama's weights as a GGUF file of ``qtype`` holds them (HF names and layout):
+    each matrix through gguf's quantize and dequantize. Blocks run along a row, so llama.cpp's
+    Q/K row permutation does not change them."""
     out = {}
-    for k, v in ref.items():
-        heads = {"q_proj.weight": cfg["num_attention_heads"], "k_proj.weight": cfg["num_key_value_heads"]}
-        h = next((n for s, n in heads.items() if k.endswith(s)), None)
-        if h:
-            v = v.reshape(h, v.shape[0] // h // 2, 2, *v.shape[1:]).swapaxes(1, 2).reshape(v.shape)
-        out[k] = mx.array(np.asarray(v, dtype=np.float32))
+    for k, v in tree_flatten(tiny_model("llama", **overrides).parameters()):
+        a = np.array(v, dtype=np.float32)
+        out[k] = a if a.ndim == 1 or qtype == T.F32 else gguf.quants.dequantize(gguf.quants.quantize(a, qtype), qtype)
     return out
 
 
@@ -81,13 +81,13 @@ def test_quantize_at_load_and_mlx_quantized_folder(tiny_folder, tmp_path):
 
 @pytest.mark.parametrize("qtype", [T.F32, T.Q8_0, T.Q4_0, T.Q4_1])
 def test_gguf_exact_types_match_file_weights(tmp_path, qtype):
-    path, ref, cfg = write_tiny_gguf(tmp_path / "m.gguf", qtype)
+    path = write_family_gguf(tmp_path / "m.gguf", "llama", types={"weight": qtype})
     model, tok, info = load_model(path)
     assert info.kind == "gguf"
     expected = "quantized" if qtype != T.F32 else "dense"
     assert (info.quantization is not None) == (expected == "quantized")
     dense = tiny_model("llama")
-    dense.load_weights(list(unpermute_reference(ref, cfg).items()))
+    dense.load_weights([(k, mx.array(v)) for k, v in file_weights(qtype).items()])
     # Same weights (Q/K un-permuted, blocks mapped without loss): same logits.
     assert mx.allclose(logits(model), logits(dense), atol=5e-3, rtol=5e-3)  # fp16 scales
     assert tok.encode("hi there") == [74, 75, 223, 86, 74, 71, 84, 71]
@@ -95,10 +95,13 @@ def test_gguf_exact_types_match_file_weights(tmp_path, qtype):
 
 
 def test_gguf_k_quant_is_dequantized_and_requantized(tmp_path):
-    special = {"model.layers.0.mlp.down_proj.weight": T.Q6_K}
-    path, ref, cfg = write_tiny_gguf(tmp_path / "k.gguf", T.Q4_0, special=special, intermediate_size=256)
+    q6_k = random_blocks(T.Q6_K, tiny_config("llama")["hidden_size"], 256)
+    path = write_family_gguf(tmp_path / "k.gguf", "llama", types={"weight": T.Q4_0},
+                             raw={"blk.0.ffn_down.weight": (q6_k, T.Q6_K)}, intermediate_size=256)
+    ref = {**file_weights(T.Q4_0, intermediate_size=256),
+           "model.layers.0.mlp.down_proj.weight": gguf.quants.dequantize(q6_k, T.Q6_K)}
     model, _, info = load_model(path, QuantizeConfig(bits=8, group_size=32))
-    assert any("K-quant" in n for n in info.notes)
+    assert any("re-quantized to affine 8-bit" in n for n in info.notes)
     down = model.model.layers[0].mlp.down_proj
     assert isinstance(down, nn.QuantizedLinear) and down.bits == 8
     w = mx.dequantize(down.weight, down.scales, down.biases, group_size=32, bits=8)
@@ -173,7 +176,7 @@ def test_corrupt_and_truncated_files(tiny_folder, tmp_path):
     with pytest.raises(ModelLoadError, match="config.json: not valid JSON"):
         load_model(bad)
 
-    path, _, _ = write_tiny_gguf(tmp_path / "t.gguf", T.Q8_0)
+    path = write_family_gguf(tmp_path / "t.gguf", "llama", types={"weight": T.Q8_0})
     trunc = tmp_path / "trunc.gguf"
     trunc.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(ModelLoadError, match="trunc.gguf: not a readable GGUF"):

@@ -105,14 +105,20 @@ class LoRAAdapter(nn.Module):
     def __init__(self, in_dims: int, out_dims: int, rank: int = 8, alpha: float = 16.0,
                  dropout: float = 0.0, use_rslora: bool = False):
         super().__init__()
+        self._start(in_dims, (in_dims, rank), (rank, out_dims), rank, alpha, dropout, use_rslora)
+
+    def _start(self, in_dims: int, a_shape: tuple[int, ...], b_shape: tuple[int, ...], rank: int, alpha: float,
+               dropout: float, use_rslora: bool) -> None:
+        """The hyperparameters, A uniform in [-1/sqrt(in), 1/sqrt(in)] and B zero (a fresh
+        adapter changes nothing); subclasses give their own shapes of A and B."""
         check_hyperparameters(rank, alpha, dropout)
         self.rank, self.alpha, self.use_rslora = rank, float(alpha), bool(use_rslora)
         self.scale = lora_scale(rank, alpha, use_rslora)
         self.dropout_p = float(dropout)
         self.dropout = nn.Dropout(p=dropout)
         bound = 1.0 / math.sqrt(in_dims)
-        self.lora_a = mx.random.uniform(low=-bound, high=bound, shape=(in_dims, rank))
-        self.lora_b = mx.zeros((rank, out_dims))
+        self.lora_a = mx.random.uniform(low=-bound, high=bound, shape=a_shape)
+        self.lora_b = mx.zeros(b_shape)
 
     def set_trainable(self, flag: bool) -> None:
         """Freeze or unfreeze this adapter's own arrays (it has no parametrised children).

@@ -20,12 +20,10 @@ tool reads such files).
 
 from __future__ import annotations
 
-import math
-
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_tune.adapters.lora import LoRAAdapter, LoRALinear, check_hyperparameters, fuse_base, lora_scale
+from mlx_tune.adapters.lora import LoRAAdapter, LoRALinear, fuse_base
 from mlx_tune.model import quant
 
 
@@ -37,14 +35,8 @@ class SwitchLoRAAdapter(LoRAAdapter):
     def __init__(self, num_experts: int, in_dims: int, out_dims: int, rank: int = 8, alpha: float = 16.0,
                  dropout: float = 0.0, use_rslora: bool = False):
         nn.Module.__init__(self)
-        check_hyperparameters(rank, alpha, dropout)
-        self.rank, self.alpha, self.use_rslora = rank, float(alpha), bool(use_rslora)
-        self.scale = lora_scale(rank, alpha, use_rslora)
-        self.dropout_p = float(dropout)
-        self.dropout = nn.Dropout(p=dropout)
-        bound = 1.0 / math.sqrt(in_dims)
-        self.lora_a = mx.random.uniform(low=-bound, high=bound, shape=(num_experts, rank, in_dims))
-        self.lora_b = mx.zeros((num_experts, out_dims, rank))
+        self._start(in_dims, (num_experts, rank, in_dims), (num_experts, out_dims, rank), rank, alpha, dropout,
+                    use_rslora)
 
     def delta(self) -> mx.array:
         """The dense updates s * B[e] A[e] as one (E, out, in) float32 array."""

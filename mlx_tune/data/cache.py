@@ -110,6 +110,38 @@ def fit_example(ids: np.ndarray, train: np.ndarray, max_seq_length: int,
     return ids, train
 
 
+Sequence = tuple[np.ndarray, np.ndarray]  # (ids, train mask)
+
+
+def fit_units(units: Iterable[list[Sequence]], max_seq_length: int, truncation: str,
+              stats: DataStats) -> tuple[list[int], list[list[Sequence]]]:
+    """Each unit (one example, or the sequences a pair trains together) cut by ``fit_example``.
+
+    A unit is kept whole or left out whole: one sequence dropped drops it, counted in
+    ``stats`` (``dropped_long`` before ``dropped_untrained``); a kept unit counts once as
+    truncated if any of its sequences was cut, and its tokens are counted. Returns the
+    indices of the kept units and their cut sequences; ``stats.examples`` is their number.
+    """
+    kept: list[int] = []
+    out: list[list[Sequence]] = []
+    for k, unit in enumerate(units):
+        fits = [fit_example(i, m, max_seq_length, truncation) for i, m in unit]
+        if LONG in fits:
+            stats.dropped_long += 1
+            continue
+        if UNTRAINED in fits:
+            stats.dropped_untrained += 1
+            continue
+        cut = [f for f in fits if not isinstance(f, str)]
+        stats.truncated += any(len(i) < len(u[0]) for (i, _), u in zip(cut, unit))
+        for i, m in cut:
+            stats.count(i, m)
+        kept.append(k)
+        out.append(cut)
+    stats.examples = len(kept)
+    return kept, out
+
+
 @dataclass
 class TokenizedDataset:
     """Examples as (ids, train mask) numpy arrays, already cut to ``max_seq_length`` slots."""
@@ -190,21 +222,8 @@ def load_dataset(
             }
             write_file_atomic(cache_file, lambda tmp: np.savez(tmp, **arrays))
     stats = DataStats(path=str(path), format=fmt_used, prefix_mismatch=mismatch, cache_hit=hit)
-    out_ids, out_train = [], []
-    for i, m in zip(ids, masks):
-        fit = fit_example(i, m, max_seq_length, truncation)
-        if fit == LONG:
-            stats.dropped_long += 1
-            continue
-        if fit == UNTRAINED:
-            stats.dropped_untrained += 1
-            continue
-        i2, m2 = fit
-        stats.truncated += len(i2) < len(i)
-        out_ids.append(i2)
-        out_train.append(m2)
-        stats.count(i2, m2)
-    stats.examples = len(out_ids)
+    _, units = fit_units(([(i, m)] for i, m in zip(ids, masks)), max_seq_length, truncation, stats)
+    out_ids, out_train = [u[0][0] for u in units], [u[0][1] for u in units]
     if not out_ids:
         raise UserError(f"{path}: no usable example ({stats.summary()})")
     return TokenizedDataset(out_ids, out_train, stats)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from mlx_tune.data.preference import trainer_kind
-from mlx_tune.data.readers import read_jsonl_records
+from mlx_tune.data.readers import bad_records, convert_jsonl, read_jsonl_records
 from mlx_tune.data.records import RecordError, detect_shape, to_example
 from mlx_tune.data.render import RENDERERS, TRAINER_FORMATS, render
 from mlx_tune.errors import UserError
@@ -68,26 +68,23 @@ def read_dataset(path: str | Path, to: str | None = None, *, max_errors: int = 2
     """
     if to is not None and to not in RENDERERS:
         raise UserError(f"unknown data format {to!r}; use one of {', '.join(TRAINER_FORMATS)}")
-    records, lines, errors = [], [], []
-    for line, value, error in read_jsonl_records(path):
-        if error is None:
-            if type(value) is dict and ("chosen" in value or "rejected" in value or type(value.get("label")) is bool):
-                _refuse(path, line, value)
-            try:
-                ex = to_example(value)
-                if to is None:
-                    to = _NATURAL_FORMAT.get(ex.shape, "chat")
-                records.append(render(ex, to))
-                lines.append(line)
-                continue
-            except RecordError as exc:
-                _refuse(path, line, value)
-                error = str(exc)
-        errors.append(f"{path}:{line}: {error}")
+    def convert(line: int, value: Any) -> dict:
+        nonlocal to
+        if type(value) is dict and ("chosen" in value or "rejected" in value or type(value.get("label")) is bool):
+            _refuse(path, line, value)
+        try:
+            ex = to_example(value)
+            if to is None:
+                to = _NATURAL_FORMAT.get(ex.shape, "chat")
+            return render(ex, to)
+        except RecordError:
+            _refuse(path, line, value)
+            raise
+
+    records, lines, errors = convert_jsonl(path, convert, RecordError)
     if errors:
-        more = f"\n... and {len(errors) - max_errors} more" if len(errors) > max_errors else ""
-        raise UserError(f"{path}: {len(errors)} bad record(s):\n" + "\n".join(errors[:max_errors]) + more)
-    if not records:
+        raise bad_records(path, errors, "record(s)", max_errors=max_errors)
+    if not records or to is None:  # (to is set by the first record)
         raise UserError(f"{path}: no records (the file is empty); run data_transform.py to build it")
     return Dataset(to, records, lines)
 

@@ -30,17 +30,15 @@ import numpy as np
 from mlx_tune.atomic import write_file_atomic
 from mlx_tune.data.cache import (
     CACHE_VERSION,
-    LONG,
-    UNTRAINED,
     DataStats,
     default_cache_dir,
     file_hash,
-    fit_example,
+    fit_units,
     tokenizer_fingerprint,
 )
 from mlx_tune.data.masks import MaskPolicy
 from mlx_tune.data.preference import convert_preference, detect_mode
-from mlx_tune.data.readers import read_jsonl_records
+from mlx_tune.data.readers import bad_records, read_jsonl_records
 from mlx_tune.data.records import RecordError
 from mlx_tune.data.tokenize import tokenize_record
 from mlx_tune.errors import UserError
@@ -143,9 +141,7 @@ def read_units(path: Path, tokenizer, policy: MaskPolicy | None = None):
         sides.append(toks)
         labels.append(float(row["label"]) if kind == "kto" else 1.0)
     if errors:
-        more = f"\n... and {len(errors) - 20} more" if len(errors) > 20 else ""
-        raise UserError(f"{path}: {len(errors)} bad preference row(s) (data_transform.py --to preference "
-                        "fixes or skips them):\n" + "\n".join(errors[:20]) + more)
+        raise bad_records(path, errors, "preference row(s) (data_transform.py --to preference fixes or skips them)")
     if len(kinds) > 1:
         raise UserError(f"{path}: mixes preference pairs and KTO rows; keep one kind per file")
     if not sides:
@@ -212,27 +208,14 @@ def load_pairs(path: str | Path, tokenizer, *, max_seq_length: int, truncation: 
 def _cut(path: Path, kind: str, sides: list, labels: np.ndarray, max_seq_length: int, truncation: str,
          hit: bool) -> PairDataset:
     stats = DataStats(path=str(path), format=f"preference {kind}", cache_hit=hit)
+    kept, cut = fit_units(sides, max_seq_length, truncation, stats)
     ids: list[np.ndarray] = []
     train: list[np.ndarray] = []
     units: list[tuple[int, int]] = []
-    kept: list[int] = []
-    for k, unit in enumerate(sides):
-        fits = [fit_example(i, m, max_seq_length, truncation) for i, m in unit]
-        if LONG in fits:
-            stats.dropped_long += 1
-            continue
-        if UNTRAINED in fits:
-            stats.dropped_untrained += 1
-            continue
-        cut = [f for f in fits if not isinstance(f, str)]
-        stats.truncated += any(len(i) < len(u[0]) for (i, _), u in zip(cut, unit))
+    for unit in cut:
         units.append((len(ids), len(ids) + 1))
-        kept.append(k)
-        for i, m in cut:
-            ids.append(i)
-            train.append(m)
-            stats.count(i, m)
-    stats.examples = len(units)
+        ids += [i for i, _ in unit]
+        train += [m for _, m in unit]
     if not units:
         raise UserError(f"{path}: no usable pair ({stats.summary()}); raise train.max_seq_length")
     return PairDataset(ids, train, units, kind, labels[kept] if kind == "kto" else None, stats)

@@ -26,6 +26,7 @@ import csv
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from mlx_tune.data.json_reader import read_json, read_jsonl
 from mlx_tune.data.textio import Item, open_input, utf8_lines, utf8_reader
@@ -94,6 +95,38 @@ def read_records(
 def read_jsonl_records(path: str | Path, *, max_record_bytes: int = MAX_RECORD_BYTES) -> Iterator[Item]:
     """``read_records`` for a JSONL file whatever its name."""
     return read_records(path, "jsonl", max_record_bytes=max_record_bytes)
+
+
+def convert_jsonl(path: str | Path, convert: Callable[[int, Any], Any],
+                  catch: type[Exception] | tuple[type[Exception], ...] = ValueError) -> tuple[list, list[int], list[str]]:
+    """``convert(line, record)`` for every record of a JSONL file: ``(kept, their lines, errors)``.
+
+    A record that does not parse, or whose ``convert`` raises ``catch`` (the reason), is not
+    kept; its error reads ``file:line: reason`` (``bad_records`` words them as one error).
+    """
+    kept, lines, errors = [], [], []
+    for line, value, error in read_jsonl_records(path):
+        if error is None:
+            try:
+                kept.append(convert(line, value))
+                lines.append(line)
+                continue
+            except catch as exc:
+                error = str(exc)
+        errors.append(f"{path}:{line}: {error}")
+    return kept, lines, errors
+
+
+def bad_records(path: str | Path, errors: list[str], what: str, *, max_errors: int = 20,
+                one_line: bool = False) -> UserError:
+    """One ``UserError`` for a file's bad records: ``path: N bad WHAT:``, then the first
+    ``max_errors`` ``file:line: reason`` one a line (``one_line``: joined by ``; ``), and how many more."""
+    more = len(errors) - max_errors
+    if one_line:
+        tail = f" (and {more} more)" if more > 0 else ""
+        return UserError(f"{path}: {len(errors)} bad {what}: " + "; ".join(errors[:max_errors]) + tail)
+    tail = f"\n... and {more} more" if more > 0 else ""
+    return UserError(f"{path}: {len(errors)} bad {what}:\n" + "\n".join(errors[:max_errors]) + tail)
 
 
 def _read_delimited(stream, path, max_bytes: int, delimiter: str) -> Iterator[Item]:

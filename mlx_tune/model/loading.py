@@ -201,7 +201,8 @@ def _load_gguf(path: Path, quantize: QuantizeConfig | None):
         return False
 
     nn.quantize(model, class_predicate=layer_quant)
-    # K-quant tensors were dequantized: quantize them into the layers' MLX format.
+    # Tensors of block types with no exact MLX layout (K-quants, Q5_0/Q5_1, IQ, TQ) were
+    # dequantized: quantize them into the layers' MLX format.
     for name in dense_names:
         prefix = name.rsplit(".", 1)[0]
         if f"{prefix}.scales" in weights:
@@ -238,7 +239,8 @@ def _load_gguf(path: Path, quantize: QuantizeConfig | None):
         quantization={"mode": "affine", "bits": bits, "group_size": 32} if bits else None,
     )
     if dense_names:
-        info.notes.append(f"{len(dense_names)} K-quant tensors re-quantized to affine {requant.bits}-bit g{requant.group_size}")
+        info.notes.append(f"{len(dense_names)} tensors of block types with no exact MLX layout (K-quant, Q5_0/Q5_1, IQ, "
+                          f"TQ) re-quantized to affine {requant.bits}-bit g{requant.group_size}")
     return model, tokenizer, info
 
 

@@ -121,12 +121,36 @@ def add_tiny_tokenizer(w: Any) -> None:
     w.add_chat_template(CHATML_TEMPLATE)
 
 
+def random_blocks(ttype: Any, rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    """Valid bytes of a block type the gguf package reads but cannot write: random codes,
+    small scales (Q4_K, Q5_K: fp16 d and dmin first; IQ4_NL, IQ4_XS: fp16 d first; Q6_K:
+    16 int8 sub-block scales, then fp16 d, last). A ``(rows, bytes)`` uint8 array."""
+    import gguf
+    from gguf import GGMLQuantizationType as T
+
+    block, size = gguf.GGML_QUANT_SIZES[ttype]
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, size=(rows, cols // block, size), dtype=np.uint8)
+    if ttype == T.Q6_K:
+        blocks[..., 192:208] = rng.integers(1, 8, size=(rows, cols // block, 16), dtype=np.int8).view(np.uint8)
+        blocks[..., 208:210] = np.full((rows, cols // block, 1), 0.0005, dtype=np.float16).view(np.uint8)
+    elif ttype in (T.Q4_K, T.Q5_K, T.IQ4_NL, T.IQ4_XS):
+        blocks[..., 0:2] = np.full((rows, cols // block, 1), 0.002, dtype=np.float16).view(np.uint8)
+        if ttype in (T.Q4_K, T.Q5_K):
+            blocks[..., 2:4] = np.full((rows, cols // block, 1), 0.001, dtype=np.float16).view(np.uint8)
+    else:
+        raise ValueError(f"random_blocks: no layout known for {ttype.name}")
+    return blocks.reshape(rows, -1)
+
+
 def write_family_gguf(path: Path, model_type: str, seed: int = 0, types: dict | None = None, tied: bool = False,
-                      **overrides) -> Path:
+                      raw: dict | None = None, **overrides) -> Path:
     """Write the tiny ``model_type`` model (``tiny_model(model_type, seed, **overrides)``) as a
     GGUF file. ``types`` maps a GGUF tensor-name suffix (``ffn_down_exps.weight``) to a GGML
     type to store it in (default F32); 1-D tensors stay F32. ``tied`` leaves out the
-    ``output`` tensor (the converter's tied head) even where the model has an lm_head."""
+    ``output`` tensor (the converter's tied head) even where the model has an lm_head.
+    ``raw`` maps full GGUF tensor names to ``(bytes, type)`` written in place of the model's
+    weights (types gguf can read but not write, e.g. ``random_blocks``)."""
     import gguf
     from gguf.constants import MODEL_ARCH, MODEL_ARCH_NAMES
     from mlx.utils import tree_flatten
@@ -166,6 +190,10 @@ def write_family_gguf(path: Path, model_type: str, seed: int = 0, types: dict | 
             w.add_tensor(gname.replace("attn_kv_b", "attn_v_b") + ".weight", np.ascontiguousarray(kv_b[:, nope:]))
             continue
         full = f"{gname}.{suffix}"
+        if full in (raw or {}):
+            data, rtype = raw[full]  # type: ignore[index]
+            w.add_tensor(full, data, raw_dtype=rtype)
+            continue
         ttype = next((t for end, t in (types or {}).items() if full.endswith(end)), gguf.GGMLQuantizationType.F32)
         if a.ndim == 1 or ttype == gguf.GGMLQuantizationType.F32:
             w.add_tensor(full, a)

@@ -41,22 +41,16 @@ from mlx_tune.errors import UserError
 def read_prompt_rows(path: str | Path, max_errors: int = 20) -> list[dict]:
     """The prompt rows of a JSONL file, normalised; bad rows raise one ``UserError`` (file:line)."""
     from mlx_tune.data.preference import convert_prompts
-    from mlx_tune.data.readers import read_jsonl_records
+    from mlx_tune.data.readers import bad_records, convert_jsonl
 
-    rows, errors = [], []
-    for line, value, error in read_jsonl_records(path):
-        if error is None:
-            try:
-                if type(value) is dict and "completion" in value:
-                    raise ValueError("a row with a 'completion' is SFT data; GRPO needs prompt-only rows")
-                rows.append(convert_prompts(value)[0])
-                continue
-            except ValueError as exc:  # RecordError is a ValueError
-                error = str(exc)
-        errors.append(f"{path}:{line}: {error}")
+    def convert(_line: int, value: Any) -> dict:
+        if type(value) is dict and "completion" in value:
+            raise ValueError("a row with a 'completion' is SFT data; GRPO needs prompt-only rows")
+        return convert_prompts(value)[0]
+
+    rows, _lines, errors = convert_jsonl(path, convert)  # RecordError is a ValueError
     if errors:
-        more = f" (and {len(errors) - max_errors} more)" if len(errors) > max_errors else ""
-        raise UserError(f"{path}: {len(errors)} bad prompt row(s): " + "; ".join(errors[:max_errors]) + more)
+        raise bad_records(path, errors, "prompt row(s)", max_errors=max_errors, one_line=True)
     if not rows:
         raise UserError(f"{path}: no prompt rows; write them with data_transform.py --to prompts")
     return rows
