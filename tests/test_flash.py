@@ -147,3 +147,12 @@ def test_backward_memory_is_well_under_the_probabilities():
     plain = _backward_peak(lambda q, k, v: A.block_causal_attention(q, k, v, 0.2), q, k, v, w)
     # measured: ~36-40 MiB (a few 128-row blocks of scores) against ~100 MiB
     assert ours < 0.75 * probs < plain and ours < 0.5 * plain, (ours / 2**20, plain / 2**20)
+
+
+def test_a_row_that_sees_nothing_gives_zeros_not_nan():
+    q, k, v, w = _qkv(1, 2, 2, 20)
+    mask = mx.array(np.tril(np.ones((20, 20), bool)))[None, None]
+    mask = mx.where(mx.arange(20)[:, None] == 5, False, mask)  # row 5 sees no key
+    out = flash.flash_attention(q, k, v, 0.3, mask, block=8)
+    grads = mx.grad(lambda q, k, v: (flash.flash_attention(q, k, v, 0.3, mask, block=8) * w).sum(), (0, 1, 2))(q, k, v)
+    assert mx.all(out[:, :, 5] == 0).item() and all(mx.all(mx.isfinite(g)).item() for g in grads)

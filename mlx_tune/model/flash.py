@@ -89,11 +89,12 @@ def _forward(q, k, v, extra, scale, block, has_mask, has_sinks):
         m = sc.max(axis=-1, keepdims=True)
         if sink is not None:
             m = mx.maximum(m, sink)
-        m = mx.where(mx.isinf(m), 0.0, m)  # a row with nothing allowed: zeros, not NaN
+        m = mx.where(mx.isinf(m), 0.0, m)  # a row with nothing allowed (and no sink): output 0, not NaN
         p = mx.exp(sc - m)
         denom = p.sum(axis=-1, keepdims=True)
         if sink is not None:
             denom = denom + mx.exp(sink - m)
+        denom = mx.maximum(denom, 1e-30)  # >= 1 for any row with an allowed key; only empty rows change
         o = (p.reshape(B, Hkv, G * (e - s), e).astype(v.dtype) @ v[:, :, :e]).reshape(B, Hkv, G, e - s, Dv)
         outs.append((o.astype(mx.float32) / denom).astype(q.dtype))
         lses.append(m + mx.log(denom))
