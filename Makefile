@@ -56,7 +56,7 @@ LINT_PATHS := mlx_tune tests bench scripts data_transform.py test_mlx.py
 # mypy checks the typed seams: config objects, the loading return type, runtime, atomic
 # writes, and the adapter, training and export entry points.
 TYPED := mlx_tune/config.py mlx_tune/typed_config.py mlx_tune/errors.py mlx_tune/atomic.py mlx_tune/runtime mlx_tune/model/loading.py \
-	mlx_tune/model/attention.py mlx_tune/model/head.py mlx_tune/model/packing.py \
+	mlx_tune/model/attention.py mlx_tune/model/flash.py mlx_tune/model/attention_shapes.py mlx_tune/model/head.py mlx_tune/model/packing.py \
 	mlx_tune/adapters/__init__.py mlx_tune/adapters/inject.py mlx_tune/adapters/files.py mlx_tune/adapters/manager.py \
 	mlx_tune/training/run.py mlx_tune/export/fuse.py mlx_tune/adapters/trainable.py mlx_tune/training/full.py \
 	mlx_tune/export/full.py mlx_tune/planning/full.py \

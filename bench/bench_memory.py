@@ -25,6 +25,7 @@ point) under ``mx.set_memory_limit`` and a watchdog that stops a point cleanly w
 process grows past ``--max-gb`` (default 18 GB).
 
     python bench/bench_memory.py [--quick] [--out FILE] [--only small|7b|big] [--smoke] [--max-gb 18]
+                                 [--pick MODEL[@SEQ]]  (e.g. --only big --pick Llama-3.1-8B@8192)
 """
 
 from __future__ import annotations
@@ -396,6 +397,9 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per point")
     ap.add_argument("--keep", action="store_true", help="keep the points already in --out and run the rest")
     ap.add_argument("--rescore", metavar="FILE", help="recompute predictions and targets for a saved report")
+    ap.add_argument("--pick", metavar="MODEL[@SEQ]",
+                    help="run only the points whose model contains MODEL (and with SEQ tokens), "
+                         "e.g. --only big --pick Llama-3.1-8B@8192")
     ap.add_argument("--point", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.point:
@@ -411,6 +415,9 @@ def main() -> int:
     else:
         points = [] if args.only == "7b" else small_points(args.quick)
         points += [] if args.only == "small" else seven_b_points(args.quick)
+    if args.pick:
+        name, _, seq = args.pick.partition("@")
+        points = [p for p in points if name in p["model"] and (not seq or p["seq"] == int(seq))]
     results = []
     if args.keep and args.out and Path(args.out).is_file():
         results = [predict(r) for r in json.loads(Path(args.out).read_text())["results"] if "error" not in r]

@@ -258,3 +258,18 @@ def test_repo_configs_predicted_within_their_memory_limit(monkeypatch):
         cfg = load_config(path)
         p = plan_config(cfg, backend="cpu")
         assert p.total < (cfg.train.memory_limit_gb or 24) * GB, (path.name, p.total / GB)
+
+
+@pytest.mark.slow
+def test_flash_attention_prediction_within_15_percent_at_2048_rows():
+    """From attention_shapes.FLASH_MIN_LENGTH rows no T x T probabilities are kept (measured
+    316 MiB against 440 MiB with them, MLX 0.32 CPU); the planner's blockwise working set follows."""
+    from mlx_tune.model import attention_shapes
+    from mlx_tune.testing.tiny import tiny_config
+
+    L = attention_shapes.FLASH_MIN_LENGTH
+    measured = measure_trainer_step(True, L)
+    p = plan(arch_from_config(tiny_config("llama", **MEDIUM)),
+             Settings(batch_size=1, seq_len=L, grad_checkpoint=True, backend=planning_backend()))
+    assert any("query rows at a time" in n for n in p.notes) or planning_backend() == "cuda"
+    assert 0.85 <= measured / p.mlx_peak <= 1.15, (measured, p.mlx_peak, p.parts)

@@ -28,6 +28,12 @@ so under ``mx.compile`` they are ordinary inputs, never captured constants:
   attention (a rotary score depends on i - j only, and i - j is the same inside an
   example); learned absolute position tables cannot restart (``packing`` proves it).
 
+Long rows (``attention_shapes``) attend with ``flash.flash_attention`` on both paths: its
+backward recomputes the probabilities a query block at a time instead of keeping (L, L) of
+them per head. MLX's fused kernel does not help there on Metal (under autodiff it runs the
+unfused attention, forward and backward: MLX 0.32 ``ScaledDotProductAttention::use_fallback``),
+only CUDA's cuDNN backward does (``attention_shapes.cudnn_backward``).
+
 Backends: on Metal / CUDA the attention is ``mx.fast.scaled_dot_product_attention``.
 On the CPU, where ``exp`` is the wall, ``block_causal_attention`` is exact and cheaper:
 query block i only scores key blocks 0..i (the rest of a causal row is masked, so never
@@ -47,9 +53,10 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_tune.model import head
+from mlx_tune.model import attention_shapes, head
+from mlx_tune.model.flash import flash_attention
 from mlx_tune.model.head import body, head_module, lm_head
-from mlx_tune.runtime.backend import cpu_streams, on_cpu
+from mlx_tune.runtime.backend import cpu_streams, device_backend, on_cpu
 
 __all__ = ["attend", "block_causal_attention", "body", "enable_packing", "forward", "head_module",
            "hidden_states", "lm_head", "packed_mask", "window_limit"]
@@ -142,10 +149,25 @@ def packed_mask(segment_ids: mx.array, prefix_ids: mx.array | None = None) -> mx
     return mx.logical_and(same, causal)[:, None]
 
 
+def _fused_backward(q, v) -> bool:
+    """Whether ``mx.fast.scaled_dot_product_attention`` has a backward without the (L, L)
+    probabilities here: only CUDA's cuDNN one (``attention_shapes.cudnn_backward``)."""
+    if on_cpu() or device_backend() != "cuda":
+        return False
+    return attention_shapes.cudnn_backward(q.dtype.size, q.shape[-1], v.shape[-1], q.shape[2])
+
+
 def attend(q, k, v, scale: float, mask: mx.array | None, bias: mx.array | None = None,
            sinks: mx.array | None = None) -> mx.array:
     """Causal attention (``mask`` None) or masked by a boolean (B, 1, L, L) that includes
-    the causal part, with optional additive ``bias`` scores and per-head ``sinks``, per backend."""
+    the causal part, with optional additive ``bias`` scores and per-head ``sinks``, per backend.
+
+    Long rows (``attention_shapes.FLASH_MIN_LENGTH``) without ``bias`` take ``flash_attention`` unless MLX's
+    fused kernel has a backward of its own (``_fused_backward``). An additive bias
+    (deepseek's MLA rotary scores, a function of the trained q/k projections) keeps the
+    kernels below: its gradient is an (L, L) array anyway."""
+    if attention_shapes.flash_applies(q.shape[2], bias is not None) and not _fused_backward(q, v):
+        return flash_attention(q, k, v, scale, mask, sinks=sinks)
     if on_cpu():
         return block_causal_attention(q, k, v, scale, mask, bias=bias, sinks=sinks)
     if bias is not None:

@@ -22,7 +22,10 @@ or ``known_configs``) give every shape, and the peak of one LoRA training step i
   ``L`` blocks' sets live at the start of the backward; with checkpointing only each
   block's input ``N * D * a`` is kept and one block's set is rebuilt at a time. The
   backward of one block adds a working set: the attention scores' gradient chain
-  (``2 * a * B * H * T^2``) and the flowing gradients (``N * a * (2 D + 2 F)``);
+  (``2 * a * B * H * T^2``) and the flowing gradients (``N * a * (2 D + 2 F)``). From
+  ``attention_shapes.FLASH_MIN_LENGTH`` rows (and with CUDA's cuDNN backward) attention
+  keeps no probabilities: ``4 B H T`` log-sum-exps saved, and a working set of a few
+  fp32 ``B * H * block * T`` arrays (none with cuDNN);
 * **the loss**, as ``mlx_tune.training.losses`` computes it: chunks of ``2**23 / vocab`` tokens
   whose fp32 logits, their ``exp`` and the gradient's matmul input live (about three
   chunks at a time) instead of ``B x T x vocab``. On the CPU backend quantized matmuls run
@@ -64,6 +67,7 @@ import os
 from dataclasses import asdict, dataclass, field
 
 from mlx_tune.config import PREFERENCE_METHODS
+from mlx_tune.model import attention_shapes
 from mlx_tune.planning.arch import (
     ALL_LINEAR,
     EXPERT_LINEAR,
@@ -91,6 +95,7 @@ BLOCK_DENSE_COPIES = 1.0  # calibrated: a block's dense fp32 weights in its back
 LORA_STATE_COPIES = 4.0  # params, grads, AdamW m and v (fp32)
 LORA_UPDATE_COPIES = 1.0  # the update writes new params and moments, mostly into donated buffers
 WORKING_PROBS = 2.0  # gradient of the softmax probabilities and of the scores
+FLASH_WORKING_COPIES = 8.0  # measured: fp32 block x T arrays alive in flash's backward (B=1 H=4 T=2048: 36-40 MiB)
 WORKING_FLOWS = 4.0  # calibrated: gradients flowing through a block (and their fp32 LoRA copies)
 # calibrated: share of a full fine-tune's new weights and moments alive with the old ones (full
 # AdamW steps measured / planned: tests/test_memory.py's MEDIUM llama 1.07 (0.97 without
@@ -255,6 +260,15 @@ def plan(arch: Arch, s: Settings, origin: str = "") -> Plan:
     probs = a * s.batch_size * arch.heads * s.seq_len**2
     if s.backend == "cpu":  # block-causal attention computes only the blocks on or below the diagonal
         probs *= causal_block_fraction(s.seq_len)
+    attn_working = WORKING_PROBS * probs
+    cudnn = s.backend == "cuda" and attention_shapes.cudnn_backward(a, arch.head_dim, arch.head_dim, s.seq_len)
+    if cudnn or attention_shapes.flash_applies(s.seq_len, arch.model_type in attention_shapes.SCORE_BIAS_MODELS):
+        # flash / cuDNN attention: the row log-sum-exps saved; flash's backward scores a block at a time
+        probs = 4.0 * s.batch_size * arch.heads * s.seq_len
+        rows = 0 if cudnn else min(attention_shapes.FLASH_BLOCK, s.seq_len)
+        attn_working = FLASH_WORKING_COPIES * 4 * s.batch_size * arch.heads * rows * s.seq_len
+        notes.append("attention " + ("by cuDNN" if cudnn else f"recomputed {rows} query rows at a time")
+                     + " in the backward: no T x T probabilities kept")
     if arch.sliding_layers and s.seq_len > (arch.sliding_window or 0):
         notes.append(f"{arch.sliding_layers} of {arch.layers} layers attend within a {arch.sliding_window}-token "
                      "window; their scores are still computed over the whole causal row (masked), so they cost "
@@ -262,7 +276,7 @@ def plan(arch: Arch, s: Settings, origin: str = "") -> Plan:
     mlp_width = max(f if arch.dense_layers else 0, k * arch.moe_intermediate if experts else 0)
     saved_block = max(dense_saved if arch.dense_layers else 0.0, moe_saved) + PROBS_SAVED * probs
     saved_all = (arch.dense_layers * dense_saved + arch.moe_layers * moe_saved + arch.layers * PROBS_SAVED * probs)
-    working = WORKING_PROBS * probs + WORKING_FLOWS * n_tok * a * (2 * d + 2 * mlp_width)
+    working = attn_working + WORKING_FLOWS * n_tok * a * (2 * d + 2 * mlp_width)
     if s.grad_checkpoint:
         kept, kept_label = arch.layers * n_tok * d * a, f"kept block inputs ({arch.layers} x tokens x hidden)"
         block_phase = saved_block + working
