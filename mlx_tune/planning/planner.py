@@ -68,6 +68,7 @@ from dataclasses import asdict, dataclass, field
 
 from mlx_tune.config import PREFERENCE_METHODS
 from mlx_tune.model import attention_shapes
+from mlx_tune.planning import grpo
 from mlx_tune.planning.arch import (
     ALL_LINEAR,
     EXPERT_LINEAR,
@@ -275,13 +276,17 @@ def plan(arch: Arch, s: Settings, origin: str = "") -> Plan:
                      "what global layers do")
     mlp_width = max(f if arch.dense_layers else 0, k * arch.moe_intermediate if experts else 0)
     saved_block = max(dense_saved if arch.dense_layers else 0.0, moe_saved) + PROBS_SAVED * probs
-    saved_all = (arch.dense_layers * dense_saved + arch.moe_layers * moe_saved + arch.layers * PROBS_SAVED * probs)
+    # The backward stops at the lowest adapted block (LoRA on the top k: MLX keeps nothing for
+    # the frozen blocks below); a full or partial fine-tune reaches them all.
+    reach = arch.layers if (full or s.trainable) else adapted
+    saved_all = ((reach - min(reach, arch.moe_layers)) * dense_saved + min(reach, arch.moe_layers) * moe_saved
+                 + reach * PROBS_SAVED * probs)
     working = attn_working + WORKING_FLOWS * n_tok * a * (2 * d + 2 * mlp_width)
     if s.grad_checkpoint:
-        kept, kept_label = arch.layers * n_tok * d * a, f"kept block inputs ({arch.layers} x tokens x hidden)"
+        kept, kept_label = reach * n_tok * d * a, f"kept block inputs ({reach} x tokens x hidden)"
         block_phase = saved_block + working
     else:
-        kept, kept_label = saved_all, f"saved activations ({arch.layers} blocks)"
+        kept, kept_label = saved_all, f"saved activations ({reach} blocks)"
         block_phase = working
 
     # Loss phase, as ``losses`` runs it: on the CPU path a quantized head whose fp32 copy
@@ -401,12 +406,12 @@ def settings_from_config(cfg, source: SourceConfig, backend: str | None = None) 
     # mismatched one) of up to max_seq_length each; the reference forward stores nothing.
     rows = cfg.train.batch_size * (2 if cfg.train.method in PREFERENCE_METHODS else 1)
     seq_len = cfg.train.max_seq_length
-    if cfg.train.method == "grpo" and grpo_slices(cfg) == 1:
+    if cfg.train.method == "grpo" and grpo.slices(cfg) == 1:
         # whole groups: a row per prompt, its completions after one copy of it (shared_rows)
         rows = cfg.train.batch_size
         seq_len = cfg.train.max_seq_length + cfg.grpo.num_generations * cfg.grpo.max_completion_length
     elif cfg.train.method == "grpo":  # shuffled slices: planned as a row per completion, prompt + completion
-        rows = -(-cfg.train.batch_size * cfg.grpo.num_generations // grpo_slices(cfg))
+        rows = -(-cfg.train.batch_size * cfg.grpo.num_generations // grpo.slices(cfg))
         seq_len = cfg.train.max_seq_length + cfg.grpo.max_completion_length
     return Settings(
         batch_size=rows,
@@ -443,26 +448,8 @@ def plan_config(cfg, backend: str | None = None) -> Plan:
         p.notes.append(f"train.method {cfg.train.method}: the batch is {cfg.train.batch_size} units of two sequences "
                        f"(planned as {p.settings.batch_size} rows); the reference pass stores no activations")
     if cfg.train.method == "grpo":
-        g = cfg.grpo
-        rows = cfg.train.batch_size * g.num_generations
-        kv = (2 * arch.layers * arch.kv_heads * arch.head_dim * arch.dtype_bytes * rows
-              * (cfg.train.max_seq_length + g.max_completion_length))
-        p.parts["generation KV cache"] = float(kv)
-        if p.settings.backend == "cpu" and p.settings.bits is not None:
-            # evaluation.live.serving_layers: a float32 copy of the quantized blocks (within
-            # 1 GiB) stays in for the whole run; sampling and the step both use it.
-            blocks = arch.params() - arch.vocab * arch.hidden * (1 if arch.tied else 2)
-            p.parts["serving layers: fp32 copy of the quantized blocks (CPU)"] = float(min(4 * blocks, 2**30))
-        p.notes.append(f"train.method grpo: {cfg.train.batch_size} prompts x {g.num_generations} generations, prompts "
-                       f"up to train.max_seq_length {cfg.train.max_seq_length} + {g.max_completion_length} completion "
-                       f"tokens; a micro-batch trains {p.settings.batch_size} rows of {p.settings.seq_len} positions; "
-                       f"the decoder's KV cache for all {rows} is {kv / GB:.3f} GB, freed before the training step")
+        grpo.add_rollout_parts(p, cfg, arch)
     return p
-
-
-def grpo_slices(cfg) -> int:
-    """Micro-batches a GRPO generation batch is split into (TRL's steps_per_generation)."""
-    return cfg.grpo.steps_per_generation or cfg.train.grad_accumulation
 
 
 def format_plan(p: Plan, budget_bytes: float | None = None, fit: dict | None = None) -> str:
