@@ -139,7 +139,7 @@ def _mlx_tune_model(hf_dir: str):
 def side_mlx_tune(data: dict, steps: int, hf_dir: str, precompute: bool) -> dict:
     """mlx_tune's DPO step: live reference (adapter off), or precomputed reference log-probs;
     the batch laid out as the trainer lays it out for this model (shared-prefix rows where
-    ``preference.shares_prefix``; ``--plain-rows``: both sequences of a pair whole, as before)."""
+    ``packing.shares_prefix``; ``--plain-rows``: both sequences of a pair whole, as before)."""
     import time
 
     import mlx.core as mx
@@ -147,7 +147,8 @@ def side_mlx_tune(data: dict, steps: int, hf_dir: str, precompute: bool) -> dict
     from mlx_tune.config import PreferenceConfig
     from mlx_tune.data import batching
     from mlx_tune.data.pair_batches import collate_units
-    from mlx_tune.training.preference import method_loss, reference_logps, shares_prefix
+    from mlx_tune.model.packing import shares_prefix
+    from mlx_tune.training.preference import method_loss, reference_logps
 
     model, tokenizer, opt = _mlx_tune_model(hf_dir)
     ds = pair_dataset(data)

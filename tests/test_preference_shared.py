@@ -16,10 +16,11 @@ from mlx_tune.adapters import inject
 from mlx_tune.config import LoraConfig, PreferenceConfig
 from mlx_tune.data.pair_batches import PairStream, collate_units
 from mlx_tune.data.pairs import PairDataset, shared_prefix
+from mlx_tune.model.packing import shares_prefix
 from mlx_tune.testing.families import FAMILIES
 from mlx_tune.testing.tiny import tiny_model
 from mlx_tune.training.loop import Step, batch_arrays
-from mlx_tune.training.preference import method_loss, reference_logps, shares_prefix
+from mlx_tune.training.preference import method_loss, reference_logps
 
 pytestmark = pytest.mark.accelerator
 

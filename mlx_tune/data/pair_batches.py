@@ -195,7 +195,7 @@ def pair_stream_for(dataset: PairDataset, train_cfg, *, train: bool = True, rank
                     pad_id: int = 0, shared: bool = False) -> PairStream:
     """A PairStream configured from a ``TrainConfig`` (as ``batching.stream_for``); ORPO
     gathers the chosen prompts too (its NLL term). ``shared``: whether the model takes
-    shared-prefix rows (the trainer's ``preference.shares_prefix``)."""
+    shared-prefix rows (the trainer asks ``packing.shares_prefix``)."""
     return PairStream(dataset, train_cfg.batch_size, train_cfg.max_seq_length, packing=train_cfg.packing,
                       seed=train_cfg.seed, shuffle=train, loop=train, rank=rank, world_size=world_size, pad_id=pad_id,
                       nll_prompt=train_cfg.method == "orpo", shared=shared)

@@ -112,3 +112,13 @@ def packing_support(model) -> str | None:
         reason = str(exc)
     object.__setattr__(model, _REASON, reason)
     return reason
+
+
+def shares_prefix(model, row_width: int) -> bool:
+    """Whether ``model`` may be given shared-prefix rows (``attention.packed_mask``'s
+    ``prefix_ids``) of ``row_width`` positions: it packs exactly (``packing_support``) and no
+    sliding window is shorter than a row (a window counts row distance, and a continuation
+    sits further from its prompt in the row than its positions say). GRPO's groups and
+    preference units both ask it."""
+    limit = attention.window_limit(model)
+    return packing_support(model) is None and (limit is None or row_width <= limit)

@@ -295,16 +295,14 @@ def shared_rows(prompts: list[list[int]], completions: list[list[int]], pad_id: 
 
 
 def model_rows(model, prompts: list[list[int]], completions: list[list[int]]) -> Rows:
-    """``shared_rows`` where the model may be given packed rows (``packing.packing_support``)
-    within its sliding window, and some prompt has several completions; else ``pad_rows``."""
-    from mlx_tune.model.attention import window_limit
-    from mlx_tune.model.packing import packing_support
+    """``shared_rows`` where some prompt has several completions and the model takes such
+    rows (``packing.shares_prefix``); else ``pad_rows``."""
+    from mlx_tune.model.packing import packing_support, shares_prefix
 
     if len({tuple(p) for p in prompts}) == len(prompts) or packing_support(model) is not None:
         return pad_rows(prompts, completions)
     rows = shared_rows(prompts, completions)
-    limit = window_limit(model)
-    return rows if limit is None or rows.inputs.shape[1] <= limit else pad_rows(prompts, completions)
+    return rows if shares_prefix(model, rows.inputs.shape[1]) else pad_rows(prompts, completions)
 
 
 def completion_logps(model, rows: Rows, temperature: float = 1.0, with_grad: bool = True) -> mx.array:

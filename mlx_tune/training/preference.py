@@ -5,7 +5,7 @@ A sequence's log-prob is the sum over its response tokens of ``log p(y_t | y_<t)
 ``-token_ce`` over the gathered positions and their targets (``data.pair_batches``), summed
 per slot as ``onehot(gslot) @ logp`` (one small matmul, differentiable). Chosen and rejected
 (or a KTO row and its mismatched sequence) go through one forward pass of the policy; with
-packing, where the model allows it (``shares_prefix``), their common prompt runs once in
+packing, where the model allows it (``packing.shares_prefix``), their common prompt runs once in
 that pass (and once in the reference pass), each side's answer after it at its own
 positions, which computes what each sequence computes alone.
 
@@ -68,18 +68,6 @@ def slot_sums(model, batch, with_grad: bool = True) -> tuple[mx.array, mx.array]
     S = batch.slot_tokens.shape[0]
     onehot = (batch.gslot[None, :] == mx.arange(S, dtype=batch.gslot.dtype)[:, None]).astype(mx.float32)
     return onehot @ (lp * batch.gresp), onehot @ lp
-
-
-def shares_prefix(model, row_width: int) -> bool:
-    """Whether ``model`` takes shared-prefix unit rows (``data.pair_batches``) of
-    ``row_width`` slots: it packs exactly (``packing.packing_support``) and no sliding window
-    is shorter than a row (a window counts row distance; a side-1 suffix sits further from
-    its prefix in the row than its positions say)."""
-    from mlx_tune.model.attention import window_limit
-    from mlx_tune.model.packing import packing_support
-
-    limit = window_limit(model)
-    return packing_support(model) is None and (limit is None or row_width <= limit)
 
 
 def slot_logps(model, batch, with_grad: bool = True) -> mx.array:

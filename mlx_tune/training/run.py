@@ -41,14 +41,14 @@ from mlx_tune.errors import UserError
 from mlx_tune.model import quant
 from mlx_tune.model.chat_templates import require_chat_template, use_chat_template
 from mlx_tune.model.loading import load_model
-from mlx_tune.model.packing import packing_support
+from mlx_tune.model.packing import packing_support, shares_prefix
 from mlx_tune.training import checkpoint, full
 from mlx_tune.training.best import BestTracker, EvalMonitor
 from mlx_tune.training.callbacks import MetricsLog, Progress, plot_losses
 from mlx_tune.training.loop import LoopSettings, LoopState, evaluate, train
 from mlx_tune.training.losses import batch_loss, eval_loss
 from mlx_tune.training.optim import build_optimizer
-from mlx_tune.training.preference import load_pair_splits, method_loss, precomputed_references, shares_prefix
+from mlx_tune.training.preference import load_pair_splits, method_loss, precomputed_references
 from mlx_tune.training.preference_losses import needs_reference
 from mlx_tune.training.recompute import grad_checkpoint
 from mlx_tune.training.result import TrainResult, fresh_output
