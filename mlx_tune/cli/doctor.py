@@ -27,6 +27,7 @@ def run(args: argparse.Namespace) -> int:
               f" (found: {blas['openblas_found'] or 'no'}; sgemm from {blas['sgemm_from']})")
         if not blas["openblas_found"]:
             print("                install it: sudo apt-get install libopenblas0-pthread (about 50x faster fp32 matmul)")
+        print(f"CPU JIT flags   {info['jit_vector_flags'] or 'none (scalar fused kernels; needs g++ and an AVX2/FMA CPU)'}")
     mem = info["memory_gb"]
     print(f"memory          {mem.get('system_total', '?')} GB total, {mem.get('system_available', '?')} GB available")
     v = info["versions"]

@@ -89,8 +89,12 @@ def ensure_fast_blas(argv: list[str] | None = None) -> None:
 
     Call it first thing in an entry point, before anything imports mlx. It returns
     without doing anything on macOS, when OpenBLAS is absent or already loaded, when
-    the user opted out, or after one re-exec.
+    the user opted out, or after one re-exec. It also gives MLX's CPU JIT its vector
+    flags (``runtime.jit``), which needs no re-exec.
     """
+    from mlx_tune.runtime import jit
+
+    jit.enable()
     if find_openblas() is None or os.environ.get(_OPT_OUT) == "1":
         return
     if os.environ.get(_GUARD) == "1" or openblas_loaded():

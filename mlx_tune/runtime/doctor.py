@@ -43,6 +43,7 @@ def system_report() -> dict:
             "sgemm_from": sgemm_provider(),
             "fast": gflops > 50 or metal or cuda,
         },
+        "jit_vector_flags": _jit_flags(),
         "memory_gb": _memory_gb(),
         "versions": {"mlx_tune": __version__, "mlx": pkg("mlx"), "mlx-lm": pkg("mlx-lm"), "python": platform.python_version()},
         "platform": f"{platform.system()} {platform.machine()}",
@@ -53,6 +54,16 @@ def system_report() -> dict:
             int(mx.metal.device_info().get("max_recommended_working_set_size", 0)) / 2**30, 1
         )
     return info
+
+
+def _jit_flags() -> str | None:
+    """The flags MLX's CPU JIT gets from ``runtime.jit`` here, or None (not applied)."""
+    import os
+
+    from mlx_tune.runtime import jit
+
+    on = str(jit.cache_root() / "jit-bin") in os.environ.get("PATH", "").split(os.pathsep)
+    return jit.FLAGS if on else None
 
 
 def _memory_gb() -> dict:
