@@ -87,3 +87,20 @@ def cpu_streams(n: int) -> list:
     while len(_streams) < n:
         _streams.append(mx.new_stream(mx.cpu))
     return _streams[:n]
+
+
+def keep_freed_buffers(share: float = 0.25) -> None:
+    """On MLX's CPU device, let its allocator keep freed buffers for reuse, up to ``share``
+    of the system's memory. MLX's CPU default keeps 32 MB, so a training step's big
+    activations go back to the C library and every step faults fresh pages in (the kernel
+    zeroing them): a LoRA step of SmolLM2-135M on 4 x 512 tokens ran 23 s instead of 29.
+    MLX's Metal allocator keeps up to its memory limit by default; the CPU allocator never
+    gives cached buffers back under pressure, hence the smaller share. Peak MLX (active)
+    memory is unchanged; the process's resident size includes the cached buffers."""
+    if device_backend() != "cpu":
+        return
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    mx.set_cache_limit(int(total * share))

@@ -41,6 +41,7 @@ from mlx.utils import tree_map
 from mlx_tune import adapters
 from mlx_tune.config import Config, config_to_dict
 from mlx_tune.errors import UserError
+from mlx_tune.runtime.backend import keep_freed_buffers
 from mlx_tune.training import checkpoint, grpo_rollout
 from mlx_tune.training.callbacks import MetricsLog, Progress, plot_losses
 from mlx_tune.training.grpo_loss import LossSettings, group_advantages, grpo_loss, truncation_mask
@@ -231,6 +232,7 @@ class GrpoStep:
                  gen: Generation | None = None):
         self.model, self.optimizer, self.rollouts, self.settings = model, optimizer, rollouts, settings
         self.grad_clip, self.gen = grad_clip, gen
+        keep_freed_buffers()  # steps and rollouts reuse their buffers (CPU allocator; runtime.backend)
 
         temperature = rollouts.g.temperature
 

@@ -45,6 +45,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
 from mlx_tune.errors import UserError
+from mlx_tune.runtime.backend import keep_freed_buffers
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,7 @@ class Step:
 
     def __init__(self, model: nn.Module, optimizer: optim.Optimizer, loss_fn: Callable,
                  grad_clip: float | None = None, group: Any = None):
+        keep_freed_buffers()  # a step reuses its buffers (CPU allocator; runtime.backend)
         self.state = [model.state, optimizer.state, mx.random.state]
         world = group.size() if group is not None else 1
 
