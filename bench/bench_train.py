@@ -110,7 +110,7 @@ def side_mlx_tune(rows: dict, steps: int, dense: bool = False) -> dict:
     from mlx_tune import adapters
     from mlx_tune.config import LoraConfig
     from mlx_tune.data.batching import Batch
-    from mlx_tune.model import quant
+    from mlx_tune.model import packing, quant
     from mlx_tune.model.loading import load_model
     from mlx_tune.training.losses import batch_loss
 
@@ -118,6 +118,8 @@ def side_mlx_tune(rows: dict, steps: int, dense: bool = False) -> dict:
     quant.prepare_for_backend(model)
     mx.random.seed(0)
     adapters.inject(model, LoraConfig(rank=RANK, alpha=ALPHA, dropout=0.0, target_modules="all-linear"))
+    # what `mlx-tune train` tells a packed model: its longest example (training.run)
+    packing.set_reach(model, int(rows["positions"][rows["real"]].max()) + 1)
     batch = Batch(**{k: mx.array(rows[k]) for k in ("inputs", "targets", "loss_mask", "segment_ids", "positions")})
     return timed(mlx_tune_step(model, optim.AdamW(learning_rate=LR), batch_loss, batch), steps, mx)
 

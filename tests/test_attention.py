@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
@@ -148,3 +149,76 @@ def test_learned_absolute_positions_fall_back_not_fail():
                        n_ctx=128)
     reason = packing_support(model)
     assert reason is not None and "does not compute what it computes alone" in reason
+
+
+@pytest.mark.parametrize("lengths,tile,sinks", [([30, 1, 17, 32, 9, 32, 7], 32, False),
+                                                ([16, 16, 5, 11, 16], 16, True),
+                                                ([64, 3, 60], 64, False)])
+def test_band_attention_equals_block_causal(lengths, tile, sinks):
+    """The band of key tiles holds every key a packed query may see: values and gradients
+    equal the causal kernel's on rows whose examples are at most ``tile`` long."""
+    L = 4 * tile if sum(lengths) <= 4 * tile else 8 * tile
+    q, k, v = _qkv(L=L, seed=3)
+    seg, _ = _segments(2, L, lengths)
+    mask = A.packed_mask(seg)
+    s = mx.random.normal((q.shape[1],)) if sinks else None
+    # padding (its own segment, longer than a tile) is not exact and never trained: weight 0
+    real = mx.array((np.array(seg) >= 0)[:, None, :, None])
+    w = mx.random.normal(q.shape) * real
+
+    def band(q, k, v):
+        return (A.band_attention(q, k, v, 0.25, mask, tile, sinks=s) * w).sum()
+
+    def ref(q, k, v):
+        return (A.block_causal_attention(q, k, v, 0.25, mask, sinks=s) * w).sum()
+
+    out, ref_out = A.band_attention(q, k, v, 0.25, mask, tile, sinks=s), A.block_causal_attention(q, k, v, 0.25, mask, sinks=s)
+    assert mx.allclose(out * real, ref_out * real, atol=1e-5).item()
+    g1 = mx.compile(mx.grad(band, argnums=(0, 1, 2)))(q, k, v)
+    g2 = mx.grad(ref, argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(g1, g2):
+        assert mx.allclose(a, b, atol=1e-4, rtol=1e-4).item()
+
+
+def test_band_tile_only_where_it_saves_work():
+    assert A.band_tile(512, 36) == 64 and A.band_tile(512, 64) == 64 and A.band_tile(512, 65) == 128
+    assert A.band_tile(512, 3) == 16  # at least 16
+    assert A.band_tile(512, 129) is None  # a 256 tile is over a quarter of the row
+    assert A.band_tile(500, 36) is None  # does not divide the row
+    assert A.band_tile(512, None) is None
+
+
+def test_reach_gives_the_same_loss_and_gradients():
+    """A packed model told its longest example (``packing.set_reach``) trains exactly as
+    without: same hidden states, same LoRA gradients; shared-prefix rows ignore it."""
+    from mlx_tune import adapters
+    from mlx_tune.config import LoraConfig
+    from mlx_tune.model.packing import set_reach
+
+    model = tiny_model("llama", seed=4)
+    adapters.inject(model, LoraConfig(rank=4, alpha=8.0, dropout=0.0, target_modules="all-linear"))
+    lengths = [12, 16, 3, 16, 9, 7]
+    rng = np.random.default_rng(1)
+    L = 64
+    row = mx.array(rng.integers(3, 250, size=(2, L)).astype(np.int32))
+    seg, pos = _segments(2, L, lengths)
+    real = mx.array((np.array(seg) >= 0).astype(np.float32))
+
+    def loss():
+        return (A.hidden_states(model, row, seg, pos).sum(axis=-1) * real).sum()
+
+    def run():
+        value, grads = nn.value_and_grad(model, loss)()
+        return value, dict(tree_flatten(grads))
+
+    set_reach(model, None)
+    v0, g0 = run()
+    set_reach(model, max(lengths))
+    assert A.band_tile(L, max(lengths)) == 16
+    v1, g1 = run()
+    set_reach(model, None)
+    assert not hasattr(model, A.REACH)
+    assert abs(v0.item() - v1.item()) <= 1e-4 * abs(v0.item())
+    assert g0.keys() == g1.keys() and len(g0) > 0
+    for name in g0:
+        assert mx.allclose(g0[name], g1[name], atol=1e-4, rtol=1e-3).item(), name

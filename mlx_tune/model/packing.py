@@ -122,3 +122,16 @@ def shares_prefix(model, row_width: int) -> bool:
     preference units both ask it."""
     limit = attention.window_limit(model)
     return packing_support(model) is None and (limit is None or row_width <= limit)
+
+
+def set_reach(model, longest: int | None) -> None:
+    """Tell the attention that no packed example of this run is longer than ``longest``
+    tokens (None: forget it), so a query never needs a key that many rows back or more and
+    the CPU path may score a band of key tiles (``attention.band_attention``) instead of
+    the causal triangle. Exact only while it holds: the trainer sets it from every split it
+    packs and clears it when training ends. Shared-prefix rows ignore it."""
+    if longest is None:
+        if hasattr(model, attention.REACH):
+            object.__delattr__(model, attention.REACH)
+    else:
+        object.__setattr__(model, attention.REACH, int(longest))

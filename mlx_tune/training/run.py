@@ -41,7 +41,7 @@ from mlx_tune.errors import UserError
 from mlx_tune.model import quant
 from mlx_tune.model.chat_templates import require_chat_template, use_chat_template
 from mlx_tune.model.loading import load_model
-from mlx_tune.model.packing import packing_support, shares_prefix
+from mlx_tune.model.packing import packing_support, set_reach, shares_prefix
 from mlx_tune.training import checkpoint, full
 from mlx_tune.training.best import BestTracker, EvalMonitor
 from mlx_tune.training.callbacks import MetricsLog, Progress, plot_losses
@@ -139,6 +139,10 @@ def run_train(cfg: Config, *, log: Callable[[str], None] = print) -> TrainResult
     if packing and (reason := packing_support(model)) is not None:
         say(f"warning: train.packing: off for this model, training on unpacked rows: {reason}")
         packing = False
+    if packing and not preference:
+        # No packed example of this run (any split) is longer than this: the CPU attention
+        # scores only the key tiles an example can reach (attention.band_attention).
+        set_reach(model, max((len(ids) - 1 for ds in splits.values() for ids in ds.ids), default=None))
     if preference and packing and shares_prefix(model, 2 * tc.max_seq_length):
         # a unit's two sequences run their common prompt once (data.pair_batches): exact, and cheaper
         stream_for = functools.partial(pair_stream_for, shared=True)
@@ -233,6 +237,7 @@ def run_train(cfg: Config, *, log: Callable[[str], None] = print) -> TrainResult
     if state.interrupted:
         for t in trackers:
             t.close()
+        set_reach(model, None)
         return result
     if state.stop_reason:
         say(f"stopped at step {state.step}: {state.stop_reason}")
@@ -263,6 +268,7 @@ def run_train(cfg: Config, *, log: Callable[[str], None] = print) -> TrainResult
         result.plot = plot_losses(out / "metrics.jsonl", out / "loss.png")
         for t in trackers:
             t.finish(config_to_dict(cfg), result.plot)
+    set_reach(model, None)
     return result
 
 
