@@ -128,7 +128,7 @@ def side_mlx_tune(data: dict, steps: int, hf_dir: str, gather: bool) -> dict:
     from mlx_tune import adapters
     from mlx_tune.config import LoraConfig
     from mlx_tune.data import batching
-    from mlx_tune.model import quant
+    from mlx_tune.model import packing, quant
     from mlx_tune.model.loading import load_model
     from mlx_tune.training.losses import batch_loss
 
@@ -142,6 +142,7 @@ def side_mlx_tune(data: dict, steps: int, hf_dir: str, gather: bool) -> dict:
                          train=[np.array(e["mask"], dtype=bool) for e in data["examples"]])
     pad = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0
     batch = batching.collate(ds, data["rows"], data["width"], True, pad)
+    packing.set_reach(model, max(len(i) - 1 for i in ds.ids))  # what `mlx-tune train` tells a packed model
     out = timed(mlx_tune_step(model, optim.AdamW(learning_rate=LR), batch_loss, batch), steps, mx)
     out["gathered"] = 0 if batch.gather is None else int(batch.gather.shape[0])
     return out
