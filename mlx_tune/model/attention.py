@@ -141,8 +141,7 @@ FAST_SOFTMAX = True  # False: MLX's Softmax primitive (module level, for benchma
 
 @mx.custom_function
 def _softmax_fn(x):
-    m = mx.stop_gradient(x.max(axis=-1, keepdims=True))
-    e = mx.exp(x - m)
+    e = mx.exp(x - x.max(axis=-1, keepdims=True))  # the vjp below is the whole gradient
     return e / e.sum(axis=-1, keepdims=True)
 
 
@@ -243,11 +242,10 @@ def attend(q, k, v, scale: float, mask: mx.array | None, bias: mx.array | None =
 
     ``reach``: no query sees a key this many rows back or more (``packing.set_reach``);
     on the CPU, rows long enough for it take ``band_attention`` (``band_tile``)."""
-    tile = None
     if mask is not None and bias is None and mask.ndim == 4 and mask.shape[1] == 1 and on_cpu():
         tile = band_tile(q.shape[2], reach)
-    if tile is not None and mask is not None:
-        return band_attention(q, k, v, scale, mask, tile, sinks=sinks)
+        if tile is not None:
+            return band_attention(q, k, v, scale, mask, tile, sinks=sinks)
     if attention_shapes.flash_applies(q.shape[2], bias is not None) and not _fused_backward(q, v):
         return flash_attention(q, k, v, scale, mask, sinks=sinks)
     if on_cpu():

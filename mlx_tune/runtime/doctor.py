@@ -58,12 +58,9 @@ def system_report() -> dict:
 
 def _jit_flags() -> str | None:
     """The flags MLX's CPU JIT gets from ``runtime.jit`` here, or None (not applied)."""
-    import os
-
     from mlx_tune.runtime import jit
 
-    on = str(jit.cache_root() / "jit-bin") in os.environ.get("PATH", "").split(os.pathsep)
-    return jit.FLAGS if on else None
+    return jit.FLAGS if jit.active() else None
 
 
 def _memory_gb() -> dict:

@@ -143,16 +143,19 @@ def drop_unmarked(kernel_dir: Path) -> int:
     return dropped
 
 
+def active() -> bool:
+    """Whether this process's PATH starts MLX's compiler through the wrapper (``enable``)."""
+    return str(cache_root() / "jit-bin") in os.environ.get("PATH", "").split(os.pathsep)
+
+
 def enable(mlx_version: str | None = None) -> bool:
     """Put the flag-adding ``g++`` first on PATH for this process; True when it applies.
     Call before MLX builds its first kernel (entry points: ``blas.ensure_fast_blas``)."""
     if os.environ.get(OPT_OUT) == "1" or not cpu_has_flags():
         return False
-    root = cache_root()
-    bin_dir = root / "jit-bin"
-    path = os.environ.get("PATH", "")
-    if str(bin_dir) in path.split(os.pathsep):
+    if active():
         return True  # a parent did it (its children inherit PATH)
+    root = cache_root()
     compiler = shutil.which("g++")
     if compiler is None:
         return False
@@ -166,7 +169,8 @@ def enable(mlx_version: str | None = None) -> bool:
         return False  # read-only home: plain kernels, still correct
     if mlx_version:
         drop_unmarked(mlx_kernel_dir(mlx_version))
-    os.environ["PATH"] = os.pathsep.join([str(bin_dir), path]) if path else str(bin_dir)
+    bin_dir, path = str(root / "jit-bin"), os.environ.get("PATH", "")
+    os.environ["PATH"] = os.pathsep.join([bin_dir, path]) if path else bin_dir
     return True
 
 
