@@ -69,6 +69,26 @@ def test_live_answers_are_batched_greedy_and_leave_the_training_model_as_it_was(
     assert set(accuracy_metrics(report)) == {"eval_accuracy", "eval_accuracy_contains", "eval_accuracy_regex"}
 
 
+def test_live_answers_after_the_weights_change_equal_a_fresh_scorers():
+    """Between two evaluations training changes the adapter in place: the engine's prefix
+    cache must not answer the second round with the first round's prompt KV."""
+    model, tok = tiny_model(seed=1), tiny_tokenizer()
+    adapters.inject(model, LoraConfig(rank=4, alpha=8))
+    long = "a prompt long enough for the engine to keep its KV for reuse, " * 2
+    rows = [parse_row({"prompt": f"{long}{i}", "expected": "x", "match": "contains"}, i) for i in range(3)]
+    scorer = LiveScorer(model, tok, max_batch=8)
+    scorer.use_resident("default")
+    first = [a.output for a in scorer.answer(rows, "default", 8)]
+    for _, w in adapters.wrappers(model):  # "training": the adapter moves
+        w.adapters["default"].lora_b = mx.random.normal(w.adapters["default"].lora_b.shape, key=mx.random.key(4)) * 2.0
+    again = [a.output for a in scorer.answer(rows, "default", 8)]
+    fresh = LiveScorer(model, tok, max_batch=8)
+    fresh.use_resident("default")
+    want = [a.output for a in fresh.answer(rows, "default", 8)]
+    assert again == want and want != first
+    assert scorer.engine.prefix.hits == fresh.engine.prefix.hits  # nothing stale was reused
+
+
 def test_best_tracker_min_delta_patience_and_state():
     t = BestTracker("val_loss", min_delta=0.1, patience=2)
     assert [t.update(s, v) for s, v in [(5, 3.0), (10, 2.95), (15, 2.8), (20, 2.75), (25, float("nan"))]] == \

@@ -103,6 +103,9 @@ class LiveScorer:
                     a.latency_s = time.perf_counter() - start
             return emit
 
+        # The weights may have changed since the last call (training between evaluations): a
+        # prompt's cached KV from then is stale.
+        self.engine.forget_prefixes(adapter)
         was_training, active = self.model.training, self.registry.manager.active
         self.model.eval()  # no dropout while answering
         layers = serving_layers(self.model, self.swap_budget) if self.swap_budget is not None else contextlib.nullcontext()

@@ -425,6 +425,11 @@ class Engine:
             cache = prefill(self.registry.model, req.prompt[:-1], self.prefill_step_size)
         self.prefix.store(key, req.prompt[:-1], cache)
 
+    def forget_prefixes(self, adapter: str | None) -> None:
+        """Drop the prefix cache's entries for ``adapter`` (None: the base): its weights changed
+        in place (an adapter, or a full fine-tune, being trained in this process)."""
+        self.prefix.drop_adapter(self._cache_key(adapter))
+
     def _cache_key(self, adapter: str | None) -> tuple:
         # A reloaded adapter of the same name is another adapter: its creation time tells them apart.
         entry = self.registry.entries.get(adapter) if adapter is not None else None
