@@ -62,7 +62,7 @@ TYPED := mlx_tune/config.py mlx_tune/typed_config.py mlx_tune/errors.py mlx_tune
 	mlx_tune/export/full.py mlx_tune/planning/full.py \
 	mlx_tune/training/best.py mlx_tune/training/tracking.py mlx_tune/evaluation/live.py mlx_tune/data/masks.py \
 	mlx_tune/training/preference_losses.py mlx_tune/training/preference.py mlx_tune/data/pairs.py \
-	mlx_tune/data/pair_batches.py
+	mlx_tune/data/pair_batches.py mlx_tune/training/lanes.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check $(LINT_PATHS)

@@ -119,6 +119,9 @@ def make_rows(name: str, out: Path, work: Path, tokenizer, rows: int) -> dict:
 
 
 def side_mlx_tune(data: dict, steps: int, hf_dir: str, gather: bool) -> dict:
+    from mlx_tune.training.lanes import wide_scheduling
+
+    wide_scheduling("sft", False, SEQ)  # as `mlx-tune train` does, before MLX runs anything
     from types import SimpleNamespace
 
     import mlx.core as mx

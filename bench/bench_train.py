@@ -104,6 +104,9 @@ def load_rows(path: Path) -> dict:
 
 
 def side_mlx_tune(rows: dict, steps: int, dense: bool = False) -> dict:
+    from mlx_tune.training.lanes import wide_scheduling
+
+    wide_scheduling("sft", False, SEQ)  # as `mlx-tune train` does, before MLX runs anything
     import mlx.core as mx
     import mlx.optimizers as optim
 
@@ -126,16 +129,15 @@ def side_mlx_tune(rows: dict, steps: int, dense: bool = False) -> dict:
 
 def mlx_tune_step(model, opt, loss_fn, batch):
     """``one()``: one optimizer step of mlx_tune's compiled ``training.loop.Step`` on ``batch``
-    (accumulate, finish, apply, as ``loop.train`` runs it); returns the loss."""
+    (micro-batch, finish, apply, as ``loop.train`` runs it); returns the loss."""
     import mlx.core as mx
 
     from mlx_tune.training import loop as trainer
 
     step = trainer.Step(model, opt, loss_fn)
-    arrays = trainer.batch_arrays(batch)
 
     def one() -> float:
-        loss, _, grads, _, _ = step.finish(*step.accumulate(arrays, None))
+        loss, _, grads, _, _ = step.finish(*step.micro_batch(batch, None))
         step.apply(grads)
         mx.eval(step.state, loss)
         return loss.item()

@@ -6,6 +6,7 @@ The whole suite runs with OpenBLAS preloaded on Linux (as every entry point does
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -16,6 +17,11 @@ from tests.needs import missing
 
 
 def pytest_configure(config):
+    # MLX's scheduling width is read once per process, at its first evaluation: an in-process
+    # `mlx-tune train` (training.lanes.wide_scheduling) would otherwise widen it for every
+    # later test in this worker, the memory-bound ones included. Pinning MLX's default here
+    # (a set value wins) keeps each test's order its own; tests/test_lanes.py covers the rule.
+    os.environ.setdefault("MLX_BFS_MAX_WIDTH", "20")
     # Re-exec with OpenBLAS preloaded before any test module imports mlx. Output capture
     # is suspended first: the new process must inherit the real stdout/stderr, not
     # pytest's capture files (or a bare `pytest` would print nothing at all).

@@ -23,6 +23,7 @@ def test_doctor_reports_backend_blas_and_versions():
     assert info["versions"]["mlx"] and info["versions"]["mlx-lm"]
     if sys.platform.startswith("linux") and info["blas"]["openblas_found"]:
         assert info["blas"]["openblas_loaded"], "the console entry point must preload OpenBLAS"
+    assert info["row_lanes"] >= 1
 
 
 def test_help_and_unknown_config_errors_are_one_line(tmp_path):

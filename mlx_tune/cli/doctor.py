@@ -28,6 +28,8 @@ def run(args: argparse.Namespace) -> int:
         if not blas["openblas_found"]:
             print("                install it: sudo apt-get install libopenblas0-pthread (about 50x faster fp32 matmul)")
         print(f"CPU JIT flags   {info['jit_vector_flags'] or 'none (scalar fused kernels; needs g++ and an AVX2/FMA CPU)'}")
+    if info["row_lanes"] > 1:
+        print(f"row lanes       {info['row_lanes']} CPU streams per SFT step (MLX_TUNE_ROW_LANES=1 turns them off)")
     mem = info["memory_gb"]
     print(f"memory          {mem.get('system_total', '?')} GB total, {mem.get('system_available', '?')} GB available")
     v = info["versions"]

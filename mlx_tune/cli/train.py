@@ -35,7 +35,10 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)  # every config error, before any model loads
 
+    from mlx_tune.training.lanes import wide_scheduling
     from mlx_tune.training.run import run_train
+
+    wide_scheduling(cfg.train.method, cfg.train.grad_checkpoint, cfg.train.max_seq_length)  # before MLX runs
 
     result = run_train(cfg, log=functools.partial(print, flush=True))
     if result.rank != 0:

@@ -60,7 +60,7 @@ import mlx.nn as nn
 from mlx_tune.model import attention_shapes, head
 from mlx_tune.model.flash import flash_attention
 from mlx_tune.model.head import body, head_module, lm_head
-from mlx_tune.runtime.backend import cpu_streams, device_backend, on_cpu
+from mlx_tune.runtime.backend import cpu_streams, device_backend, in_row_lane, on_cpu
 
 __all__ = ["attend", "band_attention", "band_tile", "block_causal_attention", "body", "enable_packing", "forward", "head_module",
            "hidden_states", "lm_head", "packed_mask", "window_limit"]
@@ -88,7 +88,7 @@ def block_causal_attention(q, k, v, scale: float, mask: mx.array | None = None,
     """
     B, H, L, D = q.shape
     block = block or CPU_BLOCK or max(64, -(-L // 8))
-    streams = streams or CPU_STREAMS
+    streams = streams or (1 if in_row_lane() else CPU_STREAMS)
     Hkv, Dv = k.shape[1], v.shape[-1]
     G = H // Hkv
     q = (q * scale).reshape(B, Hkv, G, L, D)

@@ -74,6 +74,7 @@ def measure_steps(model: nn.Module, batch_size: int, seq_len: int, *, grad_check
     peak is taken over the last step: the first also builds the optimizer state and
     traces the graph, so with ``steps >= 2`` the last one shows what a long run holds.
     """
+    from mlx_tune.data.batching import Batch
     from mlx_tune.training.loop import Step
     from mlx_tune.training.losses import batch_loss
 
@@ -82,6 +83,7 @@ def measure_steps(model: nn.Module, batch_size: int, seq_len: int, *, grad_check
     tokens = mx.random.randint(0, vocab, (batch_size, seq_len + 1))
     arrays = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": mx.ones((batch_size, seq_len))}
     mx.eval(arrays)
+    batch = Batch(**arrays)
     model.train()
     out = StepMeasure(batch_size, seq_len, grad_checkpoint, 0, 0, 0)
     with recomputed_blocks(model, grad_checkpoint):
@@ -92,7 +94,7 @@ def measure_steps(model: nn.Module, batch_size: int, seq_len: int, *, grad_check
             out.active_before = mx.get_active_memory()
             mx.reset_peak_memory()
             start = time.perf_counter()
-            loss, _, grads, _, _ = step.finish(*step.accumulate(arrays, None))
+            loss, _, grads, _, _ = step.finish(*step.micro_batch(batch, None))  # as loop.train runs it
             step.apply(grads)
             mx.eval(step.state, loss)
             out.seconds.append(time.perf_counter() - start)

@@ -16,8 +16,10 @@ forces the CPU path. Every module asks here; nothing else looks at the device.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
+from collections.abc import Iterator
 from typing import Literal
 
 import mlx.core as mx
@@ -87,6 +89,47 @@ def cpu_streams(n: int) -> list:
     while len(_streams) < n:
         _streams.append(mx.new_stream(mx.cpu))
     return _streams[:n]
+
+
+LANES_ENV = "MLX_TUNE_ROW_LANES"
+
+
+def row_lanes(wanted: int, world: int = 1) -> int:
+    """How many CPU streams a training step deals its rows over (``training.lanes``):
+    ``wanted`` (or ``MLX_TUNE_ROW_LANES``) on MLX's CPU device, at most one per core, in a
+    single process; else 1 (a GPU runs a batch's rows in one kernel; the ranks of a
+    data-parallel run share the cores)."""
+    if device_backend() != "cpu" or world > 1:
+        return 1
+    forced = os.environ.get(LANES_ENV, "").strip()
+    if forced:
+        if not forced.isdigit() or int(forced) < 1:
+            raise UserError(f"{LANES_ENV}={forced!r}: expected a whole number of CPU streams, 1 or more (1: no lanes)")
+        wanted = int(forced)
+    return max(1, min(wanted, os.cpu_count() or 1))
+
+
+_in_lane = False
+
+
+@contextlib.contextmanager
+def row_lane(stream) -> Iterator[None]:
+    """Build the ops of the block on ``stream`` (None: the default stream), as one of the
+    row lanes of a training step (``training.lanes``). Inside a lane, code that would
+    deal its own work over CPU streams (the block-causal attention) keeps to the lane:
+    the lanes already fill the cores."""
+    global _in_lane
+    before, _in_lane = _in_lane, True
+    try:
+        with mx.stream(stream) if stream is not None else contextlib.nullcontext():
+            yield
+    finally:
+        _in_lane = before
+
+
+def in_row_lane() -> bool:
+    """True while a row lane's ops are being built (``row_lane``)."""
+    return _in_lane
 
 
 def keep_freed_buffers(share: float = 0.25) -> None:

@@ -16,8 +16,10 @@ so workers sleep at once; a user's own value wins. Large sgemms are unaffected
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 OPENBLAS_CANDIDATES = (
@@ -109,3 +111,33 @@ def ensure_fast_blas(argv: list[str] | None = None) -> None:
         os.execve(sys.executable, [sys.executable, *args], env)
     except OSError:
         return  # Slow BLAS is still correct; `mlx-tune doctor` will say so.
+
+
+def _openblas():
+    """The process's OpenBLAS (ctypes), or None where ``cblas_sgemm`` is not OpenBLAS's."""
+    if not openblas_loaded():
+        return None
+    import ctypes
+
+    lib = ctypes.CDLL(None)
+    if not hasattr(lib, "openblas_set_num_threads") or not hasattr(lib, "openblas_get_num_threads"):
+        return None
+    return lib
+
+
+@contextlib.contextmanager
+def blas_threads(n: int) -> Iterator[bool]:
+    """OpenBLAS's thread count set to ``n`` inside the block, restored after it; yields
+    whether it applied (False without OpenBLAS). The count is read at every call, so it
+    bounds the sgemms that MLX's stream threads run while the block is open: two streams
+    each running a single-threaded sgemm keep both cores busy (``training.lanes``)."""
+    lib = _openblas()
+    if lib is None:
+        yield False
+        return
+    before = int(lib.openblas_get_num_threads())
+    lib.openblas_set_num_threads(n)
+    try:
+        yield True
+    finally:
+        lib.openblas_set_num_threads(before)

@@ -44,6 +44,7 @@ def system_report() -> dict:
             "fast": gflops > 50 or metal or cuda,
         },
         "jit_vector_flags": _jit_flags(),
+        "row_lanes": _row_lanes(),
         "memory_gb": _memory_gb(),
         "versions": {"mlx_tune": __version__, "mlx": pkg("mlx"), "mlx-lm": pkg("mlx-lm"), "python": platform.python_version()},
         "platform": f"{platform.system()} {platform.machine()}",
@@ -61,6 +62,14 @@ def _jit_flags() -> str | None:
     from mlx_tune.runtime import jit
 
     return jit.FLAGS if jit.active() else None
+
+
+def _row_lanes() -> int:
+    """CPU streams an SFT step deals its rows over here (``training.lanes``)."""
+    from mlx_tune.runtime import backend
+    from mlx_tune.training import lanes
+
+    return backend.row_lanes(lanes.ROW_LANES)
 
 
 def _memory_gb() -> dict:

@@ -45,7 +45,9 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
 from mlx_tune.errors import UserError
-from mlx_tune.runtime.backend import keep_freed_buffers
+from mlx_tune.runtime.backend import cpu_streams, keep_freed_buffers, row_lane, row_lanes
+from mlx_tune.runtime.blas import blas_threads
+from mlx_tune.training import lanes as row_parts
 
 log = logging.getLogger(__name__)
 
@@ -100,14 +102,17 @@ class Step:
 
         value_and_grad = nn.value_and_grad(model, summed_loss)
 
-        @partial(mx.compile, inputs=self.state, outputs=self.state)
-        def accumulate(arrays, acc):
-            (loss_sum, ntoks, extras), grads = value_and_grad(model, arrays)
+        def added(out, acc):
+            (loss_sum, ntoks, extras), grads = out
             if acc is not None:
                 loss_sum, ntoks = loss_sum + acc[0], ntoks + acc[1]
                 grads = tree_map(mx.add, grads, acc[2])
                 extras = tree_map(mx.add, extras, acc[3])
             return loss_sum, ntoks, grads, extras
+
+        @partial(mx.compile, inputs=self.state, outputs=self.state)
+        def accumulate(arrays, acc):
+            return added(value_and_grad(model, arrays), acc)
 
         @mx.compile
         def finish(loss_sum, ntoks, grads, extras):
@@ -127,7 +132,35 @@ class Step:
         def apply(grads):
             optimizer.update(model, grads)
 
+        # Row lanes (training.lanes): part i of a batch built on CPU stream i.
+        self.lanes = row_lanes(row_parts.ROW_LANES, world)
+        streams = [None, *cpu_streams(self.lanes - 1)] if self.lanes > 1 else [None]
+
+        @partial(mx.compile, inputs=self.state, outputs=self.state)
+        def accumulate_rows(parts, acc):
+            total = None
+            for lane, arrays in zip(streams, parts):
+                with row_lane(lane):  # the part's backward pass is built on its stream too
+                    out = value_and_grad(model, arrays)
+                total = out if total is None else tree_map(mx.add, total, out)
+            return added(total, acc)
+
         self.accumulate, self.finish, self.apply = accumulate, finish, apply
+        self.accumulate_rows = accumulate_rows
+
+    def micro_batch(self, batch: Any, acc: Any) -> Any:
+        """``acc`` plus one micro-batch's (loss sum, tokens, gradients, extras), evaluated
+        (one micro-batch graph alive at a time). Rows go over the step's lanes where the
+        batch splits (``training.lanes``), with OpenBLAS single-threaded meanwhile."""
+        parts = row_parts.split_rows(batch, self.lanes)
+        if parts is None:
+            acc = self.accumulate(batch_arrays(batch), acc)
+            mx.eval(acc)
+            return acc
+        acc = self.accumulate_rows([batch_arrays(p) for p in parts], acc)
+        with blas_threads(1):
+            mx.eval(acc)
+        return acc
 
 
 # ---------------------------------------------------------------------------
@@ -315,8 +348,7 @@ def _accumulate(step: Step, stream: Iterator, micro_batches: int) -> tuple[Any, 
         except StopIteration:
             break
         n_tokens += int(getattr(batch, "n_tokens", 0))
-        acc = step.accumulate(batch_arrays(batch), acc)
-        mx.eval(acc)  # bound memory: one micro-batch graph alive at a time
+        acc = step.micro_batch(batch, acc)
     return acc, n_tokens
 
 
