@@ -13,6 +13,7 @@ from mlx.utils import tree_flatten
 from mlx_tune import adapters
 from mlx_tune.config import LoraConfig
 from mlx_tune.data import batching
+from mlx_tune.errors import UserError
 from mlx_tune.model import packing
 from mlx_tune.runtime import backend, blas, scheduling
 from mlx_tune.testing.tiny import tiny_model
@@ -82,6 +83,8 @@ def adapted(seed: int = 0):
 @pytest.mark.parametrize("gather", [True, False])
 @pytest.mark.parametrize("reach", [None, 16])
 def test_two_lanes_give_the_one_lane_step(monkeypatch, gather, reach):
+    # the width `mlx-tune train` sets (this process keeps MLX's: the values do not depend on it)
+    monkeypatch.setenv(scheduling.WIDTH_ENV, scheduling.WIDTH)
     if not gather:
         monkeypatch.setattr(batching, "GATHER_BELOW", 0.0)
     batch = chat_batch(rows=4, width=64)
@@ -114,11 +117,20 @@ def test_two_lanes_give_the_one_lane_step(monkeypatch, gather, reach):
         assert np.allclose(np.array(ga[k]), 2 * np.array(ww[k]), rtol=1e-4, atol=1e-6), k
 
 
-def test_lanes_follow_the_device_and_the_ranks():
+def test_lanes_follow_the_device_the_ranks_and_the_width(monkeypatch):
+    monkeypatch.setenv(scheduling.WIDTH_ENV, scheduling.WIDTH)
     assert backend.row_lanes(2, world=2) == 1  # ranks share the cores
     assert backend.row_lanes(1) == 1
-    if backend.device_backend() == "cpu":
-        assert backend.row_lanes(2) == min(2, os.cpu_count() or 1)
+    cpu = backend.device_backend() == "cpu"
+    assert backend.row_lanes(2) == (min(2, os.cpu_count() or 1) if cpu else 1)
+    monkeypatch.setenv(scheduling.WIDTH_ENV, "20")  # MLX's narrow default: lanes would lose
+    assert backend.row_lanes(2) == 1
+    assert backend.row_lanes(2, assume_wide=True) == (min(2, os.cpu_count() or 1) if cpu else 1)
+    monkeypatch.setenv(backend.LANES_ENV, "2")  # the user's word wins
+    assert backend.row_lanes(2) == (min(2, os.cpu_count() or 1) if cpu else 1)
+    monkeypatch.setenv(backend.LANES_ENV, "two")
+    with pytest.raises(UserError, match="MLX_TUNE_ROW_LANES"):
+        backend.row_lanes(2)
 
 
 def test_blas_threads_is_set_inside_and_restored_after():
@@ -148,5 +160,5 @@ def test_the_wide_order_is_only_for_sft_runs_off_the_memory_bounded_paths(monkey
         assert not lanes.wide_scheduling(method, checkpointed, seq)
         assert scheduling.WIDTH_ENV not in os.environ
     wide = lanes.wide_scheduling("sft", False, 512)
-    assert wide == (scheduling.cpu_only_mlx() and backend.row_lanes(lanes.ROW_LANES) > 1)
+    assert wide == (scheduling.cpu_only_mlx() and backend.row_lanes(lanes.ROW_LANES, assume_wide=True) > 1)
     assert (os.environ.get(scheduling.WIDTH_ENV) == scheduling.WIDTH) == wide

@@ -94,18 +94,24 @@ def cpu_streams(n: int) -> list:
 LANES_ENV = "MLX_TUNE_ROW_LANES"
 
 
-def row_lanes(wanted: int, world: int = 1) -> int:
+def row_lanes(wanted: int, world: int = 1, assume_wide: bool = False) -> int:
     """How many CPU streams a training step deals its rows over (``training.lanes``):
-    ``wanted`` (or ``MLX_TUNE_ROW_LANES``) on MLX's CPU device, at most one per core, in a
-    single process; else 1 (a GPU runs a batch's rows in one kernel; the ranks of a
-    data-parallel run share the cores)."""
+    ``wanted`` on MLX's CPU device, at most one per core, in a single process, where MLX's
+    scheduling is wide (``runtime.scheduling``); ``MLX_TUNE_ROW_LANES`` overrides. Else 1:
+    a GPU runs a batch's rows in one kernel, the ranks of a data-parallel run share the
+    cores, and at MLX's default width the lanes ran slower than one stream (demo config,
+    174 against 242 tokens/s). ``assume_wide``: the answer once the width is set."""
     if device_backend() != "cpu" or world > 1:
         return 1
+    from mlx_tune.runtime import scheduling
+
     forced = os.environ.get(LANES_ENV, "").strip()
     if forced:
         if not forced.isdigit() or int(forced) < 1:
             raise UserError(f"{LANES_ENV}={forced!r}: expected a whole number of CPU streams, 1 or more (1: no lanes)")
         wanted = int(forced)
+    elif not (assume_wide or scheduling.wide()):
+        return 1  # at MLX's narrow default the lanes barely overlap, and single-threaded BLAS loses
     return max(1, min(wanted, os.cpu_count() or 1))
 
 

@@ -65,11 +65,12 @@ def _jit_flags() -> str | None:
 
 
 def _row_lanes() -> int:
-    """CPU streams an SFT step deals its rows over here (``training.lanes``)."""
+    """CPU streams an SFT step of ``mlx-tune train`` deals its rows over here (``training.lanes``;
+    it sets MLX's scheduling width for them)."""
     from mlx_tune.runtime import backend
     from mlx_tune.training import lanes
 
-    return backend.row_lanes(lanes.ROW_LANES)
+    return backend.row_lanes(lanes.ROW_LANES, assume_wide=True)
 
 
 def _memory_gb() -> dict:

@@ -43,12 +43,18 @@ def cpu_only_mlx() -> bool:
     return True
 
 
+def wide(env: MutableMapping[str, str] | None = None) -> bool:
+    """True when the width set for MLX is at least ours (what row lanes need)."""
+    value = (os.environ if env is None else env).get(WIDTH_ENV, "").strip()
+    return value.isdigit() and int(value) >= int(WIDTH)
+
+
 def enable(env: MutableMapping[str, str] | None = None) -> bool:
     """Set the width in ``env`` (default: this process's environment) where it applies;
     True when the width in force is ours or the user's (not MLX's default)."""
     if env is None:
         env = os.environ
-    if WIDTH_ENV in env:
+    if env.get(WIDTH_ENV, "").strip():  # the user's own (an empty value counts as unset)
         return True
     if not cpu_only_mlx():
         return False

@@ -36,7 +36,9 @@ def wide_scheduling(method: str, grad_checkpoint: bool, max_seq_length: int) -> 
     from mlx_tune.model.attention_shapes import FLASH_MIN_LENGTH
     from mlx_tune.runtime import backend, scheduling
 
-    if method != "sft" or grad_checkpoint or max_seq_length >= FLASH_MIN_LENGTH or backend.row_lanes(ROW_LANES) < 2:
+    if method != "sft" or grad_checkpoint or max_seq_length >= FLASH_MIN_LENGTH:
+        return False
+    if backend.row_lanes(ROW_LANES, assume_wide=True) < 2:
         return False
     return scheduling.enable()
 
