@@ -15,13 +15,18 @@ import pytest
 from mlx_tune.runtime.blas import ensure_fast_blas
 from tests.needs import missing
 
+PINNED_WIDTH = "MLX_TUNE_TESTS_PINNED_WIDTH"  # set where this file pinned MLX_BFS_MAX_WIDTH
+
 
 def pytest_configure(config):
     # MLX's scheduling width is read once per process, at its first evaluation: an in-process
     # `mlx-tune train` (training.lanes.wide_scheduling) would otherwise widen it for every
-    # later test in this worker, the memory-bound ones included. Pinning MLX's default here
+    # later test in this process, the memory-bound ones included. Pinning MLX's default here
     # (a set value wins) keeps each test's order its own; tests/test_lanes.py covers the rule.
-    os.environ.setdefault("MLX_BFS_MAX_WIDTH", "20")
+    # `mlx-tune train` children (train_workspace.env) drop the pin and decide as a user's would.
+    if "MLX_BFS_MAX_WIDTH" not in os.environ:
+        os.environ["MLX_BFS_MAX_WIDTH"] = "20"
+        os.environ[PINNED_WIDTH] = "1"
     # Re-exec with OpenBLAS preloaded before any test module imports mlx. Output capture
     # is suspended first: the new process must inherit the real stdout/stderr, not
     # pytest's capture files (or a bare `pytest` would print nothing at all).

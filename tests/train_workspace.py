@@ -57,6 +57,8 @@ def workspace(tmp: Path, model_folder: Path, out_name: str = "out", **train) -> 
 
 def env() -> dict:
     e = dict(os.environ)
+    if e.pop("MLX_TUNE_TESTS_PINNED_WIDTH", None):  # conftest's pin is for the pytest process only
+        e.pop("MLX_BFS_MAX_WIDTH", None)
     e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
     return e
 
