@@ -323,6 +323,10 @@ def test_train_by_mlx_sh_end_to_end(tmp_path, tiny_folder):
     res = subprocess.run([str(script), str(cfg), "train.iters=12"], env=e, cwd=tmp_path, capture_output=True,
                          text=True, timeout=180)
     assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    from mlx_tune.runtime import backend, scheduling
+
+    if scheduling.cpu_only_mlx() and backend.row_lanes(2, assume_wide=True) > 1:  # as mlx-tune train decides
+        assert "rows over 2 CPU streams (row lanes)" in res.stdout, res.stdout[-2000:]
     out = tmp_path / "e2e"
     for name in ("adapters.safetensors", "adapter_config.json", "metrics.jsonl"):
         assert (out / name).is_file(), name

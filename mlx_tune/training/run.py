@@ -42,9 +42,11 @@ from mlx_tune.model import quant
 from mlx_tune.model.chat_templates import require_chat_template, use_chat_template
 from mlx_tune.model.loading import load_model
 from mlx_tune.model.packing import packing_support, set_reach, shares_prefix
+from mlx_tune.runtime.backend import row_lanes
 from mlx_tune.training import checkpoint, full
 from mlx_tune.training.best import BestTracker, EvalMonitor
 from mlx_tune.training.callbacks import MetricsLog, Progress, plot_losses
+from mlx_tune.training.lanes import ROW_LANES
 from mlx_tune.training.loop import LoopSettings, LoopState, evaluate, train
 from mlx_tune.training.losses import batch_loss, eval_loss
 from mlx_tune.training.optim import build_optimizer
@@ -227,8 +229,10 @@ def run_train(cfg: Config, *, log: Callable[[str], None] = print) -> TrainResult
         steps_per_report=tc.steps_per_report, steps_per_eval=tc.steps_per_eval, val_batches=tc.val_batches,
         max_bad_steps=tc.max_bad_steps, memory_limit_gb=tc.memory_limit_gb, seed=tc.seed,
     )
+    lanes = row_lanes(ROW_LANES, world) if tc.method == "sft" else 1  # training.lanes: SFT batches only
     say(f"training {iters} steps: {tc.batch_size} x {tc.max_seq_length} tokens per batch, "
-        f"{tc.grad_accumulation} micro-batch(es) per step, {world} rank(s), {len(stream)} batches per epoch")
+        f"{tc.grad_accumulation} micro-batch(es) per step, {world} rank(s), {len(stream)} batches per epoch"
+        + (f", rows over {lanes} CPU streams (row lanes)" if lanes > 1 else ""))
     start = time.perf_counter()
     state = train(model, optimizer, stream, train_loss, settings, callbacks, loop_state,
                   val_batches=held_out("valid"), group=group, eval_loss_fn=held_out_loss)
