@@ -69,8 +69,8 @@ def test_a_fully_trained_part_that_cannot_pad_turns_gathering_off():
     assert all(p.gather is None for p in parts)
 
 
-def adapted(seed: int = 0):
-    model = tiny_model(seed=0)
+def adapted(seed: int = 0, model_type: str = "llama"):
+    model = tiny_model(model_type, seed=0)
     mx.random.seed(seed)
     adapters.inject(model, LoraConfig(rank=4, alpha=8, dropout=0.0))
     for _, w in adapters.wrappers(model):  # non-zero B so gradients reach A too
@@ -80,15 +80,16 @@ def adapted(seed: int = 0):
     return model
 
 
-@pytest.mark.parametrize("gather", [True, False])
-@pytest.mark.parametrize("reach", [None, 16])
-def test_two_lanes_give_the_one_lane_step(monkeypatch, gather, reach):
+@pytest.mark.parametrize("gather,reach,model_type", [(True, None, "llama"), (False, None, "llama"), (True, 16, "llama"),
+                                                   (False, 16, "llama"), (True, 16, "qwen3"), (True, None, "gemma2")])
+def test_two_lanes_give_the_one_lane_step(monkeypatch, gather, reach, model_type):
     # the width `mlx-tune train` sets (this process keeps MLX's: the values do not depend on it)
     monkeypatch.setenv(scheduling.WIDTH_ENV, scheduling.WIDTH)
     if not gather:
         monkeypatch.setattr(batching, "GATHER_BELOW", 0.0)
     batch = chat_batch(rows=4, width=64)
-    model = adapted()
+    model = adapted(model_type=model_type)
+    assert packing.packing_support(model) is None  # as training.run asks (it sets the mask layout)
     packing.set_reach(model, reach)  # the band kernel (short examples) or block-causal attention
     try:
         import mlx.optimizers as optim
@@ -113,8 +114,9 @@ def test_two_lanes_give_the_one_lane_step(monkeypatch, gather, reach):
     gw, ww, ga = dict(tree_flatten(got[2])), dict(tree_flatten(want[2])), dict(tree_flatten(again[2]))
     assert gw.keys() == ww.keys() and gw
     for k in gw:
-        assert np.allclose(np.array(gw[k]), np.array(ww[k]), rtol=1e-4, atol=1e-6), k
-        assert np.allclose(np.array(ga[k]), 2 * np.array(ww[k]), rtol=1e-4, atol=1e-6), k
+        tol = 1e-5 * float(np.abs(np.array(ww[k])).max()) + 1e-7  # float sums grouped differently
+        assert np.allclose(np.array(gw[k]), np.array(ww[k]), rtol=1e-4, atol=tol), k
+        assert np.allclose(np.array(ga[k]), 2 * np.array(ww[k]), rtol=1e-4, atol=tol), k
 
 
 def test_lanes_follow_the_device_the_ranks_and_the_width(monkeypatch):
