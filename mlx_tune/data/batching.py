@@ -68,12 +68,21 @@ def gather_index(mask: np.ndarray) -> np.ndarray | None:
     """Flat indices of the trained slots of ``mask``, padded to ``gather_size`` with an
     untrained slot (so padding adds nothing); None when most slots are trained."""
     flat = mask.reshape(-1)
-    idx = np.flatnonzero(flat > 0)
-    size = gather_size(len(idx))
-    if len(idx) >= GATHER_BELOW * flat.size or size >= flat.size:
+    n = int((flat > 0).sum())
+    size = gather_size(n)
+    if n >= GATHER_BELOW * flat.size or size >= flat.size:
         return None
-    pad = int(np.flatnonzero(flat <= 0)[0])
-    return np.concatenate([idx, np.full(size - len(idx), pad)]).astype(np.int32)
+    return padded_gather(flat, size)
+
+
+def padded_gather(mask: np.ndarray, size: int) -> np.ndarray | None:
+    """Flat indices of the trained slots of ``mask`` padded to ``size`` with its first
+    untrained slot; None when padding is needed and every slot is trained."""
+    flat = mask.reshape(-1)
+    idx, untrained = np.flatnonzero(flat > 0), np.flatnonzero(flat <= 0)
+    if len(idx) < size and not len(untrained):
+        return None
+    return np.concatenate([idx, np.full(size - len(idx), untrained[0] if len(untrained) else 0)]).astype(np.int32)
 
 
 def pad_to(n: int, multiple: int, cap: int) -> int:

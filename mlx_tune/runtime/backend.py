@@ -25,6 +25,7 @@ from typing import Literal
 import mlx.core as mx
 
 from mlx_tune.errors import UserError
+from mlx_tune.runtime import scheduling
 
 ENV = "MLX_TUNE_KERNELS"
 KERNEL_PATHS = ("cpu", "accelerator")
@@ -103,8 +104,6 @@ def row_lanes(wanted: int, world: int = 1, assume_wide: bool = False) -> int:
     174 against 242 tokens/s). ``assume_wide``: the answer once the width is set."""
     if device_backend() != "cpu" or world > 1:
         return 1
-    from mlx_tune.runtime import scheduling
-
     forced = os.environ.get(LANES_ENV, "").strip()
     if forced:
         if not forced.isdigit() or int(forced) < 1:

@@ -17,6 +17,7 @@ so workers sleep at once; a user's own value wins. Large sgemms are unaffected
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 from collections.abc import Iterator
@@ -113,8 +114,10 @@ def ensure_fast_blas(argv: list[str] | None = None) -> None:
         return  # Slow BLAS is still correct; `mlx-tune doctor` will say so.
 
 
+@functools.lru_cache(maxsize=1)
 def _openblas():
-    """The process's OpenBLAS (ctypes), or None where ``cblas_sgemm`` is not OpenBLAS's."""
+    """The process's OpenBLAS (ctypes), or None where ``cblas_sgemm`` is not OpenBLAS's.
+    Looked up once: a preload is fixed at process start, and a step asks every micro-batch."""
     if not openblas_loaded():
         return None
     import ctypes

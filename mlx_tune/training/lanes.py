@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from mlx_tune.data.batching import Batch, gather_size
+from mlx_tune.data.batching import Batch, gather_size, padded_gather
 
 # Parts per batch on a multi-core CPU device (``runtime.backend.row_lanes`` decides where).
 ROW_LANES = 2
@@ -71,17 +71,15 @@ def split_rows(batch: Any, n: int) -> list[Batch] | None:
 
 
 def _gathers(masks: list[np.ndarray]) -> list | None:
-    """Each part's flat trained slots, padded with one of its untrained slots to a common
-    length; None where some part would need padding and has no untrained slot."""
+    """Each part's trained slots padded to a common length (``batching.padded_gather``);
+    None where some part would need padding and has no untrained slot."""
     import mlx.core as mx
 
-    idx = [np.flatnonzero(m.reshape(-1) > 0) for m in masks]
-    width = max(min(gather_size(len(i)), m.size) for i, m in zip(idx, masks))
+    width = max(min(gather_size(int((m > 0).sum())), m.size) for m in masks)
     out = []
-    for i, m in zip(idx, masks):
-        untrained = np.flatnonzero(m.reshape(-1) <= 0)
-        if len(i) < width and not len(untrained):
+    for m in masks:
+        g = padded_gather(m, width)
+        if g is None:
             return None
-        out.append(mx.array(np.concatenate([i, np.full(width - len(i), untrained[0] if len(untrained) else 0)])
-                            .astype(np.int32)))
+        out.append(mx.array(g))
     return out

@@ -134,7 +134,7 @@ class Step:
 
         # Row lanes (training.lanes): part i of a batch built on CPU stream i.
         self.lanes = row_lanes(row_parts.ROW_LANES, world)
-        streams = [None, *cpu_streams(self.lanes - 1)] if self.lanes > 1 else [None]
+        streams = [None, *cpu_streams(self.lanes - 1)]
 
         @partial(mx.compile, inputs=self.state, outputs=self.state)
         def accumulate_rows(parts, acc):
